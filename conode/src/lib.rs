@@ -1,0 +1,31 @@
+//! A conode (cothority server) operated like the Go one, storing its data in redb.
+//!
+//! # Layout
+//! Bottom-up, one concern per module:
+//! - [`keys`]: the Ed25519 identity in the Go format (raw little-endian scalar).
+//! - [`config`]: `private.toml`, `public.toml`/rosters, default paths; errors name
+//!   file, line and key.
+//! - [`proto`]: client wire messages (Status), field numbers as the Go conode.
+//! - [`ws`]: the client WebSocket port (`/ok`, `/<Service>/<Method>`, close codes).
+//! - [`tls`]: built-in TLS for clients, with certificate renewal without restart.
+//! - [`peer`]: the conode-to-conode port: TLS pinned to roster keys, length-prefixed
+//!   frames.
+//! - [`db`]: the redb file and its figures.
+//! - [`status`]: the Status service.
+//! - [`server`]: wiring, start and graceful stop.
+//! - [`client`]: the client side of the WebSocket protocol (`conode check`).
+//! - [`setup`]: `conode setup`.
+//!
+//! The binary (`main.rs`) only parses the command line and calls these.
+
+pub mod client;
+pub mod config;
+pub mod db;
+pub mod keys;
+pub mod peer;
+pub mod proto;
+pub mod server;
+pub mod setup;
+pub mod status;
+pub mod tls;
+pub mod ws;

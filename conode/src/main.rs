@@ -1,0 +1,207 @@
+//! `conode`: the command line. Thin: parse, validate, call the library.
+//!
+//! Exit status: 0 success; 1 the command ran and failed (e.g. `check`: a server did not
+//! answer; `server`: a runtime error); 2 bad usage or configuration.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use conode::config::{self, PrivateConfig, Roster};
+use conode::{client, server, setup};
+
+#[derive(Parser)]
+#[command(name = "conode", version, about = "run a cothority server")]
+struct Cli {
+    /// Debug level: 0-1 info, 2 debug, 3+ trace (RUST_LOG overrides).
+    #[arg(short = 'd', long = "debug", default_value_t = 0, global = true)]
+    debug: u8,
+    /// The private.toml to use [default: $XDG_CONFIG_HOME/conode/private.toml].
+    #[arg(short = 'c', long = "config", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create a key pair and write private.toml and public.toml.
+    #[command(alias = "s")]
+    Setup {
+        /// Take everything from the flags instead of asking.
+        #[arg(long)]
+        non_interactive: bool,
+        /// Host (IP or DNS name) other nodes use to reach this one.
+        #[arg(long, default_value = "")]
+        host: String,
+        /// Conode-to-conode port; clients use port+1.
+        #[arg(long, default_value_t = 6879)]
+        port: u16,
+        #[arg(long, default_value = "configured in non-interactive mode")]
+        description: String,
+        /// Replace an existing private.toml (non-interactive only).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Run the conode.
+    Server {
+        /// Run even as root (containers). A conode should run as an unprivileged user.
+        #[arg(long)]
+        allow_root: bool,
+    },
+    /// Ask every server of a roster for its status; exit 0 only if all answered.
+    #[command(alias = "c")]
+    Check {
+        /// Roster file (one or more public.toml concatenated).
+        roster: Option<PathBuf>,
+        /// Roster file (the Go conode's flag).
+        #[arg(short = 'g', long = "group")]
+        group: Option<PathBuf>,
+        /// Seconds to wait for each server.
+        #[arg(short = 't', long, default_value_t = 10)]
+        timeout: u64,
+    },
+}
+
+fn init_logs(debug: u8) {
+    use tracing_subscriber::EnvFilter;
+    let level = match debug {
+        0 | 1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .init();
+}
+
+fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("conode: error: {msg}");
+    ExitCode::from(code)
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid takes no arguments, cannot fail and touches no memory of ours.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Raise the soft open-files limit to the hard one, as the Go conode does: every client
+/// connection is a descriptor.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit get a valid pointer to a local rlimit struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logs(cli.debug);
+    let private_path = cli
+        .config
+        .clone()
+        .unwrap_or_else(|| config::default_config_dir().join("private.toml"));
+    match cli.cmd {
+        Cmd::Setup {
+            non_interactive: true,
+            host,
+            port,
+            description,
+            force,
+        } => match setup::non_interactive(&private_path, &host, port, &description, force) {
+            Ok(public) => {
+                eprintln!(
+                    "Wrote config file to {} and {}",
+                    private_path.display(),
+                    public.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(2, e),
+        },
+        Cmd::Setup { .. } => {
+            let stdin = std::io::stdin();
+            let mut input = stdin.lock();
+            let mut out = std::io::stdout();
+            match setup::interactive(&mut input, &mut out, &config::default_config_dir()) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => fail(2, e),
+            }
+        }
+        Cmd::Server { allow_root } => {
+            if is_root() && !allow_root {
+                return fail(
+                    2,
+                    "refusing to run as root: run the conode as an unprivileged user (pass --allow-root only inside a container)",
+                );
+            }
+            let cfg = match PrivateConfig::load(&private_path) {
+                Ok(c) => c,
+                Err(e) => return fail(2, e),
+            };
+            raise_fd_limit();
+            let db_path = config::db_path(&cfg.keys.public_bytes());
+            let rt = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => return fail(1, format!("cannot start the runtime: {e}")),
+            };
+            rt.block_on(async move {
+                let srv = match server::Server::start(cfg, db_path).await {
+                    Ok(s) => s,
+                    Err(e) => return fail(1, e),
+                };
+                match server::signal().await {
+                    Ok(sig) => {
+                        tracing::info!("{sig} received: stopping (in-flight requests finish)")
+                    }
+                    Err(e) => tracing::error!("cannot wait for signals: {e}; stopping"),
+                }
+                srv.stop().await;
+                ExitCode::SUCCESS
+            })
+        }
+        Cmd::Check {
+            roster,
+            group,
+            timeout,
+        } => {
+            let Some(path) = roster.or(group) else {
+                return fail(2, "check needs a roster file: conode check ROSTER.toml");
+            };
+            let roster = match Roster::load(&path) {
+                Ok(r) => r,
+                Err(e) => return fail(2, e),
+            };
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => return fail(1, format!("cannot start the runtime: {e}")),
+            };
+            let ok = rt.block_on(client::check(
+                &roster,
+                Duration::from_secs(timeout),
+                &mut std::io::stdout(),
+            ));
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}

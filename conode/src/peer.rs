@@ -1,0 +1,738 @@
+//! The conode-to-conode port: mutual TLS 1.3 pinned to roster Ed25519 keys, and framed
+//! protobuf requests.
+//!
+//! # Authentication
+//! Each node presents a self-signed X.509 certificate whose subject public key **is** its
+//! roster Ed25519 key (signed by that key; the Go-format raw scalar signs through our own
+//! `SigningKey`). There is no CA: the dialer accepts the server only if the certificate's
+//! key equals the key the roster gives for the address it dialed, and TLS 1.3's
+//! CertificateVerify proves the peer holds the matching private key. The acceptor requires
+//! a client certificate, reads its key, and requires the dialer's first frame (`PeerHello`)
+//! to claim that same key. Validity dates are not used: trust comes from the pinned key,
+//! not from a clock.
+//!
+//! # Framing
+//! Every frame is `u32` big-endian length, then that many bytes of protobuf. Frames over
+//! [`MAX_FRAME`] (10 MiB, as the Go conode) close the connection. After the hello, the
+//! dialer sends `PeerRequest`s and reads one `PeerReply` for each, in order.
+//!
+//! Hosts in `Address` are resolved at every dial (never cached), so moving an address to
+//! another host is transparent to peers. We do not speak the Go conode's onet protocol on
+//! this port.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prost::Message;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, SubjectPublicKeyInfoDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::ParsedCertificate;
+use rustls::sign::CertifiedKey;
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureAlgorithm, SignatureScheme};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use crate::config::Address;
+use crate::keys::KeyPair;
+use crate::ws::{BoxFuture, Tracker};
+
+/// Largest frame accepted or sent: 10 MiB.
+pub const MAX_FRAME: usize = 10 << 20;
+/// Dialing (TCP connect) gives up after this.
+pub const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+/// TLS handshake plus hello must finish within this.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A request waits this long for its reply; an idle inbound connection is closed after it.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why talking to a peer failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PeerError {
+    #[error("cannot resolve {addr}: {source}")]
+    Resolve {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("cannot connect to {addr}: {reason}")]
+    Connect { addr: String, reason: String },
+    #[error("TLS with {addr} failed: {source} (is the roster key for this address right?)")]
+    Tls {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("{addr} refused us: {reason}")]
+    Refused { addr: String, reason: String },
+    #[error("frame of {len} bytes exceeds the {MAX_FRAME}-byte limit")]
+    FrameTooLarge { len: usize },
+    #[error("invalid message: {0}")]
+    Decode(#[from] prost::DecodeError),
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("remote error: {0}")]
+    Remote(String),
+}
+
+// ---------------------------------------------------------------------------------------
+// Wire messages of this port.
+
+/// First frame from the dialer.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PeerHello {
+    #[prost(bytes = "vec", tag = "1")]
+    pub public: Vec<u8>,
+    #[prost(string, tag = "2")]
+    pub address: String,
+}
+
+/// The acceptor's answer to the hello: empty `error` means accepted.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PeerWelcome {
+    #[prost(string, tag = "1")]
+    pub error: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PeerRequest {
+    #[prost(string, tag = "1")]
+    pub service: String,
+    #[prost(string, tag = "2")]
+    pub method: String,
+    #[prost(bytes = "vec", tag = "3")]
+    pub payload: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PeerReply {
+    #[prost(bytes = "vec", tag = "1")]
+    pub payload: Vec<u8>,
+    #[prost(string, tag = "2")]
+    pub error: String,
+}
+
+/// `Peer/Ping`: the built-in authenticated round trip.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Ping {
+    #[prost(bytes = "vec", tag = "1")]
+    pub nonce: Vec<u8>,
+}
+
+/// `Peer/Ping` reply: the nonce and who answered (as authenticated by TLS).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Pong {
+    #[prost(bytes = "vec", tag = "1")]
+    pub nonce: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    pub responder: Vec<u8>,
+    #[prost(bytes = "vec", tag = "3")]
+    pub caller: Vec<u8>,
+}
+
+// ---------------------------------------------------------------------------------------
+// Keys and certificates.
+
+/// DER prefix of an Ed25519 SubjectPublicKeyInfo; the 32 key bytes follow.
+const ED25519_SPKI_PREFIX: [u8; 12] = [
+    0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+];
+
+fn spki_of(public: &[u8; 32]) -> Vec<u8> {
+    let mut v = ED25519_SPKI_PREFIX.to_vec();
+    v.extend_from_slice(public);
+    v
+}
+
+/// The Ed25519 key of a certificate, read from its parsed SubjectPublicKeyInfo.
+fn cert_key(cert: &CertificateDer<'_>) -> Result<[u8; 32], rustls::Error> {
+    let parsed = ParsedCertificate::try_from(cert)?;
+    let spki = parsed.subject_public_key_info();
+    let spki: &[u8] = spki.as_ref();
+    if spki.len() == 44 && spki[..12] == ED25519_SPKI_PREFIX {
+        let mut k = [0u8; 32];
+        k.copy_from_slice(&spki[12..]);
+        Ok(k)
+    } else {
+        Err(rustls::Error::General(
+            "peer certificate key is not Ed25519".into(),
+        ))
+    }
+}
+
+/// Our key as a signer for rustls (handshakes) and rcgen (the self-signed certificate).
+#[derive(Debug, Clone)]
+struct NodeSigner(KeyPair);
+
+impl rustls::sign::SigningKey for NodeSigner {
+    fn choose_scheme(&self, offered: &[SignatureScheme]) -> Option<Box<dyn rustls::sign::Signer>> {
+        offered
+            .contains(&SignatureScheme::ED25519)
+            .then(|| Box::new(self.clone()) as Box<dyn rustls::sign::Signer>)
+    }
+    fn public_key(&self) -> Option<SubjectPublicKeyInfoDer<'_>> {
+        Some(SubjectPublicKeyInfoDer::from(spki_of(
+            &self.0.public_bytes(),
+        )))
+    }
+    fn algorithm(&self) -> SignatureAlgorithm {
+        SignatureAlgorithm::ED25519
+    }
+}
+
+impl rustls::sign::Signer for NodeSigner {
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
+        Ok(self.0.sign(message).to_vec())
+    }
+    fn scheme(&self) -> SignatureScheme {
+        SignatureScheme::ED25519
+    }
+}
+
+struct RcgenSigner {
+    keys: KeyPair,
+    public: [u8; 32],
+}
+
+impl rcgen::PublicKeyData for RcgenSigner {
+    fn der_bytes(&self) -> &[u8] {
+        &self.public
+    }
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        &rcgen::PKCS_ED25519
+    }
+}
+
+impl rcgen::SigningKey for RcgenSigner {
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
+        Ok(self.keys.sign(msg).to_vec())
+    }
+}
+
+/// Our self-signed certificate, bound to the roster key.
+fn certified_key(keys: &KeyPair) -> Result<Arc<CertifiedKey>, String> {
+    let signer = RcgenSigner {
+        keys: keys.clone(),
+        public: keys.public_bytes(),
+    };
+    let mut params =
+        rcgen::CertificateParams::new(vec!["conode".to_string()]).map_err(|e| e.to_string())?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, format!("Z{}", keys.public_hex()));
+    let cert = params.self_signed(&signer).map_err(|e| e.to_string())?;
+    Ok(Arc::new(CertifiedKey::new(
+        vec![cert.der().clone()],
+        Arc::new(NodeSigner(keys.clone())),
+    )))
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn verify_tls13(
+    message: &[u8],
+    cert: &CertificateDer<'_>,
+    dss: &DigitallySignedStruct,
+) -> Result<HandshakeSignatureValid, rustls::Error> {
+    rustls::crypto::verify_tls13_signature(
+        message,
+        cert,
+        dss,
+        &provider().signature_verification_algorithms,
+    )
+}
+
+/// Client side: the server must present exactly the expected key.
+#[derive(Debug)]
+struct ExpectKey {
+    expected: [u8; 32],
+}
+
+impl ServerCertVerifier for ExpectKey {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let got = cert_key(end_entity)?;
+        if got != self.expected {
+            return Err(rustls::Error::General(format!(
+                "peer presented key {} but the roster says {}",
+                hex::encode(got),
+                hex::encode(self.expected)
+            )));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _m: &[u8],
+        _c: &CertificateDer<'_>,
+        _d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General(
+            "TLS 1.2 is not used between conodes".into(),
+        ))
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13(m, c, d)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        vec![SignatureScheme::ED25519]
+    }
+}
+
+/// Server side: any Ed25519 client certificate; its key is then matched to the hello.
+#[derive(Debug)]
+struct AnyEd25519Client;
+
+impl ClientCertVerifier for AnyEd25519Client {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        cert_key(end_entity)?;
+        Ok(ClientCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _m: &[u8],
+        _c: &CertificateDer<'_>,
+        _d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General(
+            "TLS 1.2 is not used between conodes".into(),
+        ))
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13(m, c, d)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        vec![SignatureScheme::ED25519]
+    }
+}
+
+/// Our certificate as a TLS server.
+#[derive(Debug)]
+struct ServerCert(Arc<CertifiedKey>);
+
+impl rustls::server::ResolvesServerCert for ServerCert {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+/// Our certificate as a TLS client.
+#[derive(Debug)]
+struct ClientCert(Arc<CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for ClientCert {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// TLS material of one node for this port.
+#[derive(Clone)]
+pub struct PeerTls {
+    keys: KeyPair,
+    cert: Arc<CertifiedKey>,
+    server: Arc<rustls::ServerConfig>,
+}
+
+impl PeerTls {
+    pub fn new(keys: &KeyPair) -> Result<PeerTls, String> {
+        let cert = certified_key(keys)?;
+        let server = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| e.to_string())?
+            .with_client_cert_verifier(Arc::new(AnyEd25519Client))
+            .with_cert_resolver(Arc::new(ServerCert(cert.clone())));
+        Ok(PeerTls {
+            keys: keys.clone(),
+            cert,
+            server: Arc::new(server),
+        })
+    }
+
+    pub fn public(&self) -> [u8; 32] {
+        self.keys.public_bytes()
+    }
+
+    fn client_config(&self, expected: [u8; 32]) -> Result<Arc<rustls::ClientConfig>, String> {
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| e.to_string())?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(ExpectKey { expected }))
+            .with_client_cert_resolver(Arc::new(ClientCert(self.cert.clone())));
+        cfg.enable_sni = false;
+        Ok(Arc::new(cfg))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Framing
+
+/// Bytes sent and received on this port, for Status (`TX_bytes`, `RX_bytes`).
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub tx: AtomicU64,
+    pub rx: AtomicU64,
+}
+
+pub async fn read_frame<R: AsyncRead + Unpin>(
+    r: &mut R,
+    counters: &Counters,
+) -> Result<Vec<u8>, PeerError> {
+    let len = r.read_u32().await? as usize;
+    if len > MAX_FRAME {
+        return Err(PeerError::FrameTooLarge { len });
+    }
+    let mut buf = vec![0u8; len];
+    r.read_exact(&mut buf).await?;
+    counters.rx.fetch_add(4 + len as u64, Ordering::Relaxed);
+    Ok(buf)
+}
+
+pub async fn write_frame<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    payload: &[u8],
+    counters: &Counters,
+) -> Result<(), PeerError> {
+    if payload.len() > MAX_FRAME {
+        return Err(PeerError::FrameTooLarge { len: payload.len() });
+    }
+    let mut buf = Vec::with_capacity(4 + payload.len());
+    buf.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    buf.extend_from_slice(payload);
+    w.write_all(&buf).await?;
+    w.flush().await?;
+    counters.tx.fetch_add(buf.len() as u64, Ordering::Relaxed);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Dialing
+
+/// An authenticated connection to one peer.
+pub struct PeerConn {
+    stream: tokio_rustls::client::TlsStream<TcpStream>,
+    addr: String,
+    counters: Arc<Counters>,
+}
+
+impl PeerConn {
+    /// Resolve `addr` now, connect, run TLS expecting `expected` as the peer's key, and
+    /// introduce ourselves.
+    pub async fn dial(
+        tls: &PeerTls,
+        our_address: &Address,
+        addr: &Address,
+        expected: [u8; 32],
+        counters: Arc<Counters>,
+    ) -> Result<PeerConn, PeerError> {
+        let hp = addr.host_port();
+        let targets: Vec<_> = tokio::net::lookup_host(&hp)
+            .await
+            .map_err(|source| PeerError::Resolve {
+                addr: hp.clone(),
+                source,
+            })?
+            .collect();
+        let mut last = String::from("no addresses");
+        let mut tcp = None;
+        for t in targets {
+            match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(t)).await {
+                Ok(Ok(s)) => {
+                    tcp = Some(s);
+                    break;
+                }
+                Ok(Err(e)) => last = format!("{t}: {e}"),
+                Err(_) => last = format!("{t}: timed out after {DIAL_TIMEOUT:?}"),
+            }
+        }
+        let tcp = tcp.ok_or_else(|| PeerError::Connect {
+            addr: hp.clone(),
+            reason: last,
+        })?;
+        let _ = tcp.set_nodelay(true);
+        let connector =
+            TlsConnector::from(
+                tls.client_config(expected)
+                    .map_err(|e| PeerError::Connect {
+                        addr: hp.clone(),
+                        reason: e,
+                    })?,
+            );
+        let fut = async {
+            let name = ServerName::try_from("conode").expect("static name is valid");
+            let mut stream =
+                connector
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|source| PeerError::Tls {
+                        addr: hp.clone(),
+                        source,
+                    })?;
+            let hello = PeerHello {
+                public: tls.public().to_vec(),
+                address: our_address.to_string(),
+            };
+            write_frame(&mut stream, &hello.encode_to_vec(), &counters).await?;
+            let welcome = PeerWelcome::decode(&read_frame(&mut stream, &counters).await?[..])?;
+            if !welcome.error.is_empty() {
+                return Err(PeerError::Refused {
+                    addr: hp.clone(),
+                    reason: welcome.error,
+                });
+            }
+            Ok(stream)
+        };
+        let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, fut)
+            .await
+            .map_err(|_| PeerError::Timeout(HANDSHAKE_TIMEOUT))??;
+        Ok(PeerConn {
+            stream,
+            addr: hp,
+            counters,
+        })
+    }
+
+    /// Send one request and wait for its reply.
+    pub async fn request(
+        &mut self,
+        service: &str,
+        method: &str,
+        payload: Vec<u8>,
+    ) -> Result<Vec<u8>, PeerError> {
+        let req = PeerRequest {
+            service: service.into(),
+            method: method.into(),
+            payload,
+        };
+        let fut = async {
+            write_frame(&mut self.stream, &req.encode_to_vec(), &self.counters).await?;
+            let reply =
+                PeerReply::decode(&read_frame(&mut self.stream, &self.counters).await?[..])?;
+            if reply.error.is_empty() {
+                Ok(reply.payload)
+            } else {
+                Err(PeerError::Remote(reply.error))
+            }
+        };
+        tokio::time::timeout(IO_TIMEOUT, fut)
+            .await
+            .map_err(|_| PeerError::Timeout(IO_TIMEOUT))?
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Serving
+
+/// Handles requests that arrive on this port. `from` is the caller's authenticated key.
+pub trait PeerHandler: Send + Sync + 'static {
+    fn call<'a>(
+        &'a self,
+        from: [u8; 32],
+        service: &'a str,
+        method: &'a str,
+        payload: &'a [u8],
+    ) -> BoxFuture<'a, Result<Vec<u8>, String>>;
+}
+
+/// The built-in `Peer/Ping`, and a place for services to plug in later.
+pub struct BuiltinPeerHandler {
+    pub public: [u8; 32],
+}
+
+impl PeerHandler for BuiltinPeerHandler {
+    fn call<'a>(
+        &'a self,
+        from: [u8; 32],
+        service: &'a str,
+        method: &'a str,
+        payload: &'a [u8],
+    ) -> BoxFuture<'a, Result<Vec<u8>, String>> {
+        Box::pin(async move {
+            match (service, method) {
+                ("Peer", "Ping") => {
+                    let ping = Ping::decode(payload).map_err(|e| format!("decoding Ping: {e}"))?;
+                    Ok(Pong {
+                        nonce: ping.nonce,
+                        responder: self.public.to_vec(),
+                        caller: from.to_vec(),
+                    }
+                    .encode_to_vec())
+                }
+                _ => Err(format!("no handler for {service}/{method}")),
+            }
+        })
+    }
+}
+
+/// Accept peers until shutdown.
+pub async fn serve(
+    listener: TcpListener,
+    tls: PeerTls,
+    handler: Arc<dyn PeerHandler>,
+    counters: Arc<Counters>,
+    mut shutdown: watch::Receiver<bool>,
+    tracker: Tracker,
+) {
+    let acceptor = TlsAcceptor::from(tls.server.clone());
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let (tcp, from) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => { backoff = Duration::from_millis(10); x }
+                Err(e) => {
+                    tracing::warn!("conode port: accept failed: {e}; retrying in {backoff:?}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            },
+            _ = crate::ws::stopped(&mut shutdown) => break,
+        };
+        let acceptor = acceptor.clone();
+        let handler = handler.clone();
+        let counters = counters.clone();
+        let shutdown = shutdown.clone();
+        let tracker = tracker.clone();
+        tokio::spawn(async move {
+            let _tracker = tracker;
+            if let Err(e) = serve_one(tcp, acceptor, handler, counters, shutdown).await {
+                tracing::warn!("conode port: closed connection from {from}: {e}");
+            }
+        });
+    }
+}
+
+async fn serve_one(
+    tcp: TcpStream,
+    acceptor: TlsAcceptor,
+    handler: Arc<dyn PeerHandler>,
+    counters: Arc<Counters>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), PeerError> {
+    let _ = tcp.set_nodelay(true);
+    let (mut stream, peer) = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        let mut stream = acceptor.accept(tcp).await?;
+        let cert = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .cloned()
+            .ok_or_else(|| std::io::Error::other("no client certificate"))?;
+        let key = cert_key(&cert).map_err(std::io::Error::other)?;
+        let hello = PeerHello::decode(&read_frame(&mut stream, &counters).await?[..])?;
+        if hello.public != key {
+            let reason = format!(
+                "certificate key {} does not match the claimed identity {}",
+                hex::encode(key),
+                hex::encode(&hello.public)
+            );
+            let w = PeerWelcome {
+                error: reason.clone(),
+            };
+            let _ = write_frame(&mut stream, &w.encode_to_vec(), &counters).await;
+            return Err(PeerError::Refused {
+                addr: hello.address,
+                reason,
+            });
+        }
+        write_frame(
+            &mut stream,
+            &PeerWelcome::default().encode_to_vec(),
+            &counters,
+        )
+        .await?;
+        Ok::<_, PeerError>((stream, key))
+    })
+    .await
+    .map_err(|_| PeerError::Timeout(HANDSHAKE_TIMEOUT))??;
+
+    loop {
+        let frame = tokio::select! {
+            f = tokio::time::timeout(IO_TIMEOUT, read_frame(&mut stream, &counters)) => f,
+            _ = crate::ws::stopped(&mut shutdown) => return Ok(()),
+        };
+        let frame = match frame {
+            Err(_) => return Ok(()), // idle
+            Ok(Err(PeerError::Io(e))) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Ok(())
+            }
+            Ok(r) => r?,
+        };
+        let req = PeerRequest::decode(&frame[..])?;
+        let reply = match handler
+            .call(peer, &req.service, &req.method, &req.payload)
+            .await
+        {
+            Ok(payload) => PeerReply {
+                payload,
+                error: String::new(),
+            },
+            Err(error) => PeerReply {
+                payload: Vec::new(),
+                error,
+            },
+        };
+        write_frame(&mut stream, &reply.encode_to_vec(), &counters).await?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn certificate_carries_the_roster_key() {
+        let kp = KeyPair::generate().unwrap();
+        let ck = certified_key(&kp).unwrap();
+        assert_eq!(cert_key(&ck.cert[0]).unwrap(), kp.public_bytes());
+        ck.keys_match().unwrap();
+    }
+
+    #[tokio::test]
+    async fn frames_over_the_limit_are_refused() {
+        let c = Counters::default();
+        let mut data = ((MAX_FRAME + 1) as u32).to_be_bytes().to_vec();
+        data.extend_from_slice(b"xx");
+        let err = read_frame(&mut &data[..], &c).await.unwrap_err();
+        assert!(matches!(err, PeerError::FrameTooLarge { .. }), "{err}");
+    }
+}

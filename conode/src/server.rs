@@ -1,0 +1,151 @@
+//! `conode server`: wires the ports, the services and the database together.
+//!
+//! [`Server::start`] binds both ports and returns; [`Server::stop`] stops accepting,
+//! lets in-flight requests finish (up to [`GRACE`]), closes idle connections with 1001,
+//! and closes the database cleanly. The binary calls them around a signal; tests call
+//! them directly.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::{cert_path, PrivateConfig};
+use crate::db::Db;
+use crate::peer::{self, BuiltinPeerHandler, Counters, PeerTls};
+use crate::status::StatusService;
+use crate::tls::{self, CertReloader};
+use crate::ws::{self, Services};
+
+/// How long shutdown waits for in-flight requests.
+pub const GRACE: Duration = Duration::from_secs(30);
+
+pub struct Server {
+    ws_addr: SocketAddr,
+    peer_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    done: mpsc::Receiver<()>,
+    tasks: Vec<JoinHandle<()>>,
+    db: Arc<Db>,
+}
+
+impl Server {
+    /// Open the database, bind both ports and start serving.
+    pub async fn start(cfg: PrivateConfig, db_path: PathBuf) -> Result<Server, String> {
+        tls::install_provider();
+        let db = Arc::new(Db::open(&db_path, &cfg.keys.public_bytes())?);
+        let peer_tls = PeerTls::new(&cfg.keys)
+            .map_err(|e| format!("cannot build the conode-to-conode certificate: {e}"))?;
+        let ws_tls = if cfg.ws_tls() {
+            let reloader = CertReloader::new(
+                cert_path(&cfg.ws_tls_certificate)?,
+                cert_path(&cfg.ws_tls_certificate_key)?,
+            )?;
+            Some(reloader)
+        } else {
+            None
+        };
+        let peer_listener = ws::bind(&cfg.listen_addr()?, "conode-to-conode").await?;
+        let ws_listener = ws::bind(&cfg.ws_listen_addr()?, "client WebSocket").await?;
+        let ws_addr = ws_listener.local_addr().map_err(|e| e.to_string())?;
+        let peer_addr = peer_listener.local_addr().map_err(|e| e.to_string())?;
+
+        let counters = Arc::new(Counters::default());
+        let status = Arc::new(StatusService {
+            cfg: cfg.clone(),
+            db: db.clone(),
+            counters: counters.clone(),
+            started: Instant::now(),
+            available: Default::default(),
+        });
+        let mut services = Services::default();
+        services.add(status.clone());
+        let _ = status.available.set(services.names().join(","));
+
+        let (stop, stop_rx) = watch::channel(false);
+        let (tracker, done) = mpsc::channel(1);
+        let mut tasks = Vec::new();
+        let acceptor = ws_tls
+            .as_ref()
+            .map(|r| TlsAcceptor::from(r.server_config()));
+        if let Some(r) = ws_tls {
+            tasks.push(tokio::spawn(r.watch(stop_rx.clone())));
+        }
+        tasks.push(tokio::spawn(ws::serve(
+            ws_listener,
+            Arc::new(services),
+            acceptor.clone(),
+            stop_rx.clone(),
+            tracker.clone(),
+        )));
+        let handler = Arc::new(BuiltinPeerHandler {
+            public: cfg.keys.public_bytes(),
+        });
+        tasks.push(tokio::spawn(peer::serve(
+            peer_listener,
+            peer_tls,
+            handler,
+            counters,
+            stop_rx,
+            tracker,
+        )));
+        tracing::info!(
+            "conode {} ({}) serving peers on {peer_addr} and clients on {}://{ws_addr}, database {}",
+            cfg.keys.public_hex(),
+            cfg.address,
+            if acceptor.is_some() { "wss" } else { "ws" },
+            db_path.display()
+        );
+        Ok(Server {
+            ws_addr,
+            peer_addr,
+            stop,
+            done,
+            tasks,
+            db,
+        })
+    }
+
+    pub fn ws_addr(&self) -> SocketAddr {
+        self.ws_addr
+    }
+
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.peer_addr
+    }
+
+    /// Stop gracefully; returns once the database is closed.
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
+        if tokio::time::timeout(GRACE, self.done.recv()).await.is_err() {
+            tracing::warn!("shutdown: connections still busy after {GRACE:?}; closing anyway");
+        }
+        match Arc::try_unwrap(self.db) {
+            Ok(db) => {
+                drop(db);
+                tracing::info!("database closed cleanly");
+            }
+            Err(_) => tracing::warn!(
+                "shutdown: the database is still in use by a request; it will close when it finishes"
+            ),
+        }
+    }
+}
+
+/// Wait for SIGTERM or SIGINT.
+pub async fn signal() -> Result<&'static str, String> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}

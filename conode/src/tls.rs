@@ -1,0 +1,214 @@
+//! Built-in TLS on the client WebSocket port, with certificate renewal without restart.
+//!
+//! The certificate and key files (`WebSocketTLSCertificate[Key]`, a path or `file://path`)
+//! are re-read every [`POLL_INTERVAL`]. Content is compared, not timestamps, so any way of
+//! replacing them works: rewriting in place, rename, or certbot's symlink swap
+//! (`live/x/fullchain.pem` → `archive/x/fullchainN.pem`). A new pair is used only if the
+//! chain parses, the key parses, and the key matches the leaf certificate; otherwise the
+//! current certificate keeps serving and one warning says why (a half-written file is
+//! simply retried at the next poll, when it is complete). New connections get a new
+//! certificate within one poll interval; established connections are not disturbed.
+//!
+//! This module never writes to the certificate files.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use tokio::sync::watch;
+
+/// How often the files are re-read.
+pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Install the one crypto provider of the workspace (ring). Idempotent.
+pub fn install_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Parse a PEM chain and key and check they belong together.
+pub fn load_pair(cert_pem: &[u8], key_pem: &[u8]) -> Result<CertifiedKey, String> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("certificate file is not valid PEM: {e}"))?;
+    if chain.is_empty() {
+        return Err("certificate file holds no certificate".into());
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem)
+        .map_err(|e| format!("key file holds no usable private key: {e}"))?;
+    let provider = rustls::crypto::ring::default_provider();
+    let ck = CertifiedKey::from_der(chain, key, &provider)
+        .map_err(|e| format!("certificate and key do not belong together: {e}"))?;
+    Ok(ck)
+}
+
+/// Serves the current certificate to every new TLS handshake.
+#[derive(Debug)]
+pub struct CertReloader {
+    cert_path: PathBuf,
+    key_path: PathBuf,
+    current: RwLock<Arc<CertifiedKey>>,
+    /// The file contents last tried, to act once per change.
+    last_seen: Mutex<(Vec<u8>, Vec<u8>)>,
+}
+
+fn read(p: &Path) -> Result<Vec<u8>, String> {
+    std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+}
+
+impl CertReloader {
+    /// Load the pair; an error here stops the server from starting (nothing to serve).
+    pub fn new(cert_path: PathBuf, key_path: PathBuf) -> Result<Arc<CertReloader>, String> {
+        let c = read(&cert_path)?;
+        let k = read(&key_path)?;
+        let ck = load_pair(&c, &k).map_err(|e| {
+            format!(
+                "WebSocket TLS pair {} / {}: {e}",
+                cert_path.display(),
+                key_path.display()
+            )
+        })?;
+        Ok(Arc::new(CertReloader {
+            cert_path,
+            key_path,
+            current: RwLock::new(Arc::new(ck)),
+            last_seen: Mutex::new((c, k)),
+        }))
+    }
+
+    /// Re-read the files. `None` if unchanged since the last try, else whether the new pair
+    /// was taken.
+    pub fn poll_once(&self) -> Option<Result<(), String>> {
+        let (c, k) = match (read(&self.cert_path), read(&self.key_path)) {
+            (Ok(c), Ok(k)) => (c, k),
+            (Err(e), _) | (_, Err(e)) => {
+                // Unreadable (mid-swap, permissions): remember nothing, so the next poll
+                // retries; log once per distinct failure.
+                let mut seen = self.last_seen.lock().unwrap_or_else(|p| p.into_inner());
+                let marker = (e.clone().into_bytes(), Vec::new());
+                if *seen == marker {
+                    return None;
+                }
+                *seen = marker;
+                return Some(Err(e));
+            }
+        };
+        {
+            let mut seen = self.last_seen.lock().unwrap_or_else(|p| p.into_inner());
+            if seen.0 == c && seen.1 == k {
+                return None;
+            }
+            *seen = (c.clone(), k.clone());
+        }
+        match load_pair(&c, &k) {
+            Ok(ck) => {
+                *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ck);
+                Some(Ok(()))
+            }
+            Err(e) => Some(Err(e)),
+        }
+    }
+
+    /// Poll until shutdown, logging every change.
+    pub async fn watch(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(POLL_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = crate::ws::stopped(&mut shutdown) => return,
+            }
+            let me = self.clone();
+            let r = tokio::task::spawn_blocking(move || me.poll_once()).await;
+            match r {
+                Ok(Some(Ok(()))) => tracing::info!(
+                    "WebSocket TLS: new certificate from {} now served to new connections",
+                    self.cert_path.display()
+                ),
+                Ok(Some(Err(e))) => tracing::warn!(
+                    "WebSocket TLS: keeping the current certificate: the pair {} / {} was rejected: {e}; it is re-read every {}s",
+                    self.cert_path.display(),
+                    self.key_path.display(),
+                    POLL_INTERVAL.as_secs()
+                ),
+                Ok(None) => {}
+                Err(e) => tracing::error!("WebSocket TLS poll task failed: {e}; this is a bug"),
+            }
+        }
+    }
+
+    /// A server configuration that asks this reloader at every handshake.
+    pub fn server_config(self: &Arc<Self>) -> Arc<rustls::ServerConfig> {
+        let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map(|b| b.with_no_client_auth().with_cert_resolver(self.clone()))
+        .expect("ring supports the default protocol versions");
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Arc::new(cfg)
+    }
+}
+
+impl ResolvesServerCert for CertReloader {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(name: &str) -> (String, String) {
+        let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let cert = rcgen::CertificateParams::new(vec![name.to_string()])
+            .unwrap()
+            .self_signed(&kp)
+            .unwrap();
+        (cert.pem(), kp.serialize_pem())
+    }
+
+    #[test]
+    fn reloader_takes_good_pairs_and_keeps_the_old_one_on_bad_ones() {
+        install_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let (c1, k1) = pair("one.test");
+        let (c2, k2) = pair("two.test");
+        let cp = dir.path().join("fullchain.pem");
+        let kp = dir.path().join("privkey.pem");
+        std::fs::write(&cp, &c1).unwrap();
+        std::fs::write(&kp, &k1).unwrap();
+        let r = CertReloader::new(cp.clone(), kp.clone()).unwrap();
+        let first = r.current.read().unwrap().cert[0].clone();
+        assert!(r.poll_once().is_none(), "unchanged files are not reloaded");
+
+        // Mismatched pair: certificate two with key one.
+        std::fs::write(&cp, &c2).unwrap();
+        assert!(r
+            .poll_once()
+            .unwrap()
+            .unwrap_err()
+            .contains("do not belong together"));
+        assert_eq!(r.current.read().unwrap().cert[0], first);
+
+        // Half-written certificate.
+        std::fs::write(&cp, &c2[..c2.len() / 2]).unwrap();
+        std::fs::write(&kp, &k2).unwrap();
+        assert!(r.poll_once().unwrap().is_err());
+        assert_eq!(r.current.read().unwrap().cert[0], first);
+
+        // Completed: taken.
+        std::fs::write(&cp, &c2).unwrap();
+        r.poll_once().unwrap().unwrap();
+        assert_ne!(r.current.read().unwrap().cert[0], first);
+    }
+}
