@@ -1,1 +1,241 @@
+//! Shared harness for system tests: run the real `conode` binary in a temporary
+//! directory, on free loopback ports, and stop it (by its own pid) afterwards.
+//!
+//! The binaries must be built first (`cargo build --workspace`; `scripts/test` does it).
+//! A test that cannot get what it needs panics with the reason: it never skips.
 
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+/// Path of a workspace binary next to the test executable (`target/<profile>/NAME`).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in target/<profile>/deps");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} not found: build the workspace first (cargo build --workspace; scripts/test does it)",
+        p.display()
+    );
+    p
+}
+
+pub fn conode_bin() -> PathBuf {
+    bin("conode")
+}
+
+/// A port `p` such that `p` and `p+1` were both free on 127.0.0.1 a moment ago.
+pub fn free_port_pair() -> u16 {
+    for _ in 0..200 {
+        let a = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        let p = a.local_addr().unwrap().port();
+        if p < 65000 && TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+            return p;
+        }
+    }
+    panic!("no free pair of adjacent loopback ports found");
+}
+
+/// A conode's files in a temporary directory, created with `conode setup`.
+pub struct NodeFiles {
+    pub dir: TempDir,
+    pub port: u16,
+}
+
+impl NodeFiles {
+    /// `conode setup --non-interactive` on 127.0.0.1 with free ports.
+    pub fn setup(description: &str) -> NodeFiles {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port_pair();
+        let out = Command::new(conode_bin())
+            .arg("-c")
+            .arg(dir.path().join("co/private.toml"))
+            .args(["setup", "--non-interactive", "--host", "127.0.0.1", "--port"])
+            .arg(port.to_string())
+            .args(["--description", description])
+            .output()
+            .expect("run conode setup");
+        assert!(out.status.success(), "setup failed: {}", String::from_utf8_lossy(&out.stderr));
+        NodeFiles { dir, port }
+    }
+
+    pub fn private(&self) -> PathBuf {
+        self.dir.path().join("co/private.toml")
+    }
+    pub fn public(&self) -> PathBuf {
+        self.dir.path().join("co/public.toml")
+    }
+    pub fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+    pub fn ws_port(&self) -> u16 {
+        self.port + 1
+    }
+
+    /// Rewrite one top-level key of private.toml (string value).
+    pub fn set_private_key(&self, key: &str, value: &str) {
+        let src = std::fs::read_to_string(self.private()).unwrap();
+        let mut found = false;
+        let out: Vec<String> = src
+            .lines()
+            .map(|l| {
+                if l.split_once('=').is_some_and(|(k, _)| k.trim() == key) {
+                    found = true;
+                    format!("{key} = {value:?}")
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect();
+        assert!(found, "{key} not in private.toml");
+        std::fs::write(self.private(), out.join("\n") + "\n").unwrap();
+    }
+
+    /// Start `conode server` (with --allow-root: tests run as root in CI).
+    pub fn start(&self) -> Node {
+        self.start_with(&[])
+    }
+
+    pub fn start_with(&self, extra_env: &[(&str, &str)]) -> Node {
+        let log = self.dir.path().join(format!("conode-{}.log", Instant::now().elapsed().as_nanos()));
+        let logf = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(conode_bin());
+        cmd.arg("-d")
+            .arg("2")
+            .arg("-c")
+            .arg(self.private())
+            .args(["server", "--allow-root"])
+            .env("CONODE_SERVICE_PATH", self.data())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(logf);
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn conode server");
+        let mut node = Node { child: Some(child), log, ws_port: self.ws_port() };
+        node.wait_ready();
+        node
+    }
+}
+
+/// A running conode process, stopped on drop.
+pub struct Node {
+    child: Option<Child>,
+    pub log: PathBuf,
+    pub ws_port: u16,
+}
+
+impl Node {
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    panic!("conode exited early ({st}): {}", self.log_text());
+                }
+            }
+            // With TLS on the port, /ok needs TLS: the TCP accept is enough to know it runs.
+            if TcpStream::connect(("127.0.0.1", self.ws_port)).is_ok()
+                && self.log_text().contains("serving peers")
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("conode did not start within 15s: {}", self.log_text());
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM and wait (at most 40 s).
+    pub fn stop(&mut self) -> ExitStatus {
+        let mut c = self.child.take().expect("running");
+        // SAFETY: kill(2) with the pid of a child we spawned and have not reaped yet.
+        unsafe {
+            libc::kill(c.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            if let Some(st) = c.try_wait().expect("wait") {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                panic!("conode did not stop within 40s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Plain HTTP GET on loopback; returns the whole response.
+pub fn http_get(port: u16, path: &str) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+/// A test CA and a server certificate for `localhost`/127.0.0.1 signed by it, as PEM.
+pub struct TestPki {
+    pub ca_pem: String,
+    ca_key: rcgen::KeyPair,
+    ca_params: rcgen::CertificateParams,
+}
+
+impl TestPki {
+    pub fn new() -> TestPki {
+        let ca_key = rcgen::KeyPair::generate().expect("CA key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "conode test CA");
+        let ca_cert = params.self_signed(&ca_key).expect("CA cert");
+        TestPki { ca_pem: ca_cert.pem(), ca_key, ca_params: params }
+    }
+
+    /// (fullchain PEM, key PEM) for localhost and 127.0.0.1, with `cn` as common name.
+    pub fn leaf(&self, cn: &str) -> (String, String) {
+        let key = rcgen::KeyPair::generate().expect("leaf key");
+        let mut params =
+            rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+                .unwrap();
+        params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        let issuer = rcgen::Issuer::from_params(&self.ca_params, &self.ca_key);
+        let cert = params.signed_by(&key, &issuer).expect("leaf cert");
+        (format!("{}{}", cert.pem(), self.ca_pem), key.serialize_pem())
+    }
+}
+
+impl Default for TestPki {
+    fn default() -> Self {
+        Self::new()
+    }
+}
