@@ -1,0 +1,1 @@
+fn main() { eprintln!("benchmark not written yet"); std::process::exit(1) }
