@@ -58,12 +58,22 @@ impl NodeFiles {
         let out = Command::new(conode_bin())
             .arg("-c")
             .arg(dir.path().join("co/private.toml"))
-            .args(["setup", "--non-interactive", "--host", "127.0.0.1", "--port"])
+            .args([
+                "setup",
+                "--non-interactive",
+                "--host",
+                "127.0.0.1",
+                "--port",
+            ])
             .arg(port.to_string())
             .args(["--description", description])
             .output()
             .expect("run conode setup");
-        assert!(out.status.success(), "setup failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "setup failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         NodeFiles { dir, port }
     }
 
@@ -105,7 +115,10 @@ impl NodeFiles {
     }
 
     pub fn start_with(&self, extra_env: &[(&str, &str)]) -> Node {
-        let log = self.dir.path().join(format!("conode-{}.log", Instant::now().elapsed().as_nanos()));
+        let log = self.dir.path().join(format!(
+            "conode-{}.log",
+            Instant::now().elapsed().as_nanos()
+        ));
         let logf = std::fs::File::create(&log).unwrap();
         let mut cmd = Command::new(conode_bin());
         cmd.arg("-d")
@@ -121,7 +134,11 @@ impl NodeFiles {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("spawn conode server");
-        let mut node = Node { child: Some(child), log, ws_port: self.ws_port() };
+        let mut node = Node {
+            child: Some(child),
+            log,
+            ws_port: self.ws_port(),
+        };
         node.wait_ready();
         node
     }
@@ -196,7 +213,11 @@ impl Drop for Node {
 pub fn http_get(port: u16, path: &str) -> String {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     out
@@ -218,7 +239,11 @@ impl TestPki {
             .distinguished_name
             .push(rcgen::DnType::CommonName, "conode test CA");
         let ca_cert = params.self_signed(&ca_key).expect("CA cert");
-        TestPki { ca_pem: ca_cert.pem(), ca_key, ca_params: params }
+        TestPki {
+            ca_pem: ca_cert.pem(),
+            ca_key,
+            ca_params: params,
+        }
     }
 
     /// (fullchain PEM, key PEM) for localhost and 127.0.0.1, with `cn` as common name.
@@ -227,10 +252,15 @@ impl TestPki {
         let mut params =
             rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
                 .unwrap();
-        params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
         let issuer = rcgen::Issuer::from_params(&self.ca_params, &self.ca_key);
         let cert = params.signed_by(&key, &issuer).expect("leaf cert");
-        (format!("{}{}", cert.pem(), self.ca_pem), key.serialize_pem())
+        (
+            format!("{}{}", cert.pem(), self.ca_pem),
+            key.serialize_pem(),
+        )
     }
 }
 
