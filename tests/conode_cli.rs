@@ -218,3 +218,34 @@ fn interactive_setup_through_stdin_then_serves() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("\"Interactive node\""));
 }
+
+#[test]
+fn database_goes_to_xdg_data_home_without_conode_service_path() {
+    let n = NodeFiles::setup("xdg");
+    let xdg = n.dir.path().join("xdg-data");
+    let public = std::fs::read_to_string(n.public()).unwrap();
+    let hex = public
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Public = \""))
+        .unwrap()
+        .trim_end_matches('"')
+        .to_string();
+    let log = std::fs::File::create(n.dir.path().join("xdg.log")).unwrap();
+    let mut child = std::process::Command::new(conode_bin())
+        .arg("-c")
+        .arg(n.private())
+        .args(["server", "--allow-root"])
+        .env_remove("CONODE_SERVICE_PATH")
+        .env("XDG_DATA_HOME", &xdg)
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let db = xdg.join("conode").join(format!("{hex}.db"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !db.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(db.exists(), "expected the database at {}", db.display());
+}

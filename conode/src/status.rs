@@ -164,7 +164,7 @@ mod tests {
     #[test]
     fn durations_print_like_go() {
         assert_eq!(
-            go_duration(Duration::from_millis(3 * 3600_000 + 2 * 60_000 + 1500)),
+            go_duration(Duration::from_millis(3 * 3_600_000 + 2 * 60_000 + 1500)),
             "3h2m1.5s"
         );
         assert_eq!(go_duration(Duration::from_secs(120)), "2m0s");
