@@ -29,16 +29,32 @@ pub fn install_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+/// A PEM error in words (the library's Display shows markers as raw bytes).
+fn pem_error(e: rustls::pki_types::pem::Error) -> String {
+    use rustls::pki_types::pem::Error as E;
+    match e {
+        E::MissingSectionEnd { end_marker } => format!(
+            "incomplete PEM: no \"-----END {}-----\" line (half-written or truncated file?)",
+            String::from_utf8_lossy(&end_marker)
+        ),
+        E::IllegalSectionStart { line } => {
+            format!("bad PEM BEGIN line {:?}", String::from_utf8_lossy(&line))
+        }
+        E::NoItemsFound => "no PEM item of the expected kind".into(),
+        other => other.to_string(),
+    }
+}
+
 /// Parse a PEM chain and key and check they belong together.
 pub fn load_pair(cert_pem: &[u8], key_pem: &[u8]) -> Result<CertifiedKey, String> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("certificate file is not valid PEM: {e}"))?;
+        .map_err(|e| format!("certificate file: {}", pem_error(e)))?;
     if chain.is_empty() {
         return Err("certificate file holds no certificate".into());
     }
     let key = PrivateKeyDer::from_pem_slice(key_pem)
-        .map_err(|e| format!("key file holds no usable private key: {e}"))?;
+        .map_err(|e| format!("key file holds no usable private key: {}", pem_error(e)))?;
     let provider = rustls::crypto::ring::default_provider();
     let ck = CertifiedKey::from_der(chain, key, &provider)
         .map_err(|e| format!("certificate and key do not belong together: {e}"))?;
@@ -203,7 +219,8 @@ mod tests {
         // Half-written certificate.
         std::fs::write(&cp, &c2[..c2.len() / 2]).unwrap();
         std::fs::write(&kp, &k2).unwrap();
-        assert!(r.poll_once().unwrap().is_err());
+        let e = r.poll_once().unwrap().unwrap_err();
+        assert!(e.contains("incomplete PEM: no \"-----END CERTIFICATE-----\" line"), "{e}");
         assert_eq!(r.current.read().unwrap().cert[0], first);
 
         // Completed: taken.
