@@ -220,7 +220,10 @@ mod tests {
         std::fs::write(&cp, &c2[..c2.len() / 2]).unwrap();
         std::fs::write(&kp, &k2).unwrap();
         let e = r.poll_once().unwrap().unwrap_err();
-        assert!(e.contains("incomplete PEM: no \"-----END CERTIFICATE-----\" line"), "{e}");
+        assert!(
+            e.contains("incomplete PEM: no \"-----END CERTIFICATE-----\" line"),
+            "{e}"
+        );
         assert_eq!(r.current.read().unwrap().cert[0], first);
 
         // Completed: taken.
