@@ -19,11 +19,14 @@ pub const META_PUBLIC: &str = "public";
 
 /// How long Status may reuse the allocator figures (they need a write transaction).
 const STATS_TTL: Duration = Duration::from_secs(5);
+/// How long Status may reuse the other figures (a stat and a read transaction each).
+const FIGURES_TTL: Duration = Duration::from_secs(1);
 
 pub struct Db {
     pub db: Database,
     pub path: PathBuf,
     stats: Mutex<Option<(Instant, BTreeMap<String, String>)>>,
+    figures: Mutex<Option<(Instant, BTreeMap<String, String>)>>,
 }
 
 impl Db {
@@ -75,11 +78,24 @@ impl Db {
             db,
             path: path.to_path_buf(),
             stats: Mutex::new(None),
+            figures: Mutex::new(None),
         })
     }
 
-    /// The `Db` section of Status: figures of the redb file.
+    /// The `Db` section of Status: figures of the redb file, at most [`FIGURES_TTL`] old.
     pub fn figures(&self) -> BTreeMap<String, String> {
+        let mut cache = self.figures.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, v)) = cache.as_ref() {
+            if at.elapsed() < FIGURES_TTL {
+                return v.clone();
+            }
+        }
+        let f = self.read_figures();
+        *cache = Some((Instant::now(), f.clone()));
+        f
+    }
+
+    fn read_figures(&self) -> BTreeMap<String, String> {
         let mut f = BTreeMap::new();
         f.insert("Open".into(), "true".into());
         f.insert("Path".into(), self.path.display().to_string());

@@ -61,6 +61,7 @@ impl Server {
             counters: counters.clone(),
             started: Instant::now(),
             available: Default::default(),
+            identity: Default::default(),
         });
         let mut services = Services::default();
         services.add(status.clone());

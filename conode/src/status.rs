@@ -28,10 +28,16 @@ pub struct StatusService {
     pub started: Instant,
     /// Sorted, comma-joined service names; set once all services are registered.
     pub available: OnceLock<String>,
+    /// Our identity never changes while running: computed once.
+    pub identity: OnceLock<ServerIdentity>,
 }
 
 impl StatusService {
     pub fn server_identity(&self) -> ServerIdentity {
+        self.identity.get_or_init(|| self.compute_identity()).clone()
+    }
+
+    fn compute_identity(&self) -> ServerIdentity {
         let public = self.cfg.keys.public_bytes();
         ServerIdentity {
             public: proto::tagged_point(&public),

@@ -222,3 +222,21 @@ async fn shutdown_closes_idle_connections_with_1001_and_closes_the_database() {
         .await
         .is_err());
 }
+
+#[tokio::test]
+async fn a_client_close_is_answered_with_a_close_frame() {
+    let node = TestNode::new("x");
+    let srv = node.start().await;
+    let mut ws = connect(&node, "/Status/Request").await;
+    ws.send(Message::binary(Vec::new())).await.unwrap();
+    assert!(matches!(ws.next().await, Some(Ok(Message::Binary(_)))));
+    ws.close(None).await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .unwrap();
+    assert!(
+        matches!(answer, Some(Ok(Message::Close(_)))),
+        "expected the server's close frame, got {answer:?}"
+    );
+    srv.stop().await;
+}
