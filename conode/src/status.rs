@@ -34,7 +34,9 @@ pub struct StatusService {
 
 impl StatusService {
     pub fn server_identity(&self) -> ServerIdentity {
-        self.identity.get_or_init(|| self.compute_identity()).clone()
+        self.identity
+            .get_or_init(|| self.compute_identity())
+            .clone()
     }
 
     fn compute_identity(&self) -> ServerIdentity {
