@@ -390,239 +390,26 @@ pub fn public_key_hex(public_toml: &Path) -> String {
         .expect("Public in public.toml")
 }
 
-/// A JSON value, enough to read what status.js prints (no serde in this workspace).
+/// What status.js prints, parsed, with path helpers for assertions.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Json {
-    Null,
-    Bool(bool),
-    Num(f64),
-    Str(String),
-    Arr(Vec<Json>),
-    Obj(Vec<(String, Json)>),
-}
+pub struct Json(pub serde_json::Value);
 
 impl Json {
     pub fn parse(text: &str) -> Result<Json, String> {
-        let mut p = JsonParser {
-            s: text.as_bytes(),
-            i: 0,
-        };
-        let v = p.value()?;
-        p.ws();
-        if p.i != p.s.len() {
-            return Err(format!("trailing data at byte {}", p.i));
-        }
-        Ok(v)
+        serde_json::from_str(text)
+            .map(Json)
+            .map_err(|e| e.to_string())
     }
 
-    /// Member `key` of an object.
-    pub fn get(&self, key: &str) -> Option<&Json> {
-        match self {
-            Json::Obj(m) => m.iter().find(|(k, _)| k == key).map(|(_, v)| v),
-            _ => None,
-        }
-    }
-
-    /// `self.get(a).get(b)…`
-    pub fn at(&self, path: &[&str]) -> Option<&Json> {
-        path.iter().try_fold(self, |v, k| v.get(k))
-    }
-
-    pub fn as_str(&self) -> Option<&str> {
-        match self {
-            Json::Str(s) => Some(s),
-            _ => None,
-        }
+    /// The value at `path` of object keys, if any.
+    pub fn at(&self, path: &[&str]) -> Option<&serde_json::Value> {
+        path.iter().try_fold(&self.0, |v, k| v.get(k))
     }
 
     /// The string at `path`; panics naming the path and showing the document if absent.
     pub fn str_at(&self, path: &[&str]) -> &str {
         self.at(path)
-            .and_then(Json::as_str)
-            .unwrap_or_else(|| panic!("no string at {path:?} in {self:?}"))
-    }
-
-    /// Keys of an object, in document order.
-    pub fn keys(&self) -> Vec<&str> {
-        match self {
-            Json::Obj(m) => m.iter().map(|(k, _)| k.as_str()).collect(),
-            _ => Vec::new(),
-        }
-    }
-}
-
-struct JsonParser<'a> {
-    s: &'a [u8],
-    i: usize,
-}
-
-impl JsonParser<'_> {
-    fn ws(&mut self) {
-        while self.i < self.s.len() && matches!(self.s[self.i], b' ' | b'\t' | b'\n' | b'\r') {
-            self.i += 1;
-        }
-    }
-
-    fn eat(&mut self, lit: &str) -> Result<(), String> {
-        if self.s[self.i..].starts_with(lit.as_bytes()) {
-            self.i += lit.len();
-            Ok(())
-        } else {
-            Err(format!("expected {lit:?} at byte {}", self.i))
-        }
-    }
-
-    fn value(&mut self) -> Result<Json, String> {
-        self.ws();
-        match self.s.get(self.i) {
-            None => Err("unexpected end".into()),
-            Some(b'n') => self.eat("null").map(|_| Json::Null),
-            Some(b't') => self.eat("true").map(|_| Json::Bool(true)),
-            Some(b'f') => self.eat("false").map(|_| Json::Bool(false)),
-            Some(b'"') => self.string().map(Json::Str),
-            Some(b'[') => {
-                self.i += 1;
-                let mut v = Vec::new();
-                self.ws();
-                if self.s.get(self.i) == Some(&b']') {
-                    self.i += 1;
-                    return Ok(Json::Arr(v));
-                }
-                loop {
-                    v.push(self.value()?);
-                    self.ws();
-                    match self.s.get(self.i) {
-                        Some(b',') => self.i += 1,
-                        Some(b']') => {
-                            self.i += 1;
-                            return Ok(Json::Arr(v));
-                        }
-                        _ => return Err(format!("expected , or ] at byte {}", self.i)),
-                    }
-                }
-            }
-            Some(b'{') => {
-                self.i += 1;
-                let mut m = Vec::new();
-                self.ws();
-                if self.s.get(self.i) == Some(&b'}') {
-                    self.i += 1;
-                    return Ok(Json::Obj(m));
-                }
-                loop {
-                    self.ws();
-                    let k = self.string()?;
-                    self.ws();
-                    self.eat(":")?;
-                    let v = self.value()?;
-                    m.push((k, v));
-                    self.ws();
-                    match self.s.get(self.i) {
-                        Some(b',') => self.i += 1,
-                        Some(b'}') => {
-                            self.i += 1;
-                            return Ok(Json::Obj(m));
-                        }
-                        _ => return Err(format!("expected , or }} at byte {}", self.i)),
-                    }
-                }
-            }
-            Some(_) => {
-                let start = self.i;
-                while self.i < self.s.len()
-                    && matches!(
-                        self.s[self.i],
-                        b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9'
-                    )
-                {
-                    self.i += 1;
-                }
-                std::str::from_utf8(&self.s[start..self.i])
-                    .ok()
-                    .and_then(|t| t.parse().ok())
-                    .map(Json::Num)
-                    .ok_or_else(|| format!("bad value at byte {start}"))
-            }
-        }
-    }
-
-    fn hex4(&mut self) -> Result<u32, String> {
-        let t = self
-            .s
-            .get(self.i..self.i + 4)
-            .and_then(|b| std::str::from_utf8(b).ok())
-            .and_then(|t| u32::from_str_radix(t, 16).ok())
-            .ok_or_else(|| format!("bad \\u escape at byte {}", self.i))?;
-        self.i += 4;
-        Ok(t)
-    }
-
-    fn string(&mut self) -> Result<String, String> {
-        self.eat("\"")?;
-        let mut out = String::new();
-        loop {
-            let start = self.i;
-            while self.i < self.s.len() && !matches!(self.s[self.i], b'"' | b'\\') {
-                self.i += 1;
-            }
-            out.push_str(std::str::from_utf8(&self.s[start..self.i]).map_err(|e| e.to_string())?);
-            match self.s.get(self.i) {
-                None => return Err("unterminated string".into()),
-                Some(b'"') => {
-                    self.i += 1;
-                    return Ok(out);
-                }
-                _ => {}
-            }
-            self.i += 1; // the backslash
-            let c = *self.s.get(self.i).ok_or("unterminated escape")?;
-            self.i += 1;
-            match c {
-                b'"' => out.push('"'),
-                b'\\' => out.push('\\'),
-                b'/' => out.push('/'),
-                b'b' => out.push('\u{8}'),
-                b'f' => out.push('\u{c}'),
-                b'n' => out.push('\n'),
-                b'r' => out.push('\r'),
-                b't' => out.push('\t'),
-                b'u' => {
-                    let mut cp = self.hex4()?;
-                    if (0xd800..0xdc00).contains(&cp) && self.s[self.i..].starts_with(b"\\u") {
-                        self.i += 2;
-                        let lo = self.hex4()?;
-                        cp = 0x10000 + ((cp - 0xd800) << 10) + (lo.wrapping_sub(0xdc00) & 0x3ff);
-                    }
-                    out.push(char::from_u32(cp).unwrap_or('\u{fffd}'));
-                }
-                _ => return Err(format!("bad escape at byte {}", self.i - 1)),
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod json_tests {
-    use super::Json;
-
-    #[test]
-    fn parses_what_status_js_prints() {
-        let j = Json::parse(
-            r#"{"a": {"b": "x\"y\u00e9\ud83d\ude00"}, "n": [1, -2.5e3, true, null], "e": {}, "l": []}"#,
-        )
-        .unwrap();
-        assert_eq!(j.str_at(&["a", "b"]), "x\"yé😀");
-        assert_eq!(
-            j.get("n"),
-            Some(&Json::Arr(vec![
-                Json::Num(1.0),
-                Json::Num(-2500.0),
-                Json::Bool(true),
-                Json::Null
-            ]))
-        );
-        assert_eq!(j.keys(), vec!["a", "n", "e", "l"]);
-        assert!(Json::parse("{\"a\": 1} x").is_err());
-        assert!(Json::parse("{\"a\": \"open").is_err());
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_else(|| panic!("no string at {path:?} in {}", self.0))
     }
 }
