@@ -46,6 +46,9 @@ pub const MAX_FRAME: usize = 10 << 20;
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 /// TLS handshake plus hello must finish within this.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Inbound peer connections at most; more are closed at accept (a roster has tens of
+/// members, each needing a few connections).
+pub const MAX_PEER_CONNECTIONS: usize = 1024;
 /// A request waits this long for its reply; an idle inbound connection is closed after it.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -612,6 +615,7 @@ pub async fn serve(
     tracker: Tracker,
 ) {
     let acceptor = TlsAcceptor::from(tls.server.clone());
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_PEER_CONNECTIONS));
     let mut backoff = Duration::from_millis(10);
     loop {
         let (tcp, from) = tokio::select! {
@@ -626,6 +630,12 @@ pub async fn serve(
             },
             _ = crate::ws::stopped(&mut shutdown) => break,
         };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(
+                "conode port: refusing {from}: {MAX_PEER_CONNECTIONS} peer connections already open"
+            );
+            continue;
+        };
         let acceptor = acceptor.clone();
         let handler = handler.clone();
         let counters = counters.clone();
@@ -633,6 +643,7 @@ pub async fn serve(
         let tracker = tracker.clone();
         tokio::spawn(async move {
             let _tracker = tracker;
+            let _permit = permit;
             if let Err(e) = serve_one(tcp, acceptor, handler, counters, shutdown).await {
                 tracing::warn!("conode port: closed connection from {from}: {e}");
             }
