@@ -36,6 +36,15 @@ pub struct Server {
 impl Server {
     /// Open the database, bind both ports and start serving.
     pub async fn start(cfg: PrivateConfig, db_path: PathBuf) -> Result<Server, String> {
+        Self::start_with(cfg, db_path, Vec::new()).await
+    }
+
+    /// As [`Server::start`], with more client services beside the built-in ones.
+    pub async fn start_with(
+        cfg: PrivateConfig,
+        db_path: PathBuf,
+        extra: Vec<Arc<dyn ws::Service>>,
+    ) -> Result<Server, String> {
         tls::install_provider();
         let db = Arc::new(Db::open(&db_path, &cfg.keys.public_bytes())?);
         let peer_tls = PeerTls::new(&cfg.keys)
@@ -65,6 +74,9 @@ impl Server {
         });
         let mut services = Services::default();
         services.add(status.clone());
+        for s in extra {
+            services.add(s);
+        }
         let _ = status.available.set(services.names().join(","));
 
         let (stop, stop_rx) = watch::channel(false);

@@ -240,3 +240,56 @@ async fn a_client_close_is_answered_with_a_close_frame() {
     );
     srv.stop().await;
 }
+
+/// Answers `/Slow/Echo` after a pause: a request that is in flight when the server stops.
+struct Slow;
+impl conode::ws::Service for Slow {
+    fn name(&self) -> &'static str {
+        "Slow"
+    }
+    fn call<'a>(
+        &'a self,
+        _method: &'a str,
+        body: &'a [u8],
+    ) -> conode::ws::BoxFuture<'a, Result<Vec<u8>, String>> {
+        Box::pin(async move {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            Ok(body.to_vec())
+        })
+    }
+}
+
+#[tokio::test]
+async fn shutdown_lets_an_in_flight_request_finish() {
+    let node = TestNode::new("x");
+    let srv = conode::server::Server::start_with(
+        node.cfg.clone(),
+        node.db_path(),
+        vec![std::sync::Arc::new(Slow)],
+    )
+    .await
+    .unwrap();
+    let mut ws = connect(&node, "/Slow/Echo").await;
+    ws.send(Message::binary(b"still here".to_vec()))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await; // the request is being handled
+    let stopping = tokio::spawn(srv.stop());
+    let reply = tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await
+        .unwrap();
+    match reply {
+        Some(Ok(Message::Binary(b))) => assert_eq!(&b[..], b"still here"),
+        other => panic!("the in-flight request must be answered, got {other:?}"),
+    }
+    assert_eq!(
+        close_of(&mut ws).await.0,
+        1001,
+        "then the connection is closed"
+    );
+    tokio::time::timeout(Duration::from_secs(10), stopping)
+        .await
+        .unwrap()
+        .unwrap();
+    conode::db::Db::open(&node.db_path(), &node.cfg.keys.public_bytes()).unwrap();
+}
