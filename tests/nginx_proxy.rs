@@ -79,29 +79,25 @@ http {{
         let conf_path = dir.join("nginx.conf");
         std::fs::write(&conf_path, conf).unwrap();
 
-        let out = Command::new(NGINX)
-            .arg("-p")
-            .arg(dir)
-            .arg("-e")
-            .arg(dir.join("error.log"))
-            .arg("-c")
-            .arg(&conf_path)
-            .arg("-t")
-            .output()
-            .expect("run nginx -t");
+        // nginx with its prefix, error log and configuration all inside `dir`.
+        let nginx = || {
+            let mut c = Command::new(NGINX);
+            c.arg("-p")
+                .arg(dir)
+                .arg("-e")
+                .arg(dir.join("error.log"))
+                .arg("-c")
+                .arg(&conf_path);
+            c
+        };
+        let out = nginx().arg("-t").output().expect("run nginx -t");
         assert!(
             out.status.success(),
             "nginx -t rejected the configuration: {}",
             String::from_utf8_lossy(&out.stderr)
         );
 
-        let child = Command::new(NGINX)
-            .arg("-p")
-            .arg(dir)
-            .arg("-e")
-            .arg(dir.join("error.log"))
-            .arg("-c")
-            .arg(&conf_path)
+        let child = nginx()
             .args(["-g", "daemon off;"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())

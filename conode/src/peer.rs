@@ -448,7 +448,6 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
 /// An authenticated connection to one peer.
 pub struct PeerConn {
     stream: tokio_rustls::client::TlsStream<TcpStream>,
-    addr: String,
     counters: Arc<Counters>,
 }
 
@@ -522,11 +521,7 @@ impl PeerConn {
         let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, fut)
             .await
             .map_err(|_| PeerError::Timeout(HANDSHAKE_TIMEOUT))??;
-        Ok(PeerConn {
-            stream,
-            addr: hp,
-            counters,
-        })
+        Ok(PeerConn { stream, counters })
     }
 
     /// Send one request and wait for its reply.
@@ -554,10 +549,6 @@ impl PeerConn {
         tokio::time::timeout(IO_TIMEOUT, fut)
             .await
             .map_err(|_| PeerError::Timeout(IO_TIMEOUT))?
-    }
-
-    pub fn addr(&self) -> &str {
-        &self.addr
     }
 }
 

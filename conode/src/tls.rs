@@ -67,8 +67,17 @@ pub struct CertReloader {
     cert_path: PathBuf,
     key_path: PathBuf,
     current: RwLock<Arc<CertifiedKey>>,
-    /// The file contents last tried, to act once per change.
-    last_seen: Mutex<(Vec<u8>, Vec<u8>)>,
+    /// What the last poll saw, to act (and log) once per change.
+    last_seen: Mutex<Seen>,
+}
+
+/// What a poll found on disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Seen {
+    /// Both files read: their contents.
+    Pair(Vec<u8>, Vec<u8>),
+    /// A file could not be read: why.
+    Unreadable(String),
 }
 
 fn read(p: &Path) -> Result<Vec<u8>, String> {
@@ -91,34 +100,29 @@ impl CertReloader {
             cert_path,
             key_path,
             current: RwLock::new(Arc::new(ck)),
-            last_seen: Mutex::new((c, k)),
+            last_seen: Mutex::new(Seen::Pair(c, k)),
         }))
     }
 
     /// Re-read the files. `None` if unchanged since the last try, else whether the new pair
     /// was taken.
     pub fn poll_once(&self) -> Option<Result<(), String>> {
-        let (c, k) = match (read(&self.cert_path), read(&self.key_path)) {
-            (Ok(c), Ok(k)) => (c, k),
-            (Err(e), _) | (_, Err(e)) => {
-                // Unreadable (mid-swap, permissions): remember nothing, so the next poll
-                // retries; log once per distinct failure.
-                let mut seen = self.last_seen.lock().unwrap_or_else(|p| p.into_inner());
-                let marker = (e.clone().into_bytes(), Vec::new());
-                if *seen == marker {
-                    return None;
-                }
-                *seen = marker;
-                return Some(Err(e));
-            }
+        let now = match (read(&self.cert_path), read(&self.key_path)) {
+            (Ok(c), Ok(k)) => Seen::Pair(c, k),
+            // Unreadable (mid-swap, dangling link): retried at every poll, logged once.
+            (Err(e), _) | (_, Err(e)) => Seen::Unreadable(e),
         };
         {
             let mut seen = self.last_seen.lock().unwrap_or_else(|p| p.into_inner());
-            if seen.0 == c && seen.1 == k {
+            if *seen == now {
                 return None;
             }
-            *seen = (c.clone(), k.clone());
+            *seen = now.clone();
         }
+        let (c, k) = match now {
+            Seen::Pair(c, k) => (c, k),
+            Seen::Unreadable(e) => return Some(Err(e)),
+        };
         match load_pair(&c, &k) {
             Ok(ck) => {
                 *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ck);

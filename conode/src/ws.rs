@@ -343,8 +343,8 @@ where
         let (body, text) = match &msg {
             Message::Binary(b) => (&b[..], false),
             Message::Text(t) => (t.as_bytes(), true),
-            // tungstenite queues the close reply; the next read sends it and ends the stream.
-            Message::Close(_) => continue,
+            // Close: tungstenite queues the reply; the next read sends it and ends the
+            // stream. Ping/Pong are answered by tungstenite itself.
             _ => continue,
         };
         match service.call(&method, body).await {
