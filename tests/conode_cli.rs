@@ -26,17 +26,9 @@ fn check_reports_every_server_and_fails_if_one_is_down() {
         "{stdout}"
     );
     let _nb = b.start();
-    let out = std::process::Command::new(conode_bin())
-        .arg("check")
-        .arg(&roster)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 2);
+    let (code, stdout, _) = run(&["check".as_ref(), roster.as_os_str()], &[], "");
+    assert_eq!(code, Some(0), "{stdout}");
+    assert_eq!(stdout.lines().count(), 2);
 }
 
 fn run(
@@ -206,17 +198,9 @@ fn interactive_setup_through_stdin_then_serves() {
     std::fs::copy(&private, files.private()).unwrap();
     std::fs::copy(folder.join("public.toml"), files.public()).unwrap();
     let _node = files.start();
-    let out = std::process::Command::new(conode_bin())
-        .arg("check")
-        .arg(files.public())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("\"Interactive node\""));
+    let (code, stdout, _) = run(&["check".as_ref(), files.public().as_os_str()], &[], "");
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(stdout.contains("\"Interactive node\""), "{stdout}");
 }
 
 #[test]
@@ -248,4 +232,30 @@ fn database_goes_to_xdg_data_home_without_conode_service_path() {
     let _ = child.kill();
     let _ = child.wait();
     assert!(db.exists(), "expected the database at {}", db.display());
+}
+
+#[test]
+fn check_fails_when_a_server_answers_with_another_key_than_the_roster() {
+    let a = NodeFiles::setup("impostor check");
+    let other = NodeFiles::setup("other key");
+    let _na = a.start();
+    // A's address with another node's public key.
+    let key = |p: &std::path::Path| {
+        let t = std::fs::read_to_string(p).unwrap();
+        t.lines()
+            .find(|l| l.trim_start().starts_with("Public"))
+            .unwrap()
+            .to_string()
+    };
+    let roster = a.dir.path().join("wrong-key.toml");
+    let text = std::fs::read_to_string(a.public())
+        .unwrap()
+        .replace(&key(&a.public()), &key(&other.public()));
+    std::fs::write(&roster, text).unwrap();
+    let (code, stdout, _) = run(&["check".as_ref(), roster.as_os_str()], &[], "");
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(
+        stdout.contains("answered with another public key than the roster's"),
+        "{stdout}"
+    );
 }
