@@ -17,6 +17,52 @@ pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 /// Key in [`META`]: the 32-byte public key of the conode that owns this file.
 pub const META_PUBLIC: &str = "public";
 
+// Skipchain tables. Every table other than `meta` maps bytes to bytes, so a snapshot can
+// copy any table without knowing what it holds (keep it so for new tables).
+
+/// `skipchain_blocks`: block hash (32) → `SkipBlock` protobuf, without forward links
+/// (a stored block never changes).
+pub const SKIPCHAIN_BLOCKS: TableDefinition<&[u8], &[u8]> =
+    TableDefinition::new("skipchain_blocks");
+/// `skipchain_links`: from-block hash (32) ‖ level (1 byte) → `ForwardLink` protobuf.
+pub const SKIPCHAIN_LINKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("skipchain_links");
+/// `skipchain_index`: genesis hash (32) ‖ index (u32 big-endian) → block hash (32).
+pub const SKIPCHAIN_INDEX: TableDefinition<&[u8], &[u8]> = TableDefinition::new("skipchain_index");
+/// `skipchain_chains`: genesis hash (32) → latest index (u32 little-endian) ‖ latest
+/// block hash (32).
+pub const SKIPCHAIN_CHAINS: TableDefinition<&[u8], &[u8]> =
+    TableDefinition::new("skipchain_chains");
+
+/// The last committed position of every chain in a read transaction: genesis hash →
+/// (latest index, latest hash), sorted by genesis hash.
+pub fn chain_positions(
+    txn: &redb::ReadTransaction,
+) -> Result<Vec<([u8; 32], u32, [u8; 32])>, String> {
+    let t = match txn.open_table(SKIPCHAIN_CHAINS) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+        Err(e) => return Err(format!("reading skipchain_chains: {e}")),
+    };
+    let mut out = Vec::new();
+    for r in t.iter().map_err(|e| e.to_string())? {
+        let (k, v) = r.map_err(|e| e.to_string())?;
+        let (k, v) = (k.value(), v.value());
+        let (Ok(genesis), true) = (<[u8; 32]>::try_from(k), v.len() == 36) else {
+            return Err(format!(
+                "skipchain_chains: malformed entry ({} byte key, {} byte value)",
+                k.len(),
+                v.len()
+            ));
+        };
+        let mut idx = [0u8; 4];
+        idx.copy_from_slice(&v[..4]);
+        let mut hash = [0u8; 32];
+        hash.copy_from_slice(&v[4..]);
+        out.push((genesis, u32::from_le_bytes(idx), hash));
+    }
+    Ok(out)
+}
+
 /// How long Status may reuse the allocator figures (they need a write transaction).
 const STATS_TTL: Duration = Duration::from_secs(5);
 /// How long Status may reuse the other figures (a stat and a read transaction each).
