@@ -10,7 +10,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{
+    Database, MultimapTableHandle, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    TableDefinition, TableHandle,
+};
 
 /// `meta`: key → value, for facts about the file itself.
 pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -190,6 +193,279 @@ impl Db {
         *cache = Some((Instant::now(), f.clone()));
         f
     }
+}
+
+/// Where one chain stands: its genesis hash, and the index and hash of its latest block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ChainPosition {
+    pub chain: [u8; 32],
+    pub index: u32,
+    pub hash: [u8; 32],
+}
+
+impl ChainPosition {
+    /// [`chain_positions`] as structs.
+    pub fn all(txn: &redb::ReadTransaction) -> Result<Vec<ChainPosition>, String> {
+        Ok(chain_positions(txn)?
+            .into_iter()
+            .map(|(chain, index, hash)| ChainPosition { chain, index, hash })
+            .collect())
+    }
+}
+
+/// What [`Db::snapshot_to`] wrote.
+///
+/// Transaction-consistent: the positions, the figures and every table in the file were read
+/// in one redb read transaction, so the copy holds each commit of the live database
+/// entirely or not at all, as it stood when that transaction began (`taken_unix_ms`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    /// Size of the snapshot file.
+    pub bytes: u64,
+    /// The owner key from `meta`.
+    pub public: [u8; 32],
+    /// The chain positions in the copied state.
+    pub positions: Vec<ChainPosition>,
+    /// Entries copied, per table name.
+    pub tables: BTreeMap<String, u64>,
+    /// When the read transaction began (milliseconds since the Unix epoch).
+    pub taken_unix_ms: u64,
+}
+
+impl Db {
+    /// Copy the committed state into a new redb file at `dest`, while writers carry on.
+    ///
+    /// One `begin_read()`; `dest` must not exist (it is created owner-only). `meta` is
+    /// copied as `&str → &[u8]`, every other table as `&[u8] → &[u8]` (the convention for
+    /// our tables); a table with other types, or a multimap table, is an error naming it.
+    /// The copy is written in one write transaction, closed and fsynced. On error `dest` is
+    /// removed. Blocking: run it on a blocking thread.
+    pub fn snapshot_to(&self, dest: &Path) -> Result<SnapshotInfo, String> {
+        use std::os::unix::fs::OpenOptionsExt;
+        // Claim the name first: never write into a file somebody else owns.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(dest)
+            .map_err(|e| format!("cannot create the snapshot file {}: {e}", dest.display()))?;
+        let r = self.copy_into(dest);
+        if r.is_err() {
+            let _ = std::fs::remove_file(dest);
+        }
+        r
+    }
+
+    fn copy_into(&self, dest: &Path) -> Result<SnapshotInfo, String> {
+        let ctx = |what: &str, e: &dyn std::fmt::Display| {
+            format!(
+                "snapshot of {} into {}: {what}: {e}",
+                self.path.display(),
+                dest.display()
+            )
+        };
+        let read = self
+            .db
+            .begin_read()
+            .map_err(|e| ctx("cannot begin a read transaction", &e))?;
+        let taken_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let positions = ChainPosition::all(&read)?;
+        if let Some(t) = read
+            .list_multimap_tables()
+            .map_err(|e| ctx("cannot list the multimap tables", &e))?
+            .next()
+        {
+            return Err(format!(
+                "snapshot of {}: table {} is a multimap table, which a snapshot cannot copy: this is a bug (every table other than meta must map bytes to bytes)",
+                self.path.display(),
+                t.name()
+            ));
+        }
+        let out = Database::create(dest).map_err(|e| ctx("cannot create the copy", &e))?;
+        let write = out
+            .begin_write()
+            .map_err(|e| ctx("cannot begin writing the copy", &e))?;
+        let mut tables = BTreeMap::new();
+        let mut public = None;
+        {
+            let src = read
+                .open_table(META)
+                .map_err(|e| ctx("cannot open table meta", &e))?;
+            let mut dst = write
+                .open_table(META)
+                .map_err(|e| ctx("cannot create table meta in the copy", &e))?;
+            let mut n = 0u64;
+            for r in src.iter().map_err(|e| ctx("reading table meta", &e))? {
+                let (k, v) = r.map_err(|e| ctx("reading table meta", &e))?;
+                if k.value() == META_PUBLIC {
+                    public = <[u8; 32]>::try_from(v.value()).ok();
+                }
+                dst.insert(k.value(), v.value())
+                    .map_err(|e| ctx("writing table meta", &e))?;
+                n += 1;
+            }
+            tables.insert("meta".to_string(), n);
+        }
+        let Some(public) = public else {
+            return Err(format!(
+                "snapshot of {}: the meta table has no 32-byte owner key: refusing to copy a database that belongs to no conode",
+                self.path.display()
+            ));
+        };
+        let names: Vec<String> = read
+            .list_tables()
+            .map_err(|e| ctx("cannot list the tables", &e))?
+            .map(|t| t.name().to_string())
+            .filter(|n| n != META.name())
+            .collect();
+        for name in names {
+            let def: TableDefinition<&[u8], &[u8]> = TableDefinition::new(&name);
+            let src = read.open_table(def).map_err(|e| match e {
+                redb::TableError::TableTypeMismatch { key, value, .. } => format!(
+                    "snapshot of {}: table {name} maps {} to {}, not bytes to bytes, so a snapshot cannot copy it: this is a bug (every table other than meta must map bytes to bytes)",
+                    self.path.display(),
+                    key.name(),
+                    value.name()
+                ),
+                e => ctx(&format!("cannot open table {name}"), &e),
+            })?;
+            let mut dst = write
+                .open_table(def)
+                .map_err(|e| ctx(&format!("cannot create table {name} in the copy"), &e))?;
+            let mut n = 0u64;
+            for r in src
+                .iter()
+                .map_err(|e| ctx(&format!("reading table {name}"), &e))?
+            {
+                let (k, v) = r.map_err(|e| ctx(&format!("reading table {name}"), &e))?;
+                dst.insert(k.value(), v.value())
+                    .map_err(|e| ctx(&format!("writing table {name}"), &e))?;
+                n += 1;
+            }
+            tables.insert(name, n);
+        }
+        drop(read);
+        write
+            .commit()
+            .map_err(|e| ctx("cannot commit the copy", &e))?;
+        out.close().map_err(|e| ctx("cannot close the copy", &e))?;
+        let f = std::fs::File::open(dest).map_err(|e| ctx("cannot reopen the copy", &e))?;
+        f.sync_all().map_err(|e| ctx("cannot fsync the copy", &e))?;
+        let bytes = f
+            .metadata()
+            .map_err(|e| ctx("cannot stat the copy", &e))?
+            .len();
+        Ok(SnapshotInfo {
+            bytes,
+            public,
+            positions,
+            tables,
+            taken_unix_ms,
+        })
+    }
+}
+
+/// Check a snapshot file before trusting it: redb's integrity check (the checksum of every
+/// page), the owner key in `meta` equal to `expected_public`, and well-formed chain
+/// positions, which it returns.
+///
+/// This opens the file read-write (the check may rewrite its header and allocator state),
+/// so verify a copy you own, never a live database or the only copy of a backup. A file
+/// written by [`Db::snapshot_to`] holds a single commit, so a "repair" that fell back to an
+/// earlier commit would leave no owner key and fail here too.
+pub fn verify_snapshot(
+    path: &Path,
+    expected_public: &[u8; 32],
+) -> Result<Vec<ChainPosition>, String> {
+    let meta =
+        std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if !meta.is_file() {
+        return Err(format!("{} is not a regular file", path.display()));
+    }
+    if meta.len() == 0 {
+        return Err(format!("{} is empty: not a database", path.display()));
+    }
+    // redb reports a damaged file as an error when asked to check on open, but some of its
+    // consistency checks are debug assertions in debug builds: a panic is a damaged file too.
+    let checked = std::panic::catch_unwind(|| verify_inner(path, expected_public));
+    match checked {
+        Ok(r) => r,
+        Err(p) => {
+            let why = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            Err(format!(
+                "{} is damaged: redb failed while checking it ({why})",
+                path.display()
+            ))
+        }
+    }
+}
+
+fn verify_inner(path: &Path, expected_public: &[u8; 32]) -> Result<Vec<ChainPosition>, String> {
+    let damaged = |e: &dyn std::fmt::Display| {
+        format!(
+            "{} is damaged: redb integrity check failed: {e}",
+            path.display()
+        )
+    };
+    let mut db = redb::Builder::new()
+        .set_check_integrity_on_open(true)
+        .open(path)
+        .map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => format!(
+                "{} is open by another process (a running conode?): cannot check it",
+                path.display()
+            ),
+            redb::DatabaseError::Storage(redb::StorageError::Io(io))
+                if io.kind() == std::io::ErrorKind::InvalidData =>
+            {
+                format!("{} is not a redb database ({io})", path.display())
+            }
+            e => damaged(&e),
+        })?;
+    match db.check_integrity() {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(format!(
+                "{} is damaged: redb had to repair it, so it may not hold what was saved",
+                path.display()
+            ))
+        }
+        Err(e) => return Err(damaged(&e)),
+    }
+    let read = db.begin_read().map_err(|e| damaged(&e))?;
+    let owner = match read.open_table(META) {
+        Ok(t) => t
+            .get(META_PUBLIC)
+            .map_err(|e| damaged(&e))?
+            .map(|v| v.value().to_vec()),
+        Err(redb::TableError::TableDoesNotExist(_)) => None,
+        Err(e) => return Err(damaged(&e)),
+    };
+    match owner {
+        None => {
+            return Err(format!(
+                "{} has no owner key in its meta table: not a conode database, or a damaged one",
+                path.display()
+            ))
+        }
+        Some(o) if o != expected_public => {
+            return Err(format!(
+                "{} belongs to conode {}, not to {}",
+                path.display(),
+                hex::encode(&o),
+                hex::encode(expected_public)
+            ))
+        }
+        Some(_) => {}
+    }
+    ChainPosition::all(&read).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 #[cfg(test)]

@@ -26,6 +26,7 @@ pub mod peer;
 pub mod proto;
 pub mod server;
 pub mod setup;
+pub mod skipchain;
 pub mod status;
 pub mod tls;
 pub mod ws;

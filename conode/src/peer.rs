@@ -596,6 +596,25 @@ impl PeerHandler for BuiltinPeerHandler {
     }
 }
 
+/// Routes requests to the handler registered for their service.
+#[derive(Default)]
+pub struct PeerRouter(pub std::collections::BTreeMap<&'static str, Arc<dyn PeerHandler>>);
+
+impl PeerHandler for PeerRouter {
+    fn call<'a>(
+        &'a self,
+        from: [u8; 32],
+        service: &'a str,
+        method: &'a str,
+        payload: &'a [u8],
+    ) -> BoxFuture<'a, Result<Vec<u8>, String>> {
+        match self.0.get(service) {
+            Some(h) => h.call(from, service, method, payload),
+            None => Box::pin(async move { Err(format!("no handler for {service}/{method}")) }),
+        }
+    }
+}
+
 /// Accept peers until shutdown.
 pub async fn serve(
     listener: TcpListener,

@@ -16,7 +16,8 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::config::{cert_path, PrivateConfig};
 use crate::db::Db;
-use crate::peer::{self, BuiltinPeerHandler, Counters, PeerTls};
+use crate::peer::{self, BuiltinPeerHandler, Counters, PeerRouter, PeerTls};
+use crate::skipchain::Skipchain;
 use crate::status::StatusService;
 use crate::tls::{self, CertReloader};
 use crate::ws::{self, Services};
@@ -64,6 +65,16 @@ impl Server {
         let peer_addr = peer_listener.local_addr().map_err(|e| e.to_string())?;
 
         let counters = Arc::new(Counters::default());
+        let skipchain = Skipchain::new(
+            db.clone(),
+            cfg.keys.clone(),
+            peer_tls.clone(),
+            cfg.address.clone(),
+            counters.clone(),
+        );
+        let sc = Arc::downgrade(&skipchain);
+        let skipblock_section: crate::status::Section =
+            Arc::new(move || sc.upgrade().map(|s| s.figures()).unwrap_or_default());
         let status = Arc::new(StatusService {
             cfg: cfg.clone(),
             db: db.clone(),
@@ -71,9 +82,11 @@ impl Server {
             started: Instant::now(),
             available: Default::default(),
             identity: Default::default(),
+            sections: vec![("Skipblock", skipblock_section)],
         });
         let mut services = Services::default();
         services.add(status.clone());
+        services.add(skipchain.clone());
         for s in extra {
             services.add(s);
         }
@@ -95,9 +108,15 @@ impl Server {
             stop_rx.clone(),
             tracker.clone(),
         )));
-        let handler = Arc::new(BuiltinPeerHandler {
-            public: cfg.keys.public_bytes(),
-        });
+        let mut router = PeerRouter::default();
+        router.0.insert(
+            "Peer",
+            Arc::new(BuiltinPeerHandler {
+                public: cfg.keys.public_bytes(),
+            }),
+        );
+        router.0.insert("Skipchain", skipchain.clone());
+        let handler = Arc::new(router);
         tasks.push(tokio::spawn(peer::serve(
             peer_listener,
             peer_tls,
@@ -106,6 +125,18 @@ impl Server {
             stop_rx,
             tracker,
         )));
+        {
+            // Fetch what other members hold beyond us; stops with the server.
+            let sc = skipchain.clone();
+            let mut stop_rx = stop.subscribe();
+            tasks.push(tokio::spawn(async move {
+                tokio::select! {
+                    _ = sc.sync_all() => {}
+                    _ = crate::ws::stopped(&mut stop_rx) => {}
+                }
+            }));
+        }
+        drop(skipchain);
         tracing::info!(
             "conode {} ({}) serving peers on {peer_addr} and clients on {}://{ws_addr}, database {}",
             cfg.keys.public_hex(),

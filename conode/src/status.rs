@@ -30,7 +30,12 @@ pub struct StatusService {
     pub available: OnceLock<String>,
     /// Our identity never changes while running: computed once.
     pub identity: OnceLock<ServerIdentity>,
+    /// More sections (one per service), computed at each request.
+    pub sections: Vec<(&'static str, Section)>,
 }
+
+/// A function giving one Status section.
+pub type Section = Arc<dyn Fn() -> BTreeMap<String, String> + Send + Sync>;
 
 impl StatusService {
     pub fn server_identity(&self) -> ServerIdentity {
@@ -97,6 +102,9 @@ impl StatusService {
         let mut conode = BTreeMap::new();
         conode.insert("version".to_string(), VERSION.to_string());
         status.insert("Conode".to_string(), proto::Status { field: conode });
+        for (name, f) in &self.sections {
+            status.insert(name.to_string(), proto::Status { field: f() });
+        }
         StatusResponse {
             status,
             serveridentity: Some(self.server_identity()),

@@ -1,0 +1,1132 @@
+//! The skipchain service: chains of blocks whose forward links are signed by at least
+//! `n − (n−1)/3` members of the roster (Ed25519), stored in the conode's redb file.
+//!
+//! # Roles
+//! The **leader** of a chain is `roster[0]` of its latest block. Clients send new blocks
+//! to it (`Skipchain/StoreSkipBlock` on the WebSocket). The leader builds the block, asks
+//! every other member to sign the forward links that will point to it (`Skipchain/Sign`
+//! on the conode-to-conode port), and once it holds the threshold of valid signatures it
+//! commits block and links in **one durable redb transaction** (one commit, one fsync on
+//! the acknowledgement path) and answers the client. Then it sends the block and its links
+//! to every other member (`Skipchain/Store`), without waiting.
+//!
+//! **Followers** check everything before they sign or store: the sender is the leader
+//! (for `Sign`), index, heights and backlinks against their own copy of the chain, the
+//! roster is unchanged, the hash; for `Store` also every forward link's signatures
+//! against the roster of the block it leaves from. A follower that lacks blocks (it was
+//! down, or just restarted) fetches them (`Skipchain/GetBlocks`) from the member that
+//! contacted it, and at start-up from the members of each chain it holds, leader first.
+//! Fetched blocks are verified the same way, link by link, from the last block it holds.
+//!
+//! Members reach each other only at the `Address` written in the roster, resolved at
+//! each dial, so moving an address to another host with the same identity and data is
+//! transparent to them. Messages to one member go through one connection, in order: a
+//! block's `Store` reaches a follower before the `Sign` of the next block.
+//!
+//! # Limits
+//! Block data: at most [`block::MAX_DATA`] (4 MiB). Rosters cannot change (a block with
+//! another roster than its predecessor is refused). Replies that return several blocks
+//! stop after [`MAX_REPLY_BYTES`].
+
+pub mod block;
+pub mod client;
+pub mod store;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use prost::Message;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::Address;
+use crate::db::Db;
+use crate::keys::{self, KeyPair};
+use crate::peer::{Counters, PeerConn, PeerError, PeerHandler, PeerTls};
+use crate::proto::untag_point;
+use crate::ws::{BoxFuture, Service};
+use block::{
+    ByzcoinSig, ForwardLink, GetAllSkipChainIDsReply, GetSingleBlock, GetSingleBlockByIndex,
+    GetSingleBlockByIndexReply, GetUpdateChain, GetUpdateChainReply, SkipBlock, StoreSkipBlock,
+    StoreSkipBlockReply,
+};
+use store::{Put, View};
+
+/// Replies carrying several blocks stop growing past this many bytes (at least one block
+/// is always sent), to stay under the 10 MiB message limit.
+pub const MAX_REPLY_BYTES: usize = 8 << 20;
+/// How long the leader waits for the followers' signatures.
+pub const SIGN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Messages queued for one member at most; propagation beyond it is dropped (the member
+/// catches up later).
+const QUEUE: usize = 1024;
+/// After a failed dial, requests to that member fail at once for this long (doubling up
+/// to [`MAX_BACKOFF`]), so one dead member does not slow every block.
+const MIN_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+// ---------------------------------------------------------------------------------------
+// Conode-to-conode messages (service `Skipchain`)
+
+/// `Sign`: the leader proposes `block`; the reply signs its forward links.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PeerSign {
+    #[prost(message, optional, tag = "1")]
+    pub block: Option<SkipBlock>,
+}
+
+/// One signature per level of the proposed block, on `hash(backlink[h] ‖ block.hash)`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PeerSignReply {
+    #[prost(bytes = "vec", repeated, tag = "1")]
+    pub sigs: Vec<Vec<u8>>,
+}
+
+/// `Store`: a committed block and the forward links pointing to it (`links[h]` leaves
+/// from `backlinks[h]`). `Genesis` uses the same message with no links.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PeerStore {
+    #[prost(message, optional, tag = "1")]
+    pub block: Option<SkipBlock>,
+    #[prost(message, repeated, tag = "2")]
+    pub links: Vec<ForwardLink>,
+}
+
+/// `GetBlocks`: blocks of `genesis` from `from_index` on.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PeerGetBlocks {
+    #[prost(bytes = "vec", tag = "1")]
+    pub genesis: Vec<u8>,
+    #[prost(uint32, tag = "2")]
+    pub from_index: u32,
+}
+
+/// A link on a block the requester already holds (index below `from_index`).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LinkAt {
+    #[prost(uint32, tag = "1")]
+    pub level: u32,
+    #[prost(message, optional, tag = "2")]
+    pub link: Option<ForwardLink>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PeerBlocks {
+    /// Forward links on blocks before `from_index` that point to `from_index` or later.
+    #[prost(message, repeated, tag = "1")]
+    pub older_links: Vec<LinkAt>,
+    /// Blocks from `from_index`, in order, each with its forward links.
+    #[prost(message, repeated, tag = "2")]
+    pub blocks: Vec<SkipBlock>,
+    /// The sender's latest index (more pages follow while it exceeds the last block).
+    #[prost(uint32, tag = "3")]
+    pub latest_index: u32,
+}
+
+// ---------------------------------------------------------------------------------------
+// Per-member message queues
+
+struct Job {
+    addr: Address,
+    method: &'static str,
+    payload: Vec<u8>,
+    reply: Option<oneshot::Sender<Result<Vec<u8>, String>>>,
+}
+
+/// How this node talks to other members.
+#[derive(Clone)]
+struct Dialer {
+    tls: PeerTls,
+    our_address: Address,
+    counters: Arc<Counters>,
+}
+
+async fn member_worker(d: Dialer, key: [u8; 32], mut rx: mpsc::Receiver<Job>) {
+    let mut conn: Option<(Address, PeerConn)> = None;
+    let mut down_until: Option<Instant> = None;
+    let mut backoff = MIN_BACKOFF;
+    while let Some(job) = rx.recv().await {
+        let mut result = Err(String::new());
+        for attempt in 0..2 {
+            if let Some(t) = down_until {
+                if Instant::now() < t {
+                    result = Err(format!(
+                        "{} is unreachable; retrying in {:?}",
+                        job.addr,
+                        t - Instant::now()
+                    ));
+                    break;
+                }
+            }
+            if conn.as_ref().is_none_or(|(a, _)| a != &job.addr) {
+                match PeerConn::dial(&d.tls, &d.our_address, &job.addr, key, d.counters.clone())
+                    .await
+                {
+                    Ok(c) => {
+                        conn = Some((job.addr.clone(), c));
+                        down_until = None;
+                        backoff = MIN_BACKOFF;
+                    }
+                    Err(e) => {
+                        down_until = Some(Instant::now() + backoff);
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                        result = Err(e.to_string());
+                        break;
+                    }
+                }
+            }
+            let Some((_, c)) = conn.as_mut() else { break };
+            match c
+                .request("Skipchain", job.method, job.payload.clone())
+                .await
+            {
+                Ok(r) => {
+                    result = Ok(r);
+                    break;
+                }
+                Err(PeerError::Remote(e)) => {
+                    result = Err(e);
+                    break;
+                }
+                // A pooled connection may have been closed by the other side (idle
+                // timeout, restart): dial once more.
+                Err(e) => {
+                    conn = None;
+                    result = Err(e.to_string());
+                    if attempt == 1 {
+                        break;
+                    }
+                }
+            }
+        }
+        if let Some(r) = job.reply {
+            let _ = r.send(result);
+        } else if let Err(e) = result {
+            tracing::debug!("skipchain: {} to {}: {e}", job.method, job.addr);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The service
+
+pub struct Skipchain {
+    db: Arc<Db>,
+    keys: KeyPair,
+    dialer: Dialer,
+    locks: Mutex<HashMap<[u8; 32], Arc<tokio::sync::Mutex<()>>>>,
+    members: Mutex<HashMap<[u8; 32], mpsc::Sender<Job>>>,
+}
+
+fn decode<M: Message + Default>(b: &[u8], what: &str) -> Result<M, String> {
+    M::decode(b).map_err(|e| format!("malformed {what}: {e}"))
+}
+
+fn member_addr(s: &crate::proto::ServerIdentity) -> Result<([u8; 32], Address), String> {
+    let k = untag_point(&s.public).ok_or("roster key is not an Ed25519 point")?;
+    Ok((k, Address::parse(&s.address)?))
+}
+
+impl Skipchain {
+    pub fn new(
+        db: Arc<Db>,
+        keys: KeyPair,
+        tls: PeerTls,
+        our_address: Address,
+        counters: Arc<Counters>,
+    ) -> Arc<Skipchain> {
+        Arc::new(Skipchain {
+            db,
+            keys,
+            dialer: Dialer {
+                tls,
+                our_address,
+                counters,
+            },
+            locks: Mutex::new(HashMap::new()),
+            members: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn view(&self) -> Result<View, String> {
+        View::new(&self.db.db)
+    }
+
+    fn lock(&self, genesis: &[u8; 32]) -> Arc<tokio::sync::Mutex<()>> {
+        let mut l = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        l.entry(*genesis).or_default().clone()
+    }
+
+    /// Run blocking database work off the async threads.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Db) -> Result<T, String> + Send + 'static,
+    ) -> Result<T, String> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || f(&db))
+            .await
+            .map_err(|e| format!("internal error: {e}"))?
+    }
+
+    /// Queue `method` for member `key` at `addr`; `wait` returns the reply.
+    fn send(
+        &self,
+        key: [u8; 32],
+        addr: Address,
+        method: &'static str,
+        payload: Vec<u8>,
+        wait: bool,
+    ) -> Option<oneshot::Receiver<Result<Vec<u8>, String>>> {
+        let (tx, rx) = if wait {
+            let (t, r) = oneshot::channel();
+            (Some(t), Some(r))
+        } else {
+            (None, None)
+        };
+        let job = Job {
+            addr,
+            method,
+            payload,
+            reply: tx,
+        };
+        let mut m = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        let q = m.entry(key).or_insert_with(|| {
+            let (t, r) = mpsc::channel(QUEUE);
+            tokio::spawn(member_worker(self.dialer.clone(), key, r));
+            t
+        });
+        if let Err(e) = q.try_send(job) {
+            tracing::warn!(
+                "skipchain: queue to {} is full; dropping {method}",
+                hex::encode(key)
+            );
+            let (mpsc::error::TrySendError::Full(j) | mpsc::error::TrySendError::Closed(j)) = e;
+            if let Some(r) = j.reply {
+                let _ = r.send(Err("queue full".into()));
+            }
+        }
+        rx
+    }
+
+    /// Status `Skipblock` section.
+    pub fn figures(&self) -> BTreeMap<String, String> {
+        let mut f = BTreeMap::new();
+        if let Ok(v) = self.view() {
+            let (blocks, bytes, chains) = v.figures();
+            f.insert("Blocks".into(), blocks.to_string());
+            f.insert("Bytes".into(), bytes.to_string());
+            f.insert("Chains".into(), chains.to_string());
+        }
+        f
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Client requests
+
+    async fn store_skip_block(&self, req: StoreSkipBlock) -> Result<StoreSkipBlockReply, String> {
+        let nb = req.new_block.ok_or("StoreSkipBlock has no new block")?;
+        if nb.data.len() > block::MAX_DATA {
+            return Err(format!(
+                "block data is {} bytes; the limit is {}",
+                nb.data.len(),
+                block::MAX_DATA
+            ));
+        }
+        if req.target_skip_chain_id.is_empty() {
+            self.create_chain(nb).await
+        } else {
+            self.append(&req.target_skip_chain_id, nb).await
+        }
+    }
+
+    async fn create_chain(&self, nb: SkipBlock) -> Result<StoreSkipBlockReply, String> {
+        let roster = nb.roster.ok_or("a new chain needs a roster")?;
+        let keys = block::roster_keys(&roster)?;
+        if keys[0] != self.keys.public_bytes() {
+            return Err(format!(
+                "not the leader of this chain: a new chain is created by the first server of its roster ({})",
+                roster.list[0].address
+            ));
+        }
+        let base = if nb.base_height == 0 {
+            block::DEFAULT_BASE_HEIGHT
+        } else {
+            nb.base_height
+        };
+        let max = if nb.max_height == 0 {
+            block::DEFAULT_MAX_HEIGHT
+        } else {
+            nb.max_height
+        };
+        let mut random = [0u8; 32];
+        getrandom::getrandom(&mut random).map_err(|e| format!("no randomness: {e}"))?;
+        let mut g = SkipBlock {
+            index: 0,
+            height: max,
+            max_height: max,
+            base_height: base,
+            backlinks: vec![random.to_vec()],
+            data: nb.data,
+            roster: Some(roster.clone()),
+            signature_scheme: block::SCHEME_ED25519,
+            ..Default::default()
+        };
+        g.hash = block::block_hash(&g).to_vec();
+        block::check_genesis(&g)?;
+        let stored = g.clone();
+        self.blocking(move |db| store::commit(&db.db, &[Put::Block(stored)]))
+            .await?;
+        let msg = PeerStore {
+            block: Some(g.clone()),
+            links: Vec::new(),
+        }
+        .encode_to_vec();
+        for s in &roster.list[1..] {
+            let (k, a) = member_addr(s)?;
+            self.send(k, a, "Genesis", msg.clone(), false);
+        }
+        tracing::info!(
+            "skipchain: created chain {} with {} members",
+            hex::encode(&g.hash),
+            roster.list.len()
+        );
+        Ok(StoreSkipBlockReply {
+            previous: None,
+            latest: Some(g),
+        })
+    }
+
+    async fn append(&self, target: &[u8], nb: SkipBlock) -> Result<StoreSkipBlockReply, String> {
+        let view = self.view()?;
+        let tb = view.block_bare(target)?.ok_or("no such block")?;
+        let genesis = block::chain_id(&tb)?;
+        drop(view);
+        let lock = self.lock(&genesis);
+        let _guard = lock.lock().await;
+        let view = self.view()?;
+        let mut latest = view
+            .latest_block(&genesis)?
+            .ok_or("database: chain without a latest block")?;
+        let roster = latest.roster.clone().ok_or("latest block has no roster")?;
+        let keys = block::roster_keys(&roster)?;
+        if keys[0] != self.keys.public_bytes() {
+            return Err(format!(
+                "not the leader of this chain: send blocks to {}",
+                roster.list[0].address
+            ));
+        }
+        if nb.index != 0 && nb.index != latest.index + 1 {
+            return Err(format!(
+                "block index {} is not the next one: the chain is at block {}",
+                nb.index, latest.index
+            ));
+        }
+        let index = latest
+            .index
+            .checked_add(1)
+            .ok_or("the chain is at its last possible index")? as u32;
+        let (base, max) = (latest.base_height, latest.max_height);
+        let height = block::height_of(index, base, max);
+        let mut backlinks = Vec::with_capacity(height as usize);
+        for h in 0..height as u32 {
+            let bi = block::backlink_index(index, base, h).ok_or("backlink out of range")?;
+            let bh = view
+                .hash_at(&genesis, bi)?
+                .ok_or_else(|| format!("database: block {bi} of the chain is missing"))?;
+            backlinks.push(bh.to_vec());
+        }
+        drop(view);
+        let mut b = SkipBlock {
+            index: index as i32,
+            height,
+            max_height: max,
+            base_height: base,
+            backlinks,
+            genesis: genesis.to_vec(),
+            data: nb.data,
+            roster: Some(roster.clone()),
+            signature_scheme: block::SCHEME_ED25519,
+            ..Default::default()
+        };
+        b.hash = block::block_hash(&b).to_vec();
+        let hash = block::block_hash(&b);
+        let msgs: Vec<[u8; 32]> = b
+            .backlinks
+            .iter()
+            .map(|f| block::hash32(f, "backlink").map(|f| block::link_hash(&f, &hash)))
+            .collect::<Result<_, _>>()?;
+
+        // Collect signatures: ours, then the followers' until the threshold.
+        let n = keys.len();
+        let need = block::threshold(n);
+        let mut per_level: Vec<Vec<(usize, [u8; 64])>> =
+            msgs.iter().map(|m| vec![(0, self.keys.sign(m))]).collect();
+        let mut signers = 1;
+        let mut errors = Vec::new();
+        let proposal = PeerSign {
+            block: Some(b.clone()),
+        }
+        .encode_to_vec();
+        let mut pending = FuturesUnordered::new();
+        for (i, s) in roster.list.iter().enumerate().skip(1) {
+            let (k, a) = member_addr(s)?;
+            if let Some(rx) = self.send(k, a, "Sign", proposal.clone(), true) {
+                pending.push(async move { (i, rx.await) });
+            }
+        }
+        let deadline = tokio::time::sleep(SIGN_TIMEOUT);
+        tokio::pin!(deadline);
+        while signers < need {
+            let (i, r) = tokio::select! {
+                r = pending.next() => match r { Some(r) => r, None => break },
+                _ = &mut deadline => { errors.push("timed out".to_string()); break }
+            };
+            let reply = match r {
+                Ok(Ok(b)) => b,
+                Ok(Err(e)) => {
+                    errors.push(format!("{}: {e}", roster.list[i].address));
+                    continue;
+                }
+                Err(_) => continue,
+            };
+            match check_sign_reply(&reply, &keys[i], &msgs) {
+                Ok(sigs) => {
+                    for (lvl, s) in sigs.into_iter().enumerate() {
+                        per_level[lvl].push((i, s));
+                    }
+                    signers += 1;
+                }
+                Err(e) => errors.push(format!("{}: {e}", roster.list[i].address)),
+            }
+        }
+        if signers < need {
+            return Err(format!(
+                "only {signers} of {n} members signed block {index} ({need} needed): {}",
+                errors.join("; ")
+            ));
+        }
+        let links: Vec<ForwardLink> = per_level
+            .into_iter()
+            .zip(&msgs)
+            .zip(&b.backlinks)
+            .map(|((sigs, msg), from)| ForwardLink {
+                from: from.clone(),
+                to: hash.to_vec(),
+                new_roster: None,
+                signature: Some(ByzcoinSig {
+                    msg: msg.to_vec(),
+                    sig: block::combine_signatures(n, sigs),
+                }),
+            })
+            .collect();
+        let mut puts = vec![Put::Block(b.clone())];
+        for (h, l) in links.iter().enumerate() {
+            puts.push(Put::Link {
+                level: h as u32,
+                link: l.clone(),
+            });
+        }
+        self.blocking(move |db| store::commit(&db.db, &puts))
+            .await?;
+        // Durable and signed: acknowledge, then propagate.
+        let msg = PeerStore {
+            block: Some(b.clone()),
+            links: links.clone(),
+        }
+        .encode_to_vec();
+        for s in &roster.list[1..] {
+            let (k, a) = member_addr(s)?;
+            self.send(k, a, "Store", msg.clone(), false);
+        }
+        if latest.forward.is_empty() {
+            latest.forward.push(links[0].clone());
+        }
+        Ok(StoreSkipBlockReply {
+            previous: Some(latest),
+            latest: Some(b),
+        })
+    }
+
+    fn get_single_block(&self, req: GetSingleBlock) -> Result<SkipBlock, String> {
+        self.view()?
+            .block(&req.id)?
+            .ok_or_else(|| "no such block".into())
+    }
+
+    fn get_by_index(
+        &self,
+        req: GetSingleBlockByIndex,
+    ) -> Result<GetSingleBlockByIndexReply, String> {
+        let view = self.view()?;
+        let (latest, _) = view.latest(&req.genesis)?.ok_or("no such chain")?;
+        if req.index < 0 || req.index as u32 > latest {
+            return Err(format!(
+                "no such block: index {} (the chain is at block {latest})",
+                req.index
+            ));
+        }
+        let target = req.index as u32;
+        let hash = view
+            .hash_at(&req.genesis, target)?
+            .ok_or("database: indexed block missing")?;
+        let blk = view
+            .block(&hash)?
+            .ok_or("database: indexed block missing")?;
+        // The forward links from the genesis to this block, taking the longest jumps.
+        let mut links = Vec::new();
+        let mut cur = view
+            .block(&req.genesis)?
+            .ok_or("database: genesis missing")?;
+        while (cur.index as u32) < target {
+            let base = cur.base_height;
+            let next = cur
+                .forward
+                .iter()
+                .enumerate()
+                .rev()
+                .find(|(h, _)| {
+                    block::forward_index(cur.index as u32, base, *h as u32)
+                        .is_some_and(|t| t <= target)
+                })
+                .map(|(_, l)| l.clone());
+            let Some(l) = next else { break };
+            cur = view.block(&l.to)?.ok_or("database: linked block missing")?;
+            links.push(l);
+        }
+        Ok(GetSingleBlockByIndexReply {
+            skipblock: Some(blk),
+            links,
+        })
+    }
+
+    fn get_update_chain(&self, req: GetUpdateChain) -> Result<GetUpdateChainReply, String> {
+        let view = self.view()?;
+        let mut cur = view.block(&req.latest_id)?.ok_or("no such block")?;
+        let max_h = match req.max_height {
+            Some(h) if h > 0 => h.min(cur.max_height),
+            _ => cur.max_height,
+        } as usize;
+        let max_blocks = req.max_blocks.filter(|m| *m > 0).map(|m| m as usize);
+        let mut update = Vec::new();
+        let mut bytes = 0;
+        loop {
+            bytes += cur.encoded_len();
+            let links = cur.forward.clone();
+            update.push(cur);
+            if max_blocks.is_some_and(|m| update.len() >= m) || bytes >= MAX_REPLY_BYTES {
+                break;
+            }
+            let mut next = None;
+            for l in links.iter().take(max_h).rev() {
+                if let Some(b) = view.block(&l.to)? {
+                    next = Some(b);
+                    break;
+                }
+            }
+            match next {
+                Some(b) => cur = b,
+                None => break,
+            }
+        }
+        Ok(GetUpdateChainReply { update })
+    }
+
+    fn all_ids(&self) -> Result<GetAllSkipChainIDsReply, String> {
+        Ok(GetAllSkipChainIDsReply {
+            skip_chain_ids: self
+                .view()?
+                .chains()?
+                .into_iter()
+                .map(|(g, _, _)| g.to_vec())
+                .collect(),
+        })
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Conode-to-conode requests
+
+    async fn on_sign(&self, from: [u8; 32], req: PeerSign) -> Result<PeerSignReply, String> {
+        let b = req.block.ok_or("Sign without a block")?;
+        let genesis = block::hash32(&b.genesis, "genesis")?;
+        let lock = self.lock(&genesis);
+        let _guard = lock.lock().await;
+        let behind = match self.view()?.latest(&genesis)? {
+            None => true,
+            Some((i, _)) => (i as i64) + 1 < b.index as i64,
+        };
+        if behind {
+            if let Some(r) = &b.roster {
+                if let Some(s) = r.list.iter().find(|s| untag_point(&s.public) == Some(from)) {
+                    if let Err(e) = self.catch_up_locked(&genesis, s).await {
+                        tracing::warn!("skipchain: catching up before signing: {e}");
+                    }
+                }
+            }
+        }
+        let view = self.view()?;
+        let latest = view.latest_block(&genesis)?.ok_or("unknown chain")?;
+        if b.index <= latest.index {
+            return Err(format!(
+                "block {} already exists: this conode holds chain {} up to block {}",
+                b.index,
+                block::short(&genesis),
+                latest.index
+            ));
+        }
+        let roster = latest.roster.as_ref().ok_or("latest block has no roster")?;
+        let keys = block::roster_keys(roster)?;
+        if keys[0] != from {
+            return Err(
+                "only the leader of this chain (the first server of its roster) may propose blocks"
+                    .into(),
+            );
+        }
+        if !keys.contains(&self.keys.public_bytes()) {
+            return Err("this conode is not in the chain's roster".into());
+        }
+        let hash = block::check_successor(&latest, &genesis, &b, |h| {
+            let i = block::backlink_index(b.index as u32, b.base_height, h)
+                .ok_or("backlink out of range")?;
+            view.hash_at(&genesis, i)?
+                .ok_or_else(|| format!("block {i} is missing here"))
+        })?;
+        let mut sigs = Vec::with_capacity(b.backlinks.len());
+        for f in &b.backlinks {
+            let f = block::hash32(f, "backlink")?;
+            sigs.push(self.keys.sign(&block::link_hash(&f, &hash)).to_vec());
+        }
+        Ok(PeerSignReply { sigs })
+    }
+
+    async fn on_genesis(&self, from: [u8; 32], req: PeerStore) -> Result<(), String> {
+        let g = req.block.ok_or("Genesis without a block")?;
+        let genesis = block::check_genesis(&g)?;
+        let keys = block::roster_keys(g.roster.as_ref().ok_or("no roster")?)?;
+        if keys[0] != from {
+            return Err("a genesis block comes only from the first server of its roster".into());
+        }
+        if !keys.contains(&self.keys.public_bytes()) {
+            return Err("this conode is not in the chain's roster".into());
+        }
+        let lock = self.lock(&genesis);
+        let _guard = lock.lock().await;
+        if self.view()?.latest(&genesis)?.is_some() {
+            return Err(format!(
+                "already hold chain {}: genesis not stored again",
+                block::short(&genesis)
+            ));
+        }
+        self.blocking(move |db| store::commit(&db.db, &[Put::Block(g)]))
+            .await
+    }
+
+    async fn on_store(&self, from: [u8; 32], req: PeerStore) -> Result<(), String> {
+        let b = req.block.ok_or("Store without a block")?;
+        let genesis = block::hash32(&b.genesis, "genesis")?;
+        let lock = self.lock(&genesis);
+        let _guard = lock.lock().await;
+        let latest = self.view()?.latest(&genesis)?;
+        let behind = match latest {
+            None => true,
+            Some((i, _)) => (i as i64) + 1 < b.index as i64,
+        };
+        if behind {
+            let r = b.roster.as_ref().ok_or("block has no roster")?;
+            let s = r
+                .list
+                .iter()
+                .find(|s| untag_point(&s.public) == Some(from))
+                .ok_or("the sender is not in the block's roster")?;
+            self.catch_up_locked(&genesis, s).await?;
+        }
+        if let Some((i, h)) = self.view()?.latest(&genesis)? {
+            if b.index as i64 <= i as i64 {
+                let ours = self.view()?.hash_at(&genesis, b.index.max(0) as u32)?;
+                return Err(if ours.is_some_and(|o| o[..] == b.hash[..]) {
+                    format!(
+                        "already hold block {} of chain {}",
+                        b.index,
+                        block::short(&genesis)
+                    )
+                } else {
+                    format!(
+                        "conflicting block {}: this conode holds another block at that index (latest {i}, {})",
+                        b.index,
+                        block::short(&h)
+                    )
+                });
+            }
+        }
+        if b.height < 0 || req.links.len() != b.height as usize {
+            return Err(format!(
+                "block {} comes with {} forward links; it needs {}",
+                b.index,
+                req.links.len(),
+                b.height
+            ));
+        }
+        let older: Vec<LinkAt> = req
+            .links
+            .into_iter()
+            .enumerate()
+            .map(|(h, l)| LinkAt {
+                level: h as u32,
+                link: Some(l),
+            })
+            .collect();
+        let page = PeerBlocks {
+            older_links: older,
+            blocks: vec![b],
+            latest_index: 0,
+        };
+        self.blocking(move |db| apply(&db.db, &genesis, page).map(|_| ()))
+            .await
+    }
+
+    fn on_get_blocks(&self, req: PeerGetBlocks) -> Result<PeerBlocks, String> {
+        let view = self.view()?;
+        let genesis = block::hash32(&req.genesis, "genesis")?;
+        let (latest, _) = view.latest(&genesis)?.ok_or("no such chain")?;
+        let first = view
+            .block_bare(&genesis)?
+            .ok_or("database: genesis missing")?;
+        let (base, max) = (first.base_height, first.max_height);
+        let mut older_links = Vec::new();
+        if req.from_index > 0 && req.from_index <= latest {
+            // At each level h, the one block j < from_index with j mod base^h = 0 and
+            // j + base^h >= from_index links into the requested range.
+            for h in 0..max.max(0) as u32 {
+                let Some(step) = block::span(base, h) else {
+                    break;
+                };
+                let j = ((req.from_index as u64 - 1) / step * step) as u32;
+                if block::height_of(j, base, max) as u32 <= h {
+                    continue;
+                }
+                let Some(jh) = view.hash_at(&genesis, j)? else {
+                    continue;
+                };
+                if let Some(l) = view.link(&jh, h)? {
+                    older_links.push(LinkAt {
+                        level: h,
+                        link: Some(l),
+                    });
+                }
+            }
+        }
+        let mut blocks = Vec::new();
+        let mut bytes = 0;
+        let mut i = req.from_index;
+        while i <= latest && (blocks.is_empty() || bytes < MAX_REPLY_BYTES) {
+            let h = view
+                .hash_at(&genesis, i)?
+                .ok_or("database: indexed block missing")?;
+            let b = view.block(&h)?.ok_or("database: indexed block missing")?;
+            bytes += b.encoded_len();
+            blocks.push(b);
+            i += 1;
+        }
+        Ok(PeerBlocks {
+            older_links,
+            blocks,
+            latest_index: latest,
+        })
+    }
+
+    /// Fetch and apply the blocks `member` holds beyond ours. The caller holds the
+    /// chain's lock.
+    async fn catch_up_locked(
+        &self,
+        genesis: &[u8; 32],
+        member: &crate::proto::ServerIdentity,
+    ) -> Result<u32, String> {
+        let (key, addr) = member_addr(member)?;
+        if key == self.keys.public_bytes() {
+            return Ok(0);
+        }
+        let mut total = 0;
+        loop {
+            let from_index = match self.view()?.latest(genesis)? {
+                Some((i, _)) => i + 1,
+                None => 0,
+            };
+            let req = PeerGetBlocks {
+                genesis: genesis.to_vec(),
+                from_index,
+            }
+            .encode_to_vec();
+            let rx = self
+                .send(key, addr.clone(), "GetBlocks", req, true)
+                .ok_or("internal: no reply channel")?;
+            let reply = rx.await.map_err(|_| "member queue closed")??;
+            let page: PeerBlocks = decode(&reply, "GetBlocks reply")?;
+            let more = page.latest_index;
+            if page.blocks.is_empty() {
+                return Ok(total);
+            }
+            let g = *genesis;
+            let (n, last) = self.blocking(move |db| apply(&db.db, &g, page)).await?;
+            total += n;
+            if n == 0 || last >= more {
+                if total > 0 {
+                    tracing::info!(
+                        "skipchain: caught up chain {} to block {last} from {addr} ({total} blocks)",
+                        block::short(genesis)
+                    );
+                }
+                return Ok(total);
+            }
+        }
+    }
+
+    /// At start-up: for every chain held, fetch what the other members hold beyond us,
+    /// asking the leader first and then the others, until one answers.
+    pub async fn sync_all(self: Arc<Self>) {
+        let chains = match self.view().and_then(|v| v.chains()) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("skipchain: cannot list chains for start-up sync: {e}");
+                return;
+            }
+        };
+        for (genesis, _, latest) in chains {
+            let roster = match self.view().and_then(|v| v.block_bare(&latest)) {
+                Ok(Some(b)) => b.roster.unwrap_or_default(),
+                _ => continue,
+            };
+            let lock = self.lock(&genesis);
+            let _guard = lock.lock().await;
+            for m in &roster.list {
+                if untag_point(&m.public) == Some(self.keys.public_bytes()) {
+                    continue;
+                }
+                match self.catch_up_locked(&genesis, m).await {
+                    Ok(_) => break,
+                    Err(e) => tracing::info!(
+                        "skipchain: start-up sync of {} with {}: {e}",
+                        block::short(&genesis),
+                        m.address
+                    ),
+                }
+            }
+        }
+    }
+}
+
+/// Check one follower's signatures on `msgs` (one per level).
+fn check_sign_reply(
+    reply: &[u8],
+    key: &[u8; 32],
+    msgs: &[[u8; 32]],
+) -> Result<Vec<[u8; 64]>, String> {
+    let r: PeerSignReply = decode(reply, "Sign reply")?;
+    if r.sigs.len() != msgs.len() {
+        return Err(format!(
+            "returned {} signatures for {} links",
+            r.sigs.len(),
+            msgs.len()
+        ));
+    }
+    let mut out = Vec::with_capacity(msgs.len());
+    for (s, m) in r.sigs.iter().zip(msgs) {
+        let s: [u8; 64] = s
+            .as_slice()
+            .try_into()
+            .map_err(|_| "a signature is not 64 bytes")?;
+        if !keys::verify(key, m, &s) {
+            return Err("returned an invalid signature".into());
+        }
+        out.push(s);
+    }
+    Ok(out)
+}
+
+/// A forward link at `level` leaving from `from`, checked against `from`'s roster.
+fn check_link(level: u32, l: &ForwardLink, from: &SkipBlock) -> Result<(), String> {
+    let to = block::hash32(&l.to, "link target")?;
+    if level as i32 >= from.height
+        || block::forward_index(from.index as u32, from.base_height, level).is_none()
+    {
+        return Err(format!(
+            "forward link at level {level} beyond the block's height"
+        ));
+    }
+    block::verify_link(l, from, &to)
+}
+
+/// Verify a page of blocks and links against what `db` holds and commit what is new, in
+/// one transaction. Returns (new blocks, latest index after).
+fn apply(db: &redb::Database, genesis: &[u8; 32], page: PeerBlocks) -> Result<(u32, u32), String> {
+    let view = View::new(db)?;
+    let mut puts = Vec::new();
+    // Blocks of this page by index, for backlinks and link checks.
+    let mut fresh: HashMap<u32, SkipBlock> = HashMap::new();
+    let mut latest: Option<SkipBlock> = view.latest_block(genesis)?;
+    let hash_at = |fresh: &HashMap<u32, SkipBlock>, i: u32| -> Result<[u8; 32], String> {
+        if let Some(b) = fresh.get(&i) {
+            return block::hash32(&b.hash, "hash");
+        }
+        view.hash_at(genesis, i)?
+            .ok_or_else(|| format!("block {i} is missing here"))
+    };
+    // Links that leave from blocks we hold (or just received): verified against the
+    // roster of the block they leave from. Level-0 links to new blocks are collected by
+    // target so each new block can be checked against one.
+    let mut to_new: HashMap<Vec<u8>, ForwardLink> = HashMap::new();
+    for la in page.older_links {
+        let l = la.link.ok_or("empty link")?;
+        let from = view
+            .block_bare(&l.from)?
+            .ok_or("a forward link leaves from a block not held here")?;
+        if block::chain_id(&from)? != *genesis {
+            return Err("a forward link leaves from another chain".into());
+        }
+        check_link(la.level, &l, &from)?;
+        if la.level == 0 {
+            to_new.insert(l.to.clone(), l.clone());
+        }
+        puts.push(Put::Link {
+            level: la.level,
+            link: l,
+        });
+    }
+    let mut added = 0;
+    for mut b in page.blocks {
+        let forward = std::mem::take(&mut b.forward);
+        match &latest {
+            None => {
+                let h = block::check_genesis(&b)?;
+                if h != *genesis {
+                    return Err("received a genesis block of another chain".into());
+                }
+            }
+            Some(l) if b.index <= l.index => {
+                // Known block: it must be ours; keep any new links.
+                let ours = hash_at(&fresh, b.index.max(0) as u32)?;
+                if ours[..] != b.hash[..] {
+                    return Err(format!(
+                        "conflicting block {}: this conode holds another block at that index",
+                        b.index
+                    ));
+                }
+            }
+            Some(prev) => {
+                let hb = block::check_successor(prev, genesis, &b, |h| {
+                    let i = block::backlink_index(b.index as u32, b.base_height, h)
+                        .ok_or("backlink out of range")?;
+                    hash_at(&fresh, i)
+                })?;
+                let link = to_new.get(&hb[..]).ok_or_else(|| {
+                    format!(
+                        "block {} comes without a signed forward link to it",
+                        b.index
+                    )
+                })?;
+                if link.from != prev.hash {
+                    return Err(format!(
+                        "block {}'s forward link does not leave from block {}",
+                        b.index, prev.index
+                    ));
+                }
+            }
+        }
+        let is_new = latest.as_ref().is_none_or(|l| b.index > l.index);
+        let own = if is_new {
+            b.clone()
+        } else {
+            view.block_bare(&b.hash)?
+                .ok_or("database: known block missing")?
+        };
+        if is_new {
+            puts.push(Put::Block(b.clone()));
+            fresh.insert(b.index as u32, b.clone());
+            added += 1;
+            latest = Some(b);
+        }
+        for (h, l) in forward.into_iter().enumerate() {
+            check_link(h as u32, &l, &own)?;
+            if h == 0 {
+                to_new.insert(l.to.clone(), l.clone());
+            }
+            puts.push(Put::Link {
+                level: h as u32,
+                link: l,
+            });
+        }
+    }
+    // Links whose target block is not in this page are kept only if the target is held;
+    // the rest arrive again with a later page.
+    let last = latest.as_ref().map_or(0, |b| b.index as u32);
+    if puts.is_empty() {
+        return Ok((0, last));
+    }
+    drop(view);
+    store::commit(db, &puts)?;
+    Ok((added, last))
+}
+
+impl Service for Skipchain {
+    fn name(&self) -> &'static str {
+        "Skipchain"
+    }
+
+    fn call<'a>(
+        &'a self,
+        method: &'a str,
+        body: &'a [u8],
+    ) -> BoxFuture<'a, Result<Vec<u8>, String>> {
+        Box::pin(async move {
+            match method {
+                "StoreSkipBlock" => Ok(self
+                    .store_skip_block(decode(body, "StoreSkipBlock")?)
+                    .await?
+                    .encode_to_vec()),
+                "GetSingleBlock" => Ok(self
+                    .get_single_block(decode(body, "GetSingleBlock")?)?
+                    .encode_to_vec()),
+                "GetSingleBlockByIndex" => Ok(self
+                    .get_by_index(decode(body, "GetSingleBlockByIndex")?)?
+                    .encode_to_vec()),
+                "GetUpdateChain" => Ok(self
+                    .get_update_chain(decode(body, "GetUpdateChain")?)?
+                    .encode_to_vec()),
+                "GetAllSkipChainIDs" => Ok(self.all_ids()?.encode_to_vec()),
+                other => Err(format!(
+                    "The requested message hasn't been registered: {other}"
+                )),
+            }
+        })
+    }
+}
+
+impl PeerHandler for Skipchain {
+    fn call<'a>(
+        &'a self,
+        from: [u8; 32],
+        _service: &'a str,
+        method: &'a str,
+        payload: &'a [u8],
+    ) -> BoxFuture<'a, Result<Vec<u8>, String>> {
+        Box::pin(async move {
+            match method {
+                "Sign" => Ok(self
+                    .on_sign(from, decode(payload, "Sign")?)
+                    .await?
+                    .encode_to_vec()),
+                "Store" => self
+                    .on_store(from, decode(payload, "Store")?)
+                    .await
+                    .map(|_| Vec::new()),
+                "Genesis" => self
+                    .on_genesis(from, decode(payload, "Genesis")?)
+                    .await
+                    .map(|_| Vec::new()),
+                "GetBlocks" => Ok(self
+                    .on_get_blocks(decode(payload, "GetBlocks")?)?
+                    .encode_to_vec()),
+                other => Err(format!("no handler for Skipchain/{other}")),
+            }
+        })
+    }
+}

@@ -1,0 +1,209 @@
+//! Skipchain storage in the conode's redb file (tables declared in [`crate::db`]).
+//!
+//! Blocks are immutable once stored; forward links live in their own table, keyed by
+//! the block they leave from and their level. [`commit`] writes blocks and links in one
+//! durable write transaction and refuses anything that would not extend a chain by
+//! exactly one block at a time, so the tables always hold whole prefixes of chains.
+
+use prost::Message;
+use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata};
+
+use super::block::{self, ForwardLink, SkipBlock};
+use crate::db::{SKIPCHAIN_BLOCKS, SKIPCHAIN_CHAINS, SKIPCHAIN_INDEX, SKIPCHAIN_LINKS};
+
+fn e(x: impl std::fmt::Display) -> String {
+    format!("database: {x}")
+}
+
+/// A read view of the skipchain tables.
+pub struct View {
+    txn: ReadTransaction,
+}
+
+macro_rules! open_or_none {
+    ($txn:expr, $def:expr) => {
+        match $txn.open_table($def) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(x) => return Err(e(x)),
+        }
+    };
+}
+
+impl View {
+    pub fn new(db: &Database) -> Result<View, String> {
+        Ok(View {
+            txn: db.begin_read().map_err(e)?,
+        })
+    }
+
+    /// The stored block (without forward links).
+    pub fn block_bare(&self, hash: &[u8]) -> Result<Option<SkipBlock>, String> {
+        let t = open_or_none!(self.txn, SKIPCHAIN_BLOCKS);
+        let Some(v) = t.get(hash).map_err(e)? else {
+            return Ok(None);
+        };
+        SkipBlock::decode(v.value()).map(Some).map_err(|x| {
+            format!(
+                "database: stored block {} is damaged: {x}",
+                block::short(hash)
+            )
+        })
+    }
+
+    /// The forward link at `level` from block `from`.
+    pub fn link(&self, from: &[u8], level: u32) -> Result<Option<ForwardLink>, String> {
+        let t = open_or_none!(self.txn, SKIPCHAIN_LINKS);
+        let Some(v) = t.get(&link_key(from, level)[..]).map_err(e)? else {
+            return Ok(None);
+        };
+        ForwardLink::decode(v.value())
+            .map(Some)
+            .map_err(|x| format!("database: stored forward link is damaged: {x}"))
+    }
+
+    /// The block with its forward links.
+    pub fn block(&self, hash: &[u8]) -> Result<Option<SkipBlock>, String> {
+        let Some(mut b) = self.block_bare(hash)? else {
+            return Ok(None);
+        };
+        for level in 0..b.height.max(0) as u32 {
+            match self.link(hash, level)? {
+                Some(l) => b.forward.push(l),
+                None => break,
+            }
+        }
+        Ok(Some(b))
+    }
+
+    /// Hash of block `index` of chain `genesis`.
+    pub fn hash_at(&self, genesis: &[u8], index: u32) -> Result<Option<[u8; 32]>, String> {
+        let t = open_or_none!(self.txn, SKIPCHAIN_INDEX);
+        let Some(v) = t.get(&index_key(genesis, index)[..]).map_err(e)? else {
+            return Ok(None);
+        };
+        block::hash32(v.value(), "database: indexed hash").map(Some)
+    }
+
+    /// Latest (index, hash) of chain `genesis`.
+    pub fn latest(&self, genesis: &[u8]) -> Result<Option<(u32, [u8; 32])>, String> {
+        let t = open_or_none!(self.txn, SKIPCHAIN_CHAINS);
+        let Some(v) = t.get(genesis).map_err(e)? else {
+            return Ok(None);
+        };
+        Ok(Some(decode_position(v.value())?))
+    }
+
+    /// The latest block of chain `genesis`, with its links.
+    pub fn latest_block(&self, genesis: &[u8]) -> Result<Option<SkipBlock>, String> {
+        match self.latest(genesis)? {
+            Some((_, h)) => self.block(&h),
+            None => Ok(None),
+        }
+    }
+
+    /// Every chain: (genesis, latest index, latest hash).
+    pub fn chains(&self) -> Result<Vec<([u8; 32], u32, [u8; 32])>, String> {
+        crate::db::chain_positions(&self.txn)
+    }
+
+    /// (blocks, stored bytes of blocks and links, chains) for Status.
+    pub fn figures(&self) -> (u64, u64, u64) {
+        let mut blocks = 0;
+        let mut bytes = 0;
+        let mut chains = 0;
+        if let Ok(t) = self.txn.open_table(SKIPCHAIN_BLOCKS) {
+            blocks = t.len().unwrap_or(0);
+            bytes += t.stats().map(|s| s.stored_bytes()).unwrap_or(0);
+        }
+        if let Ok(t) = self.txn.open_table(SKIPCHAIN_LINKS) {
+            bytes += t.stats().map(|s| s.stored_bytes()).unwrap_or(0);
+        }
+        if let Ok(t) = self.txn.open_table(SKIPCHAIN_CHAINS) {
+            chains = t.len().unwrap_or(0);
+        }
+        (blocks, bytes, chains)
+    }
+}
+
+fn link_key(from: &[u8], level: u32) -> Vec<u8> {
+    let mut k = from.to_vec();
+    k.push(level.min(255) as u8);
+    k
+}
+
+fn index_key(genesis: &[u8], index: u32) -> Vec<u8> {
+    let mut k = genesis.to_vec();
+    k.extend_from_slice(&index.to_be_bytes());
+    k
+}
+
+fn decode_position(v: &[u8]) -> Result<(u32, [u8; 32]), String> {
+    if v.len() != 36 {
+        return Err("database: damaged chain position".into());
+    }
+    let mut i = [0u8; 4];
+    i.copy_from_slice(&v[..4]);
+    Ok((u32::from_le_bytes(i), block::hash32(&v[4..], "position")?))
+}
+
+/// One change to commit: a new block (extending its chain by one) or a forward link.
+pub enum Put {
+    Block(SkipBlock),
+    Link { level: u32, link: ForwardLink },
+}
+
+/// Commit `puts` in one durable transaction. Blocks must come in chain order, each the
+/// genesis of an unknown chain or the successor of its chain's latest block (checked
+/// again here so that two racing writers cannot interleave). Links replace nothing: an
+/// existing link at the same place is kept.
+pub fn commit(db: &Database, puts: &[Put]) -> Result<(), String> {
+    let txn = db.begin_write().map_err(e)?;
+    {
+        let mut blocks = txn.open_table(SKIPCHAIN_BLOCKS).map_err(e)?;
+        let mut links = txn.open_table(SKIPCHAIN_LINKS).map_err(e)?;
+        let mut index = txn.open_table(SKIPCHAIN_INDEX).map_err(e)?;
+        let mut chains = txn.open_table(SKIPCHAIN_CHAINS).map_err(e)?;
+        for p in puts {
+            match p {
+                Put::Block(b) => {
+                    let genesis = block::chain_id(b)?;
+                    let hash = block::hash32(&b.hash, "block hash")?;
+                    let latest = chains
+                        .get(&genesis[..])
+                        .map_err(e)?
+                        .map(|v| decode_position(v.value()))
+                        .transpose()?;
+                    let ok = match latest {
+                        None => b.index == 0,
+                        Some((i, _)) => b.index >= 1 && b.index as u32 == i + 1,
+                    };
+                    if !ok {
+                        return Err(format!(
+                            "block {} does not extend chain {} (latest is {:?})",
+                            b.index,
+                            block::short(&genesis),
+                            latest.map(|l| l.0)
+                        ));
+                    }
+                    blocks
+                        .insert(&hash[..], &block::encode_stored(b)[..])
+                        .map_err(e)?;
+                    index
+                        .insert(&index_key(&genesis, b.index as u32)[..], &hash[..])
+                        .map_err(e)?;
+                    let mut pos = (b.index as u32).to_le_bytes().to_vec();
+                    pos.extend_from_slice(&hash);
+                    chains.insert(&genesis[..], &pos[..]).map_err(e)?;
+                }
+                Put::Link { level, link } => {
+                    let k = link_key(&link.from, *level);
+                    if links.get(&k[..]).map_err(e)?.is_none() {
+                        links.insert(&k[..], &link.encode_to_vec()[..]).map_err(e)?;
+                    }
+                }
+            }
+        }
+    }
+    txn.commit().map_err(e)
+}
