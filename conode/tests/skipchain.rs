@@ -101,6 +101,15 @@ async fn four_members_hold_the_same_chain_and_a_restarted_follower_catches_up() 
             assert_eq!(h, leader.hash, "member {m} block {i}");
         }
     }
+    // Status reports the blocks.
+    let st = conode::client::status(c.server(0), Duration::from_secs(5))
+        .await
+        .unwrap();
+    let sb = &st.status["Skipblock"].field;
+    assert_eq!(sb["Blocks"], "11");
+    assert_eq!(sb["Chains"], "1");
+    assert!(sb["Bytes"].parse::<u64>().unwrap() > 11 * 100, "{sb:?}");
+    assert!(st.status["Generic"].field["Available_Services"].contains("Skipchain"));
     // The update chain from the genesis reaches block 10 along signed links, with a
     // level-1 jump (base 4) on the way.
     let up = client::update_chain(c.server(2), &g.hash).await.unwrap();
