@@ -219,3 +219,54 @@ async fn client_errors_close_with_a_clear_reason_and_nothing_is_stored() {
     let up = client::update_chain(c.server(0), &g.hash).await.unwrap();
     assert_eq!(up.len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_restored_from_an_older_copy_fetches_the_newer_blocks_and_does_not_fork() {
+    let mut c = Cluster::start(4).await;
+    let g = c.create(b"g").await;
+    let mut target = g.hash.clone();
+    for i in 1..=3 {
+        target = client::append(c.server(0), &target, vec![i])
+            .await
+            .unwrap()
+            .latest
+            .unwrap()
+            .hash;
+    }
+    c.stop(0).await;
+    let old = c.nodes[0].dir.path().join("old.db");
+    std::fs::copy(c.nodes[0].db_path(), &old).unwrap();
+    c.restart(0).await;
+    for i in 4..=6 {
+        target = client::append(c.server(0), &target, vec![i])
+            .await
+            .unwrap()
+            .latest
+            .unwrap()
+            .hash;
+    }
+    for m in 1..4 {
+        c.wait_for(m, &g.hash, 6).await;
+    }
+    // The leader's host is replaced by one with the older copy (blocks 0..=3).
+    c.stop(0).await;
+    std::fs::rename(&old, c.nodes[0].db_path()).unwrap();
+    c.restart(0).await;
+    // It fetches blocks 4..=6 from the members (at start, or when they refuse to sign an
+    // index they hold) and block 7 extends the real chain. (The client names the chain by
+    // its genesis: this leader may not know block 6 yet.)
+    let mut r = client::append(c.server(0), &g.hash, vec![7]).await;
+    if let Err(e) = &r {
+        assert!(e.contains("send the block again"), "{e}");
+        r = client::append(c.server(0), &g.hash, vec![7]).await;
+    }
+    let b7 = r.expect("block 7").latest.unwrap();
+    assert_eq!(b7.index, 7);
+    assert_eq!(b7.backlinks[0], target);
+    for m in 1..4 {
+        assert_eq!(c.wait_for(m, &g.hash, 7).await, b7.hash);
+    }
+    for i in 0..4 {
+        c.stop(i).await;
+    }
+}

@@ -61,6 +61,8 @@ pub const SIGN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Messages queued for one member at most; propagation beyond it is dropped (the member
 /// catches up later).
 const QUEUE: usize = 1024;
+/// How a follower says it holds the proposed index already.
+const ALREADY_EXISTS: &str = "already exists";
 /// After a failed dial, requests to that member fail at once for this long (doubling up
 /// to [`MAX_BACKOFF`]), so one dead member does not slow every block.
 const MIN_BACKOFF: Duration = Duration::from_millis(200);
@@ -501,6 +503,24 @@ impl Skipchain {
             }
         }
         if signers < need {
+            drop(pending);
+            // Members that hold this index already: this leader is behind (e.g. it was
+            // restored from an older backup). Fetch what they hold so the next request
+            // extends the real chain instead of forking it.
+            if errors.iter().any(|e| e.contains(ALREADY_EXISTS)) {
+                let mut fetched = 0;
+                for m in &roster.list[1..] {
+                    match self.catch_up_locked(&genesis, m).await {
+                        Ok(k) => fetched += k,
+                        Err(e) => tracing::info!("skipchain: catching up from {}: {e}", m.address),
+                    }
+                }
+                if fetched > 0 {
+                    return Err(format!(
+                        "this leader was behind the other members (restored from an older backup?): it fetched {fetched} blocks from them; send the block again"
+                    ));
+                }
+            }
             return Err(format!(
                 "only {signers} of {n} members signed block {index} ({need} needed): {}",
                 errors.join("; ")
@@ -668,7 +688,7 @@ impl Skipchain {
         let latest = view.latest_block(&genesis)?.ok_or("unknown chain")?;
         if b.index <= latest.index {
             return Err(format!(
-                "block {} already exists: this conode holds chain {} up to block {}",
+                "block {} {ALREADY_EXISTS}: this conode holds chain {} up to block {}",
                 b.index,
                 block::short(&genesis),
                 latest.index
