@@ -1075,8 +1075,32 @@ fn apply(db: &redb::Database, genesis: &[u8; 32], page: PeerBlocks) -> Result<(u
             });
         }
     }
-    // Links whose target block is not in this page are kept only if the target is held;
-    // the rest arrive again with a later page.
+    // Every link must point exactly base^level blocks ahead. Links whose target is
+    // neither held nor in this page are not stored (they come again with that block).
+    let index_of = |h: &[u8]| -> Result<Option<SkipBlock>, String> {
+        if let Some(b) = fresh.values().find(|b| b.hash == h) {
+            return Ok(Some(b.clone()));
+        }
+        view.block_bare(h)
+    };
+    let mut kept = Vec::with_capacity(puts.len());
+    for p in puts {
+        if let Put::Link { level, link } = &p {
+            let from = index_of(&link.from)?.ok_or("database: link source missing")?;
+            let Some(to) = index_of(&link.to)? else {
+                continue;
+            };
+            let want = block::forward_index(from.index as u32, from.base_height, *level);
+            if want != Some(to.index as u32) || block::chain_id(&to)? != *genesis {
+                return Err(format!(
+                    "forward link at level {level} from block {} points to block {}, not {:?}",
+                    from.index, to.index, want
+                ));
+            }
+        }
+        kept.push(p);
+    }
+    let puts = kept;
     let last = latest.as_ref().map_or(0, |b| b.index as u32);
     if puts.is_empty() {
         return Ok((0, last));
