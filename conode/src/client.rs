@@ -46,6 +46,16 @@ fn tls_config() -> Result<Arc<rustls::ClientConfig>, String> {
     .clone()
 }
 
+/// How an error from [`call`] starts when the server answered with a refusal (a close
+/// frame with its reason) rather than the request failing on the way.
+pub const REFUSED_BY_SERVER: &str = "closed by the server";
+
+/// Whether an error from [`call`] is the server's own answer (it refused the request),
+/// as opposed to a failure to reach it or to complete the exchange.
+pub fn refused_by_server(err: &str) -> bool {
+    err.starts_with(REFUSED_BY_SERVER)
+}
+
 /// Send one request to `server` and return the reply's bytes.
 pub async fn call(
     server: &ServerToml,
@@ -91,7 +101,7 @@ pub async fn call(
             }
             Some(Ok(Message::Close(Some(f)))) => {
                 return Err(format!(
-                    "closed by the server ({}): {}",
+                    "{REFUSED_BY_SERVER} ({}): {}",
                     u16::from(f.code),
                     f.reason
                 ))

@@ -36,11 +36,12 @@ pub const SKIPCHAIN_INDEX: TableDefinition<&[u8], &[u8]> = TableDefinition::new(
 pub const SKIPCHAIN_CHAINS: TableDefinition<&[u8], &[u8]> =
     TableDefinition::new("skipchain_chains");
 
+/// (genesis hash, latest index, latest hash); [`ChainPosition`] names the fields.
+pub type RawChainPosition = ([u8; 32], u32, [u8; 32]);
+
 /// The last committed position of every chain in a read transaction: genesis hash →
 /// (latest index, latest hash), sorted by genesis hash.
-pub fn chain_positions(
-    txn: &redb::ReadTransaction,
-) -> Result<Vec<([u8; 32], u32, [u8; 32])>, String> {
+pub fn chain_positions(txn: &redb::ReadTransaction) -> Result<Vec<RawChainPosition>, String> {
     let t = match txn.open_table(SKIPCHAIN_CHAINS) {
         Ok(t) => t,
         Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),

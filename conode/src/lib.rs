@@ -10,14 +10,22 @@
 //! - [`tls`]: built-in TLS for clients, with certificate renewal without restart.
 //! - [`peer`]: the conode-to-conode port: TLS pinned to roster keys, length-prefixed
 //!   frames.
-//! - [`db`]: the redb file and its figures.
+//! - [`db`]: the redb file, its figures, and consistent snapshots of it.
+//! - [`admin`]: the local admin socket (owner-only Unix socket): snapshot streams for
+//!   `conode backup` and `failoverd`; its protocol is documented there.
+//! - [`backup`]: `conode backup` and `conode restore`.
 //! - [`status`]: the Status service.
 //! - [`server`]: wiring, start and graceful stop.
 //! - [`client`]: the client side of the WebSocket protocol (`conode check`).
+//! - [`chain_cli`]: `conode chain`, the operator's skipchain client (create, add, get,
+//!   update; text or JSON).
 //! - [`setup`]: `conode setup`.
 //!
 //! The binary (`main.rs`) only parses the command line and calls these.
 
+pub mod admin;
+pub mod backup;
+pub mod chain_cli;
 pub mod client;
 pub mod config;
 pub mod db;

@@ -1,7 +1,8 @@
 //! `conode`: the command line. Thin: parse, validate, call the library.
 //!
 //! Exit status: 0 success; 1 the command ran and failed (e.g. `check`: a server did not
-//! answer; `server`: a runtime error); 2 bad usage or configuration.
+//! answer; `server`: a runtime error; `backup`: no running conode answered; `restore`: the
+//! backup failed a check or the conode runs); 2 bad usage or configuration.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -10,7 +11,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use conode::config::{self, PrivateConfig, Roster};
-use conode::{client, server, setup};
+use conode::{backup, client, server, setup};
 
 #[derive(Parser)]
 #[command(name = "conode", version, about = "run a cothority server")]
@@ -62,6 +63,29 @@ enum Cmd {
         /// Seconds to wait for each server.
         #[arg(short = 't', long, default_value_t = 10)]
         timeout: u64,
+    },
+    /// Create, extend and read skipchains: conode chain create|add|get|update.
+    ///
+    /// Exit status: 0 success; 1 a server refused (its reason is shown), none could be
+    /// reached, or an answer failed verification; 2 bad usage (nothing was sent).
+    Chain {
+        #[command(subcommand)]
+        cmd: conode::chain_cli::ChainCmd,
+    },
+    /// Copy the running conode's database (a consistent snapshot, no downtime) and its
+    /// private.toml into DIR.
+    Backup {
+        /// Directory for `<Public hex>.db` and `private.toml` (created 0700 if missing).
+        dir: PathBuf,
+    },
+    /// Put a backup made by `conode backup` in place, for a stopped conode.
+    Restore {
+        /// Directory holding the backup.
+        dir: PathBuf,
+        /// Restore even if the current database is ahead of the backup or unreadable
+        /// (it is kept as <hex>.db.before-restore-<time> either way).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -115,6 +139,12 @@ fn main() -> ExitCode {
         .clone()
         .unwrap_or_else(|| config::default_config_dir().join("private.toml"));
     match cli.cmd {
+        Cmd::Chain { cmd } => {
+            match conode::chain_cli::run(cmd, &private_path, &mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e.exit_code(), e),
+            }
+        }
         Cmd::Setup {
             non_interactive: true,
             host,
@@ -173,6 +203,8 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             })
         }
+        Cmd::Backup { dir } => backup_cmd(&private_path, &dir),
+        Cmd::Restore { dir, force } => restore_cmd(&private_path, &dir, force),
         Cmd::Check {
             roster,
             group,
@@ -203,5 +235,44 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         }
+    }
+}
+
+/// `conode backup DIR`.
+fn backup_cmd(private_path: &std::path::Path, dir: &std::path::Path) -> ExitCode {
+    let cfg = match PrivateConfig::load(private_path) {
+        Ok(c) => c,
+        Err(e) => return fail(2, e),
+    };
+    let db_path = config::db_path(&cfg.keys.public_bytes());
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(1, format!("cannot start the runtime: {e}")),
+    };
+    match rt.block_on(backup::backup(private_path, &cfg, &db_path, dir)) {
+        Ok(report) => {
+            print!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(1, format!("backup failed: {e}")),
+    }
+}
+
+/// `conode restore DIR [--force]`.
+fn restore_cmd(private_path: &std::path::Path, dir: &std::path::Path, force: bool) -> ExitCode {
+    let cfg = match PrivateConfig::load(private_path) {
+        Ok(c) => c,
+        Err(e) => return fail(2, e),
+    };
+    let db_path = config::db_path(&cfg.keys.public_bytes());
+    match backup::restore(&cfg, &db_path, dir, force) {
+        Ok(report) => {
+            print!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(1, format!("restore failed: {e}")),
     }
 }

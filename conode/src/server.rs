@@ -6,7 +6,7 @@
 //! them directly.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
+use crate::admin;
 use crate::config::{cert_path, PrivateConfig};
 use crate::db::Db;
 use crate::peer::{self, BuiltinPeerHandler, Counters, PeerRouter, PeerTls};
@@ -32,6 +33,7 @@ pub struct Server {
     done: mpsc::Receiver<()>,
     tasks: Vec<JoinHandle<()>>,
     db: Arc<Db>,
+    admin_path: PathBuf,
 }
 
 impl Server {
@@ -63,6 +65,8 @@ impl Server {
         let ws_listener = ws::bind(&cfg.ws_listen_addr()?, "client WebSocket").await?;
         let ws_addr = ws_listener.local_addr().map_err(|e| e.to_string())?;
         let peer_addr = peer_listener.local_addr().map_err(|e| e.to_string())?;
+        let admin_path = admin::admin_socket_path(&db_path, &cfg.keys.public_bytes());
+        let admin_listener = admin::bind(&admin_path)?;
 
         let counters = Arc::new(Counters::default());
         let skipchain = Skipchain::new(
@@ -105,6 +109,12 @@ impl Server {
             ws_listener,
             Arc::new(services),
             acceptor.clone(),
+            stop_rx.clone(),
+            tracker.clone(),
+        )));
+        tasks.push(tokio::spawn(admin::serve(
+            admin_listener,
+            db.clone(),
             stop_rx.clone(),
             tracker.clone(),
         )));
@@ -151,6 +161,7 @@ impl Server {
             done,
             tasks,
             db,
+            admin_path,
         })
     }
 
@@ -160,6 +171,16 @@ impl Server {
 
     pub fn peer_addr(&self) -> SocketAddr {
         self.peer_addr
+    }
+
+    /// The admin socket (snapshots for backups and failoverd; see [`crate::admin`]).
+    pub fn admin_socket(&self) -> &Path {
+        &self.admin_path
+    }
+
+    /// The open database (tests write into it; services get it at start).
+    pub fn database(&self) -> &Arc<Db> {
+        &self.db
     }
 
     /// Stop gracefully; returns once the database is closed.

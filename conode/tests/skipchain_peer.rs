@@ -65,7 +65,7 @@ impl Fixture {
             ..Default::default()
         };
         g.hash = block::block_hash(&g).to_vec();
-        let mut f = Fixture {
+        let f = Fixture {
             keys,
             roster,
             nodes,

@@ -75,7 +75,7 @@ async fn status_reply_carries_our_identity_and_sections() {
         assert!(r.status.contains_key(s), "missing section {s}");
     }
     let g = &r.status["Generic"].field;
-    assert_eq!(g["Available_Services"], "Status");
+    assert_eq!(g["Available_Services"], "Skipchain,Status");
     assert_eq!(g["Port"], node.cfg.address.port.to_string());
     assert_eq!(r.status["Db"].field["Open"], "true");
     srv.stop().await;

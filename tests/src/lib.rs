@@ -115,9 +115,11 @@ impl NodeFiles {
     }
 
     pub fn start_with(&self, extra_env: &[(&str, &str)]) -> Node {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static STARTS: AtomicUsize = AtomicUsize::new(0);
         let log = self.dir.path().join(format!(
-            "conode-{}.log",
-            Instant::now().elapsed().as_nanos()
+            "conode-start{}.log",
+            STARTS.fetch_add(1, Ordering::Relaxed)
         ));
         let logf = std::fs::File::create(&log).unwrap();
         let mut cmd = Command::new(conode_bin());
@@ -411,5 +413,174 @@ impl Json {
         self.at(path)
             .and_then(serde_json::Value::as_str)
             .unwrap_or_else(|| panic!("no string at {path:?} in {}", self.0))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Several conodes on one machine (one loopback address 127.0.0.x each), kill -9, and
+// bounded runs of the `conode` command line.
+
+/// A port `p` such that `p` and `p+1` were both free on `host` a moment ago.
+pub fn free_port_pair_on(host: &str) -> u16 {
+    for _ in 0..200 {
+        let a = TcpListener::bind((host, 0))
+            .unwrap_or_else(|e| panic!("cannot bind {host}: {e} (is it a loopback address?)"));
+        let p = a.local_addr().unwrap().port();
+        if p < 65000 && TcpListener::bind((host, p + 1)).is_ok() {
+            return p;
+        }
+    }
+    panic!("no free pair of adjacent ports found on {host}");
+}
+
+impl NodeFiles {
+    /// `conode setup --non-interactive` on loopback address `host` (127.0.0.x), with
+    /// `ListenAddress = host` so that both ports bind that address only and several
+    /// conodes can run on one machine.
+    pub fn setup_on(description: &str, host: &str) -> NodeFiles {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port_pair_on(host);
+        let out = Command::new(conode_bin())
+            .arg("-c")
+            .arg(dir.path().join("co/private.toml"))
+            .args(["setup", "--non-interactive", "--host", host, "--port"])
+            .arg(port.to_string())
+            .args(["--description", description])
+            .output()
+            .expect("run conode setup");
+        assert!(
+            out.status.success(),
+            "setup failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let n = NodeFiles { dir, port };
+        n.set_private_key("ListenAddress", host);
+        n
+    }
+
+    /// The host of this node's `Address` (what clients dial).
+    pub fn host(&self) -> String {
+        conode::config::PrivateConfig::load(&self.private())
+            .unwrap_or_else(|e| panic!("{e}"))
+            .address
+            .host
+    }
+
+    /// Start `conode server` and wait until it accepts clients at its own `Address` host
+    /// (not only 127.0.0.1, as [`NodeFiles::start`] does). Each start logs to a new file.
+    pub fn start_on_host(&self) -> Node {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static STARTS: AtomicUsize = AtomicUsize::new(0);
+        let host = self.host();
+        let log = self.dir.path().join(format!(
+            "conode-{host}-{}.log",
+            STARTS.fetch_add(1, Ordering::Relaxed)
+        ));
+        let logf = std::fs::File::create(&log).unwrap();
+        let child = Command::new(conode_bin())
+            .arg("-d")
+            .arg("2")
+            .arg("-c")
+            .arg(self.private())
+            .args(["server", "--allow-root"])
+            .env("CONODE_SERVICE_PATH", self.data())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .expect("spawn conode server");
+        let mut node = Node {
+            child: Some(child),
+            log,
+            ws_port: self.ws_port(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(Ok(Some(st))) = node.child.as_mut().map(|c| c.try_wait()) {
+                panic!("conode exited early ({st}): {}", node.log_text());
+            }
+            if TcpStream::connect((host.as_str(), node.ws_port)).is_ok()
+                && node.log_text().contains("serving peers")
+            {
+                return node;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "conode on {host} did not start within 15s: {}",
+                node.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Node {
+    /// `kill -9` this conode (by the pid of the child we spawned) and reap it: no
+    /// graceful stop, as a power cut or the OOM killer would do.
+    pub fn kill9(&mut self) -> ExitStatus {
+        let mut c = self.child.take().expect("running");
+        // SAFETY: kill(2) with the pid of a child we spawned and have not reaped yet.
+        unsafe {
+            libc::kill(c.id() as i32, libc::SIGKILL);
+        }
+        c.wait().expect("wait for the killed conode")
+    }
+}
+
+/// What one bounded run of a command gave.
+#[derive(Debug)]
+pub struct Run {
+    /// The exit code (`None` if killed by a signal).
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Run `conode ARGS` with `stdin` on its standard input; killed (and the test failed) if
+/// it runs longer than `timeout`.
+pub fn run_conode(args: &[&std::ffi::OsStr], stdin: &[u8], timeout: Duration) -> Run {
+    let mut child = Command::new(conode_bin())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn conode");
+    let mut input = child.stdin.take().unwrap();
+    let data = stdin.to_vec();
+    // The command may exit without reading everything (data over the limit): a broken
+    // pipe here is expected.
+    let t_in = std::thread::spawn(move || {
+        let _ = input.write_all(&data);
+    });
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let t_out = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = out.read_to_end(&mut s);
+        s
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = err.read_to_end(&mut s);
+        s
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait for conode") {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("conode {args:?} did not finish within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let _ = t_in.join();
+    Run {
+        code: status.code(),
+        stdout: String::from_utf8_lossy(&t_out.join().unwrap_or_default()).into(),
+        stderr: String::from_utf8_lossy(&t_err.join().unwrap_or_default()).into(),
     }
 }

@@ -103,7 +103,33 @@ pub async fn get_by_index(
         },
     )
     .await?;
-    checked(r.skipblock.ok_or("the reply has no block")?)
+    let b = checked(r.skipblock.ok_or("the reply has no block")?)?;
+    if b.index != index || block::chain_id(&b)?[..] != genesis[..] {
+        return Err(format!(
+            "the server returned block {} of another chain or index",
+            b.index
+        ));
+    }
+    // The links lead from the genesis to the block, each signed by the roster.
+    let g = get_block(server, genesis).await?;
+    let mut from = g.clone();
+    for l in &r.links {
+        if l.from != from.hash {
+            return Err("the proof links do not form a path from the genesis".into());
+        }
+        let to = block::hash32(&l.to, "link target")?;
+        block::verify_link(l, &from, &to)?;
+        // Rosters cannot change, so the next link is signed by the same roster.
+        from = SkipBlock {
+            hash: l.to.clone(),
+            roster: g.roster.clone(),
+            ..Default::default()
+        };
+    }
+    if from.hash != b.hash {
+        return Err("the proof links do not lead to the returned block".into());
+    }
+    Ok(b)
 }
 
 pub async fn chain_ids(server: &ServerToml) -> Result<Vec<Vec<u8>>, String> {

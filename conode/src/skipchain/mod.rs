@@ -521,9 +521,23 @@ impl Skipchain {
                     ));
                 }
             }
-            return Err(format!(
-                "only {signers} of {n} members signed block {index} ({need} needed): {}",
+            // The close reason a client sees is at most 123 bytes: name the failing
+            // members first, and log the details.
+            tracing::warn!(
+                "skipchain: block {index} of {}: only {signers} of {n} signed: {}",
+                block::short(&genesis),
                 errors.join("; ")
+            );
+            let failed: Vec<&str> = errors
+                .iter()
+                .filter_map(|e| {
+                    e.split_once(": ")
+                        .map(|(a, _)| a.trim_start_matches("tls://"))
+                })
+                .collect();
+            return Err(format!(
+                "only {signers} of {n} members signed block {index} ({need} needed); failed: {} (see the leader's log)",
+                failed.join(", ")
             ));
         }
         let links: Vec<ForwardLink> = per_level

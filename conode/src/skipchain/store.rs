@@ -103,7 +103,7 @@ impl View {
     }
 
     /// Every chain: (genesis, latest index, latest hash).
-    pub fn chains(&self) -> Result<Vec<([u8; 32], u32, [u8; 32])>, String> {
+    pub fn chains(&self) -> Result<Vec<crate::db::RawChainPosition>, String> {
         crate::db::chain_positions(&self.txn)
     }
 
