@@ -551,3 +551,85 @@ fn cli_rejects_bad_input_with_clear_errors_and_exit_codes() {
     assert_eq!(r.code, Some(1), "{r:?}");
     assert!(r.stderr.contains("cannot connect"), "{r:?}");
 }
+
+/// `conode -c <member i's private.toml> ARGS` (backup, restore), requiring success.
+fn conode_ok(c: &Cluster, i: usize, args: &[&OsStr]) -> Run {
+    let private = c.files[i].private();
+    let mut all: Vec<&OsStr> = vec!["-c".as_ref(), private.as_os_str()];
+    all.extend_from_slice(args);
+    let data = c.files[i].data();
+    let r = run_conode_env(
+        &all,
+        &[("CONODE_SERVICE_PATH", data.as_os_str())],
+        b"",
+        CALL,
+    );
+    assert_eq!(r.code, Some(0), "conode {args:?}: {r:?}");
+    r
+}
+
+#[test]
+fn a_backup_taken_during_appends_restores_to_a_consistent_prefix() {
+    let mut c = Cluster::start(4);
+    let g = c.create(b"backed up");
+    let appender = c.appender(&g.hash);
+    appender.wait_for(20, &c);
+    let dir = c.files[0].dir.path().join("backup");
+    let r = conode_ok(&c, 0, &["backup".as_ref(), dir.as_os_str()]);
+    let at_backup = appender.count();
+    appender.wait_for(at_backup + 10, &c);
+    let acks = appender.stop(&c);
+    let backup_out = r.stdout;
+
+    // Restore it on the leader's host with the other members down, so what it serves
+    // comes from the backup alone.
+    for i in 0..4 {
+        c.kill9(i);
+    }
+    let r = conode_ok(
+        &c,
+        0,
+        &["restore".as_ref(), dir.as_os_str(), "--force".as_ref()],
+    );
+    c.restart(0);
+    let up = c
+        .block_on(client::update_chain(&c.servers[0], &g.hash))
+        .expect("the restored chain verifies from the genesis");
+    let last = up.last().unwrap().index;
+    // A prefix: at least what was acknowledged before the backup began, every block the
+    // one acknowledged at its index, and no more than what was acknowledged at the end.
+    assert!(
+        last as usize >= at_backup.saturating_sub(1),
+        "restored up to {last}, {at_backup} acknowledged before the backup"
+    );
+    assert!((last as usize) <= acks.len() + 1, "{last} > {}", acks.len());
+    for (index, hash) in acks.iter().filter(|(i, _)| *i <= last) {
+        assert_eq!(&c.hash_at(0, &g.hash, *index), hash, "block {index}");
+    }
+    // The position the backup recorded is what the restored conode serves.
+    let position = format!(
+        "chain {} at index {last} (block {})",
+        hex(&g.hash),
+        hex(&up.last().unwrap().hash)
+    );
+    assert!(backup_out.contains(&position), "{position}: {backup_out}");
+    assert!(r.stdout.contains(&position), "{position}: {}", r.stdout);
+
+    // The other members come back; the leader fetches the newer blocks and continues.
+    for i in 1..4 {
+        c.restart(i);
+    }
+    let mut appended = None;
+    for _ in 0..50 {
+        match c.block_on(client::append(&c.servers[0], &g.hash, b"after".to_vec())) {
+            Ok(r) => {
+                appended = r.latest;
+                break;
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+    let b = appended.expect("the restored leader appends again");
+    assert_eq!(b.index as usize, acks.len() + 1);
+    c.assert_same_blocks(&g.hash, b.index);
+}

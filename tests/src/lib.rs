@@ -539,8 +539,19 @@ pub struct Run {
 /// Run `conode ARGS` with `stdin` on its standard input; killed (and the test failed) if
 /// it runs longer than `timeout`.
 pub fn run_conode(args: &[&std::ffi::OsStr], stdin: &[u8], timeout: Duration) -> Run {
+    run_conode_env(args, &[], stdin, timeout)
+}
+
+/// [`run_conode`] with more environment variables (e.g. `CONODE_SERVICE_PATH`).
+pub fn run_conode_env(
+    args: &[&std::ffi::OsStr],
+    env: &[(&str, &std::ffi::OsStr)],
+    stdin: &[u8],
+    timeout: Duration,
+) -> Run {
     let mut child = Command::new(conode_bin())
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
