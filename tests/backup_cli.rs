@@ -4,8 +4,8 @@
 use std::ffi::OsStr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use conode::db::{verify_snapshot, ChainPosition, Db, SKIPCHAIN_BLOCKS, SKIPCHAIN_CHAINS};
 use system_tests::*;
@@ -13,45 +13,25 @@ use system_tests::*;
 /// Bytes the tests look for to damage a data page of a backup on purpose.
 const MARKER: &[u8; 24] = b"<<conode-backup-marker>>";
 
-struct Out {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
 /// `conode -c PRIVATE ARGS` with the node's data directory, bounded to 60 s.
-fn conode(n: &NodeFiles, args: &[&OsStr]) -> Out {
-    let mut child = Command::new(conode_bin())
-        .arg("-c")
-        .arg(n.private())
-        .args(args)
-        .env("CONODE_SERVICE_PATH", n.data())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn conode");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while child.try_wait().expect("wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("conode {args:?} did not finish within 60s");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let out = child.wait_with_output().expect("output");
-    Out {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into(),
-        stderr: String::from_utf8_lossy(&out.stderr).into(),
-    }
+fn conode(n: &NodeFiles, args: &[&OsStr]) -> Run {
+    let private = n.private();
+    let mut all: Vec<&OsStr> = vec!["-c".as_ref(), private.as_os_str()];
+    all.extend_from_slice(args);
+    let data = n.data();
+    run_conode_env(
+        &all,
+        &[("CONODE_SERVICE_PATH", data.as_os_str())],
+        b"",
+        Duration::from_secs(60),
+    )
 }
 
-fn backup(n: &NodeFiles, dir: &Path) -> Out {
+fn backup(n: &NodeFiles, dir: &Path) -> Run {
     conode(n, &["backup".as_ref(), dir.as_os_str()])
 }
 
-fn restore(n: &NodeFiles, dir: &Path, force: bool) -> Out {
+fn restore(n: &NodeFiles, dir: &Path, force: bool) -> Run {
     let mut args: Vec<&OsStr> = vec!["restore".as_ref(), dir.as_os_str()];
     if force {
         args.push("--force".as_ref());
