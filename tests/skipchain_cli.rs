@@ -581,6 +581,11 @@ fn a_backup_taken_during_appends_restores_to_a_consistent_prefix() {
     let acks = appender.stop(&c);
     let backup_out = r.stdout;
 
+    // The members hold every acknowledged block (propagation follows the acknowledgement).
+    let (last_ack, last_hash) = acks.last().cloned().unwrap();
+    for m in 1..4 {
+        assert_eq!(c.hash_at(m, &g.hash, last_ack), last_hash, "member {m}");
+    }
     // Restore it on the leader's host with the other members down, so what it serves
     // comes from the backup alone.
     for i in 0..4 {

@@ -61,6 +61,8 @@ pub const SIGN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Messages queued for one member at most; propagation beyond it is dropped (the member
 /// catches up later).
 const QUEUE: usize = 1024;
+/// How long Status reuses the stored-bytes figure (it reads every page).
+const BYTES_TTL: Duration = Duration::from_secs(10);
 /// How a follower says it holds the proposed index already.
 const ALREADY_EXISTS: &str = "already exists";
 /// After a failed dial, requests to that member fail at once for this long (doubling up
@@ -219,6 +221,8 @@ pub struct Skipchain {
     dialer: Dialer,
     locks: Mutex<HashMap<[u8; 32], Arc<tokio::sync::Mutex<()>>>>,
     members: Mutex<HashMap<[u8; 32], mpsc::Sender<Job>>>,
+    /// The Status figures that read every page, and when.
+    bytes_cache: Mutex<Option<(Instant, u64)>>,
 }
 
 fn decode<M: Message + Default>(b: &[u8], what: &str) -> Result<M, String> {
@@ -248,6 +252,7 @@ impl Skipchain {
             },
             locks: Mutex::new(HashMap::new()),
             members: Mutex::new(HashMap::new()),
+            bytes_cache: Mutex::new(None),
         })
     }
 
@@ -315,7 +320,16 @@ impl Skipchain {
     pub fn figures(&self) -> BTreeMap<String, String> {
         let mut f = BTreeMap::new();
         if let Ok(v) = self.view() {
-            let (blocks, bytes, chains) = v.figures();
+            let (blocks, chains) = v.counts();
+            let mut cache = self.bytes_cache.lock().unwrap_or_else(|p| p.into_inner());
+            let bytes = match *cache {
+                Some((at, b)) if at.elapsed() < BYTES_TTL => b,
+                _ => {
+                    let b = v.stored_bytes();
+                    *cache = Some((Instant::now(), b));
+                    b
+                }
+            };
             f.insert("Blocks".into(), blocks.to_string());
             f.insert("Bytes".into(), bytes.to_string());
             f.insert("Chains".into(), chains.to_string());

@@ -107,22 +107,32 @@ impl View {
         crate::db::chain_positions(&self.txn)
     }
 
-    /// (blocks, stored bytes of blocks and links, chains) for Status.
-    pub fn figures(&self) -> (u64, u64, u64) {
-        let mut blocks = 0;
+    /// (blocks, chains) for Status: cheap (table lengths).
+    pub fn counts(&self) -> (u64, u64) {
+        let blocks = self
+            .txn
+            .open_table(SKIPCHAIN_BLOCKS)
+            .ok()
+            .and_then(|t| t.len().ok())
+            .unwrap_or(0);
+        let chains = self
+            .txn
+            .open_table(SKIPCHAIN_CHAINS)
+            .ok()
+            .and_then(|t| t.len().ok())
+            .unwrap_or(0);
+        (blocks, chains)
+    }
+
+    /// Stored bytes of blocks and links, for Status: reads every page of both tables.
+    pub fn stored_bytes(&self) -> u64 {
         let mut bytes = 0;
-        let mut chains = 0;
-        if let Ok(t) = self.txn.open_table(SKIPCHAIN_BLOCKS) {
-            blocks = t.len().unwrap_or(0);
-            bytes += t.stats().map(|s| s.stored_bytes()).unwrap_or(0);
+        for def in [SKIPCHAIN_BLOCKS, SKIPCHAIN_LINKS] {
+            if let Ok(t) = self.txn.open_table(def) {
+                bytes += t.stats().map(|s| s.stored_bytes()).unwrap_or(0);
+            }
         }
-        if let Ok(t) = self.txn.open_table(SKIPCHAIN_LINKS) {
-            bytes += t.stats().map(|s| s.stored_bytes()).unwrap_or(0);
-        }
-        if let Ok(t) = self.txn.open_table(SKIPCHAIN_CHAINS) {
-            chains = t.len().unwrap_or(0);
-        }
-        (blocks, bytes, chains)
+        bytes
     }
 }
 
