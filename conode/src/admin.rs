@@ -510,7 +510,7 @@ async fn position(stream: &mut UnixStream, ctx: &Ctx) -> Result<(), String> {
             .map_err(|e| format!("cannot read the owner key: {e}"))?
             .and_then(|v| <[u8; 32]>::try_from(v.as_slice()).ok())
             .ok_or_else(|| "the database has no 32-byte owner key in meta".to_string())?;
-        Ok::<_, String>((public, ChainPosition::all(&read)?))
+        Ok::<_, String>((public, crate::db::chain_positions(&read)?))
     })
     .await
     .unwrap_or_else(|e| Err(format!("the position task failed: {e}: this is a bug")));

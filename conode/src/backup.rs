@@ -19,10 +19,7 @@ use crate::admin::{self, SnapshotHeader};
 use crate::config::{self, PrivateConfig};
 use crate::db::{verify_snapshot, ChainPosition};
 
-/// The database file of `public` inside a backup (or data) directory.
-pub fn db_file_name(public: &[u8; 32]) -> String {
-    format!("{}.db", hex::encode(public))
-}
+use crate::config::db_file_name;
 
 /// What `conode backup` wrote.
 #[derive(Debug, Clone)]
@@ -268,7 +265,7 @@ fn current_database(db_path: &Path) -> Result<Current, String> {
         let db = redb::ReadOnlyDatabase::open(db_path)?;
         let positions = {
             let read = db.begin_read()?;
-            ChainPosition::all(&read)
+            crate::db::chain_positions(&read)
         };
         Ok::<_, redb::Error>((db, positions))
     });

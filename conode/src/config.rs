@@ -772,9 +772,14 @@ pub fn data_dir() -> PathBuf {
     })
 }
 
+/// `<Public hex>.db`: the database file of `public`, in a data or backup directory.
+pub fn db_file_name(public: &[u8; 32]) -> String {
+    format!("{}.db", hex::encode(public))
+}
+
 /// `<data dir>/<Public hex>.db`.
 pub fn db_path(public: &[u8; 32]) -> PathBuf {
-    data_dir().join(format!("{}.db", hex::encode(public)))
+    data_dir().join(db_file_name(public))
 }
 
 /// A certificate location from `WebSocketTLSCertificate[Key]`: a path or `file://path`.

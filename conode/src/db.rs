@@ -36,12 +36,32 @@ pub const SKIPCHAIN_INDEX: TableDefinition<&[u8], &[u8]> = TableDefinition::new(
 pub const SKIPCHAIN_CHAINS: TableDefinition<&[u8], &[u8]> =
     TableDefinition::new("skipchain_chains");
 
-/// (genesis hash, latest index, latest hash); [`ChainPosition`] names the fields.
-pub type RawChainPosition = ([u8; 32], u32, [u8; 32]);
+/// A `skipchain_chains` value: (latest index, latest hash).
+pub fn decode_position(v: &[u8]) -> Result<(u32, [u8; 32]), String> {
+    if v.len() != 36 {
+        return Err(format!(
+            "skipchain_chains: malformed position ({} bytes, not 36)",
+            v.len()
+        ));
+    }
+    let mut idx = [0u8; 4];
+    idx.copy_from_slice(&v[..4]);
+    let mut hash = [0u8; 32];
+    hash.copy_from_slice(&v[4..]);
+    Ok((u32::from_le_bytes(idx), hash))
+}
 
-/// The last committed position of every chain in a read transaction: genesis hash →
-/// (latest index, latest hash), sorted by genesis hash.
-pub fn chain_positions(txn: &redb::ReadTransaction) -> Result<Vec<RawChainPosition>, String> {
+/// The `skipchain_chains` value for (index, hash).
+pub fn encode_position(index: u32, hash: &[u8; 32]) -> [u8; 36] {
+    let mut v = [0u8; 36];
+    v[..4].copy_from_slice(&index.to_le_bytes());
+    v[4..].copy_from_slice(hash);
+    v
+}
+
+/// The last committed position of every chain in a read transaction, sorted by genesis
+/// hash.
+pub fn chain_positions(txn: &redb::ReadTransaction) -> Result<Vec<ChainPosition>, String> {
     let t = match txn.open_table(SKIPCHAIN_CHAINS) {
         Ok(t) => t,
         Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
@@ -50,19 +70,14 @@ pub fn chain_positions(txn: &redb::ReadTransaction) -> Result<Vec<RawChainPositi
     let mut out = Vec::new();
     for r in t.iter().map_err(|e| e.to_string())? {
         let (k, v) = r.map_err(|e| e.to_string())?;
-        let (k, v) = (k.value(), v.value());
-        let (Ok(genesis), true) = (<[u8; 32]>::try_from(k), v.len() == 36) else {
-            return Err(format!(
-                "skipchain_chains: malformed entry ({} byte key, {} byte value)",
-                k.len(),
-                v.len()
-            ));
-        };
-        let mut idx = [0u8; 4];
-        idx.copy_from_slice(&v[..4]);
-        let mut hash = [0u8; 32];
-        hash.copy_from_slice(&v[4..]);
-        out.push((genesis, u32::from_le_bytes(idx), hash));
+        let chain = <[u8; 32]>::try_from(k.value()).map_err(|_| {
+            format!(
+                "skipchain_chains: malformed key ({} bytes)",
+                k.value().len()
+            )
+        })?;
+        let (index, hash) = decode_position(v.value())?;
+        out.push(ChainPosition { chain, index, hash });
     }
     Ok(out)
 }
@@ -204,16 +219,6 @@ pub struct ChainPosition {
     pub hash: [u8; 32],
 }
 
-impl ChainPosition {
-    /// [`chain_positions`] as structs.
-    pub fn all(txn: &redb::ReadTransaction) -> Result<Vec<ChainPosition>, String> {
-        Ok(chain_positions(txn)?
-            .into_iter()
-            .map(|(chain, index, hash)| ChainPosition { chain, index, hash })
-            .collect())
-    }
-}
-
 /// What [`Db::snapshot_to`] wrote.
 ///
 /// Transaction-consistent: the positions, the figures and every table in the file were read
@@ -273,7 +278,7 @@ impl Db {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
-        let positions = ChainPosition::all(&read)?;
+        let positions = chain_positions(&read)?;
         if let Some(t) = read
             .list_multimap_tables()
             .map_err(|e| ctx("cannot list the multimap tables", &e))?
@@ -466,7 +471,7 @@ fn verify_inner(path: &Path, expected_public: &[u8; 32]) -> Result<Vec<ChainPosi
         }
         Some(_) => {}
     }
-    ChainPosition::all(&read).map_err(|e| format!("{}: {e}", path.display()))
+    chain_positions(&read).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 #[cfg(test)]

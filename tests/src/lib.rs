@@ -34,14 +34,7 @@ pub fn conode_bin() -> PathBuf {
 
 /// A port `p` such that `p` and `p+1` were both free on 127.0.0.1 a moment ago.
 pub fn free_port_pair() -> u16 {
-    for _ in 0..200 {
-        let a = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
-        let p = a.local_addr().unwrap().port();
-        if p < 65000 && TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
-            return p;
-        }
-    }
-    panic!("no free pair of adjacent loopback ports found");
+    free_port_pair_on("127.0.0.1")
 }
 
 /// A conode's files in a temporary directory, created with `conode setup`.
@@ -329,37 +322,64 @@ pub fn js_status(roster: &Path, index: usize, env: &[(&str, &str)]) -> JsRun {
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let mut child = cmd
+    let child = cmd
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run node ({e}): run scripts/install-deps"));
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
+    let r = wait_bounded(child, b"", Duration::from_secs(30), "node status.js");
+    JsRun {
+        success: r.code == Some(0),
+        stdout: r.stdout,
+        stderr: r.stderr,
+    }
+}
+
+/// Feed `stdin` to `child`, collect its output, and wait for it; killed (and the test
+/// failed, naming `what`) if it runs longer than `timeout`.
+pub fn wait_bounded(
+    mut child: std::process::Child,
+    stdin: &[u8],
+    timeout: Duration,
+    what: &str,
+) -> Run {
+    let t_in = child.stdin.take().map(|mut input| {
+        let data = stdin.to_vec();
+        // The command may exit without reading everything (data over the limit): a
+        // broken pipe here is expected.
+        std::thread::spawn(move || {
+            let _ = input.write_all(&data);
+        })
+    });
+    let mut out = child.stdout.take().expect("stdout is piped");
+    let mut err = child.stderr.take().expect("stderr is piped");
     let t_out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
+        let mut s = Vec::new();
+        let _ = out.read_to_end(&mut s);
         s
     });
     let t_err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
+        let mut s = Vec::new();
+        let _ = err.read_to_end(&mut s);
         s
     });
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + timeout;
     let status = loop {
-        if let Some(st) = child.try_wait().expect("wait for node") {
+        if let Some(st) = child.try_wait().expect("wait for child") {
             break st;
         }
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("node status.js did not finish within 30s");
+            panic!("{what} did not finish within {timeout:?}");
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(5));
     };
-    JsRun {
-        success: status.success(),
-        stdout: t_out.join().unwrap_or_default(),
-        stderr: t_err.join().unwrap_or_default(),
+    if let Some(t) = t_in {
+        let _ = t.join();
+    }
+    Run {
+        code: status.code(),
+        stdout: String::from_utf8_lossy(&t_out.join().unwrap_or_default()).into(),
+        stderr: String::from_utf8_lossy(&t_err.join().unwrap_or_default()).into(),
     }
 }
 
@@ -549,7 +569,7 @@ pub fn run_conode_env(
     stdin: &[u8],
     timeout: Duration,
 ) -> Run {
-    let mut child = Command::new(conode_bin())
+    let child = Command::new(conode_bin())
         .args(args)
         .envs(env.iter().copied())
         .stdin(Stdio::piped())
@@ -557,41 +577,5 @@ pub fn run_conode_env(
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn conode");
-    let mut input = child.stdin.take().unwrap();
-    let data = stdin.to_vec();
-    // The command may exit without reading everything (data over the limit): a broken
-    // pipe here is expected.
-    let t_in = std::thread::spawn(move || {
-        let _ = input.write_all(&data);
-    });
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let t_out = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = out.read_to_end(&mut s);
-        s
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = err.read_to_end(&mut s);
-        s
-    });
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("wait for conode") {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("conode {args:?} did not finish within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    let _ = t_in.join();
-    Run {
-        code: status.code(),
-        stdout: String::from_utf8_lossy(&t_out.join().unwrap_or_default()).into(),
-        stderr: String::from_utf8_lossy(&t_err.join().unwrap_or_default()).into(),
-    }
+    wait_bounded(child, stdin, timeout, &format!("conode {args:?}"))
 }

@@ -686,7 +686,7 @@ impl Skipchain {
                 .view()?
                 .chains()?
                 .into_iter()
-                .map(|(g, _, _)| g.to_vec())
+                .map(|p| p.chain.to_vec())
                 .collect(),
         })
     }
@@ -699,18 +699,9 @@ impl Skipchain {
         let genesis = block::hash32(&b.genesis, "genesis")?;
         let lock = self.lock(&genesis);
         let _guard = lock.lock().await;
-        let behind = match self.view()?.latest(&genesis)? {
-            None => true,
-            Some((i, _)) => (i as i64) + 1 < b.index as i64,
-        };
-        if behind {
-            if let Some(r) = &b.roster {
-                if let Some(s) = r.list.iter().find(|s| untag_point(&s.public) == Some(from)) {
-                    if let Err(e) = self.catch_up_locked(&genesis, s).await {
-                        tracing::warn!("skipchain: catching up before signing: {e}");
-                    }
-                }
-            }
+        // Errors are logged only: the checks below then say what is missing.
+        if let Err(e) = self.catch_up_if_behind(&genesis, &b, from).await {
+            tracing::warn!("skipchain: catching up before signing: {e}");
         }
         let view = self.view()?;
         let latest = view.latest_block(&genesis)?.ok_or("unknown chain")?;
@@ -774,20 +765,7 @@ impl Skipchain {
         let genesis = block::hash32(&b.genesis, "genesis")?;
         let lock = self.lock(&genesis);
         let _guard = lock.lock().await;
-        let latest = self.view()?.latest(&genesis)?;
-        let behind = match latest {
-            None => true,
-            Some((i, _)) => (i as i64) + 1 < b.index as i64,
-        };
-        if behind {
-            let r = b.roster.as_ref().ok_or("block has no roster")?;
-            let s = r
-                .list
-                .iter()
-                .find(|s| untag_point(&s.public) == Some(from))
-                .ok_or("the sender is not in the block's roster")?;
-            self.catch_up_locked(&genesis, s).await?;
-        }
+        self.catch_up_if_behind(&genesis, &b, from).await?;
         if let Some((i, h)) = self.view()?.latest(&genesis)? {
             if b.index as i64 <= i as i64 {
                 let ours = self.view()?.hash_at(&genesis, b.index.max(0) as u32)?;
@@ -882,6 +860,30 @@ impl Skipchain {
         })
     }
 
+    /// If `b` is beyond our latest block + 1 (or its chain is unknown here), fetch the
+    /// missing blocks from `from`, the member that sent it. The caller holds the lock.
+    async fn catch_up_if_behind(
+        &self,
+        genesis: &[u8; 32],
+        b: &SkipBlock,
+        from: [u8; 32],
+    ) -> Result<(), String> {
+        let behind = match self.view()?.latest(genesis)? {
+            None => true,
+            Some((i, _)) => (i as i64) + 1 < b.index as i64,
+        };
+        if !behind {
+            return Ok(());
+        }
+        let r = b.roster.as_ref().ok_or("block has no roster")?;
+        let s = r
+            .list
+            .iter()
+            .find(|s| untag_point(&s.public) == Some(from))
+            .ok_or("the sender is not in the block's roster")?;
+        self.catch_up_locked(genesis, s).await.map(|_| ())
+    }
+
     /// Fetch and apply the blocks `member` holds beyond ours. The caller holds the
     /// chain's lock.
     async fn catch_up_locked(
@@ -938,7 +940,12 @@ impl Skipchain {
                 return;
             }
         };
-        for (genesis, _, latest) in chains {
+        for crate::db::ChainPosition {
+            chain: genesis,
+            hash: latest,
+            ..
+        } in chains
+        {
             let roster = match self.view().and_then(|v| v.block_bare(&latest)) {
                 Ok(Some(b)) => b.roster.unwrap_or_default(),
                 _ => continue,
@@ -1008,12 +1015,14 @@ fn check_link(level: u32, l: &ForwardLink, from: &SkipBlock) -> Result<(), Strin
 fn apply(db: &redb::Database, genesis: &[u8; 32], page: PeerBlocks) -> Result<(u32, u32), String> {
     let view = View::new(db)?;
     let mut puts = Vec::new();
-    // Blocks of this page by index, for backlinks and link checks.
-    let mut fresh: HashMap<u32, SkipBlock> = HashMap::new();
+    // New blocks of this page: index → hash, and hash → (index, base height), for
+    // backlinks and link checks.
+    let mut fresh: HashMap<u32, [u8; 32]> = HashMap::new();
+    let mut fresh_by_hash: HashMap<[u8; 32], (i32, i32)> = HashMap::new();
     let mut latest: Option<SkipBlock> = view.latest_block(genesis)?;
-    let hash_at = |fresh: &HashMap<u32, SkipBlock>, i: u32| -> Result<[u8; 32], String> {
-        if let Some(b) = fresh.get(&i) {
-            return block::hash32(&b.hash, "hash");
+    let hash_at = |fresh: &HashMap<u32, [u8; 32]>, i: u32| -> Result<[u8; 32], String> {
+        if let Some(h) = fresh.get(&i) {
+            return Ok(*h);
         }
         view.hash_at(genesis, i)?
             .ok_or_else(|| format!("block {i} is missing here"))
@@ -1081,19 +1090,19 @@ fn apply(db: &redb::Database, genesis: &[u8; 32], page: PeerBlocks) -> Result<(u
         }
         let is_new = latest.as_ref().is_none_or(|l| b.index > l.index);
         let own = if is_new {
-            b.clone()
+            let h = block::hash32(&b.hash, "block hash")?;
+            fresh.insert(b.index as u32, h);
+            fresh_by_hash.insert(h, (b.index, b.base_height));
+            puts.push(Put::Block(b.clone()));
+            added += 1;
+            latest.insert(b)
         } else {
-            view.block_bare(&b.hash)?
+            &view
+                .block_bare(&b.hash)?
                 .ok_or("database: known block missing")?
         };
-        if is_new {
-            puts.push(Put::Block(b.clone()));
-            fresh.insert(b.index as u32, b.clone());
-            added += 1;
-            latest = Some(b);
-        }
         for (h, l) in forward.into_iter().enumerate() {
-            check_link(h as u32, &l, &own)?;
+            check_link(h as u32, &l, own)?;
             if h == 0 {
                 to_new.insert(l.to.clone(), l.clone());
             }
@@ -1105,24 +1114,29 @@ fn apply(db: &redb::Database, genesis: &[u8; 32], page: PeerBlocks) -> Result<(u
     }
     // Every link must point exactly base^level blocks ahead. Links whose target is
     // neither held nor in this page are not stored (they come again with that block).
-    let index_of = |h: &[u8]| -> Result<Option<SkipBlock>, String> {
-        if let Some(b) = fresh.values().find(|b| b.hash == h) {
-            return Ok(Some(b.clone()));
+    // (index, base height, chain) of a block of this page or held here.
+    let index_of = |h: &[u8]| -> Result<Option<(i32, i32, [u8; 32])>, String> {
+        if let Some((i, base)) = <[u8; 32]>::try_from(h)
+            .ok()
+            .and_then(|k| fresh_by_hash.get(&k))
+        {
+            return Ok(Some((*i, *base, *genesis)));
         }
-        view.block_bare(h)
+        view.block_bare(h)?
+            .map(|b| Ok((b.index, b.base_height, block::chain_id(&b)?)))
+            .transpose()
     };
     let mut kept = Vec::with_capacity(puts.len());
     for p in puts {
         if let Put::Link { level, link } = &p {
-            let from = index_of(&link.from)?.ok_or("database: link source missing")?;
-            let Some(to) = index_of(&link.to)? else {
+            let (from, base, _) = index_of(&link.from)?.ok_or("database: link source missing")?;
+            let Some((to, _, to_chain)) = index_of(&link.to)? else {
                 continue;
             };
-            let want = block::forward_index(from.index as u32, from.base_height, *level);
-            if want != Some(to.index as u32) || block::chain_id(&to)? != *genesis {
+            let want = block::forward_index(from as u32, base, *level);
+            if want != Some(to as u32) || to_chain != *genesis {
                 return Err(format!(
-                    "forward link at level {level} from block {} points to block {}, not {:?}",
-                    from.index, to.index, want
+                    "forward link at level {level} from block {from} points to block {to}, not {want:?}"
                 ));
             }
         }

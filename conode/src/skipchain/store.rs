@@ -9,7 +9,10 @@ use prost::Message;
 use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 
 use super::block::{self, ForwardLink, SkipBlock};
-use crate::db::{SKIPCHAIN_BLOCKS, SKIPCHAIN_CHAINS, SKIPCHAIN_INDEX, SKIPCHAIN_LINKS};
+use crate::db::{
+    decode_position, encode_position, SKIPCHAIN_BLOCKS, SKIPCHAIN_CHAINS, SKIPCHAIN_INDEX,
+    SKIPCHAIN_LINKS,
+};
 
 fn e(x: impl std::fmt::Display) -> String {
     format!("database: {x}")
@@ -103,7 +106,7 @@ impl View {
     }
 
     /// Every chain: (genesis, latest index, latest hash).
-    pub fn chains(&self) -> Result<Vec<crate::db::RawChainPosition>, String> {
+    pub fn chains(&self) -> Result<Vec<crate::db::ChainPosition>, String> {
         crate::db::chain_positions(&self.txn)
     }
 
@@ -146,15 +149,6 @@ fn index_key(genesis: &[u8], index: u32) -> Vec<u8> {
     let mut k = genesis.to_vec();
     k.extend_from_slice(&index.to_be_bytes());
     k
-}
-
-fn decode_position(v: &[u8]) -> Result<(u32, [u8; 32]), String> {
-    if v.len() != 36 {
-        return Err("database: damaged chain position".into());
-    }
-    let mut i = [0u8; 4];
-    i.copy_from_slice(&v[..4]);
-    Ok((u32::from_le_bytes(i), block::hash32(&v[4..], "position")?))
 }
 
 /// One change to commit: a new block (extending its chain by one) or a forward link.
@@ -202,8 +196,7 @@ pub fn commit(db: &Database, puts: &[Put]) -> Result<(), String> {
                     index
                         .insert(&index_key(&genesis, b.index as u32)[..], &hash[..])
                         .map_err(e)?;
-                    let mut pos = (b.index as u32).to_le_bytes().to_vec();
-                    pos.extend_from_slice(&hash);
+                    let pos = encode_position(b.index as u32, &hash);
                     chains.insert(&genesis[..], &pos[..]).map_err(e)?;
                 }
                 Put::Link { level, link } => {

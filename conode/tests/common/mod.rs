@@ -10,14 +10,19 @@ use conode::server::Server;
 
 /// A port `p` with `p` and `p+1` free on 127.0.0.1 a moment ago.
 pub fn free_port_pair() -> u16 {
+    free_port_pair_on("127.0.0.1")
+}
+
+/// A port `p` with `p` and `p+1` free on loopback address `host` a moment ago.
+pub fn free_port_pair_on(host: &str) -> u16 {
     for _ in 0..200 {
-        let a = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        let a = TcpListener::bind((host, 0)).expect("bind loopback");
         let p = a.local_addr().unwrap().port();
-        if p < 65000 && TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+        if p < 65000 && TcpListener::bind((host, p + 1)).is_ok() {
             return p;
         }
     }
-    panic!("no free pair of adjacent loopback ports");
+    panic!("no free pair of adjacent ports on {host}");
 }
 
 pub struct TestNode {
@@ -31,7 +36,13 @@ impl TestNode {
     }
 
     pub fn with_host(desc: &str, host: &str) -> TestNode {
-        let port = free_port_pair();
+        // Test hosts are loopback IPs or `localhost`; ports are checked where they bind.
+        let bind_host = if host.parse::<std::net::IpAddr>().is_ok() {
+            host
+        } else {
+            "127.0.0.1"
+        };
+        let port = free_port_pair_on(bind_host);
         let keys = KeyPair::generate().unwrap();
         let address = Address {
             scheme: Scheme::Tls,
