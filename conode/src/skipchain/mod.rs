@@ -421,9 +421,24 @@ impl Skipchain {
         let lock = self.lock(&genesis);
         let _guard = lock.lock().await;
         let view = self.view()?;
-        let mut latest = view
-            .latest_block(&genesis)?
+        let (latest_index, latest_hash) = view
+            .latest(&genesis)?
             .ok_or("database: chain without a latest block")?;
+        // The latest block has no forward links yet (nothing follows it), and clients
+        // usually name it as the target: then it is decoded already.
+        let mut latest = if tb.hash[..] == latest_hash[..] {
+            tb
+        } else {
+            view.block_bare(&latest_hash)?
+                .ok_or("database: the latest block is missing")?
+        };
+        if latest.index as i64 != latest_index as i64 {
+            return Err(format!(
+                "database: the latest block of chain {} has index {}, not {latest_index}",
+                block::short(&genesis),
+                latest.index
+            ));
+        }
         let roster = latest.roster.clone().ok_or("latest block has no roster")?;
         let keys = block::roster_keys(&roster)?;
         if keys[0] != self.keys.public_bytes() {
@@ -447,9 +462,12 @@ impl Skipchain {
         let mut backlinks = Vec::with_capacity(height as usize);
         for h in 0..height as u32 {
             let bi = block::backlink_index(index, base, h).ok_or("backlink out of range")?;
-            let bh = view
-                .hash_at(&genesis, bi)?
-                .ok_or_else(|| format!("database: block {bi} of the chain is missing"))?;
+            let bh = if bi == latest_index {
+                latest_hash
+            } else {
+                view.hash_at(&genesis, bi)?
+                    .ok_or_else(|| format!("database: block {bi} of the chain is missing"))?
+            };
             backlinks.push(bh.to_vec());
         }
         drop(view);
@@ -465,8 +483,8 @@ impl Skipchain {
             signature_scheme: block::SCHEME_ED25519,
             ..Default::default()
         };
-        b.hash = block::block_hash(&b).to_vec();
         let hash = block::block_hash(&b);
+        b.hash = hash.to_vec();
         let msgs: Vec<[u8; 32]> = b
             .backlinks
             .iter()
