@@ -11,6 +11,9 @@
 //! verifying key other than the one computed from its own scalar (that would leak the
 //! key; see `ed25519_dalek::hazmat`).
 
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+
 use curve25519_dalek::constants::ED25519_BASEPOINT_TABLE;
 use curve25519_dalek::Scalar;
 use ed25519_dalek::hazmat::{raw_sign, ExpandedSecretKey};
@@ -54,9 +57,30 @@ pub fn parse_public(s: &str) -> Result<VerifyingKey, KeyError> {
     VerifyingKey::from_bytes(&b).map_err(|_| KeyError::BadPoint)
 }
 
+/// Decoded verifying keys kept at most (then the cache starts again empty).
+const KEY_CACHE: usize = 4096;
+
+/// `public` decoded, from a process-wide cache: decoding a point (a square root) costs
+/// about a tenth of a verification, and a conode verifies the same few roster keys over
+/// and over. Only keys that decode are kept.
+fn verifying_key(public: &[u8; 32]) -> Option<VerifyingKey> {
+    static CACHE: OnceLock<Mutex<HashMap<[u8; 32], VerifyingKey>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(vk) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(public) {
+        return Some(*vk);
+    }
+    let vk = VerifyingKey::from_bytes(public).ok()?;
+    let mut c = cache.lock().unwrap_or_else(|p| p.into_inner());
+    if c.len() >= KEY_CACHE {
+        c.clear();
+    }
+    c.insert(*public, vk);
+    Some(vk)
+}
+
 /// Verify an Ed25519 signature by `public` over `msg`.
 pub fn verify(public: &[u8; 32], msg: &[u8], sig: &[u8]) -> bool {
-    let Ok(vk) = VerifyingKey::from_bytes(public) else {
+    let Some(vk) = verifying_key(public) else {
         return false;
     };
     let Ok(sig) = Signature::from_slice(sig) else {
