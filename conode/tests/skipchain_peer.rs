@@ -12,7 +12,7 @@ use conode::config::{Address, Roster, Scheme};
 use conode::keys::KeyPair;
 use conode::peer::{Counters, PeerConn, PeerTls};
 use conode::skipchain::block::{self, ByzcoinSig, ForwardLink, SkipBlock};
-use conode::skipchain::{client, PeerSign, PeerSignReply, PeerStore};
+use conode::skipchain::{client, PeerSign, PeerSignReply, PeerStore, PeerStoreSigned};
 use prost::Message;
 
 struct Fixture {
@@ -200,6 +200,15 @@ fn sign_msg(b: &SkipBlock) -> Vec<u8> {
 fn store_msg(b: &SkipBlock, links: Vec<ForwardLink>) -> Vec<u8> {
     PeerStore {
         block: Some(b.clone()),
+        links,
+    }
+    .encode_to_vec()
+}
+
+fn store_signed_msg(b: &SkipBlock, links: Vec<ForwardLink>) -> Vec<u8> {
+    PeerStoreSigned {
+        genesis: b.genesis.clone(),
+        hash: b.hash.clone(),
         links,
     }
     .encode_to_vec()
@@ -429,6 +438,99 @@ async fn a_follower_that_missed_blocks_fetches_them_before_signing() {
     f.call(2, 1, "Store", store_msg(&b3, links3)).await.unwrap();
     assert_eq!(f.held(1, 2).await, Some(b2.hash.clone()));
     assert_eq!(f.held(1, 3).await, Some(b3.hash.clone()));
+    for s in f.servers.drain(..) {
+        s.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_signed_stores_the_signed_block_only_with_valid_links_and_others_fetch_it() {
+    let mut f = Fixture::new().await;
+    f.append_valid(b"one").await;
+    let b = f.next_block(b"two");
+    let all = f.keys.clone();
+    // Followers 1 and 2 sign block 2; follower 3 is not asked.
+    for i in 1..3 {
+        f.call(0, i, "Sign", sign_msg(&b)).await.expect("signs");
+    }
+    let mut forged = f.links(&b, &all, &[0, 1, 2]);
+    forged[0].signature.as_mut().unwrap().sig[64 + 10] ^= 0x40;
+    let mut outsider_keys = all.clone();
+    outsider_keys[2] = KeyPair::generate().unwrap();
+    let mut elsewhere = f.links(&b, &all, &[0, 1, 2]);
+    elsewhere[1].to = f.blocks[1].hash.clone();
+    let mut wrong_target = b.clone();
+    wrong_target.hash = f.blocks[1].hash.clone();
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            // Member 1's signature, altered: follower 1 does not take it for its own.
+            "forged signature",
+            store_signed_msg(&b, forged),
+            "invalid signature of roster member 1",
+        ),
+        (
+            "non-member signature",
+            store_signed_msg(&b, f.links(&b, &outsider_keys, &[0, 1, 2])),
+            "invalid signature of roster member 2",
+        ),
+        (
+            "below the threshold",
+            store_signed_msg(&b, f.links(&b, &all, &[0, 1])),
+            "2 of 4 signatures; 3 needed",
+        ),
+        (
+            "no links",
+            store_signed_msg(&b, vec![]),
+            "comes with 0 forward links",
+        ),
+        (
+            "links to another block",
+            store_signed_msg(&b, elsewhere),
+            "points to",
+        ),
+        (
+            "a block held already",
+            store_signed_msg(&wrong_target, f.links(&b, &all, &[0, 1, 2])),
+            "already hold block",
+        ),
+        ("malformed", vec![0x0a, 0x05, 1], "malformed StoreSigned"),
+    ];
+    for (what, payload, reason) in cases {
+        for to in 1..3 {
+            let e = f
+                .call(0, to, "StoreSigned", payload.clone())
+                .await
+                .expect_err(what);
+            assert!(e.contains(reason), "{what}: to {to}: {e}");
+            assert_eq!(f.held(to, 2).await, None, "{what}: block 2 stored on {to}");
+        }
+    }
+    // The signed block is still kept: valid links store it, without the block.
+    let links = f.links(&b, &all, &[0, 1, 2]);
+    for to in 1..3 {
+        f.call(0, to, "StoreSigned", store_signed_msg(&b, links.clone()))
+            .await
+            .expect("stores");
+        assert_eq!(f.held(to, 2).await, Some(b.hash.clone()));
+        let e = f
+            .call(0, to, "StoreSigned", store_signed_msg(&b, links.clone()))
+            .await
+            .unwrap_err();
+        assert!(e.contains("already hold block"), "{e}");
+    }
+    // Follower 3 never signed block 2. It fetches the block from the sender: not from the
+    // test leader, which does not listen, but from member 2, which holds it; and it
+    // verifies it as any fetched block.
+    let e = f
+        .call(0, 3, "StoreSigned", store_signed_msg(&b, links.clone()))
+        .await
+        .unwrap_err();
+    assert!(e.contains("cannot connect"), "{e}");
+    assert_eq!(f.held(3, 2).await, None);
+    f.call(2, 3, "StoreSigned", store_signed_msg(&b, links))
+        .await
+        .expect("fetched from member 2");
+    assert_eq!(f.held(3, 2).await, Some(b.hash.clone()));
     for s in f.servers.drain(..) {
         s.stop().await;
     }

@@ -347,6 +347,22 @@ pub fn combine_signatures(n: usize, mut sigs: Vec<(usize, [u8; 64])>) -> Vec<u8>
 /// Check a forward link from `from` (whose roster signs) to `to`.
 pub fn verify_link(link: &ForwardLink, from: &SkipBlock, to: &[u8; 32]) -> Result<(), String> {
     let from_hash = hash32(&from.hash, "block hash")?;
+    let roster = from.roster.as_ref().ok_or("block has no roster")?;
+    verify_link_from(link, &from_hash, roster, to, None)
+}
+
+/// [`verify_link`] for a link leaving from block `from_hash` whose roster is `roster`.
+/// `own`: the position of this node in `roster` and the signature it made itself of
+/// this link's message (a follower keeps what it signed); a signature with exactly
+/// those bytes at that position is valid, so it is not verified again. Every other
+/// signature is.
+pub fn verify_link_from(
+    link: &ForwardLink,
+    from_hash: &[u8; 32],
+    roster: &Roster,
+    to: &[u8; 32],
+    own: Option<(usize, &[u8; 64])>,
+) -> Result<(), String> {
     if link.from != from_hash {
         return Err("forward link does not start at its block".into());
     }
@@ -364,11 +380,10 @@ pub fn verify_link(link: &ForwardLink, from: &SkipBlock, to: &[u8; 32]) -> Resul
         .signature
         .as_ref()
         .ok_or("forward link has no signature")?;
-    let msg = link_hash(&from_hash, to);
+    let msg = link_hash(from_hash, to);
     if sig.msg != msg {
         return Err("forward link signs another message than hash(from ‖ to)".into());
     }
-    let roster = from.roster.as_ref().ok_or("block has no roster")?;
     let keys = roster_keys(roster)?;
     let n = keys.len();
     let mask_len = n.div_ceil(8);
@@ -397,7 +412,11 @@ pub fn verify_link(link: &ForwardLink, from: &SkipBlock, to: &[u8; 32]) -> Resul
         ));
     }
     for (k, i) in signers.iter().enumerate() {
-        if !keys::verify(&keys[*i], &msg, &sigs[k * 64..(k + 1) * 64]) {
+        let s = &sigs[k * 64..(k + 1) * 64];
+        if own.is_some_and(|(p, o)| p == *i && o[..] == *s) {
+            continue;
+        }
+        if !keys::verify(&keys[*i], &msg, s) {
             return Err(format!(
                 "forward link: invalid signature of roster member {i} ({})",
                 short(&keys[*i])
@@ -687,5 +706,31 @@ mod tests {
         let n = l.signature.as_ref().unwrap().sig.len();
         l.signature.as_mut().unwrap().sig[n - 1] |= 0x80;
         assert!(verify_link(&l, &b, &to).is_err());
+    }
+
+    #[test]
+    fn a_signature_the_node_made_itself_is_trusted_only_byte_for_byte_at_its_position() {
+        let keys: Vec<KeyPair> = (0..4).map(|_| KeyPair::generate().unwrap()).collect();
+        let b = block(&keys);
+        let from = hash32(&b.hash, "").unwrap();
+        let r = b.roster.as_ref().unwrap();
+        let to = [9u8; 32];
+        let good = link(&keys, &[0, 1, 2], &b, to);
+        let mine: [u8; 64] = good.signature.as_ref().unwrap().sig[64..128]
+            .try_into()
+            .unwrap();
+        verify_link_from(&good, &from, r, &to, Some((1, &mine))).unwrap();
+        // Member 1's signature replaced by garbage that this node claims as its own at
+        // another position, or that differs from what it signed: verified, and refused.
+        let mut bad = good.clone();
+        bad.signature.as_mut().unwrap().sig[64..128].copy_from_slice(&[7; 64]);
+        let junk = [7u8; 64];
+        let e = verify_link_from(&bad, &from, r, &to, Some((2, &junk))).unwrap_err();
+        assert!(e.contains("invalid signature of roster member 1"), "{e}");
+        let e = verify_link_from(&bad, &from, r, &to, Some((1, &mine))).unwrap_err();
+        assert!(e.contains("invalid signature of roster member 1"), "{e}");
+        // Member 1's own signature stands in for nobody else's.
+        let e = verify_link_from(&good, &from, r, &[8; 32], Some((1, &mine))).unwrap_err();
+        assert!(e.contains("points to"), "{e}");
     }
 }

@@ -7,21 +7,27 @@
 //! every other member to sign the forward links that will point to it (`Skipchain/Sign`
 //! on the conode-to-conode port), and once it holds the threshold of valid signatures it
 //! commits block and links in **one durable redb transaction** (one commit, one fsync on
-//! the acknowledgement path) and answers the client. Then it sends the block and its links
-//! to every other member (`Skipchain/Store`), without waiting.
+//! the acknowledgement path) and answers the client. Then it sends the block's hash and
+//! its links to every other member (`Skipchain/StoreSigned`), without waiting: each was
+//! asked to sign that block, and kept it.
 //!
 //! **Followers** check everything before they sign or store: the sender is the leader
 //! (for `Sign`), index, heights and backlinks against their own copy of the chain, the
-//! roster is unchanged, the hash; for `Store` also every forward link's signatures
-//! against the roster of the block it leaves from. A follower that lacks blocks (it was
-//! down, or just restarted) fetches them (`Skipchain/GetBlocks`) from the member that
-//! contacted it, and at start-up from the members of each chain it holds, leader first.
-//! Fetched blocks are verified the same way, link by link, from the last block it holds.
+//! roster is unchanged, the hash; for `Store` and `StoreSigned` also every forward link's
+//! signatures against the roster of the block it leaves from. A follower keeps the last
+//! block it signed per chain, so `StoreSigned` stores it after checking the links (its
+//! own signature in them is compared byte for byte instead of verified); one that did
+//! not keep it (it refused to sign, or restarted) fetches it. A follower that lacks
+//! blocks (it was down, or just restarted) fetches them (`Skipchain/GetBlocks`) from the
+//! member that contacted it, and at start-up from the members of each chain it holds,
+//! leader first. Fetched blocks are verified the same way, link by link, from the last
+//! block it holds. `Store` (the block itself and its links) is still served.
 //!
 //! Members reach each other only at the `Address` written in the roster, resolved at
 //! each dial, so moving an address to another host with the same identity and data is
 //! transparent to them. Messages to one member go through one connection, in order: a
-//! block's `Store` reaches a follower before the `Sign` of the next block.
+//! block's `Sign` reaches a follower before its `StoreSigned`, which comes before the
+//! `Sign` of the next block.
 //!
 //! # Limits
 //! Block data: at most [`block::MAX_DATA`] (4 MiB). Rosters cannot change (a block with
@@ -69,6 +75,9 @@ const ALREADY_EXISTS: &str = "already exists";
 /// to [`MAX_BACKOFF`]), so one dead member does not slow every block.
 const MIN_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Data of the blocks a follower keeps after signing them, at most (one per chain; past
+/// it the others are dropped, and their `StoreSigned` fetches the block instead).
+const KEPT_BYTES: usize = 64 << 20;
 
 // ---------------------------------------------------------------------------------------
 // Conode-to-conode messages (service `Skipchain`)
@@ -94,6 +103,21 @@ pub struct PeerStore {
     #[prost(message, optional, tag = "1")]
     pub block: Option<SkipBlock>,
     #[prost(message, repeated, tag = "2")]
+    pub links: Vec<ForwardLink>,
+}
+
+/// `StoreSigned`: what `Store` says, to a member that was asked to sign the block: it kept
+/// the block it signed, so the block is named by its hash instead of sent again. A member
+/// that did not keep it (it refused to sign, restarted, or dropped it) fetches it from the
+/// sender (`GetBlocks`), who stored it before sending.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PeerStoreSigned {
+    #[prost(bytes = "vec", tag = "1")]
+    pub genesis: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    pub hash: Vec<u8>,
+    /// `links[h]` leaves from the block's `backlinks[h]`.
+    #[prost(message, repeated, tag = "3")]
     pub links: Vec<ForwardLink>,
 }
 
@@ -223,6 +247,20 @@ pub struct Skipchain {
     members: Mutex<HashMap<[u8; 32], mpsc::Sender<Job>>>,
     /// The Status figures that read every page, and when.
     bytes_cache: Mutex<Option<(Instant, u64)>>,
+    /// As a follower: the last block signed per chain, until it is stored.
+    signed: Mutex<HashMap<[u8; 32], Signed>>,
+}
+
+/// A block this node verified and signed as a follower. Kept so that `StoreSigned` need
+/// not carry it again, and so that our own signatures in its forward links are known
+/// without verifying them.
+struct Signed {
+    block: SkipBlock,
+    hash: [u8; 32],
+    /// Our position in the roster.
+    position: usize,
+    /// Our signature per level, on `hash(backlinks[h] ‖ hash)`.
+    sigs: Vec<[u8; 64]>,
 }
 
 fn decode<M: Message + Default>(b: &[u8], what: &str) -> Result<M, String> {
@@ -253,11 +291,33 @@ impl Skipchain {
             locks: Mutex::new(HashMap::new()),
             members: Mutex::new(HashMap::new()),
             bytes_cache: Mutex::new(None),
+            signed: Mutex::new(HashMap::new()),
         })
     }
 
     fn view(&self) -> Result<View, String> {
         View::new(&self.db.db)
+    }
+
+    /// Keep `s`, the block just signed for chain `genesis`, in place of the last one.
+    fn keep_signed(&self, genesis: [u8; 32], s: Signed) {
+        let mut m = self.signed.lock().unwrap_or_else(|p| p.into_inner());
+        m.remove(&genesis);
+        let bytes: usize = m.values().map(|k| k.block.data.len()).sum();
+        if bytes + s.block.data.len() > KEPT_BYTES {
+            m.clear();
+        }
+        m.insert(genesis, s);
+    }
+
+    /// The block of chain `genesis` signed here, if it is the one with `hash`.
+    fn take_signed(&self, genesis: &[u8; 32], hash: &[u8; 32]) -> Option<Signed> {
+        let mut m = self.signed.lock().unwrap_or_else(|p| p.into_inner());
+        if m.get(genesis).is_some_and(|s| s.hash == *hash) {
+            m.remove(genesis)
+        } else {
+            None
+        }
     }
 
     fn lock(&self, genesis: &[u8; 32]) -> Arc<tokio::sync::Mutex<()>> {
@@ -595,15 +655,18 @@ impl Skipchain {
         }
         self.blocking(move |db| store::commit(&db.db, &puts))
             .await?;
-        // Durable and signed: acknowledge, then propagate.
-        let msg = PeerStore {
-            block: Some(b.clone()),
+        // Durable and signed: acknowledge, then propagate. Every follower was asked to
+        // sign this block, so it is named by its hash; on each connection the `Sign`
+        // went first.
+        let msg = PeerStoreSigned {
+            genesis: genesis.to_vec(),
+            hash: hash.to_vec(),
             links: links.clone(),
         }
         .encode_to_vec();
         for s in &roster.list[1..] {
             let (k, a) = member_addr(s)?;
-            self.send(k, a, "Store", msg.clone(), false);
+            self.send(k, a, "StoreSigned", msg.clone(), false);
         }
         if latest.forward.is_empty() {
             latest.forward.push(links[0].clone());
@@ -717,20 +780,26 @@ impl Skipchain {
         let genesis = block::hash32(&b.genesis, "genesis")?;
         let lock = self.lock(&genesis);
         let _guard = lock.lock().await;
-        // Errors are logged only: the checks below then say what is missing.
-        if let Err(e) = self.catch_up_if_behind(&genesis, &b, from).await {
-            tracing::warn!("skipchain: catching up before signing: {e}");
+        let mut view = self.view()?;
+        if is_behind(view.latest(&genesis)?, b.index) {
+            drop(view);
+            // Errors are logged only: the checks below then say what is missing.
+            if let Err(e) = self.catch_up_from(&genesis, b.roster.as_ref(), from).await {
+                tracing::warn!("skipchain: catching up before signing: {e}");
+            }
+            view = self.view()?;
         }
-        let view = self.view()?;
-        let latest = view.latest_block(&genesis)?.ok_or("unknown chain")?;
-        if b.index <= latest.index {
+        let (latest_index, latest_hash) = view.latest(&genesis)?.ok_or("unknown chain")?;
+        if b.index as i64 <= latest_index as i64 {
             return Err(format!(
-                "block {} {ALREADY_EXISTS}: this conode holds chain {} up to block {}",
+                "block {} {ALREADY_EXISTS}: this conode holds chain {} up to block {latest_index}",
                 b.index,
                 block::short(&genesis),
-                latest.index
             ));
         }
+        let latest = view
+            .block_bare(&latest_hash)?
+            .ok_or("database: the latest block is missing")?;
         let roster = latest.roster.as_ref().ok_or("latest block has no roster")?;
         let keys = block::roster_keys(roster)?;
         if keys[0] != from {
@@ -739,21 +808,38 @@ impl Skipchain {
                     .into(),
             );
         }
-        if !keys.contains(&self.keys.public_bytes()) {
-            return Err("this conode is not in the chain's roster".into());
-        }
+        let position = keys
+            .iter()
+            .position(|k| *k == self.keys.public_bytes())
+            .ok_or("this conode is not in the chain's roster")?;
         let hash = block::check_successor(&latest, &genesis, &b, |h| {
             let i = block::backlink_index(b.index as u32, b.base_height, h)
                 .ok_or("backlink out of range")?;
+            if i == latest_index {
+                return Ok(latest_hash);
+            }
             view.hash_at(&genesis, i)?
                 .ok_or_else(|| format!("block {i} is missing here"))
         })?;
+        drop(view);
         let mut sigs = Vec::with_capacity(b.backlinks.len());
         for f in &b.backlinks {
             let f = block::hash32(f, "backlink")?;
-            sigs.push(self.keys.sign(&block::link_hash(&f, &hash)).to_vec());
+            sigs.push(self.keys.sign(&block::link_hash(&f, &hash)));
         }
-        Ok(PeerSignReply { sigs })
+        let reply = PeerSignReply {
+            sigs: sigs.iter().map(|s| s.to_vec()).collect(),
+        };
+        self.keep_signed(
+            genesis,
+            Signed {
+                block: b,
+                hash,
+                position,
+                sigs,
+            },
+        );
+        Ok(reply)
     }
 
     async fn on_genesis(&self, from: [u8; 32], req: PeerStore) -> Result<(), String> {
@@ -828,6 +914,101 @@ impl Skipchain {
             .await
     }
 
+    /// `StoreSigned`: the block is the one kept from `Sign`, already checked against our
+    /// chain (index, heights, backlinks, roster, hash); what is new is its forward links,
+    /// and every signature in them is verified but ours (compared byte for byte). Without
+    /// the kept block, or when behind, fetch from the sender.
+    async fn on_store_signed(&self, from: [u8; 32], req: PeerStoreSigned) -> Result<(), String> {
+        let genesis = block::hash32(&req.genesis, "genesis")?;
+        let hash = block::hash32(&req.hash, "block hash")?;
+        let lock = self.lock(&genesis);
+        let _guard = lock.lock().await;
+        let view = self.view()?;
+        let latest = view.latest(&genesis)?;
+        let Some(s) = self.take_signed(&genesis, &hash) else {
+            drop(view);
+            return self.fetch_stored(&genesis, &hash, latest, from).await;
+        };
+        let b = &s.block;
+        match latest {
+            Some((i, h)) if i as i64 + 1 == b.index as i64 => {
+                if b.backlinks[0] != h {
+                    return Err(format!(
+                        "block {} no longer follows this conode's latest block {}",
+                        b.index,
+                        block::short(&h)
+                    ));
+                }
+            }
+            Some((i, h)) if b.index as i64 <= i as i64 => {
+                let ours = view.hash_at(&genesis, b.index.max(0) as u32)?;
+                return Err(if ours == Some(hash) {
+                    format!(
+                        "already hold block {} of chain {}",
+                        b.index,
+                        block::short(&genesis)
+                    )
+                } else {
+                    format!(
+                        "conflicting block {}: this conode holds another block at that index (latest {i}, {})",
+                        b.index,
+                        block::short(&h)
+                    )
+                });
+            }
+            _ => {
+                drop(view);
+                return self.fetch_stored(&genesis, &hash, latest, from).await;
+            }
+        }
+        drop(view);
+        if let Err(e) = check_signed_links(&s, &req.links) {
+            // Keep the block for a valid `StoreSigned`.
+            self.keep_signed(genesis, s);
+            return Err(e);
+        }
+        let mut puts = vec![Put::Block(s.block)];
+        puts.extend(
+            req.links
+                .into_iter()
+                .enumerate()
+                .map(|(h, link)| Put::Link {
+                    level: h as u32,
+                    link,
+                }),
+        );
+        self.blocking(move |db| store::commit(&db.db, &puts)).await
+    }
+
+    /// A block stored by `from` that is not kept here: fetch the chain from `from`
+    /// (verified as any fetch), then it must be held.
+    async fn fetch_stored(
+        &self,
+        genesis: &[u8; 32],
+        hash: &[u8; 32],
+        latest: Option<(u32, [u8; 32])>,
+        from: [u8; 32],
+    ) -> Result<(), String> {
+        let (_, latest_hash) = latest.ok_or("unknown chain")?;
+        if self.view()?.has_block(hash)? {
+            return Err(format!("already hold block {}", block::short(hash)));
+        }
+        let roster = self
+            .view()?
+            .block_bare(&latest_hash)?
+            .ok_or("database: the latest block is missing")?
+            .roster;
+        self.catch_up_from(genesis, roster.as_ref(), from).await?;
+        if self.view()?.has_block(hash)? {
+            Ok(())
+        } else {
+            Err(format!(
+                "block {} was not signed here, and the sender did not provide it",
+                block::short(hash)
+            ))
+        }
+    }
+
     fn on_get_blocks(&self, req: PeerGetBlocks) -> Result<PeerBlocks, String> {
         let view = self.view()?;
         let genesis = block::hash32(&req.genesis, "genesis")?;
@@ -886,15 +1067,22 @@ impl Skipchain {
         b: &SkipBlock,
         from: [u8; 32],
     ) -> Result<(), String> {
-        let behind = match self.view()?.latest(genesis)? {
-            None => true,
-            Some((i, _)) => (i as i64) + 1 < b.index as i64,
-        };
-        if !behind {
+        if !is_behind(self.view()?.latest(genesis)?, b.index) {
             return Ok(());
         }
-        let r = b.roster.as_ref().ok_or("block has no roster")?;
-        let s = r
+        self.catch_up_from(genesis, b.roster.as_ref(), from).await
+    }
+
+    /// Fetch the blocks `from` holds beyond ours; it must be in `roster`. The caller
+    /// holds the lock.
+    async fn catch_up_from(
+        &self,
+        genesis: &[u8; 32],
+        roster: Option<&block::Roster>,
+        from: [u8; 32],
+    ) -> Result<(), String> {
+        let s = roster
+            .ok_or("block has no roster")?
             .list
             .iter()
             .find(|s| untag_point(&s.public) == Some(from))
@@ -984,6 +1172,36 @@ impl Skipchain {
                 }
             }
         }
+    }
+}
+
+/// The forward links of a `StoreSigned` for the kept block `s`: one per level, each from
+/// its backlink to it, signed by the threshold. Rosters cannot change, so the blocks the
+/// links leave from have the block's roster.
+fn check_signed_links(s: &Signed, links: &[ForwardLink]) -> Result<(), String> {
+    let b = &s.block;
+    if links.len() != b.backlinks.len() {
+        return Err(format!(
+            "block {} comes with {} forward links; it needs {}",
+            b.index,
+            links.len(),
+            b.backlinks.len()
+        ));
+    }
+    let roster = b.roster.as_ref().ok_or("block has no roster")?;
+    for (h, l) in links.iter().enumerate() {
+        let from = block::hash32(&b.backlinks[h], "backlink")?;
+        block::verify_link_from(l, &from, roster, &s.hash, Some((s.position, &s.sigs[h])))?;
+    }
+    Ok(())
+}
+
+/// Whether a block at `index` is beyond our `latest` (index, hash) + 1, or its chain is
+/// unknown here.
+fn is_behind(latest: Option<(u32, [u8; 32])>, index: i32) -> bool {
+    match latest {
+        None => true,
+        Some((i, _)) => (i as i64) + 1 < index as i64,
     }
 }
 
@@ -1220,6 +1438,10 @@ impl PeerHandler for Skipchain {
                     .encode_to_vec()),
                 "Store" => self
                     .on_store(from, decode(payload, "Store")?)
+                    .await
+                    .map(|_| Vec::new()),
+                "StoreSigned" => self
+                    .on_store_signed(from, decode(payload, "StoreSigned")?)
                     .await
                     .map(|_| Vec::new()),
                 "Genesis" => self

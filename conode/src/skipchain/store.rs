@@ -54,6 +54,16 @@ impl View {
         })
     }
 
+    /// Whether the block with `hash` is stored (without reading it).
+    pub fn has_block(&self, hash: &[u8]) -> Result<bool, String> {
+        let t = match self.txn.open_table(SKIPCHAIN_BLOCKS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(false),
+            Err(x) => return Err(e(x)),
+        };
+        Ok(t.get(hash).map_err(e)?.is_some())
+    }
+
     /// The forward link at `level` from block `from`.
     pub fn link(&self, from: &[u8], level: u32) -> Result<Option<ForwardLink>, String> {
         let t = open_or_none!(self.txn, SKIPCHAIN_LINKS);
