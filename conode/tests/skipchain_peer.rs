@@ -535,3 +535,42 @@ async fn store_signed_stores_the_signed_block_only_with_valid_links_and_others_f
         s.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sign_of_the_next_block_waits_for_the_store_of_the_block_signed_before() {
+    let mut f = Fixture::new().await;
+    f.append_valid(b"one").await;
+    let b2 = f.next_block(b"two");
+    for i in 1..4 {
+        f.call(0, i, "Sign", sign_msg(&b2)).await.expect("signs");
+    }
+    let links2 = f.links(&b2, &f.keys.clone(), &[0, 1, 2, 3]);
+    f.blocks.push(b2.clone());
+    let b3 = f.next_block(b"three");
+    // Sign(3) reaches follower 1 before StoreSigned(2), on another connection: it waits
+    // for it, then signs block 3 on top of block 2.
+    let f = Arc::new(f);
+    let early = {
+        let (f, b3) = (f.clone(), b3.clone());
+        tokio::spawn(async move { f.call(0, 1, "Sign", sign_msg(&b3)).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert!(!early.is_finished(), "Sign(3) did not wait for block 2");
+    f.call(0, 1, "StoreSigned", store_signed_msg(&b2, links2))
+        .await
+        .expect("stores block 2");
+    let r = early.await.unwrap().expect("signs block 3");
+    assert_eq!(
+        PeerSignReply::decode(&r[..]).unwrap().sigs.len(),
+        b3.backlinks.len()
+    );
+    assert_eq!(f.held(1, 2).await, Some(b2.hash.clone()));
+    // Follower 2 never gets StoreSigned(2): after waiting, it tries to fetch block 2 from
+    // the leader (which does not listen here) and refuses to sign block 3.
+    let e = f.call(0, 2, "Sign", sign_msg(&b3)).await.unwrap_err();
+    assert!(e.contains("does not follow the latest block 1"), "{e}");
+    let mut f = Arc::into_inner(f).expect("no other reference");
+    for s in f.servers.drain(..) {
+        s.stop().await;
+    }
+}

@@ -23,11 +23,20 @@
 //! leader first. Fetched blocks are verified the same way, link by link, from the last
 //! block it holds. `Store` (the block itself and its links) is still served.
 //!
+//! # Durability and pipelining
+//! A follower answers `StoreSigned` (and `Store`) only once the block is durable, and
+//! only durable blocks are visible in its database. Between its check of the links and
+//! the end of its commit, the block is *checked*: the `Sign` of the next block may
+//! build on it (a signature says that block k+1 extends block k, which the threshold
+//! signed; it says nothing of where k is stored). So a follower's fsync of block k runs
+//! beside the leader's fsync of block k+1 instead of before it. A `Sign` that arrives
+//! before the `StoreSigned` of the block it follows waits for it (at most
+//! [`STORE_WAIT`]), then fetches that block instead.
+//!
 //! Members reach each other only at the `Address` written in the roster, resolved at
 //! each dial, so moving an address to another host with the same identity and data is
-//! transparent to them. Messages to one member go through one connection, in order: a
-//! block's `Sign` reaches a follower before its `StoreSigned`, which comes before the
-//! `Sign` of the next block.
+//! transparent to them. A member keeps two connections to each other member, each in
+//! order: one for `Sign`, one for the rest.
 //!
 //! # Limits
 //! Block data: at most [`block::MAX_DATA`] (4 MiB). Rosters cannot change (a block with
@@ -75,6 +84,9 @@ const ALREADY_EXISTS: &str = "already exists";
 /// to [`MAX_BACKOFF`]), so one dead member does not slow every block.
 const MIN_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How long a follower's `Sign` waits for the `StoreSigned` of the block before it (sent
+/// earlier, on another connection) before fetching that block instead.
+const STORE_WAIT: Duration = Duration::from_secs(1);
 /// Data of the blocks a follower keeps after signing them, at most (one per chain; past
 /// it the others are dropped, and their `StoreSigned` fetches the block instead).
 const KEPT_BYTES: usize = 64 << 20;
@@ -162,6 +174,19 @@ struct Job {
     reply: Option<oneshot::Sender<Result<Vec<u8>, String>>>,
 }
 
+/// Which of its two connections to a member a message takes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum Lane {
+    /// `Sign`, so that it never waits behind the durable commit of the previous block's
+    /// `StoreSigned` on the member's side.
+    Sign,
+    /// Everything else, in order.
+    Other,
+}
+
+/// The queue of each member and lane.
+type Queues = HashMap<([u8; 32], Lane), mpsc::Sender<Job>>;
+
 /// How this node talks to other members.
 #[derive(Clone)]
 struct Dialer {
@@ -243,12 +268,30 @@ pub struct Skipchain {
     db: Arc<Db>,
     keys: KeyPair,
     dialer: Dialer,
-    locks: Mutex<HashMap<[u8; 32], Arc<tokio::sync::Mutex<()>>>>,
-    members: Mutex<HashMap<[u8; 32], mpsc::Sender<Job>>>,
+    chains: Mutex<HashMap<[u8; 32], Arc<Chain>>>,
+    members: Mutex<Queues>,
     /// The Status figures that read every page, and when.
     bytes_cache: Mutex<Option<(Instant, u64)>>,
     /// As a follower: the last block signed per chain, until it is stored.
     signed: Mutex<HashMap<[u8; 32], Signed>>,
+}
+
+/// Per chain: the lock that orders its checks and writes, and, as a follower, the block
+/// whose commit is under way.
+#[derive(Default)]
+struct Chain {
+    lock: tokio::sync::Mutex<Option<Committing>>,
+    /// Woken when `StoreSigned` has checked a block and starts committing it.
+    checked: tokio::sync::Notify,
+}
+
+/// A block with a valid forward link to it, being committed (durably) by `StoreSigned`
+/// after the lock was released: `Sign` of the next block may build on it meanwhile.
+struct Committing {
+    index: u32,
+    hash: [u8; 32],
+    /// The block without its data (what `check_successor` reads of a predecessor).
+    head: SkipBlock,
 }
 
 /// A block this node verified and signed as a follower. Kept so that `StoreSigned` need
@@ -288,7 +331,7 @@ impl Skipchain {
                 our_address,
                 counters,
             },
-            locks: Mutex::new(HashMap::new()),
+            chains: Mutex::new(HashMap::new()),
             members: Mutex::new(HashMap::new()),
             bytes_cache: Mutex::new(None),
             signed: Mutex::new(HashMap::new()),
@@ -320,9 +363,26 @@ impl Skipchain {
         }
     }
 
-    fn lock(&self, genesis: &[u8; 32]) -> Arc<tokio::sync::Mutex<()>> {
-        let mut l = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+    fn chain(&self, genesis: &[u8; 32]) -> Arc<Chain> {
+        let mut l = self.chains.lock().unwrap_or_else(|p| p.into_inner());
         l.entry(*genesis).or_default().clone()
+    }
+
+    /// Whether `b` follows the block kept from our last `Sign` of its chain, which is not
+    /// stored here yet: its `StoreSigned` is then on its way on the other connection.
+    fn store_on_its_way(&self, genesis: &[u8; 32], b: &SkipBlock) -> Result<bool, String> {
+        let kept = {
+            let m = self.signed.lock().unwrap_or_else(|p| p.into_inner());
+            m.get(genesis).map(|s| (s.block.index, s.hash))
+        };
+        let Some((index, hash)) = kept else {
+            return Ok(false);
+        };
+        if index as i64 + 1 != b.index as i64 || b.backlinks.first() != Some(&hash.to_vec()) {
+            return Ok(false);
+        }
+        let latest = self.view()?.latest(genesis)?;
+        Ok(latest.is_some_and(|(i, _)| i as i64 + 1 == index as i64))
     }
 
     /// Run blocking database work off the async threads.
@@ -357,8 +417,13 @@ impl Skipchain {
             payload,
             reply: tx,
         };
+        let lane = if method == "Sign" {
+            Lane::Sign
+        } else {
+            Lane::Other
+        };
         let mut m = self.members.lock().unwrap_or_else(|p| p.into_inner());
-        let q = m.entry(key).or_insert_with(|| {
+        let q = m.entry((key, lane)).or_insert_with(|| {
             let (t, r) = mpsc::channel(QUEUE);
             tokio::spawn(member_worker(self.dialer.clone(), key, r));
             t
@@ -478,8 +543,8 @@ impl Skipchain {
         let tb = view.block_bare(target)?.ok_or("no such block")?;
         let genesis = block::chain_id(&tb)?;
         drop(view);
-        let lock = self.lock(&genesis);
-        let _guard = lock.lock().await;
+        let chain = self.chain(&genesis);
+        let _guard = chain.lock.lock().await;
         let view = self.view()?;
         let (latest_index, latest_hash) = view
             .latest(&genesis)?
@@ -778,18 +843,28 @@ impl Skipchain {
     async fn on_sign(&self, from: [u8; 32], req: PeerSign) -> Result<PeerSignReply, String> {
         let b = req.block.ok_or("Sign without a block")?;
         let genesis = block::hash32(&b.genesis, "genesis")?;
-        let lock = self.lock(&genesis);
-        let _guard = lock.lock().await;
+        let chain = self.chain(&genesis);
+        {
+            // Registered before the check, so a wake-up in between is not missed.
+            let checked = chain.checked.notified();
+            if self.store_on_its_way(&genesis, &b)? {
+                // Bounded: without it, the checks below fetch the block instead.
+                let _ = tokio::time::timeout(STORE_WAIT, checked).await;
+            }
+        }
+        let guard = chain.lock.lock().await;
         let mut view = self.view()?;
-        if is_behind(view.latest(&genesis)?, b.index) {
+        let mut latest = building_on(&guard, view.latest(&genesis)?);
+        if is_behind(latest.as_ref().map(|l| l.0), b.index) {
             drop(view);
             // Errors are logged only: the checks below then say what is missing.
             if let Err(e) = self.catch_up_from(&genesis, b.roster.as_ref(), from).await {
                 tracing::warn!("skipchain: catching up before signing: {e}");
             }
             view = self.view()?;
+            latest = building_on(&guard, view.latest(&genesis)?);
         }
-        let (latest_index, latest_hash) = view.latest(&genesis)?.ok_or("unknown chain")?;
+        let ((latest_index, latest_hash), head) = latest.ok_or("unknown chain")?;
         if b.index as i64 <= latest_index as i64 {
             return Err(format!(
                 "block {} {ALREADY_EXISTS}: this conode holds chain {} up to block {latest_index}",
@@ -797,9 +872,12 @@ impl Skipchain {
                 block::short(&genesis),
             ));
         }
-        let latest = view
-            .block_bare(&latest_hash)?
-            .ok_or("database: the latest block is missing")?;
+        let latest = match head {
+            Some(h) => h,
+            None => view
+                .block_bare(&latest_hash)?
+                .ok_or("database: the latest block is missing")?,
+        };
         let roster = latest.roster.as_ref().ok_or("latest block has no roster")?;
         let keys = block::roster_keys(roster)?;
         if keys[0] != from {
@@ -852,8 +930,8 @@ impl Skipchain {
         if !keys.contains(&self.keys.public_bytes()) {
             return Err("this conode is not in the chain's roster".into());
         }
-        let lock = self.lock(&genesis);
-        let _guard = lock.lock().await;
+        let chain = self.chain(&genesis);
+        let _guard = chain.lock.lock().await;
         if self.view()?.latest(&genesis)?.is_some() {
             return Err(format!(
                 "already hold chain {}: genesis not stored again",
@@ -867,8 +945,8 @@ impl Skipchain {
     async fn on_store(&self, from: [u8; 32], req: PeerStore) -> Result<(), String> {
         let b = req.block.ok_or("Store without a block")?;
         let genesis = block::hash32(&b.genesis, "genesis")?;
-        let lock = self.lock(&genesis);
-        let _guard = lock.lock().await;
+        let chain = self.chain(&genesis);
+        let _guard = chain.lock.lock().await;
         self.catch_up_if_behind(&genesis, &b, from).await?;
         if let Some((i, h)) = self.view()?.latest(&genesis)? {
             if b.index as i64 <= i as i64 {
@@ -921,8 +999,8 @@ impl Skipchain {
     async fn on_store_signed(&self, from: [u8; 32], req: PeerStoreSigned) -> Result<(), String> {
         let genesis = block::hash32(&req.genesis, "genesis")?;
         let hash = block::hash32(&req.hash, "block hash")?;
-        let lock = self.lock(&genesis);
-        let _guard = lock.lock().await;
+        let chain = self.chain(&genesis);
+        let mut guard = chain.lock.lock().await;
         let view = self.view()?;
         let latest = view.latest(&genesis)?;
         let Some(s) = self.take_signed(&genesis, &hash) else {
@@ -967,6 +1045,15 @@ impl Skipchain {
             self.keep_signed(genesis, s);
             return Err(e);
         }
+        // Checked: the next block's `Sign` may build on it while it is committed, but
+        // the answer waits until it is durable.
+        *guard = Some(Committing {
+            index: s.block.index as u32,
+            hash,
+            head: head_of(&s.block),
+        });
+        chain.checked.notify_waiters();
+        drop(guard);
         let mut puts = vec![Put::Block(s.block)];
         puts.extend(
             req.links
@@ -977,7 +1064,12 @@ impl Skipchain {
                     link,
                 }),
         );
-        self.blocking(move |db| store::commit(&db.db, &puts)).await
+        let r = self.blocking(move |db| store::commit(&db.db, &puts)).await;
+        let mut guard = chain.lock.lock().await;
+        if guard.as_ref().is_some_and(|c| c.hash == hash) {
+            *guard = None;
+        }
+        r
     }
 
     /// A block stored by `from` that is not kept here: fetch the chain from `from`
@@ -1156,8 +1248,8 @@ impl Skipchain {
                 Ok(Some(b)) => b.roster.unwrap_or_default(),
                 _ => continue,
             };
-            let lock = self.lock(&genesis);
-            let _guard = lock.lock().await;
+            let chain = self.chain(&genesis);
+            let _guard = chain.lock.lock().await;
             for m in &roster.list {
                 if untag_point(&m.public) == Some(self.keys.public_bytes()) {
                     continue;
@@ -1194,6 +1286,38 @@ fn check_signed_links(s: &Signed, links: &[ForwardLink]) -> Result<(), String> {
         block::verify_link_from(l, &from, roster, &s.hash, Some((s.position, &s.sigs[h])))?;
     }
     Ok(())
+}
+
+/// `b` without its data.
+fn head_of(b: &SkipBlock) -> SkipBlock {
+    SkipBlock {
+        index: b.index,
+        height: b.height,
+        max_height: b.max_height,
+        base_height: b.base_height,
+        backlinks: b.backlinks.clone(),
+        verifiers: b.verifiers.clone(),
+        genesis: b.genesis.clone(),
+        data: Vec::new(),
+        roster: b.roster.clone(),
+        hash: b.hash.clone(),
+        forward: Vec::new(),
+        payload: None,
+        signature_scheme: b.signature_scheme,
+    }
+}
+
+/// What a new block builds on: the latest block stored, or the one being committed after
+/// it (then with its head).
+type Base = ((u32, [u8; 32]), Option<SkipBlock>);
+
+fn building_on(committing: &Option<Committing>, stored: Option<(u32, [u8; 32])>) -> Option<Base> {
+    match (committing, stored) {
+        (Some(c), Some((i, _))) if c.index as i64 == i as i64 + 1 => {
+            Some(((c.index, c.hash), Some(c.head.clone())))
+        }
+        (_, stored) => stored.map(|l| (l, None)),
+    }
 }
 
 /// Whether a block at `index` is beyond our `latest` (index, hash) + 1, or its chain is
