@@ -30,8 +30,8 @@
 //! build on it (a signature says that block k+1 extends block k, which the threshold
 //! signed; it says nothing of where k is stored). So a follower's fsync of block k runs
 //! beside the leader's fsync of block k+1 instead of before it. A `Sign` that arrives
-//! before the `StoreSigned` of the block it follows waits for it (at most
-//! [`STORE_WAIT`]), then fetches that block instead.
+//! before the `StoreSigned` of the block it follows waits for it (at most 1 s,
+//! `STORE_WAIT`), then fetches that block instead.
 //!
 //! Members reach each other only at the `Address` written in the roster, resolved at
 //! each dial, so moving an address to another host with the same identity and data is
