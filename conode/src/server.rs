@@ -49,6 +49,7 @@ impl Server {
         extra: Vec<Arc<dyn ws::Service>>,
     ) -> Result<Server, String> {
         tls::install_provider();
+        tune_malloc();
         let db = Arc::new(Db::open(&db_path, &cfg.keys.public_bytes())?);
         let peer_tls = PeerTls::new(&cfg.keys)
             .map_err(|e| format!("cannot build the conode-to-conode certificate: {e}"))?;
@@ -214,3 +215,31 @@ pub async fn signal() -> Result<&'static str, String> {
         _ = int.recv() => "SIGINT",
     })
 }
+
+/// Keep freed memory for the next block instead of handing it back to the kernel.
+///
+/// Block frames and redb pages of 64 KiB and more churn through glibc's malloc. By
+/// default it returns a heap's free top to the kernel past a few hundred KiB, and the
+/// next block faults those pages in again, zeroed: about a tenth of the CPU with 64 KiB
+/// blocks. Here a heap keeps up to [`MALLOC_TRIM`] free, and allocations below
+/// [`MALLOC_MMAP`] come from the heaps. Process-wide and set once, like the TLS
+/// provider; a no-op where the allocator is not glibc's.
+fn tune_malloc() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            // SAFETY: mallopt only changes two thresholds of glibc's allocator; it takes
+            // no pointers and is safe to call at any time.
+            unsafe {
+                libc::mallopt(libc::M_TRIM_THRESHOLD, MALLOC_TRIM as libc::c_int);
+                libc::mallopt(libc::M_MMAP_THRESHOLD, MALLOC_MMAP as libc::c_int);
+            }
+        });
+    }
+}
+
+/// Free memory a malloc heap keeps rather than returning it to the kernel.
+const MALLOC_TRIM: usize = 8 << 20;
+/// Allocations at least this large are mapped on their own (and unmapped when freed).
+const MALLOC_MMAP: usize = 4 << 20;
