@@ -616,24 +616,26 @@ impl Skipchain {
             .map(|f| block::hash32(f, "backlink").map(|f| block::link_hash(&f, &hash)))
             .collect::<Result<_, _>>()?;
 
-        // Collect signatures: ours, then the followers' until the threshold.
+        // Collect signatures: the followers' until the threshold, and ours while they
+        // work.
         let n = keys.len();
         let need = block::threshold(n);
+        let proposal = PeerSign { block: Some(b) };
+        let payload = proposal.encode_to_vec();
+        let b = proposal
+            .block
+            .ok_or("internal: the proposal lost its block")?;
+        let mut pending = FuturesUnordered::new();
+        for (i, s) in roster.list.iter().enumerate().skip(1) {
+            let (k, a) = member_addr(s)?;
+            if let Some(rx) = self.send(k, a, "Sign", payload.clone(), true) {
+                pending.push(async move { (i, rx.await) });
+            }
+        }
         let mut per_level: Vec<Vec<(usize, [u8; 64])>> =
             msgs.iter().map(|m| vec![(0, self.keys.sign(m))]).collect();
         let mut signers = 1;
         let mut errors = Vec::new();
-        let proposal = PeerSign {
-            block: Some(b.clone()),
-        }
-        .encode_to_vec();
-        let mut pending = FuturesUnordered::new();
-        for (i, s) in roster.list.iter().enumerate().skip(1) {
-            let (k, a) = member_addr(s)?;
-            if let Some(rx) = self.send(k, a, "Sign", proposal.clone(), true) {
-                pending.push(async move { (i, rx.await) });
-            }
-        }
         let deadline = tokio::time::sleep(SIGN_TIMEOUT);
         tokio::pin!(deadline);
         while signers < need {
