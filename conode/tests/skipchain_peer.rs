@@ -537,7 +537,7 @@ async fn store_signed_stores_the_signed_block_only_with_valid_links_and_others_f
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_sign_of_the_next_block_waits_for_the_store_of_the_block_signed_before() {
+async fn the_sign_of_the_next_block_is_answered_once_the_block_before_is_stored() {
     let mut f = Fixture::new().await;
     f.append_valid(b"one").await;
     let b2 = f.next_block(b"two");
@@ -548,7 +548,7 @@ async fn the_sign_of_the_next_block_waits_for_the_store_of_the_block_signed_befo
     f.blocks.push(b2.clone());
     let b3 = f.next_block(b"three");
     // Sign(3) reaches follower 1 before StoreSigned(2), on another connection: it waits
-    // for it, then signs block 3 on top of block 2.
+    // for it, signs block 3 on top of block 2, and answers once block 2 is durable there.
     let f = Arc::new(f);
     let early = {
         let (f, b3) = (f.clone(), b3.clone());
@@ -556,15 +556,24 @@ async fn the_sign_of_the_next_block_waits_for_the_store_of_the_block_signed_befo
     };
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     assert!(!early.is_finished(), "Sign(3) did not wait for block 2");
-    f.call(0, 1, "StoreSigned", store_signed_msg(&b2, links2))
-        .await
-        .expect("stores block 2");
+    let store = {
+        let (f, b2) = (f.clone(), b2.clone());
+        tokio::spawn(async move {
+            f.call(0, 1, "StoreSigned", store_signed_msg(&b2, links2))
+                .await
+        })
+    };
     let r = early.await.unwrap().expect("signs block 3");
+    assert_eq!(
+        f.held(1, 2).await,
+        Some(b2.hash.clone()),
+        "signed before block 2 was stored"
+    );
     assert_eq!(
         PeerSignReply::decode(&r[..]).unwrap().sigs.len(),
         b3.backlinks.len()
     );
-    assert_eq!(f.held(1, 2).await, Some(b2.hash.clone()));
+    store.await.unwrap().expect("stores block 2");
     // Follower 2 never gets StoreSigned(2): after waiting, it tries to fetch block 2 from
     // the leader (which does not listen here) and refuses to sign block 3.
     let e = f.call(0, 2, "Sign", sign_msg(&b3)).await.unwrap_err();

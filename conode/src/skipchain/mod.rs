@@ -26,10 +26,11 @@
 //! # Durability and pipelining
 //! A follower answers `StoreSigned` (and `Store`) only once the block is durable, and
 //! only durable blocks are visible in its database. Between its check of the links and
-//! the end of its commit, the block is *checked*: the `Sign` of the next block may
-//! build on it (a signature says that block k+1 extends block k, which the threshold
-//! signed; it says nothing of where k is stored). So a follower's fsync of block k runs
-//! beside the leader's fsync of block k+1 instead of before it. A `Sign` that arrives
+//! the end of its commit, the block is *checked*: the `Sign` of the next block may be
+//! checked and signed on top of it meanwhile, but is answered only once it is durable.
+//! So, as when `Sign` queued behind `StoreSigned` on one connection, once block k+1 is
+//! acknowledged, block k is on the disks of the followers that signed k+1; but a
+//! follower's work on k+1 no longer waits for its fsync of k. A `Sign` that arrives
 //! before the `StoreSigned` of the block it follows waits for it (at most 1 s,
 //! `STORE_WAIT`), then fetches that block instead.
 //!
@@ -177,8 +178,8 @@ struct Job {
 /// Which of its two connections to a member a message takes.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 enum Lane {
-    /// `Sign`, so that it never waits behind the durable commit of the previous block's
-    /// `StoreSigned` on the member's side.
+    /// `Sign`, so that it is read and checked while the member commits the previous
+    /// block (`StoreSigned`), not after.
     Sign,
     /// Everything else, in order.
     Other,
@@ -283,10 +284,13 @@ struct Chain {
     lock: tokio::sync::Mutex<Option<Committing>>,
     /// Woken when `StoreSigned` has checked a block and starts committing it.
     checked: tokio::sync::Notify,
+    /// Woken when that commit is over (durable, or failed).
+    stored: tokio::sync::Notify,
 }
 
 /// A block with a valid forward link to it, being committed (durably) by `StoreSigned`
-/// after the lock was released: `Sign` of the next block may build on it meanwhile.
+/// after the lock was released: `Sign` of the next block may build on it meanwhile, and
+/// answers once it is durable.
 struct Committing {
     index: u32,
     hash: [u8; 32],
@@ -874,6 +878,8 @@ impl Skipchain {
                 block::short(&genesis),
             ));
         }
+        // Built on a block whose commit is under way: answer once it is durable.
+        let pending = head.is_some().then_some(latest_hash);
         let latest = match head {
             Some(h) => h,
             None => view
@@ -919,7 +925,48 @@ impl Skipchain {
                 sigs,
             },
         );
+        drop(guard);
+        if let Some(h) = pending {
+            self.until_stored(&chain, &h).await?;
+        }
         Ok(reply)
+    }
+
+    /// Wait until block `hash`, whose commit `StoreSigned` began, is durable here. A
+    /// signature on the next block is answered only then, so that once a block is
+    /// acknowledged, the block before it is on the disks of the followers that signed it.
+    async fn until_stored(&self, chain: &Chain, hash: &[u8; 32]) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + SIGN_TIMEOUT;
+        loop {
+            // Registered before the checks, so the end of the commit is not missed.
+            let stored = chain.stored.notified();
+            if self.view()?.has_block(hash)? {
+                return Ok(());
+            }
+            let under_way = chain
+                .lock
+                .lock()
+                .await
+                .as_ref()
+                .is_some_and(|c| c.hash == *hash);
+            if !under_way {
+                // Over between the two checks, or failed.
+                return if self.view()?.has_block(hash)? {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "block {} could not be stored here, so the block after it is not signed",
+                        block::short(hash)
+                    ))
+                };
+            }
+            if tokio::time::timeout_at(deadline, stored).await.is_err() {
+                return Err(format!(
+                    "block {} is still being stored here after {SIGN_TIMEOUT:?}",
+                    block::short(hash)
+                ));
+            }
+        }
     }
 
     async fn on_genesis(&self, from: [u8; 32], req: PeerStore) -> Result<(), String> {
@@ -1071,6 +1118,7 @@ impl Skipchain {
         if guard.as_ref().is_some_and(|c| c.hash == hash) {
             *guard = None;
         }
+        chain.stored.notify_waiters();
         r
     }
 
