@@ -299,6 +299,51 @@ impl ServerCertVerifier for ExpectKey {
     }
 }
 
+/// Server side, pinned: only a client certificate whose Ed25519 key is in the list.
+/// A client without it fails the TLS handshake and is never served anything.
+#[derive(Debug)]
+struct PinnedClients(Vec<[u8; 32]>);
+
+impl ClientCertVerifier for PinnedClients {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let got = cert_key(end_entity)?;
+        if !self.0.contains(&got) {
+            return Err(rustls::Error::General(format!(
+                "client key {} is not pinned",
+                hex::encode(got)
+            )));
+        }
+        Ok(ClientCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _m: &[u8],
+        _c: &CertificateDer<'_>,
+        _d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("TLS 1.2 is not used".into()))
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13(m, c, d)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        vec![SignatureScheme::ED25519]
+    }
+}
+
 /// Server side: any Ed25519 client certificate; its key is then matched to the hello.
 #[derive(Debug)]
 struct AnyEd25519Client;
@@ -389,7 +434,24 @@ impl PeerTls {
         self.keys.public_bytes()
     }
 
-    fn client_config(&self, expected: [u8; 32]) -> Result<Arc<rustls::ClientConfig>, String> {
+    /// A TLS 1.3 server configuration presenting our key-bound certificate and accepting
+    /// only clients whose certificate carries one of the `pinned` Ed25519 keys (for
+    /// `failoverd`'s peer port: the handshake itself refuses anybody else).
+    pub fn pinned_server_config(
+        &self,
+        pinned: Vec<[u8; 32]>,
+    ) -> Result<Arc<rustls::ServerConfig>, String> {
+        let cfg = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| e.to_string())?
+            .with_client_cert_verifier(Arc::new(PinnedClients(pinned)))
+            .with_cert_resolver(Arc::new(ServerCert(self.cert.clone())));
+        Ok(Arc::new(cfg))
+    }
+
+    /// A TLS 1.3 client configuration presenting our certificate and accepting only a
+    /// server whose certificate carries the `expected` key. Use the server name "conode".
+    pub fn client_config(&self, expected: [u8; 32]) -> Result<Arc<rustls::ClientConfig>, String> {
         let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| e.to_string())?

@@ -1,0 +1,276 @@
+//! Content-defined chunking and BLAKE3 chunk hashes: the body of a snapshot manifest.
+//!
+//! A snapshot is a fresh redb file written by the conode from one read transaction. Two
+//! snapshots taken a little apart hold mostly the same pages, but not at the same offsets:
+//! a block inserted in the middle of a table moves the pages after it. Fixed-size chunks
+//! would then all differ; chunks cut where the content says (a gear rolling hash, as in
+//! FastCDC) find each other again after the insertion, so the standby keeps most of its
+//! previous generation and only the chunks around the change cross the network.
+//!
+//! Boundaries depend only on the bytes and on [`Params`], never on where a read started:
+//! the same file always gives the same chunks, on any host.
+
+use std::io::Read;
+
+/// Chunk size limits. `min <= avg <= max`, `avg` a power of two.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Params {
+    pub min: u32,
+    pub avg: u32,
+    pub max: u32,
+}
+
+impl Params {
+    /// 4 KiB .. 16 KiB .. 64 KiB: a 1 GiB snapshot has about 65 000 chunks, and an inserted
+    /// block costs about one chunk of neighbours beyond its own bytes.
+    pub const DEFAULT: Params = Params {
+        min: 4 << 10,
+        avg: 16 << 10,
+        max: 64 << 10,
+    };
+
+    /// Check the limits (a manifest from the network carries them).
+    pub fn check(&self) -> Result<(), String> {
+        if !self.avg.is_power_of_two()
+            || self.avg < 256
+            || self.min < 64
+            || self.min > self.avg
+            || self.avg > self.max
+            || self.max > 16 << 20
+        {
+            return Err(format!(
+                "bad chunk sizes min {} avg {} max {}: need 64 <= min <= avg <= max <= 16 MiB, avg a power of two >= 256",
+                self.min, self.avg, self.max
+            ));
+        }
+        Ok(())
+    }
+
+    fn masks(&self) -> (u64, u64) {
+        let bits = self.avg.trailing_zeros();
+        // Normalized chunking: harder to cut before `avg`, easier after. Top bits of the
+        // gear hash depend on the last 64 bytes.
+        let small = u64::MAX << (64 - (bits + 2).min(63));
+        let large = u64::MAX << (64 - bits.saturating_sub(2).max(1));
+        (small, large)
+    }
+}
+
+/// One chunk: its place in the file and the BLAKE3 hash of its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Chunk {
+    pub offset: u64,
+    pub len: u32,
+    pub hash: [u8; 32],
+}
+
+static GEAR: [u64; 256] = gear_table();
+
+const fn gear_table() -> [u64; 256] {
+    // splitmix64 from a fixed seed: the table is part of the format.
+    let mut t = [0u64; 256];
+    let mut s: u64 = 0x6661_696c_6f76_6572; // "failover"
+    let mut i = 0;
+    while i < 256 {
+        s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        t[i] = z ^ (z >> 31);
+        i += 1;
+    }
+    t
+}
+
+/// Length of the first chunk of `data` (all of it if shorter than `max` and no cut is
+/// found; callers pass at least `max` bytes unless at the end of the file).
+pub fn cut(data: &[u8], p: &Params) -> usize {
+    let (min, avg, max) = (p.min as usize, p.avg as usize, p.max as usize);
+    let n = data.len();
+    if n <= min {
+        return n;
+    }
+    let end = n.min(max);
+    let normal = end.min(avg);
+    let (small, large) = p.masks();
+    let mut h: u64 = 0;
+    let mut i = min;
+    while i < normal {
+        h = (h << 1).wrapping_add(GEAR[data[i] as usize]);
+        if h & small == 0 {
+            return i + 1;
+        }
+        i += 1;
+    }
+    while i < end {
+        h = (h << 1).wrapping_add(GEAR[data[i] as usize]);
+        if h & large == 0 {
+            return i + 1;
+        }
+        i += 1;
+    }
+    end
+}
+
+/// Split `data` (a whole file in memory) into chunks and hash them.
+pub fn chunk_slice(data: &[u8], p: &Params) -> Vec<Chunk> {
+    let mut out = Vec::with_capacity(data.len() / p.avg as usize + 1);
+    let mut off = 0usize;
+    while off < data.len() {
+        let len = cut(&data[off..], p);
+        out.push(Chunk {
+            offset: off as u64,
+            len: len as u32,
+            hash: *blake3::hash(&data[off..off + len]).as_bytes(),
+        });
+        off += len;
+    }
+    out
+}
+
+/// Split a stream into chunks and hash them, reading it once with a bounded buffer.
+/// `on_data` sees every byte in order (to count or copy it).
+pub fn chunk_reader<R: Read>(
+    mut r: R,
+    p: &Params,
+    mut on_data: impl FnMut(&[u8]) -> std::io::Result<()>,
+) -> std::io::Result<Vec<Chunk>> {
+    let max = p.max as usize;
+    let cap = (4 << 20).max(2 * max);
+    let mut buf = vec![0u8; cap];
+    let mut start = 0usize; // first byte not yet chunked
+    let mut filled = 0usize;
+    let mut offset = 0u64; // file offset of buf[start]
+    let mut eof = false;
+    let mut out = Vec::new();
+    loop {
+        // Keep at least `max` bytes ahead of `start` unless the stream ended.
+        if !eof && filled - start < max {
+            buf.copy_within(start..filled, 0);
+            filled -= start;
+            start = 0;
+            while filled < cap {
+                let n = r.read(&mut buf[filled..])?;
+                if n == 0 {
+                    eof = true;
+                    break;
+                }
+                on_data(&buf[filled..filled + n])?;
+                filled += n;
+            }
+        }
+        if start == filled {
+            return Ok(out);
+        }
+        let len = cut(&buf[start..filled], p);
+        out.push(Chunk {
+            offset,
+            len: len as u32,
+            hash: *blake3::hash(&buf[start..start + len]).as_bytes(),
+        });
+        start += len;
+        offset += len as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                s as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn chunks_cover_the_file_within_limits() {
+        let p = Params::DEFAULT;
+        let data = pseudo_random(3 << 20, 7);
+        let chunks = chunk_slice(&data, &p);
+        let mut off = 0u64;
+        for (i, c) in chunks.iter().enumerate() {
+            assert_eq!(c.offset, off);
+            assert!(c.len <= p.max);
+            if i + 1 < chunks.len() {
+                assert!(c.len > p.min, "chunk {i} is {} bytes", c.len);
+            }
+            off += c.len as u64;
+        }
+        assert_eq!(off, data.len() as u64);
+        let avg = data.len() / chunks.len();
+        assert!(
+            (p.avg as usize / 2..p.avg as usize * 2).contains(&avg),
+            "average chunk {avg} bytes"
+        );
+    }
+
+    #[test]
+    fn reader_and_slice_agree_whatever_the_read_sizes() {
+        struct Dribble<'a>(&'a [u8], usize);
+        impl Read for Dribble<'_> {
+            fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+                let n = b.len().min(self.1).min(self.0.len());
+                b[..n].copy_from_slice(&self.0[..n]);
+                self.0 = &self.0[n..];
+                self.1 = self.1 % 9000 + 777;
+                Ok(n)
+            }
+        }
+        let p = Params::DEFAULT;
+        let data = pseudo_random(9 << 20, 3);
+        let mut seen = 0usize;
+        let a = chunk_reader(Dribble(&data, 1), &p, |d| {
+            seen += d.len();
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen, data.len());
+        assert_eq!(a, chunk_slice(&data, &p));
+    }
+
+    #[test]
+    fn an_insertion_changes_only_nearby_chunks() {
+        let p = Params::DEFAULT;
+        let old = pseudo_random(8 << 20, 11);
+        let mut new = old.clone();
+        let insert = pseudo_random(70_000, 12);
+        new.splice(3_000_000..3_000_000, insert.iter().copied());
+        let held: std::collections::HashSet<[u8; 32]> =
+            chunk_slice(&old, &p).iter().map(|c| c.hash).collect();
+        let missing: u64 = chunk_slice(&new, &p)
+            .iter()
+            .filter(|c| !held.contains(&c.hash))
+            .map(|c| c.len as u64)
+            .sum();
+        assert!(missing >= insert.len() as u64);
+        assert!(
+            missing <= insert.len() as u64 + 3 * p.max as u64,
+            "{missing} bytes to send for a {} byte insertion",
+            insert.len()
+        );
+    }
+
+    #[test]
+    fn empty_and_tiny_inputs() {
+        let p = Params::DEFAULT;
+        assert!(chunk_slice(&[], &p).is_empty());
+        let one = chunk_slice(b"abc", &p);
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].hash, *blake3::hash(b"abc").as_bytes());
+    }
+
+    #[test]
+    fn bad_params_are_refused() {
+        assert!(Params::DEFAULT.check().is_ok());
+        for (min, avg, max) in [(0, 1024, 4096), (2048, 1000, 4096), (64, 4096, 1024)] {
+            assert!(Params { min, avg, max }.check().is_err());
+        }
+    }
+}
