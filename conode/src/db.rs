@@ -421,8 +421,8 @@ fn verify_inner(path: &Path, expected_public: &[u8; 32]) -> Result<Vec<ChainPosi
             path.display()
         )
     };
-    let backend = Overlay::open(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let backend =
+        Overlay::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let mut db = redb::Builder::new()
         .set_check_integrity_on_open(true)
         .create_with_backend(backend)
@@ -593,7 +593,7 @@ impl redb::StorageBackend for Overlay {
             // Forget overlay bytes past the new end, so growing again reads zeros.
             let first = len.div_ceil(OVERLAY_PAGE as u64);
             st.pages.retain(|n, _| *n < first);
-            if len % OVERLAY_PAGE as u64 != 0 {
+            if !len.is_multiple_of(OVERLAY_PAGE as u64) {
                 let n = len / OVERLAY_PAGE as u64;
                 let cut = (len % OVERLAY_PAGE as u64) as usize;
                 if let Some(p) = st.pages.get_mut(&n) {

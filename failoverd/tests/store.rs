@@ -127,7 +127,11 @@ fn assert_installable(store: &Store, public: &[u8; 32], generation: u64) {
     assert_eq!(newest.manifest.generation, generation);
     let before = std::fs::read(&newest.path).unwrap();
     let pos = conode::db::verify_snapshot(&newest.path, public).unwrap();
-    assert_eq!(std::fs::read(&newest.path).unwrap(), before, "checking changes nothing");
+    assert_eq!(
+        std::fs::read(&newest.path).unwrap(),
+        before,
+        "checking changes nothing"
+    );
     assert_eq!(pos, newest.manifest.positions);
 }
 
@@ -141,7 +145,10 @@ fn full_then_incremental_sends_only_new_chunks() {
     let sent1 = ship(&store, &s.key, &m1, &f1).unwrap();
     assert_eq!(sent1, m1.bytes, "the first generation is sent whole");
     assert_installable(&store, &s.live.public, 1);
-    assert_eq!(std::fs::read(&store.newest().unwrap().path).unwrap().len() as u64, m1.bytes);
+    assert_eq!(
+        std::fs::read(&store.newest().unwrap().path).unwrap().len() as u64,
+        m1.bytes
+    );
 
     s.live.append(3, 8000);
     let (f2, p2) = s.live.snapshot("s2.db");
@@ -159,13 +166,27 @@ fn full_then_incremental_sends_only_new_chunks() {
     // Keep 2: a third generation prunes the first.
     s.live.append(1, 100);
     let (f3, p3) = s.live.snapshot("s3.db");
-    ship(&store, &s.key, &manifest(&s.key, s.live.public, 3, &f3, p3), &f3).unwrap();
-    let gens: Vec<u64> = store.installed().iter().map(|g| g.manifest.generation).collect();
+    ship(
+        &store,
+        &s.key,
+        &manifest(&s.key, s.live.public, 3, &f3, p3),
+        &f3,
+    )
+    .unwrap();
+    let gens: Vec<u64> = store
+        .installed()
+        .iter()
+        .map(|g| g.manifest.generation)
+        .collect();
     assert_eq!(gens, vec![2, 3]);
     // A restarted standby finds the same generations.
     drop(store);
     let store = Store::open(&s.state, 2, s.key.public_bytes(), s.live.public).unwrap();
-    let gens: Vec<u64> = store.installed().iter().map(|g| g.manifest.generation).collect();
+    let gens: Vec<u64> = store
+        .installed()
+        .iter()
+        .map(|g| g.manifest.generation)
+        .collect();
     assert_eq!(gens, vec![2, 3]);
 }
 
@@ -176,13 +197,21 @@ fn refused_keeps_previous(bad: impl FnOnce(&mut Setup, &Store) -> Result<(), Str
     s.live.append(50, 4000);
     let (f1, p1) = s.live.snapshot("s1.db");
     let store = Store::open(&s.state, 3, s.key.public_bytes(), s.live.public).unwrap();
-    ship(&store, &s.key, &manifest(&s.key, s.live.public, 1, &f1, p1), &f1).unwrap();
+    ship(
+        &store,
+        &s.key,
+        &manifest(&s.key, s.live.public, 1, &f1, p1),
+        &f1,
+    )
+    .unwrap();
     s.live.append(5, 4000);
     let e = bad(&mut s, &store).expect_err("must be refused");
     assert!(e.contains(want), "expected {want:?} in: {e}");
     assert_eq!(store.installed().len(), 1);
     assert_installable(&store, &s.live.public, 1);
-    let staged = std::fs::read_dir(s.state.join("generations")).unwrap().count();
+    let staged = std::fs::read_dir(s.state.join("generations"))
+        .unwrap()
+        .count();
     assert_eq!(staged, 2, "only generation 1's file and manifest");
 }
 
@@ -197,7 +226,11 @@ fn a_flipped_byte_in_a_chunk_is_refused() {
             let i = offer.missing[0];
             let c = m.chunks[i as usize];
             data[c.offset as usize + 10] ^= 1;
-            store.put_chunk(2, i, &data[c.offset as usize..(c.offset + c.len as u64) as usize])?;
+            store.put_chunk(
+                2,
+                i,
+                &data[c.offset as usize..(c.offset + c.len as u64) as usize],
+            )?;
             store.commit(2).map(|_| ())
         },
         "does not match its hash in the signed manifest",
@@ -263,7 +296,13 @@ fn positions_that_lie_about_the_file_are_refused() {
         |s, store| {
             let (f, mut p) = s.live.snapshot("s2.db");
             p[0].index += 100;
-            ship(store, &s.key, &manifest(&s.key, s.live.public, 2, &f, p), &f).map(|_| ())
+            ship(
+                store,
+                &s.key,
+                &manifest(&s.key, s.live.public, 2, &f, p),
+                &f,
+            )
+            .map(|_| ())
         },
         "differ from the signed manifest",
     );
@@ -281,7 +320,13 @@ fn a_damaged_database_with_matching_hashes_fails_the_integrity_check() {
                 *b ^= 0x5a;
             }
             std::fs::write(&f, &data).unwrap();
-            ship(store, &s.key, &manifest(&s.key, s.live.public, 2, &f, p), &f).map(|_| ())
+            ship(
+                store,
+                &s.key,
+                &manifest(&s.key, s.live.public, 2, &f, p),
+                &f,
+            )
+            .map(|_| ())
         },
         "damaged",
     );
@@ -299,7 +344,14 @@ fn inbox_files_truncated_flipped_or_outside_are_refused() {
             |s, store| {
                 let (f, p) = s.live.snapshot("s2.db");
                 let mut m = manifest(&s.key, s.live.public, 2, &f, p);
-                m.file = Some(if case == "outside" { "../generations/x.db" } else { "snapshot.db" }.into());
+                m.file = Some(
+                    if case == "outside" {
+                        "../generations/x.db"
+                    } else {
+                        "snapshot.db"
+                    }
+                    .into(),
+                );
                 let mut data = std::fs::read(&f).unwrap();
                 match case {
                     "truncated" => data.truncate(data.len() - 4096),
@@ -364,7 +416,13 @@ fn a_full_disk_is_refused_and_the_previous_generation_kept() {
     let size1 = std::fs::metadata(&f1).unwrap().len();
     assert!(size1 < 3 << 19, "generation 1 is {size1} bytes");
     let store = Store::open(&s.state, 3, s.key.public_bytes(), s.live.public).unwrap();
-    ship(&store, &s.key, &manifest(&s.key, s.live.public, 1, &f1, p1), &f1).unwrap();
+    ship(
+        &store,
+        &s.key,
+        &manifest(&s.key, s.live.public, 1, &f1, p1),
+        &f1,
+    )
+    .unwrap();
 
     // Room at the offer, but the disk fills up during the transfer (another writer).
     s.live.append(1, 1000);
@@ -381,7 +439,11 @@ fn a_full_disk_is_refused_and_the_previous_generation_kept() {
     let mut r = Ok(());
     for i in offer.missing {
         let c = m2.chunks[i as usize];
-        r = store.put_chunk(2, i, &data[c.offset as usize..(c.offset + c.len as u64) as usize]);
+        r = store.put_chunk(
+            2,
+            i,
+            &data[c.offset as usize..(c.offset + c.len as u64) as usize],
+        );
         if r.is_err() {
             break;
         }
