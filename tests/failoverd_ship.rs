@@ -361,6 +361,23 @@ fn https_ships_verified_generations_that_restore_on_the_standby() {
     assert_eq!(b1.str_at(&["role"]), "standby");
     assert_eq!(num(&a1, "epoch"), 0);
     let g1 = num(&b1, "generation");
+    let fo = failoverd_bin().display().to_string();
+    let check_a = ok(
+        p.lab.a(),
+        &format!("{fo} -c {} check", p.p("a/failoverd.toml")),
+    );
+    assert!(
+        check_a.contains("this host is live") && check_a.contains("is usable"),
+        "{check_a}"
+    );
+    let check_b = ok(
+        p.lab.b(),
+        &format!("{fo} -c {} check", p.p("b/failoverd.toml")),
+    );
+    assert!(
+        check_b.contains("warning: conode admin socket"),
+        "{check_b}"
+    );
     assert_eq!(num(&a1, "generation"), g1);
 
     // More commits: the loop ships them by itself, sending only what b lacks.
@@ -525,4 +542,71 @@ fn an_interrupted_transfer_resumes_without_resending_stored_chunks() {
     ok(p.lab.a(), "tc qdisc del dev eth0 root");
     let (served, recorded) = p.restore_on_b();
     assert_eq!(served, recorded);
+}
+
+/// `setup` refuses to overwrite; `check` names every problem by its field and fails.
+#[test]
+fn setup_and_check_name_what_is_wrong() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = d.path().join("f.toml");
+    let run = |args: &[&str]| {
+        let o = std::process::Command::new(failoverd_bin())
+            .arg("-c")
+            .arg(&cfg)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr),
+        )
+    };
+    let state = d.path().join("state").display().to_string();
+    let co = d.path().join("nowhere/private.toml").display().to_string();
+    let (code, out) = run(&[
+        "setup",
+        "--state-dir",
+        &state,
+        "--conode-config",
+        &co,
+        "--interface",
+        "nosuchif0",
+        "--transport",
+        "rsync",
+        "--peer",
+        "10.0.0.2:7770",
+    ]);
+    assert_eq!(code, Some(0), "{out}");
+    let key = out.lines().last().unwrap().trim().to_string();
+    assert_eq!(key.len(), 64, "{out}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(d.path().join("failoverd.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let (code, out) = run(&["setup"]);
+    assert_eq!(code, Some(1));
+    assert!(out.contains("exists: not overwriting"), "{out}");
+    let (code, out) = run(&["check"]);
+    assert_eq!(code, Some(1), "{out}");
+    for want in [
+        "error: peer.public_key is empty",
+        "error: ssh.target",
+        "error: ssh.inbox",
+        "error: conode.config",
+        "error: vip.interface: no interface named \"nosuchif0\"",
+    ] {
+        assert!(out.contains(want), "{want:?} missing from:\n{out}");
+    }
+    std::fs::write(&cfg, std::fs::read_to_string(&cfg).unwrap() + "bogus = 1\n").unwrap();
+    let (code, out) = run(&["check"]);
+    assert_eq!(code, Some(1));
+    assert!(out.contains("f.toml:") && out.contains("bogus"), "{out}");
+    let (code, out) = run(&["status"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        out.contains("bogus") || out.contains("not running"),
+        "{out}"
+    );
 }
