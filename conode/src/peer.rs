@@ -299,12 +299,15 @@ impl ServerCertVerifier for ExpectKey {
     }
 }
 
-/// Server side, pinned: only a client certificate whose Ed25519 key is in the list.
-/// A client without it fails the TLS handshake and is never served anything.
+/// Server side: an Ed25519 client certificate. With `pinned` (failoverd's peer port), only
+/// one of those keys: anybody else fails the TLS handshake and is served nothing. Without
+/// (the conode port), any key; it is then matched to the hello.
 #[derive(Debug)]
-struct PinnedClients(Vec<[u8; 32]>);
+struct Ed25519Clients {
+    pinned: Option<Vec<[u8; 32]>>,
+}
 
-impl ClientCertVerifier for PinnedClients {
+impl ClientCertVerifier for Ed25519Clients {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         &[]
     }
@@ -315,50 +318,14 @@ impl ClientCertVerifier for PinnedClients {
         _now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         let got = cert_key(end_entity)?;
-        if !self.0.contains(&got) {
-            return Err(rustls::Error::General(format!(
-                "client key {} is not pinned",
-                hex::encode(got)
-            )));
+        if let Some(pinned) = &self.pinned {
+            if !pinned.contains(&got) {
+                return Err(rustls::Error::General(format!(
+                    "client key {} is not pinned",
+                    hex::encode(got)
+                )));
+            }
         }
-        Ok(ClientCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        _m: &[u8],
-        _c: &CertificateDer<'_>,
-        _d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("TLS 1.2 is not used".into()))
-    }
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13(m, c, d)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        vec![SignatureScheme::ED25519]
-    }
-}
-
-/// Server side: any Ed25519 client certificate; its key is then matched to the hello.
-#[derive(Debug)]
-struct AnyEd25519Client;
-
-impl ClientCertVerifier for AnyEd25519Client {
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        &[]
-    }
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        cert_key(end_entity)?;
         Ok(ClientCertVerified::assertion())
     }
     fn verify_tls12_signature(
@@ -421,7 +388,7 @@ impl PeerTls {
         let server = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| e.to_string())?
-            .with_client_cert_verifier(Arc::new(AnyEd25519Client))
+            .with_client_cert_verifier(Arc::new(Ed25519Clients { pinned: None }))
             .with_cert_resolver(Arc::new(ServerCert(cert.clone())));
         Ok(PeerTls {
             keys: keys.clone(),
@@ -444,7 +411,9 @@ impl PeerTls {
         let cfg = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| e.to_string())?
-            .with_client_cert_verifier(Arc::new(PinnedClients(pinned)))
+            .with_client_cert_verifier(Arc::new(Ed25519Clients {
+                pinned: Some(pinned),
+            }))
             .with_cert_resolver(Arc::new(ServerCert(self.cert.clone())));
         Ok(Arc::new(cfg))
     }

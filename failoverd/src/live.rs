@@ -121,7 +121,6 @@ impl Shipper {
             Transport::Https => self.ship_https(&m, &env, file).await?,
             Transport::Rsync | Transport::Scp => {
                 let sent = self.ship_ssh(transport, file).await?;
-                self.shared.add_bytes_sent(0);
                 let a = self.peer.request("POST", "/v1/inbox", &env).await?;
                 a.json("installing the snapshot")?;
                 (sent, 0)

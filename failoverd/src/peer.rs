@@ -251,23 +251,7 @@ async fn serve_one(
         ("POST", p) if p.starts_with("/v1/commit/") => {
             match p["/v1/commit/".len()..].parse::<u64>() {
                 Err(_) => Err((404, format!("no such path {p}"))),
-                Ok(generation) => {
-                    let store = shared.store.clone();
-                    let t = std::time::Instant::now();
-                    match tokio::task::spawn_blocking(move || store.commit(generation)).await {
-                        Ok(Ok(i)) => {
-                            shared.installed(&i, t.elapsed());
-                            Ok(
-                                serde_json::json!({"generation": i.manifest.generation, "bytes": i.manifest.bytes}),
-                            )
-                        }
-                        Ok(Err(e)) => {
-                            shared.refused(&e);
-                            Err((409, e))
-                        }
-                        Err(e) => Err((500, format!("commit failed: {e}"))),
-                    }
-                }
+                Ok(generation) => install(shared, move |st| st.commit(generation)).await,
             }
         }
         ("POST", "/v1/inbox") => {
@@ -275,23 +259,7 @@ async fn serve_one(
                 http::read_body(&mut r, head.content_length, MAX_ENVELOPE, io_timeout).await?;
             match shared.refuse_if_live().await {
                 Err(e) => Err((409, e)),
-                Ok(()) => {
-                    let store = shared.store.clone();
-                    let t = std::time::Instant::now();
-                    match tokio::task::spawn_blocking(move || store.install_inbox(&body)).await {
-                        Ok(Ok(i)) => {
-                            shared.installed(&i, t.elapsed());
-                            Ok(
-                                serde_json::json!({"generation": i.manifest.generation, "bytes": i.manifest.bytes}),
-                            )
-                        }
-                        Ok(Err(e)) => {
-                            shared.refused(&e);
-                            Err((409, e))
-                        }
-                        Err(e) => Err((500, format!("install failed: {e}"))),
-                    }
-                }
+                Ok(()) => install(shared, move |st| st.install_inbox(&body)).await,
             }
         }
         (m, p) => Err((404, format!("no such request {m} {p}"))),
@@ -360,4 +328,24 @@ async fn receive_chunks<R: tokio::io::AsyncBufRead + Unpin>(
         stored += 1;
     }
     Ok(serde_json::json!({ "stored": stored }))
+}
+
+/// Run an install (commit or inbox) on a blocking thread; record and answer its outcome.
+async fn install(
+    shared: &Arc<Shared>,
+    f: impl FnOnce(&crate::standby::Store) -> Result<crate::standby::Installed, String> + Send + 'static,
+) -> Result<serde_json::Value, (u16, String)> {
+    let store = shared.store.clone();
+    let t = std::time::Instant::now();
+    match tokio::task::spawn_blocking(move || f(&store)).await {
+        Ok(Ok(i)) => {
+            shared.installed(&i, t.elapsed());
+            Ok(serde_json::json!({"generation": i.manifest.generation, "bytes": i.manifest.bytes}))
+        }
+        Ok(Err(e)) => {
+            shared.refused(&e);
+            Err((409, e))
+        }
+        Err(e) => Err((500, format!("install failed: {e}"))),
+    }
 }

@@ -27,7 +27,9 @@ use std::sync::Mutex;
 
 use conode::db::ChainPosition;
 
+use crate::config::Transport;
 use crate::manifest::Manifest;
+use crate::state::now_ms;
 
 /// One installed generation.
 #[derive(Debug, Clone)]
@@ -36,6 +38,18 @@ pub struct Installed {
     pub path: PathBuf,
     /// When it was installed (file modification time of its manifest).
     pub installed_unix_ms: u64,
+}
+
+/// An installed generation in brief.
+#[derive(Debug, Clone)]
+pub struct Held {
+    pub generation: u64,
+    pub bytes: u64,
+    pub taken_unix_ms: u64,
+    pub created_unix_ms: u64,
+    pub installed_unix_ms: u64,
+    pub chains: usize,
+    pub transport: Transport,
 }
 
 struct Pending {
@@ -69,13 +83,6 @@ struct Inner {
 pub struct Offer {
     pub missing: Vec<u32>,
     pub reused_bytes: u64,
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 fn fsync_dir(dir: &Path) -> std::io::Result<()> {
@@ -185,6 +192,23 @@ impl Store {
 
     pub fn installed(&self) -> Vec<Installed> {
         self.lock().installed.clone()
+    }
+
+    /// What each installed generation is, without its chunk list (for status and metrics).
+    pub fn held(&self) -> Vec<Held> {
+        self.lock()
+            .installed
+            .iter()
+            .map(|i| Held {
+                generation: i.manifest.generation,
+                bytes: i.manifest.bytes,
+                taken_unix_ms: i.manifest.taken_unix_ms,
+                created_unix_ms: i.manifest.created_unix_ms,
+                installed_unix_ms: i.installed_unix_ms,
+                chains: i.manifest.positions.len(),
+                transport: i.manifest.transport,
+            })
+            .collect()
     }
 
     pub fn newest(&self) -> Option<Installed> {
@@ -398,24 +422,17 @@ impl Store {
                 m.generation
             ));
         }
-        // The integrity check may rewrite redb's header: make that durable too.
-        File::open(&p.path)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| io("cannot fsync", &p.path, e))?;
         let name = gen_name(m.generation);
         let db = self.gens.join(format!("{name}.db"));
         let mpath = self.gens.join(format!("{name}.manifest"));
-        let mtmp = self.gens.join(format!(".{name}.manifest.tmp"));
         let mut inner = self.lock();
         // Re-check under the lock: another install may have won meanwhile.
         self.admissible(&inner, m)?;
         std::fs::rename(&p.path, &db).map_err(|e| io("cannot install", &db, e))?;
-        std::fs::write(&mtmp, &p.envelope).map_err(|e| io("cannot write", &mtmp, e))?;
-        File::open(&mtmp)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| io("cannot fsync", &mtmp, e))?;
-        std::fs::rename(&mtmp, &mpath).map_err(|e| io("cannot install", &mpath, e))?;
-        fsync_dir(&self.gens).map_err(|e| io("cannot fsync", &self.gens, e))?;
+        // Temp file, fsync, rename, fsync the directory (which also makes the rename of
+        // the database above durable).
+        conode::config::write_atomic(&mpath, &p.envelope, 0o600)
+            .map_err(|e| io("cannot install", &mpath, e))?;
         let inst = Installed {
             manifest: m.clone(),
             path: db,

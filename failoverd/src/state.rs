@@ -184,14 +184,14 @@ impl Shared {
     pub fn peer_status(&self) -> serde_json::Value {
         let gens: Vec<_> = self
             .store
-            .installed()
+            .held()
             .iter()
-            .map(|i| {
+            .map(|h| {
                 serde_json::json!({
-                    "generation": i.manifest.generation,
-                    "bytes": i.manifest.bytes,
-                    "taken_unix_ms": i.manifest.taken_unix_ms,
-                    "chains": i.manifest.positions.len(),
+                    "generation": h.generation,
+                    "bytes": h.bytes,
+                    "taken_unix_ms": h.taken_unix_ms,
+                    "chains": h.chains,
                 })
             })
             .collect();
@@ -200,21 +200,19 @@ impl Shared {
 
     /// `failoverd status --json`.
     pub fn status(&self) -> serde_json::Value {
+        let held = self.store.held();
         let i = self.lock();
-        let newest = self.store.newest();
         let last = i.last.clone().or_else(|| {
-            newest.as_ref().map(|n| LastSnapshot {
-                generation: n.manifest.generation,
-                taken_unix_ms: n.manifest.taken_unix_ms,
+            held.last().map(|n| LastSnapshot {
+                generation: n.generation,
+                taken_unix_ms: n.taken_unix_ms,
                 finished_unix_ms: n.installed_unix_ms,
-                bytes: n.manifest.bytes,
-                duration_ms: n
-                    .installed_unix_ms
-                    .saturating_sub(n.manifest.created_unix_ms),
-                transport: n.manifest.transport.name().to_string(),
+                bytes: n.bytes,
+                duration_ms: n.installed_unix_ms.saturating_sub(n.created_unix_ms),
+                transport: n.transport.name().to_string(),
                 bytes_sent: 0,
                 reused_bytes: 0,
-                chains: n.manifest.positions.len(),
+                chains: n.chains,
             })
         });
         let age = last
@@ -231,7 +229,7 @@ impl Shared {
             "bytes_sent": last.as_ref().map(|l| l.bytes_sent),
             "reused_bytes": last.as_ref().map(|l| l.reused_bytes),
             "chains": last.as_ref().map(|l| l.chains),
-            "generations_held": self.store.installed().iter().map(|g| g.manifest.generation).collect::<Vec<_>>(),
+            "generations_held": held.iter().map(|g| g.generation).collect::<Vec<_>>(),
             "error": i.last_error,
             "failures": i.failures,
         })
@@ -328,7 +326,13 @@ impl Shared {
             "failoverd_generations_held",
             "gauge",
             "Verified generations held on this host.",
-            vec![(String::new(), self.store.installed().len().to_string())],
+            vec![(
+                String::new(),
+                st["generations_held"]
+                    .as_array()
+                    .map_or(0, |a| a.len())
+                    .to_string(),
+            )],
         );
         out
     }
