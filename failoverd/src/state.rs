@@ -157,8 +157,8 @@ impl Shared {
 
     pub fn shipped(&self, s: LastSnapshot) {
         let mut i = self.lock();
+        // Its bytes were counted as they were sent (add_bytes_sent), resumed attempts too.
         i.snapshots += 1;
-        i.bytes_sent += s.bytes_sent;
         i.last_error = None;
         i.last = Some(s);
     }
@@ -335,5 +335,36 @@ impl Shared {
             )],
         );
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_sent_are_counted_once() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(d.path(), 1, [1; 32], [2; 32]).unwrap());
+        let sh = Shared::new(store, Duration::from_secs(1), d.path().join("none.sock"));
+        sh.add_bytes_sent(700);
+        sh.shipped(LastSnapshot {
+            generation: 1,
+            taken_unix_ms: 1,
+            finished_unix_ms: 2,
+            bytes: 1000,
+            duration_ms: 1,
+            transport: "https".into(),
+            bytes_sent: 700,
+            reused_bytes: 300,
+            chains: 1,
+        });
+        let m = sh.metrics();
+        assert!(
+            m.contains("failoverd_snapshot_bytes_sent_total 700\n"),
+            "{m}"
+        );
+        assert!(m.contains("failoverd_snapshots_total 1\n"), "{m}");
+        assert_eq!(sh.status()["bytes_sent"], 700);
     }
 }
