@@ -374,6 +374,96 @@ impl Db {
     }
 }
 
+/// A page image of the live database file as it stood at one commit: what
+/// [`Db::image`] returns, read with [`Image::read_at`].
+///
+/// The image is the file's bytes, not a copy through redb: pages keep their offsets, so two
+/// images taken a little apart differ only in the pages written between them, and a
+/// manifest of fixed places finds the rest unchanged. The file is a crash image of that
+/// commit (its header says recovery is required, as the live file's does while the conode
+/// has it open), so opening it makes redb walk and check every tree once; check it with
+/// [`verify_snapshot`] before trusting it.
+pub struct Image {
+    /// Length of the file when the image was taken.
+    pub bytes: u64,
+    pub public: [u8; 32],
+    pub positions: Vec<ChainPosition>,
+    /// When the image's commit was pinned (milliseconds since the Unix epoch).
+    pub taken_unix_ms: u64,
+    file: std::fs::File,
+    path: PathBuf,
+    // Held (never committed) until the image is dropped: no commit can run, so no page of
+    // the file changes while it is read. A read transaction would not do: it keeps the
+    // data pages of its commit, but redb frees the pages of the system tree (which the
+    // commit's header names and a repair checks) as soon as the next commit is done.
+    _writers: redb::WriteTransaction,
+}
+
+impl Db {
+    /// Hold the writers and return a page image of the latest commit. Writers wait until
+    /// the image is dropped: read it promptly.
+    ///
+    /// Why the bytes are consistent: every commit here is durable, so when no write
+    /// transaction runs the file holds exactly the latest commit (redb's crash image of it),
+    /// and none runs while the image is held. Blocking: run it on a blocking thread.
+    pub fn image(&self) -> Result<Image, String> {
+        let ctx = |what: &str, e: &dyn std::fmt::Display| {
+            format!("page image of {}: {what}: {e}", self.path.display())
+        };
+        let file = std::fs::File::open(&self.path).map_err(|e| ctx("cannot open", &e))?;
+        let writers = self
+            .db
+            .begin_write()
+            .map_err(|e| ctx("cannot hold the writers", &e))?;
+        let read = self
+            .db
+            .begin_read()
+            .map_err(|e| ctx("cannot begin a read transaction", &e))?;
+        let taken_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let bytes = file.metadata().map_err(|e| ctx("cannot stat", &e))?.len();
+        let positions = chain_positions(&read)?;
+        let public = read
+            .open_table(META)
+            .and_then(|t| Ok(t.get(META_PUBLIC)?.map(|v| v.value().to_vec())))
+            .map_err(|e| ctx("cannot read the owner key", &e))?
+            .and_then(|v| <[u8; 32]>::try_from(v.as_slice()).ok())
+            .ok_or_else(|| ctx("refusing", &"the meta table has no 32-byte owner key"))?;
+        Ok(Image {
+            bytes,
+            public,
+            positions,
+            taken_unix_ms,
+            file,
+            path: self.path.clone(),
+            _writers: writers,
+        })
+    }
+}
+
+impl Image {
+    /// Fill `buf` with the image's bytes from `offset` (which must be within the image).
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), String> {
+        use std::os::unix::fs::FileExt;
+        let end = offset + buf.len() as u64;
+        if end > self.bytes {
+            return Err(format!(
+                "page image of {}: read of {offset}..{end} past its {} bytes: this is a bug",
+                self.path.display(),
+                self.bytes
+            ));
+        }
+        self.file.read_exact_at(buf, offset).map_err(|e| {
+            format!(
+                "page image of {}: cannot read {offset}..{end}: {e}",
+                self.path.display()
+            )
+        })
+    }
+}
+
 /// Check a snapshot file before trusting it: redb's integrity check (the checksum of every
 /// page), the owner key in `meta` equal to `expected_public`, and well-formed chain
 /// positions, which it returns.

@@ -128,6 +128,77 @@ pub fn chunk_slice(data: &[u8], p: &Params) -> Vec<Chunk> {
     out
 }
 
+/// Split a stream pushed to it piece by piece into chunks (the same chunks as
+/// [`chunk_slice`] of the whole), handing each to `on_chunk` with its bytes.
+pub struct Chunker {
+    params: Params,
+    buf: Vec<u8>,
+    offset: u64,
+    chunks: Vec<Chunk>,
+}
+
+impl Chunker {
+    pub fn new(params: Params) -> Chunker {
+        Chunker {
+            params,
+            buf: Vec::with_capacity(2 * params.max as usize),
+            offset: 0,
+            chunks: Vec::new(),
+        }
+    }
+
+    /// Add bytes; every chunk that is complete (at least `max` bytes follow its start, so
+    /// its end cannot depend on bytes not seen yet) goes to `on_chunk`.
+    pub fn push<E>(
+        &mut self,
+        mut data: &[u8],
+        on_chunk: &mut impl FnMut(&Chunk, &[u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let max = self.params.max as usize;
+        while !data.is_empty() {
+            let take = data
+                .len()
+                .min((2 * max).saturating_sub(self.buf.len()).max(1));
+            self.buf.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            self.drain(max, on_chunk)?;
+        }
+        Ok(())
+    }
+
+    fn drain<E>(
+        &mut self,
+        keep: usize,
+        on_chunk: &mut impl FnMut(&Chunk, &[u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let mut start = 0;
+        while self.buf.len() - start >= keep.max(1) {
+            let rest = &self.buf[start..];
+            let len = cut(rest, &self.params);
+            let c = Chunk {
+                offset: self.offset,
+                len: len as u32,
+                hash: *blake3::hash(&rest[..len]).as_bytes(),
+            };
+            on_chunk(&c, &rest[..len])?;
+            self.chunks.push(c);
+            self.offset += len as u64;
+            start += len;
+        }
+        self.buf.drain(..start);
+        Ok(())
+    }
+
+    /// The stream ended: cut what is left, return every chunk.
+    pub fn finish<E>(
+        mut self,
+        on_chunk: &mut impl FnMut(&Chunk, &[u8]) -> Result<(), E>,
+    ) -> Result<Vec<Chunk>, E> {
+        self.drain(1, on_chunk)?;
+        Ok(self.chunks)
+    }
+}
+
 /// Split a stream into chunks and hash them, reading it once with a bounded buffer.
 /// `on_data` sees every byte in order (to count or copy it).
 pub fn chunk_reader<R: Read>(
@@ -271,6 +342,29 @@ mod tests {
         assert!(Params::DEFAULT.check().is_ok());
         for (min, avg, max) in [(0, 1024, 4096), (2048, 1000, 4096), (64, 4096, 1024)] {
             assert!(Params { min, avg, max }.check().is_err());
+        }
+    }
+
+    #[test]
+    fn pushed_pieces_give_the_same_chunks_and_bytes_as_the_whole() {
+        let data = pseudo_random(700_000, 9);
+        let p = Params::DEFAULT;
+        let whole = chunk_slice(&data, &p);
+        for piece in [1usize, 977, 65536, 1 << 20] {
+            let mut ch = Chunker::new(p);
+            let mut rebuilt = Vec::new();
+            let mut on = |c: &Chunk, b: &[u8]| {
+                assert_eq!(c.offset as usize, rebuilt.len());
+                assert_eq!(c.len as usize, b.len());
+                rebuilt.extend_from_slice(b);
+                Ok::<(), ()>(())
+            };
+            for part in data.chunks(piece) {
+                ch.push(part, &mut on).unwrap();
+            }
+            let got = ch.finish(&mut on).unwrap();
+            assert_eq!(got, whole, "pieces of {piece}");
+            assert_eq!(rebuilt, data, "pieces of {piece}");
         }
     }
 }

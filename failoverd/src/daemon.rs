@@ -99,6 +99,7 @@ pub async fn run(cfg: Config) -> Result<(), String> {
         admin: paths.admin.clone(),
         peer: client,
         shared: shared.clone(),
+        mirror: std::sync::Mutex::new(None),
     };
     tasks.push(tokio::spawn(snapshot_loop(
         shipper,

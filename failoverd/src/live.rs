@@ -1,5 +1,10 @@
-//! The live host's side: take a snapshot through the conode's admin socket, cut it into
+//! The live host's side: take a page image through the conode's admin socket, cut it into
 //! chunks, sign the manifest, ship it with the configured transport.
+//!
+//! The image lands in `outgoing/image.db`, a scratch mirror kept between snapshots: the
+//! chunks of a new image are compared with what the mirror held, and only the chunks that
+//! differ are written (no fsync: after a restart the mirror's content is not trusted and
+//! the next image rewrites all of it). The transports read the chunks to send from there.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -7,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use conode::keys::KeyPair;
 
-use crate::chunk::{self, Params};
+use crate::chunk::{Chunk, Chunker, Params};
 use crate::config::{Config, Transport};
 use crate::manifest::Manifest;
 use crate::peer::PeerClient;
@@ -26,6 +31,63 @@ pub struct Shipper {
     pub admin: PathBuf,
     pub peer: PeerClient,
     pub shared: Arc<Shared>,
+    /// The chunks the mirror file holds, when it is known to hold them.
+    pub mirror: std::sync::Mutex<Option<Vec<Chunk>>>,
+}
+
+/// Name of the mirror file in the outgoing directory.
+pub const MIRROR_FILE: &str = "image.db";
+
+/// What taking an image did.
+struct Taken {
+    header: conode::admin::ImageHeader,
+    chunks: Vec<Chunk>,
+    written: u64,
+}
+
+/// Take a page image from the conode at `admin` into `mirror`, which held the chunks
+/// `old` (or is not trusted: `None`); only chunks that differ are written.
+fn take_image(
+    admin: &Path,
+    mirror: &Path,
+    old: Option<Vec<Chunk>>,
+    params: Params,
+) -> Result<Taken, String> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(mirror)
+        .map_err(|e| format!("cannot open {}: {e}", mirror.display()))?;
+    let held: std::collections::HashMap<u64, (u32, [u8; 32])> = old
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| (c.offset, (c.len, c.hash)))
+        .collect();
+    let mut written = 0u64;
+    let mut on_chunk = |c: &Chunk, b: &[u8]| -> Result<(), String> {
+        if held.get(&c.offset) != Some(&(c.len, c.hash)) {
+            file.write_all_at(b, c.offset)
+                .map_err(|e| format!("cannot write {}: {e}", mirror.display()))?;
+            written += b.len() as u64;
+        }
+        Ok(())
+    };
+    let mut chunker = Chunker::new(params);
+    let header =
+        conode::admin::fetch_image_blocking(admin, |_| Ok(()), |b| chunker.push(b, &mut on_chunk))
+            .map_err(|e| format!("conode admin socket {}: {e}", admin.display()))?;
+    let chunks = chunker.finish(&mut on_chunk)?;
+    file.set_len(header.bytes)
+        .map_err(|e| format!("cannot size {}: {e}", mirror.display()))?;
+    Ok(Taken {
+        header,
+        chunks,
+        written,
+    })
 }
 
 /// The generation counter, persisted in `state_dir/generation`: never reused.
@@ -73,35 +135,35 @@ impl Shipper {
         std::fs::create_dir_all(&out)
             .map_err(|e| format!("cannot create {}: {e}", out.display()))?;
         let generation = next_generation(&self.cfg.state_dir, self.peer_newest().await)?;
-        let file = out.join(format!("snapshot-{generation}.db"));
-        let _ = std::fs::remove_file(&file);
-        let r = self.take_and_ship(generation, &file, t0).await;
-        let _ = std::fs::remove_file(&file);
-        r
+        let file = out.join(MIRROR_FILE);
+        // From here until the image is complete the mirror is not what it was.
+        let old = self.mirror_lock().take();
+        let (admin, f, params) = (self.admin.clone(), file.clone(), Params::DEFAULT);
+        let taken = tokio::task::spawn_blocking(move || take_image(&admin, &f, old, params))
+            .await
+            .map_err(|e| format!("taking the image: {e}"))??;
+        *self.mirror_lock() = Some(taken.chunks.clone());
+        let take_ms = t0.elapsed().as_millis() as u64;
+        self.ship(generation, &file, taken, t0, take_ms).await
     }
 
-    async fn take_and_ship(
+    fn mirror_lock(&self) -> std::sync::MutexGuard<'_, Option<Vec<Chunk>>> {
+        self.mirror.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn ship(
         &self,
         generation: u64,
         file: &Path,
+        taken: Taken,
         t0: Instant,
+        take_ms: u64,
     ) -> Result<LastSnapshot, String> {
-        let header = conode::admin::fetch_snapshot(&self.admin, file)
-            .await
-            .map_err(|e| format!("conode admin socket {}: {e}", self.admin.display()))?;
-        let params = Params::DEFAULT;
-        let f2 = file.to_path_buf();
-        let chunks = tokio::task::spawn_blocking(move || {
-            let f = std::fs::File::open(&f2)?;
-            chunk::chunk_reader(
-                std::io::BufReader::with_capacity(1 << 20, f),
-                &params,
-                |_| Ok(()),
-            )
-        })
-        .await
-        .map_err(|e| format!("hashing the snapshot: {e}"))?
-        .map_err(|e| format!("hashing the snapshot {}: {e}", file.display()))?;
+        let Taken {
+            header,
+            chunks,
+            written,
+        } = taken;
         let transport = self.cfg.snapshot.transport;
         let m = Manifest {
             generation,
@@ -111,7 +173,7 @@ impl Shipper {
             taken_unix_ms: header.taken_unix_ms,
             created_unix_ms: now_ms(),
             bytes: header.bytes,
-            params,
+            params: Params::DEFAULT,
             chunks,
             file: (transport != Transport::Https).then(|| INBOX_FILE.to_string()),
             transport,
@@ -138,7 +200,7 @@ impl Shipper {
             chains: header.positions.len(),
         };
         tracing::info!(
-            "generation {generation} installed on the peer: {} bytes, {} chains, {} bytes sent over {}, {} reused, in {:?}",
+            "generation {generation} installed on the peer: {} bytes, {} chains, {} bytes sent over {}, {} reused, in {:?} (image taken in {take_ms} ms, {written} bytes of it new to the mirror)",
             s.bytes,
             s.chains,
             s.bytes_sent,
@@ -298,7 +360,10 @@ impl Shipper {
                     e.push_str(&shell_quote(a));
                 }
                 let mut c = tokio::process::Command::new("rsync");
+                // --ignore-times: the mirror keeps its size and may keep its mtime (to the
+                // second) from one image to the next; rsync's quick check would skip it.
                 c.arg("--no-whole-file")
+                    .arg("--ignore-times")
                     .arg("--stats")
                     .arg("-e")
                     .arg(e)

@@ -6,9 +6,15 @@
 //! - `generations/<generation>.manifest`: the signed envelope it was verified against,
 //!   installed after the `.db` (a `.db` without its manifest is an interrupted install and
 //!   is removed at start);
-//! - `staging/<generation>.part`: the generation being received. Chunks the standby already
-//!   holds (same BLAKE3 hash in its newest generation) are copied from there; the others
-//!   come from the live host. Every chunk is hashed as it enters the file.
+//! - `staging/<generation>.part`: the generation being received. When `keep` generations
+//!   are installed already, the oldest (which this install would prune) is moved here and
+//!   rewritten in place: a chunk it already holds at the same offset stays where it is
+//!   (snapshots are page images, so most do), and only the others are written. Otherwise
+//!   the file starts empty. Chunks the standby holds elsewhere (same BLAKE3 hash in its
+//!   newest generation) are copied from there; the others come from the live host. Every
+//!   chunk is hashed as it enters the file, and the chunks left in place are hashed again
+//!   before the install. A transfer that fails after the oldest generation was moved leaves
+//!   `keep - 1` generations, the newest among them.
 //! - `inbox/`: where rsync and scp land; the file there is verified and copied into
 //!   `staging/` exactly like chunks received over HTTPS.
 //!
@@ -60,6 +66,8 @@ struct Pending {
     file: File,
     path: PathBuf,
     have: Vec<bool>,
+    /// Chunks found already in place in a recycled generation file (hashed at install).
+    in_place: Vec<bool>,
 }
 
 pub struct Store {
@@ -262,8 +270,13 @@ impl Store {
         if let Some(old) = inner.pending.take() {
             let _ = std::fs::remove_file(&old.path);
         }
-        let mut pending = self.create_part(&m, envelope, digest)?;
-        let reused = match inner.installed.last() {
+        let recycled = self.recycle(&mut inner, &m)?;
+        let mut pending = self.create_part(&m, envelope, digest, recycled.is_some())?;
+        let mut reused = 0;
+        if let Some(old) = recycled {
+            reused += in_place(&old, &mut pending);
+        }
+        reused += match inner.installed.last() {
             Some(prev) => reuse(&prev.path, &prev.manifest, &mut pending)?,
             None => 0,
         };
@@ -275,23 +288,57 @@ impl Store {
         })
     }
 
+    fn part_path(&self, generation: u64) -> PathBuf {
+        self.staging.join(format!("{}.part", gen_name(generation)))
+    }
+
+    /// When `keep` generations are installed (at least two), move the oldest, which this
+    /// install would prune, to be the new generation's staging file; its manifest says what
+    /// it holds where.
+    fn recycle(&self, inner: &mut Inner, m: &Manifest) -> Result<Option<Manifest>, String> {
+        if inner.installed.len() < self.keep.max(2) {
+            return Ok(None);
+        }
+        let old = inner.installed.remove(0);
+        let name = gen_name(old.manifest.generation);
+        let mpath = self.gens.join(format!("{name}.manifest"));
+        // Manifest first: a `.db` without one is an interrupted install, removed at start.
+        std::fs::remove_file(&mpath).map_err(|e| io("cannot remove", &mpath, e))?;
+        let part = self.part_path(m.generation);
+        let _ = std::fs::remove_file(&part);
+        std::fs::rename(&old.path, &part).map_err(|e| io("cannot move", &old.path, e))?;
+        Ok(Some(old.manifest))
+    }
+
     fn create_part(
         &self,
         m: &Manifest,
         envelope: &[u8],
         digest: [u8; 32],
+        recycled: bool,
     ) -> Result<Pending, String> {
-        let path = self
-            .staging
-            .join(format!("{}.part", gen_name(m.generation)));
-        let _ = std::fs::remove_file(&path);
+        let path = self.part_path(m.generation);
+        if !recycled {
+            let _ = std::fs::remove_file(&path);
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
-            .create_new(true)
+            .create_new(!recycled)
             .mode(0o600)
             .open(&path)
             .map_err(|e| io("cannot create", &path, e))?;
+        if recycled {
+            // A shorter generation: the end goes (a longer one is reserved below).
+            let len = file
+                .metadata()
+                .map_err(|e| io("cannot stat", &path, e))?
+                .len();
+            if len > m.bytes {
+                file.set_len(m.bytes)
+                    .map_err(|e| io("cannot truncate", &path, e))?;
+            }
+        }
         // Reserve the space now: a full disk is found before any byte is sent.
         if m.bytes > 0 {
             use std::os::fd::AsRawFd;
@@ -310,6 +357,7 @@ impl Store {
         }
         Ok(Pending {
             have: vec![false; m.chunks.len()],
+            in_place: vec![false; m.chunks.len()],
             manifest: m.clone(),
             envelope: envelope.to_vec(),
             digest,
@@ -377,7 +425,7 @@ impl Store {
             if let Some(old) = inner.pending.take() {
                 let _ = std::fs::remove_file(&old.path);
             }
-            self.create_part(&m, envelope, m.chunks_digest())?
+            self.create_part(&m, envelope, m.chunks_digest(), false)?
         };
         let f = File::open(&src).map_err(|e| io("cannot open", &src, e))?;
         let len = f.metadata().map_err(|e| io("cannot stat", &src, e))?.len();
@@ -408,6 +456,7 @@ impl Store {
 
     fn install_inner(&self, p: &Pending) -> Result<Installed, String> {
         let m = &p.manifest;
+        check_in_place(p)?;
         p.file
             .sync_all()
             .map_err(|e| io("cannot fsync", &p.path, e))?;
@@ -496,6 +545,48 @@ fn behind(old: &[ChainPosition], new: &[ChainPosition]) -> Result<(), String> {
     Ok(())
 }
 
+/// Mark the chunks of `p` that the recycled file (which held `old`) has at the same offset,
+/// with the same length and hash. Returns their bytes.
+fn in_place(old: &Manifest, p: &mut Pending) -> u64 {
+    let held: HashMap<u64, (u32, [u8; 32])> = old
+        .chunks
+        .iter()
+        .map(|c| (c.offset, (c.len, c.hash)))
+        .collect();
+    let mut bytes = 0;
+    for (i, c) in p.manifest.chunks.iter().enumerate() {
+        if c.offset + c.len as u64 <= old.bytes && held.get(&c.offset) == Some(&(c.len, c.hash)) {
+            p.have[i] = true;
+            p.in_place[i] = true;
+            bytes += c.len as u64;
+        }
+    }
+    bytes
+}
+
+/// Hash again the chunks left in place in a recycled file: what it held was verified when
+/// it was installed, but the disk may have changed it since.
+fn check_in_place(p: &Pending) -> Result<(), String> {
+    let mut buf = vec![0u8; p.manifest.params.max as usize];
+    for (i, c) in p.manifest.chunks.iter().enumerate() {
+        if !p.in_place[i] {
+            continue;
+        }
+        let b = &mut buf[..c.len as usize];
+        p.file
+            .read_exact_at(b, c.offset)
+            .map_err(|e| io("cannot read", &p.path, e))?;
+        if *blake3::hash(b).as_bytes() != c.hash {
+            return Err(format!(
+                "{}: chunk {i} at offset {} kept from an older generation no longer matches its hash: that file changed on this disk since it was installed; not installed",
+                p.path.display(),
+                c.offset
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Copy into `p` every chunk whose hash the previous generation holds, checking each
 /// copied chunk's hash. Returns the bytes reused.
 fn reuse(prev_path: &Path, prev: &Manifest, p: &mut Pending) -> Result<u64, String> {
@@ -510,6 +601,9 @@ fn reuse(prev_path: &Path, prev: &Manifest, p: &mut Pending) -> Result<u64, Stri
     let mut buf = vec![0u8; p.manifest.params.max as usize];
     let mut reused = 0u64;
     for (i, c) in p.manifest.chunks.iter().enumerate() {
+        if p.have[i] {
+            continue;
+        }
         let Some(&(off, len)) = index.get(&c.hash) else {
             continue;
         };

@@ -464,3 +464,73 @@ fn a_full_disk_is_refused_and_the_previous_generation_kept() {
     assert!(e.contains("no space left on the standby's disk"), "{e}");
     assert_installable(&store, &s.live.public, 2);
 }
+
+impl Live {
+    /// A page image of the live database (as the admin socket's `image` streams it).
+    fn image(&self, name: &str) -> (PathBuf, Vec<ChainPosition>) {
+        let p = self.dir.join(name);
+        let img = self.db.image().unwrap();
+        let mut data = vec![0u8; img.bytes as usize];
+        img.read_at(&mut data, 0).unwrap();
+        std::fs::write(&p, &data).unwrap();
+        (p, img.positions.clone())
+    }
+}
+
+#[test]
+fn page_images_recycle_the_oldest_generation_and_send_only_what_changed() {
+    let mut s = setup();
+    let store = Store::open(&s.state, 2, s.key.public_bytes(), s.live.public).unwrap();
+    s.live.append(400, 4096);
+    let mut sent = Vec::new();
+    let mut files = Vec::new();
+    for g in 1..=4u64 {
+        if g > 1 {
+            s.live.append(4, 4096);
+        }
+        let (f, pos) = s.live.image(&format!("img{g}.db"));
+        let m = manifest(&s.key, s.live.public, g, &f, pos);
+        sent.push(ship(&store, &s.key, &m, &f).unwrap());
+        assert_installable(&store, &s.live.public, g);
+        assert_eq!(
+            std::fs::read(store.newest().unwrap().path).unwrap(),
+            std::fs::read(&f).unwrap(),
+            "generation {g} is the image, byte for byte"
+        );
+        files.push((f, m));
+    }
+    let held: Vec<u64> = store.held().iter().map(|h| h.generation).collect();
+    assert_eq!(held, vec![3, 4], "keep 2");
+    let size = files[3].1.bytes;
+    for (g, b) in sent.iter().enumerate().skip(1) {
+        assert!(
+            *b * 10 < size,
+            "generation {}: {b} bytes sent of a {size}-byte image",
+            g + 1
+        );
+    }
+    // Generations 3 and 4 were written over the files of 1 and 2: nothing else is left.
+    let names: Vec<String> = std::fs::read_dir(s.state.join("generations"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 4, "{names:?}");
+
+    // The oldest generation's file changes on disk before it is recycled: the chunk left
+    // in place no longer matches, the new generation is refused, the newest stays.
+    let oldest = store.installed()[0].clone();
+    let c = oldest.manifest.chunks[oldest.manifest.chunks.len() / 2];
+    let mut bytes = std::fs::read(&oldest.path).unwrap();
+    bytes[c.offset as usize + 10] ^= 0x40;
+    std::fs::write(&oldest.path, &bytes).unwrap();
+    s.live.append(2, 4096);
+    let (f, pos) = s.live.image("img5.db");
+    let m = manifest(&s.key, s.live.public, 5, &f, pos);
+    let e = ship(&store, &s.key, &m, &f).unwrap_err();
+    assert!(e.contains("no longer matches its hash"), "{e}");
+    assert_installable(&store, &s.live.public, 4);
+    // The next generation ships (from an empty file: one generation is left).
+    let m = manifest(&s.key, s.live.public, 6, &f, m.positions.clone());
+    ship(&store, &s.key, &m, &f).unwrap();
+    assert_installable(&store, &s.live.public, 6);
+}
