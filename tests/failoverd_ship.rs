@@ -16,7 +16,7 @@ fn failoverd_bin() -> PathBuf {
     bin("failoverd")
 }
 
-fn ok(host: &Host, script: &str) -> String {
+pub(crate) fn ok(host: &Host, script: &str) -> String {
     let r = host.sh(script, T);
     assert_eq!(
         r.code,
@@ -28,26 +28,26 @@ fn ok(host: &Host, script: &str) -> String {
     r.stdout
 }
 
-struct Pair {
-    lab: Lab,
-    dir: tempfile::TempDir,
+pub(crate) struct Pair {
+    pub(crate) lab: Lab,
+    pub(crate) dir: tempfile::TempDir,
     _sshd: Option<Sshd>,
-    conode_a: Option<Spawned>,
+    pub(crate) conode_a: Option<Spawned>,
     failoverd: Vec<Spawned>,
-    chain: String,
-    index: u64,
-    key_a: String,
+    pub(crate) chain: String,
+    pub(crate) index: u64,
+    pub(crate) key_a: String,
 }
 
 impl Pair {
-    fn path(&self, p: &str) -> PathBuf {
+    pub(crate) fn path(&self, p: &str) -> PathBuf {
         self.dir.path().join(p)
     }
-    fn p(&self, p: &str) -> String {
+    pub(crate) fn p(&self, p: &str) -> String {
         self.path(p).display().to_string()
     }
 
-    fn start(name: &str, transport: &str, interval: &str) -> Pair {
+    pub(crate) fn start(name: &str, transport: &str, interval: &str) -> Pair {
         let lab = Lab::new(name);
         let dir = tempfile::tempdir().unwrap();
         let d = |p: &str| dir.path().join(p).display().to_string();
@@ -115,23 +115,7 @@ impl Pair {
             }
             std::fs::write(&p, cfg).unwrap();
         }
-        // The live conode.
-        let mut cmd = a.command(conode_bin());
-        cmd.args(["-d", "2", "-c"])
-            .arg(dir.path().join("a/co/private.toml"))
-            .args(["server", "--allow-root"])
-            .env("CONODE_SERVICE_PATH", dir.path().join("a/data"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("conode-a.log")).unwrap());
-        let conode_a = a.spawn(cmd);
-        wait(&format!("conode on {}", a.addr()), || {
-            a.connect(
-                format!("{}:7001", a.addr()).parse().unwrap(),
-                Duration::from_secs(1),
-            )
-            .is_ok()
-        });
+        let conode_a = start_conode_a(&lab, dir.path());
         let mut failoverd = Vec::new();
         for (h, host) in [("a", a), ("b", b)] {
             let mut cmd = host.command(failoverd_bin());
@@ -162,12 +146,18 @@ impl Pair {
         pair
     }
 
-    fn log(&self, name: &str) -> String {
+    /// Start the live conode again (after `conode_a` was killed).
+    pub(crate) fn restart_conode_a(&mut self) {
+        assert!(self.conode_a.is_none(), "the live conode runs already");
+        self.conode_a = Some(start_conode_a(&self.lab, self.dir.path()));
+    }
+
+    pub(crate) fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.path(name)).unwrap_or_default()
     }
 
     /// `failoverd status --json` on host `h`.
-    fn status(&self, h: &str) -> Result<Json, String> {
+    pub(crate) fn status(&self, h: &str) -> Result<Json, String> {
         let host = if h == "a" { self.lab.a() } else { self.lab.b() };
         let r = host.sh(
             &format!(
@@ -183,7 +173,7 @@ impl Pair {
         Json::parse(&r.stdout)
     }
 
-    fn snapshot(&self) -> String {
+    pub(crate) fn snapshot(&self) -> String {
         ok(
             self.lab.a(),
             &format!(
@@ -194,7 +184,7 @@ impl Pair {
         )
     }
 
-    fn chain_cmd(&self, args: &str) -> Json {
+    pub(crate) fn chain_cmd(&self, args: &str) -> Json {
         let out = ok(
             self.lab.a(),
             &format!(
@@ -207,7 +197,7 @@ impl Pair {
     }
 
     /// Create the chain or append `n` blocks of `size` random bytes.
-    fn grow(&mut self, n: u64, size: usize) {
+    pub(crate) fn grow(&mut self, n: u64, size: usize) {
         let data = self.p("blockdata");
         for _ in 0..n {
             ok(
@@ -234,7 +224,7 @@ impl Pair {
 
     /// Restore b's newest generation into a conode on b and return the chain's latest
     /// index it serves, and the index the generation's manifest records.
-    fn restore_on_b(&mut self) -> (u64, u64) {
+    pub(crate) fn restore_on_b(&mut self) -> (u64, u64) {
         let b = self.lab.b();
         let st = self.status("b").unwrap();
         let generation = st
@@ -333,7 +323,35 @@ impl Drop for Pair {
     }
 }
 
-fn wait(what: &str, mut f: impl FnMut() -> bool) {
+/// The live conode on host a, serving `dir/a/data`; returns once its port answers.
+fn start_conode_a(lab: &Lab, dir: &Path) -> Spawned {
+    let a = lab.a();
+    let mut cmd = a.command(conode_bin());
+    cmd.args(["-d", "2", "-c"])
+        .arg(dir.join("a/co/private.toml"))
+        .args(["server", "--allow-root"])
+        .env("CONODE_SERVICE_PATH", dir.join("a/data"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join("conode-a.log"))
+                .unwrap(),
+        );
+    let conode_a = a.spawn(cmd);
+    wait(&format!("conode on {}", a.addr()), || {
+        a.connect(
+            format!("{}:7001", a.addr()).parse().unwrap(),
+            Duration::from_secs(1),
+        )
+        .is_ok()
+    });
+    conode_a
+}
+
+pub(crate) fn wait(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !f() {
         assert!(Instant::now() < deadline, "{what}: not ready within 20 s");
