@@ -1,5 +1,9 @@
 //! Content-defined chunking and BLAKE3 chunk hashes: the body of a snapshot manifest.
 //!
+//! (Snapshots are now page images, whose pages keep their offsets; chunks are also cut at
+//! every multiple of `max`, see [`cut`]. Content-defined cuts between those still keep a
+//! change to one page from changing more than its chunk.)
+//!
 //! A snapshot is a fresh redb file written by the conode from one read transaction. Two
 //! snapshots taken a little apart hold mostly the same pages, but not at the same offsets:
 //! a block inserted in the middle of a table moves the pages after it. Fixed-size chunks
@@ -82,11 +86,19 @@ const fn gear_table() -> [u64; 256] {
     t
 }
 
-/// Length of the first chunk of `data` (all of it if shorter than `max` and no cut is
-/// found; callers pass at least `max` bytes unless at the end of the file).
-pub fn cut(data: &[u8], p: &Params) -> usize {
+/// Length of the first chunk of `data`, which starts at `offset` in the file (all of it
+/// if shorter than `max` and no cut is found; callers pass at least `max` bytes unless at
+/// the end of the file).
+///
+/// A chunk never crosses a multiple of `max` in the file: snapshots are page images, whose
+/// long runs of free pages (zeros, or the same stale bytes) would otherwise be cut relative
+/// to where the run starts, so that every chunk of the run moves when a page is allocated
+/// at its start. Aligned, they stay where they are, and only the chunks around written
+/// pages change.
+pub fn cut(data: &[u8], p: &Params, offset: u64) -> usize {
     let (min, avg, max) = (p.min as usize, p.avg as usize, p.max as usize);
-    let n = data.len();
+    let room = (p.max as u64 - offset % p.max as u64) as usize;
+    let n = data.len().min(room);
     if n <= min {
         return n;
     }
@@ -117,7 +129,7 @@ pub fn chunk_slice(data: &[u8], p: &Params) -> Vec<Chunk> {
     let mut out = Vec::with_capacity(data.len() / p.avg as usize + 1);
     let mut off = 0usize;
     while off < data.len() {
-        let len = cut(&data[off..], p);
+        let len = cut(&data[off..], p, off as u64);
         out.push(Chunk {
             offset: off as u64,
             len: len as u32,
@@ -174,7 +186,7 @@ impl Chunker {
         let mut start = 0;
         while self.buf.len() - start >= keep.max(1) {
             let rest = &self.buf[start..];
-            let len = cut(rest, &self.params);
+            let len = cut(rest, &self.params, self.offset);
             let c = Chunk {
                 offset: self.offset,
                 len: len as u32,
@@ -233,7 +245,7 @@ pub fn chunk_reader<R: Read>(
         if start == filled {
             return Ok(out);
         }
-        let len = cut(&buf[start..filled], p);
+        let len = cut(&buf[start..filled], p, offset);
         out.push(Chunk {
             offset,
             len: len as u32,
@@ -269,7 +281,12 @@ mod tests {
         for (i, c) in chunks.iter().enumerate() {
             assert_eq!(c.offset, off);
             assert!(c.len <= p.max);
-            if i + 1 < chunks.len() {
+            let end = c.offset + c.len as u64;
+            assert!(
+                c.offset / p.max as u64 == (end - 1) / p.max as u64,
+                "chunk {i} crosses a multiple of max"
+            );
+            if i + 1 < chunks.len() && end % p.max as u64 != 0 {
                 assert!(c.len > p.min, "chunk {i} is {} bytes", c.len);
             }
             off += c.len as u64;
@@ -307,24 +324,32 @@ mod tests {
     }
 
     #[test]
-    fn an_insertion_changes_only_nearby_chunks() {
+    fn pages_written_in_an_image_change_only_their_chunks() {
         let p = Params::DEFAULT;
-        let old = pseudo_random(8 << 20, 11);
+        // An image: data, then a long run of free (zero) pages.
+        let mut old = pseudo_random(6 << 20, 11);
+        old.extend(std::iter::repeat_n(0u8, 3 << 20));
         let mut new = old.clone();
-        let insert = pseudo_random(70_000, 12);
-        new.splice(3_000_000..3_000_000, insert.iter().copied());
-        let held: std::collections::HashSet<[u8; 32]> =
-            chunk_slice(&old, &p).iter().map(|c| c.hash).collect();
-        let missing: u64 = chunk_slice(&new, &p)
+        // Pages written: scattered ones, and the first page of the free run (which used
+        // to shift every chunk of the run).
+        let pages = [100usize, 700, 701, 1200, 1536];
+        for (k, &pg) in pages.iter().enumerate() {
+            new[pg * 4096..(pg + 1) * 4096].copy_from_slice(&pseudo_random(4096, 20 + k as u64));
+        }
+        let held: std::collections::HashSet<(u64, u32, [u8; 32])> = chunk_slice(&old, &p)
             .iter()
-            .filter(|c| !held.contains(&c.hash))
+            .map(|c| (c.offset, c.len, c.hash))
+            .collect();
+        let changed: u64 = chunk_slice(&new, &p)
+            .iter()
+            .filter(|c| !held.contains(&(c.offset, c.len, c.hash)))
             .map(|c| c.len as u64)
             .sum();
-        assert!(missing >= insert.len() as u64);
+        assert!(changed >= 4 * 4096);
         assert!(
-            missing <= insert.len() as u64 + 3 * p.max as u64,
-            "{missing} bytes to send for a {} byte insertion",
-            insert.len()
+            changed <= pages.len() as u64 * 2 * p.max as u64,
+            "{changed} bytes of chunks changed for {} pages written",
+            pages.len()
         );
     }
 

@@ -139,9 +139,13 @@ async fn snapshot_loop(
     let shared = shipper.shared.clone();
     let mut shipped: Option<Vec<ChainPosition>> = None;
     let mut failed = false;
+    // Ticks `interval` apart from start to start (a snapshot that took longer is followed
+    // at once): a commit waits at most about one interval plus one snapshot.
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let reply = tokio::select! {
-            _ = tokio::time::sleep(interval) => None,
+            _ = ticker.tick() => None,
             r = triggers.recv() => r,
             _ = stop.changed() => return,
         };

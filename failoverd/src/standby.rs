@@ -456,11 +456,19 @@ impl Store {
 
     fn install_inner(&self, p: &Pending) -> Result<Installed, String> {
         let m = &p.manifest;
+        let t = std::time::Instant::now();
         check_in_place(p)?;
+        let hashed = t.elapsed();
         p.file
             .sync_all()
             .map_err(|e| io("cannot fsync", &p.path, e))?;
+        let synced = t.elapsed();
         let positions = conode::db::verify_snapshot(&p.path, &self.conode)?;
+        tracing::info!(
+            "generation {}: chunks kept in place hashed in {hashed:?}, fsynced after {synced:?}, integrity-checked after {:?}",
+            m.generation,
+            t.elapsed()
+        );
         let mut claimed = m.positions.clone();
         claimed.sort_by_key(|c| c.chain);
         let mut found = positions.clone();

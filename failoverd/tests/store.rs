@@ -139,7 +139,7 @@ fn assert_installable(store: &Store, public: &[u8; 32], generation: u64) {
 fn full_then_incremental_sends_only_new_chunks() {
     let mut s = setup();
     s.live.append(300, 8000);
-    let (f1, p1) = s.live.snapshot("s1.db");
+    let (f1, p1) = s.live.image("s1.db");
     let store = Store::open(&s.state, 2, s.key.public_bytes(), s.live.public).unwrap();
     let m1 = manifest(&s.key, s.live.public, 1, &f1, p1);
     let sent1 = ship(&store, &s.key, &m1, &f1).unwrap();
@@ -151,11 +151,10 @@ fn full_then_incremental_sends_only_new_chunks() {
     );
 
     s.live.append(3, 8000);
-    let (f2, p2) = s.live.snapshot("s2.db");
+    let (f2, p2) = s.live.image("s2.db");
     let m2 = manifest(&s.key, s.live.public, 2, &f2, p2);
     let sent2 = ship(&store, &s.key, &m2, &f2).unwrap();
-    // A logical copy moves pages after an inserted key, so much is resent; still, the
-    // chunks the standby holds are not.
+    // Page images (what failoverd ships): only the chunks around written pages.
     assert!(
         sent2 < m2.bytes / 2,
         "incremental sent {sent2} of {} bytes",
@@ -165,7 +164,7 @@ fn full_then_incremental_sends_only_new_chunks() {
 
     // Keep 2: a third generation prunes the first.
     s.live.append(1, 100);
-    let (f3, p3) = s.live.snapshot("s3.db");
+    let (f3, p3) = s.live.image("s3.db");
     ship(
         &store,
         &s.key,
@@ -195,7 +194,7 @@ fn full_then_incremental_sends_only_new_chunks() {
 fn refused_keeps_previous(bad: impl FnOnce(&mut Setup, &Store) -> Result<(), String>, want: &str) {
     let mut s = setup();
     s.live.append(50, 4000);
-    let (f1, p1) = s.live.snapshot("s1.db");
+    let (f1, p1) = s.live.image("s1.db");
     let store = Store::open(&s.state, 3, s.key.public_bytes(), s.live.public).unwrap();
     ship(
         &store,
