@@ -146,7 +146,8 @@ impl Pair {
         pair
     }
 
-    /// Start the live conode again (after `conode_a` was killed).
+    /// Start the live conode again (after `conode_a` was killed; used by the benchmark).
+    #[allow(dead_code)]
     pub(crate) fn restart_conode_a(&mut self) {
         assert!(self.conode_a.is_none(), "the live conode runs already");
         self.conode_a = Some(start_conode_a(&self.lab, self.dir.path()));

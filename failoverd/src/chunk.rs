@@ -286,7 +286,7 @@ mod tests {
                 c.offset / p.max as u64 == (end - 1) / p.max as u64,
                 "chunk {i} crosses a multiple of max"
             );
-            if i + 1 < chunks.len() && end % p.max as u64 != 0 {
+            if i + 1 < chunks.len() && !end.is_multiple_of(p.max as u64) {
                 assert!(c.len > p.min, "chunk {i} is {} bytes", c.len);
             }
             off += c.len as u64;
