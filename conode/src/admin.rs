@@ -96,8 +96,9 @@ use crate::ws::{stopped, Tracker};
 pub const MAX_REQUEST_LINE: usize = 1024;
 /// How long a client has to send its request line.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// Snapshots taken at the same time; more are answered "busy". Each holds a read
-/// transaction (which keeps the live file from reusing pages) and writes a full copy.
+/// Snapshots and images taken at the same time; more are answered "busy". A snapshot holds
+/// a read transaction (which keeps the live file from reusing pages) and writes a full
+/// copy; an image holds the writers while it streams.
 pub const MAX_SNAPSHOTS: usize = 2;
 /// Connections served at the same time; more are answered "busy".
 pub const MAX_CONNECTIONS: usize = 16;
@@ -520,12 +521,7 @@ async fn position(stream: &mut UnixStream, ctx: &Ctx) -> Result<(), String> {
             .db
             .begin_read()
             .map_err(|e| format!("cannot begin a read transaction: {e}"))?;
-        let public = read
-            .open_table(crate::db::META)
-            .and_then(|t| Ok(t.get(crate::db::META_PUBLIC)?.map(|v| v.value().to_vec())))
-            .map_err(|e| format!("cannot read the owner key: {e}"))?
-            .and_then(|v| <[u8; 32]>::try_from(v.as_slice()).ok())
-            .ok_or_else(|| "the database has no 32-byte owner key in meta".to_string())?;
+        let public = crate::db::owner_key(&read)?;
         Ok::<_, String>((public, crate::db::chain_positions(&read)?))
     })
     .await
@@ -564,14 +560,25 @@ impl Drop for RemoveOnDrop {
 
 static SNAPSHOT_SEQ: AtomicU64 = AtomicU64::new(0);
 
+/// One of the [`MAX_SNAPSHOTS`] slots shared by `snapshot` and `image`, or "busy" answered.
+async fn snapshot_slot<'a>(
+    stream: &mut UnixStream,
+    ctx: &'a Ctx,
+) -> Result<tokio::sync::SemaphorePermit<'a>, String> {
+    match ctx.snapshots.try_acquire() {
+        Ok(p) => Ok(p),
+        Err(_) => {
+            let msg = format!(
+                "busy: {MAX_SNAPSHOTS} snapshots are being taken already; try again when one is done"
+            );
+            reply(stream, &error_line(&msg)).await?;
+            Err(msg)
+        }
+    }
+}
+
 async fn snapshot(stream: &mut UnixStream, ctx: &Ctx) -> Result<(), String> {
-    let Ok(_permit) = ctx.snapshots.try_acquire() else {
-        let msg = format!(
-            "busy: {MAX_SNAPSHOTS} snapshots are being taken already; try again when one is done"
-        );
-        reply(stream, &error_line(&msg)).await?;
-        return Err(msg);
-    };
+    let _permit = snapshot_slot(stream, ctx).await?;
     let n = SNAPSHOT_SEQ.fetch_add(1, Ordering::Relaxed);
     let tmp = ctx
         .db
@@ -656,13 +663,7 @@ const IMAGE_PIECE: usize = 1 << 20;
 pub const IMAGE_HOLD_LIMIT: Duration = Duration::from_secs(20);
 
 async fn image(stream: &mut UnixStream, ctx: &Ctx) -> Result<(), String> {
-    let Ok(_permit) = ctx.snapshots.try_acquire() else {
-        let msg = format!(
-            "busy: {MAX_SNAPSHOTS} snapshots are being taken already; try again when one is done"
-        );
-        reply(stream, &error_line(&msg)).await?;
-        return Err(msg);
-    };
+    let _permit = snapshot_slot(stream, ctx).await?;
     let db = ctx.db.clone();
     let img = tokio::task::spawn_blocking(move || db.image())
         .await
@@ -802,6 +803,11 @@ async fn read_line<R: AsyncBufReadExt + Unpin>(
         Ok(Err(e)) => return Err(format!("cannot read the {what}: {e}")),
         Err(_) => return Err(format!("no {what} within {timeout:?}")),
     };
+    whole_line(line, n, max, what)
+}
+
+/// `line` as read (`n` bytes, at most `max`): without its `\n`, or why it is not a line.
+fn whole_line(mut line: Vec<u8>, n: usize, max: u64, what: &str) -> Result<Vec<u8>, String> {
     if n == 0 {
         return Err(format!(
             "the conode closed the connection before the {what}"
@@ -944,11 +950,10 @@ pub struct ImageHeader {
 
 /// Ask the conode at `socket` for a page image and hand its bytes, in order, to `sink`
 /// (whose error stops the transfer). Blocking (call it from a blocking thread): the
-/// caller hashes and stores as it reads. `header` sees the announced header before the
-/// first byte. Returns once exactly the announced bytes and the trailer arrived.
+/// caller hashes and stores as it reads. Returns once exactly the announced bytes and the
+/// trailer arrived.
 pub fn fetch_image_blocking(
     socket: &Path,
-    header: impl FnOnce(&ImageHeader) -> Result<(), String>,
     mut sink: impl FnMut(&[u8]) -> Result<(), String>,
 ) -> Result<ImageHeader, String> {
     use std::io::{BufRead, Read, Write};
@@ -972,18 +977,7 @@ pub fn fetch_image_blocking(
             .take(max)
             .read_until(b'\n', &mut line)
             .map_err(|e| format!("cannot read the {what}: {e}"))?;
-        if n == 0 {
-            return Err(format!(
-                "the conode closed the connection before the {what}"
-            ));
-        }
-        if line.last() != Some(&b'\n') {
-            return Err(format!(
-                "the {what} is cut short or longer than {max} bytes"
-            ));
-        }
-        line.pop();
-        Ok(line)
+        whole_line(line, n, max, what)
     };
     let line = read_line(&mut r, MAX_HEADER_LINE, "image header").map_err(|e| match &sent {
         Some(s) => format!("cannot send the request to {}: {s}", socket.display()),
@@ -996,7 +990,6 @@ pub fn fetch_image_blocking(
         positions: from_wire(h.positions)?,
         taken_unix_ms: h.taken_unix_ms,
     };
-    header(&out)?;
     let _ = s.set_read_timeout(Some(IO_TIMEOUT));
     let mut got = 0u64;
     while got < out.bytes {

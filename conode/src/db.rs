@@ -219,6 +219,15 @@ pub struct ChainPosition {
     pub hash: [u8; 32],
 }
 
+/// The 32-byte owner key in `meta`, as seen by `read`.
+pub fn owner_key(read: &redb::ReadTransaction) -> Result<[u8; 32], String> {
+    read.open_table(META)
+        .and_then(|t| Ok(t.get(META_PUBLIC)?.map(|v| v.value().to_vec())))
+        .map_err(|e| format!("cannot read the owner key: {e}"))?
+        .and_then(|v| <[u8; 32]>::try_from(v.as_slice()).ok())
+        .ok_or_else(|| "the database has no 32-byte owner key in meta".to_string())
+}
+
 /// What [`Db::snapshot_to`] wrote.
 ///
 /// Transaction-consistent: the positions, the figures and every table in the file were read
@@ -425,12 +434,7 @@ impl Db {
             .unwrap_or(0);
         let bytes = file.metadata().map_err(|e| ctx("cannot stat", &e))?.len();
         let positions = chain_positions(&read)?;
-        let public = read
-            .open_table(META)
-            .and_then(|t| Ok(t.get(META_PUBLIC)?.map(|v| v.value().to_vec())))
-            .map_err(|e| ctx("cannot read the owner key", &e))?
-            .and_then(|v| <[u8; 32]>::try_from(v.as_slice()).ok())
-            .ok_or_else(|| ctx("refusing", &"the meta table has no 32-byte owner key"))?;
+        let public = owner_key(&read).map_err(|e| ctx("refusing", &e))?;
         Ok(Image {
             bytes,
             public,

@@ -541,14 +541,10 @@ fn churn(db: &Db, n: u64) {
 /// Take a page image through the admin socket into `dest`, `pause` after every piece.
 fn take_image(socket: &Path, dest: &Path, pause: Duration) -> admin::ImageHeader {
     let mut f = std::fs::File::create(dest).unwrap();
-    admin::fetch_image_blocking(
-        socket,
-        |_| Ok(()),
-        |b| {
-            std::thread::sleep(pause);
-            f.write_all(b).map_err(|e| e.to_string())
-        },
-    )
+    admin::fetch_image_blocking(socket, |b| {
+        std::thread::sleep(pause);
+        f.write_all(b).map_err(|e| e.to_string())
+    })
     .unwrap()
 }
 
@@ -651,7 +647,7 @@ async fn an_image_stream_cut_short_is_an_error() {
     fill(srv.database(), 3000);
     let socket = srv.admin_socket().to_path_buf();
     let e = tokio::task::spawn_blocking(move || {
-        admin::fetch_image_blocking(&socket, |_| Ok(()), |_| Err("disk full here".to_string()))
+        admin::fetch_image_blocking(&socket, |_| Err("disk full here".to_string()))
     })
     .await
     .unwrap()
@@ -661,14 +657,10 @@ async fn an_image_stream_cut_short_is_an_error() {
     let socket = srv.admin_socket().to_path_buf();
     let mut n = 0u64;
     let h = tokio::task::spawn_blocking(move || {
-        admin::fetch_image_blocking(
-            &socket,
-            |_| Ok(()),
-            |b| {
-                n += b.len() as u64;
-                Ok(())
-            },
-        )
+        admin::fetch_image_blocking(&socket, |b| {
+            n += b.len() as u64;
+            Ok(())
+        })
         .map(|h| (h, n))
     })
     .await

@@ -1,20 +1,13 @@
-//! Content-defined chunking and BLAKE3 chunk hashes: the body of a snapshot manifest.
+//! Chunking and BLAKE3 chunk hashes: the body of a snapshot manifest.
 //!
-//! (Snapshots are now page images, whose pages keep their offsets; chunks are also cut at
-//! every multiple of `max`, see [`cut`]. Content-defined cuts between those still keep a
-//! change to one page from changing more than its chunk.)
+//! A snapshot is a page image of the conode's redb file: pages keep their offsets, and two
+//! snapshots taken a little apart differ only in the pages written between them. Chunks
+//! are cut where the content says (a gear rolling hash, as in FastCDC) and also at every
+//! multiple of `max` (see [`cut`]), so a written page changes only the chunk it falls in,
+//! and runs of free pages stay cut at the same places whatever is allocated before them.
 //!
-//! A snapshot is a fresh redb file written by the conode from one read transaction. Two
-//! snapshots taken a little apart hold mostly the same pages, but not at the same offsets:
-//! a block inserted in the middle of a table moves the pages after it. Fixed-size chunks
-//! would then all differ; chunks cut where the content says (a gear rolling hash, as in
-//! FastCDC) find each other again after the insertion, so the standby keeps most of its
-//! previous generation and only the chunks around the change cross the network.
-//!
-//! Boundaries depend only on the bytes and on [`Params`], never on where a read started:
-//! the same file always gives the same chunks, on any host.
-
-use std::io::Read;
+//! Boundaries depend only on the bytes, their offsets and [`Params`], never on how the
+//! bytes were read: the same file always gives the same chunks, on any host.
 
 /// Chunk size limits. `min <= avg <= max`, `avg` a power of two.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -211,49 +204,10 @@ impl Chunker {
     }
 }
 
-/// Split a stream into chunks and hash them, reading it once with a bounded buffer.
-/// `on_data` sees every byte in order (to count or copy it).
-pub fn chunk_reader<R: Read>(
-    mut r: R,
-    p: &Params,
-    mut on_data: impl FnMut(&[u8]) -> std::io::Result<()>,
-) -> std::io::Result<Vec<Chunk>> {
-    let max = p.max as usize;
-    let cap = (4 << 20).max(2 * max);
-    let mut buf = vec![0u8; cap];
-    let mut start = 0usize; // first byte not yet chunked
-    let mut filled = 0usize;
-    let mut offset = 0u64; // file offset of buf[start]
-    let mut eof = false;
-    let mut out = Vec::new();
-    loop {
-        // Keep at least `max` bytes ahead of `start` unless the stream ended.
-        if !eof && filled - start < max {
-            buf.copy_within(start..filled, 0);
-            filled -= start;
-            start = 0;
-            while filled < cap {
-                let n = r.read(&mut buf[filled..])?;
-                if n == 0 {
-                    eof = true;
-                    break;
-                }
-                on_data(&buf[filled..filled + n])?;
-                filled += n;
-            }
-        }
-        if start == filled {
-            return Ok(out);
-        }
-        let len = cut(&buf[start..filled], p, offset);
-        out.push(Chunk {
-            offset,
-            len: len as u32,
-            hash: *blake3::hash(&buf[start..start + len]).as_bytes(),
-        });
-        start += len;
-        offset += len as u64;
-    }
+/// Where each chunk is: offset → (length, hash), to tell which chunks of a new snapshot an
+/// older file already holds in the same place.
+pub fn by_offset(chunks: &[Chunk]) -> std::collections::HashMap<u64, (u32, [u8; 32])> {
+    chunks.iter().map(|c| (c.offset, (c.len, c.hash))).collect()
 }
 
 #[cfg(test)]
@@ -297,30 +251,6 @@ mod tests {
             (p.avg as usize / 2..p.avg as usize * 2).contains(&avg),
             "average chunk {avg} bytes"
         );
-    }
-
-    #[test]
-    fn reader_and_slice_agree_whatever_the_read_sizes() {
-        struct Dribble<'a>(&'a [u8], usize);
-        impl Read for Dribble<'_> {
-            fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
-                let n = b.len().min(self.1).min(self.0.len());
-                b[..n].copy_from_slice(&self.0[..n]);
-                self.0 = &self.0[n..];
-                self.1 = self.1 % 9000 + 777;
-                Ok(n)
-            }
-        }
-        let p = Params::DEFAULT;
-        let data = pseudo_random(9 << 20, 3);
-        let mut seen = 0usize;
-        let a = chunk_reader(Dribble(&data, 1), &p, |d| {
-            seen += d.len();
-            Ok(())
-        })
-        .unwrap();
-        assert_eq!(seen, data.len());
-        assert_eq!(a, chunk_slice(&data, &p));
     }
 
     #[test]

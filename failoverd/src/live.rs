@@ -62,11 +62,7 @@ fn take_image(
         .mode(0o600)
         .open(mirror)
         .map_err(|e| format!("cannot open {}: {e}", mirror.display()))?;
-    let held: std::collections::HashMap<u64, (u32, [u8; 32])> = old
-        .unwrap_or_default()
-        .into_iter()
-        .map(|c| (c.offset, (c.len, c.hash)))
-        .collect();
+    let held = crate::chunk::by_offset(&old.unwrap_or_default());
     let mut written = 0u64;
     let mut on_chunk = |c: &Chunk, b: &[u8]| -> Result<(), String> {
         if held.get(&c.offset) != Some(&(c.len, c.hash)) {
@@ -77,9 +73,8 @@ fn take_image(
         Ok(())
     };
     let mut chunker = Chunker::new(params);
-    let header =
-        conode::admin::fetch_image_blocking(admin, |_| Ok(()), |b| chunker.push(b, &mut on_chunk))
-            .map_err(|e| format!("conode admin socket {}: {e}", admin.display()))?;
+    let header = conode::admin::fetch_image_blocking(admin, |b| chunker.push(b, &mut on_chunk))
+        .map_err(|e| format!("conode admin socket {}: {e}", admin.display()))?;
     let chunks = chunker.finish(&mut on_chunk)?;
     file.set_len(header.bytes)
         .map_err(|e| format!("cannot size {}: {e}", mirror.display()))?;

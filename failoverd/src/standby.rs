@@ -556,11 +556,7 @@ fn behind(old: &[ChainPosition], new: &[ChainPosition]) -> Result<(), String> {
 /// Mark the chunks of `p` that the recycled file (which held `old`) has at the same offset,
 /// with the same length and hash. Returns their bytes.
 fn in_place(old: &Manifest, p: &mut Pending) -> u64 {
-    let held: HashMap<u64, (u32, [u8; 32])> = old
-        .chunks
-        .iter()
-        .map(|c| (c.offset, (c.len, c.hash)))
-        .collect();
+    let held = crate::chunk::by_offset(&old.chunks);
     let mut bytes = 0;
     for (i, c) in p.manifest.chunks.iter().enumerate() {
         if c.offset + c.len as u64 <= old.bytes && held.get(&c.offset) == Some(&(c.len, c.hash)) {
