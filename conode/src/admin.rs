@@ -33,6 +33,18 @@
 //!   A stream that ends early, or whose bytes do not hash to the trailer, is damaged:
 //!   discard it. The file is a complete redb database whose `meta.public` is the
 //!   conode's key; check it with [`crate::db::verify_snapshot`] before using it.
+//! - `image\n`: a page image of the live database file at its latest commit (see
+//!   [`crate::db::Db::image`]). **Writers wait while the image streams**: the client must
+//!   read at once and fast; a stream not finished within [`IMAGE_HOLD_LIMIT`] is cut short
+//!   and the writers released. The server sends
+//!   1. the same header line as `snapshot` (`bytes` is the image's length);
+//!   2. exactly `N` bytes: the image;
+//!   3. a trailer line `{"ok":true,"sent":N}`.
+//!
+//!   Pages keep their offsets from one image to the next, so what changed between two
+//!   images is only what was written between them (what `failoverd` ships). The image is a
+//!   crash image: opening it makes redb walk every tree once; check it with
+//!   [`crate::db::verify_snapshot`]. A stream that ends before the trailer is damaged.
 //! - `position\n`: `{"ok":true,"public":"<hex>","positions":[...]}`, the same
 //!   positions as a snapshot would carry, without copying anything.
 //! - Anything else, a line over [`MAX_REQUEST_LINE`] bytes, no complete line within
@@ -61,7 +73,7 @@
 //!
 //! ```text
 //! > status
-//! < {"ok":false,"error":"unknown request \"status\": expected \"snapshot\" or \"position\""}
+//! < {"ok":false,"error":"unknown request \"status\": expected \"snapshot\", \"image\" or \"position\""}
 //! ```
 //!
 //! [`fetch_snapshot`] and [`fetch_position`] are the client side.
@@ -84,8 +96,9 @@ use crate::ws::{stopped, Tracker};
 pub const MAX_REQUEST_LINE: usize = 1024;
 /// How long a client has to send its request line.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// Snapshots taken at the same time; more are answered "busy". Each holds a read
-/// transaction (which keeps the live file from reusing pages) and writes a full copy.
+/// Snapshots and images taken at the same time; more are answered "busy". A snapshot holds
+/// a read transaction (which keeps the live file from reusing pages) and writes a full
+/// copy; an image holds the writers while it streams.
 pub const MAX_SNAPSHOTS: usize = 2;
 /// Connections served at the same time; more are answered "busy".
 pub const MAX_CONNECTIONS: usize = 16;
@@ -448,10 +461,13 @@ async fn handle(
     };
     match request.as_str() {
         "snapshot" => snapshot(stream, ctx).await,
+        "image" => image(stream, ctx).await,
         "position" => position(stream, ctx).await,
         other => {
             let shown: String = other.chars().take(64).collect();
-            let msg = format!("unknown request {shown:?}: expected \"snapshot\" or \"position\"");
+            let msg = format!(
+                "unknown request {shown:?}: expected \"snapshot\", \"image\" or \"position\""
+            );
             reply(stream, &error_line(&msg)).await?;
             Err(msg)
         }
@@ -485,14 +501,15 @@ async fn read_request<S: AsyncRead + Unpin>(s: &mut S) -> Result<String, String>
     }
     if buf.len() > MAX_REQUEST_LINE {
         return Err(format!(
-            "request line longer than {MAX_REQUEST_LINE} bytes: expected \"snapshot\" or \"position\""
+            "request line longer than {MAX_REQUEST_LINE} bytes: expected \"snapshot\", \"image\" or \"position\""
         ));
     }
     if buf.last() == Some(&b'\r') {
         buf.pop();
     }
     String::from_utf8(buf).map_err(|_| {
-        "the request is not UTF-8 text: expected \"snapshot\" or \"position\"".to_string()
+        "the request is not UTF-8 text: expected \"snapshot\", \"image\" or \"position\""
+            .to_string()
     })
 }
 
@@ -504,12 +521,7 @@ async fn position(stream: &mut UnixStream, ctx: &Ctx) -> Result<(), String> {
             .db
             .begin_read()
             .map_err(|e| format!("cannot begin a read transaction: {e}"))?;
-        let public = read
-            .open_table(crate::db::META)
-            .and_then(|t| Ok(t.get(crate::db::META_PUBLIC)?.map(|v| v.value().to_vec())))
-            .map_err(|e| format!("cannot read the owner key: {e}"))?
-            .and_then(|v| <[u8; 32]>::try_from(v.as_slice()).ok())
-            .ok_or_else(|| "the database has no 32-byte owner key in meta".to_string())?;
+        let public = crate::db::owner_key(&read)?;
         Ok::<_, String>((public, crate::db::chain_positions(&read)?))
     })
     .await
@@ -548,14 +560,25 @@ impl Drop for RemoveOnDrop {
 
 static SNAPSHOT_SEQ: AtomicU64 = AtomicU64::new(0);
 
+/// One of the [`MAX_SNAPSHOTS`] slots shared by `snapshot` and `image`, or "busy" answered.
+async fn snapshot_slot<'a>(
+    stream: &mut UnixStream,
+    ctx: &'a Ctx,
+) -> Result<tokio::sync::SemaphorePermit<'a>, String> {
+    match ctx.snapshots.try_acquire() {
+        Ok(p) => Ok(p),
+        Err(_) => {
+            let msg = format!(
+                "busy: {MAX_SNAPSHOTS} snapshots are being taken already; try again when one is done"
+            );
+            reply(stream, &error_line(&msg)).await?;
+            Err(msg)
+        }
+    }
+}
+
 async fn snapshot(stream: &mut UnixStream, ctx: &Ctx) -> Result<(), String> {
-    let Ok(_permit) = ctx.snapshots.try_acquire() else {
-        let msg = format!(
-            "busy: {MAX_SNAPSHOTS} snapshots are being taken already; try again when one is done"
-        );
-        reply(stream, &error_line(&msg)).await?;
-        return Err(msg);
-    };
+    let _permit = snapshot_slot(stream, ctx).await?;
     let n = SNAPSHOT_SEQ.fetch_add(1, Ordering::Relaxed);
     let tmp = ctx
         .db
@@ -625,6 +648,85 @@ async fn snapshot(stream: &mut UnixStream, ctx: &Ctx) -> Result<(), String> {
         info.positions.len(),
         info.taken_unix_ms
     );
+    Ok(())
+}
+
+#[derive(Serialize, Deserialize)]
+struct WireImageTrailer {
+    ok: bool,
+    sent: u64,
+}
+
+/// Bytes per piece of an image read from the live file and written to the socket.
+const IMAGE_PIECE: usize = 1 << 20;
+/// Longest time an image may hold the writers; the stream is then cut short.
+pub const IMAGE_HOLD_LIMIT: Duration = Duration::from_secs(20);
+
+async fn image(stream: &mut UnixStream, ctx: &Ctx) -> Result<(), String> {
+    let _permit = snapshot_slot(stream, ctx).await?;
+    let db = ctx.db.clone();
+    let img = tokio::task::spawn_blocking(move || db.image())
+        .await
+        .unwrap_or_else(|e| Err(format!("the image task failed: {e}: this is a bug")));
+    let img = match img {
+        Ok(i) => i,
+        Err(msg) => {
+            tracing::warn!("admin socket: image failed: {msg}");
+            reply(stream, &error_line(&msg)).await?;
+            return Err(msg);
+        }
+    };
+    let header = json_line(&WireSnapshotHeader {
+        ok: true,
+        bytes: img.bytes,
+        public: hex::encode(img.public),
+        positions: to_wire(&img.positions),
+        taken_unix_ms: img.taken_unix_ms,
+    });
+    write_timed(stream, &header).await?;
+    let (bytes, chains, taken) = (img.bytes, img.positions.len(), img.taken_unix_ms);
+    // A reader thread holds the image (and so the pinned commit) and hands pieces over;
+    // it stops when the receiver goes away.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, String>>(4);
+    let reader = tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        let mut off = 0u64;
+        while off < img.bytes {
+            if started.elapsed() > IMAGE_HOLD_LIMIT {
+                let _ = tx.blocking_send(Err(format!(
+                    "the image reader took more than {IMAGE_HOLD_LIMIT:?} ({off} of {} bytes): the image is abandoned so that writers go on",
+                    img.bytes
+                )));
+                return;
+            }
+            let n = ((img.bytes - off) as usize).min(IMAGE_PIECE);
+            let mut buf = vec![0u8; n];
+            let r = img.read_at(&mut buf, off).map(|()| buf);
+            let failed = r.is_err();
+            if tx.blocking_send(r).is_err() || failed {
+                return;
+            }
+            off += n as u64;
+        }
+    });
+    let mut sent = 0u64;
+    while let Some(piece) = rx.recv().await {
+        let piece = piece.map_err(|e| {
+            tracing::error!("admin socket: {e}; the image stream is cut short");
+            e
+        })?;
+        write_timed(stream, &piece).await?;
+        sent += piece.len() as u64;
+    }
+    drop(rx);
+    let _ = reader.await;
+    if sent != bytes {
+        let msg = format!("the image stream stopped after {sent} of {bytes} bytes: this is a bug");
+        tracing::error!("admin socket: {msg}");
+        return Err(msg);
+    }
+    reply(stream, &json_line(&WireImageTrailer { ok: true, sent })).await?;
+    tracing::debug!("admin socket: streamed a page image of {bytes} bytes ({chains} chains, commit pinned at {taken} ms)");
     Ok(())
 }
 
@@ -701,6 +803,11 @@ async fn read_line<R: AsyncBufReadExt + Unpin>(
         Ok(Err(e)) => return Err(format!("cannot read the {what}: {e}")),
         Err(_) => return Err(format!("no {what} within {timeout:?}")),
     };
+    whole_line(line, n, max, what)
+}
+
+/// `line` as read (`n` bytes, at most `max`): without its `\n`, or why it is not a line.
+fn whole_line(mut line: Vec<u8>, n: usize, max: u64, what: &str) -> Result<Vec<u8>, String> {
     if n == 0 {
         return Err(format!(
             "the conode closed the connection before the {what}"
@@ -830,6 +937,86 @@ async fn receive<R: AsyncBufReadExt + Unpin>(
         .await
         .map_err(|e| format!("cannot fsync {}: {e}", dest.display()))?;
     Ok(mine)
+}
+
+/// What an `image` request announced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageHeader {
+    pub bytes: u64,
+    pub public: [u8; 32],
+    pub positions: Vec<ChainPosition>,
+    pub taken_unix_ms: u64,
+}
+
+/// Ask the conode at `socket` for a page image and hand its bytes, in order, to `sink`
+/// (whose error stops the transfer). Blocking (call it from a blocking thread): the
+/// caller hashes and stores as it reads. Returns once exactly the announced bytes and the
+/// trailer arrived.
+pub fn fetch_image_blocking(
+    socket: &Path,
+    mut sink: impl FnMut(&[u8]) -> Result<(), String>,
+) -> Result<ImageHeader, String> {
+    use std::io::{BufRead, Read, Write};
+    let s = std::os::unix::net::UnixStream::connect(socket).map_err(|e| {
+        format!(
+            "conode not running? cannot connect to {}: {e}",
+            socket.display()
+        )
+    })?;
+    let _ = s.set_write_timeout(Some(IO_TIMEOUT));
+    let sent = (&s).write_all(b"image\n").err();
+    let _ = s.set_read_timeout(Some(SNAPSHOT_TIMEOUT));
+    let mut r = std::io::BufReader::with_capacity(IMAGE_PIECE, &s);
+    let read_line = |r: &mut std::io::BufReader<&std::os::unix::net::UnixStream>,
+                     max: u64,
+                     what: &str|
+     -> Result<Vec<u8>, String> {
+        let mut line = Vec::new();
+        let n = r
+            .by_ref()
+            .take(max)
+            .read_until(b'\n', &mut line)
+            .map_err(|e| format!("cannot read the {what}: {e}"))?;
+        whole_line(line, n, max, what)
+    };
+    let line = read_line(&mut r, MAX_HEADER_LINE, "image header").map_err(|e| match &sent {
+        Some(s) => format!("cannot send the request to {}: {s}", socket.display()),
+        None => e,
+    })?;
+    let h: WireSnapshotHeader = parse_answer(&line, "image header")?;
+    let out = ImageHeader {
+        bytes: h.bytes,
+        public: hex32("public", &h.public)?,
+        positions: from_wire(h.positions)?,
+        taken_unix_ms: h.taken_unix_ms,
+    };
+    let _ = s.set_read_timeout(Some(IO_TIMEOUT));
+    let mut got = 0u64;
+    while got < out.bytes {
+        let buf = r
+            .fill_buf()
+            .map_err(|e| format!("reading the image after {got} of {} bytes: {e}", out.bytes))?;
+        if buf.is_empty() {
+            return Err(format!(
+                "the image stream ended after {got} of {} bytes: the conode stopped or failed while sending",
+                out.bytes
+            ));
+        }
+        let n = (buf.len() as u64).min(out.bytes - got) as usize;
+        sink(&buf[..n])?;
+        r.consume(n);
+        got += n as u64;
+    }
+    let line = read_line(&mut r, 1024, "image trailer")?;
+    let t: WireImageTrailer = serde_json::from_slice(&line)
+        .map_err(|e| format!("the image trailer is malformed ({e})"))?;
+    if !t.ok || t.sent != out.bytes {
+        return Err(format!(
+            "the image trailer says {} bytes were sent, the header announced {}",
+            t.sent, out.bytes
+        ));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -219,6 +219,15 @@ pub struct ChainPosition {
     pub hash: [u8; 32],
 }
 
+/// The 32-byte owner key in `meta`, as seen by `read`.
+pub fn owner_key(read: &redb::ReadTransaction) -> Result<[u8; 32], String> {
+    read.open_table(META)
+        .and_then(|t| Ok(t.get(META_PUBLIC)?.map(|v| v.value().to_vec())))
+        .map_err(|e| format!("cannot read the owner key: {e}"))?
+        .and_then(|v| <[u8; 32]>::try_from(v.as_slice()).ok())
+        .ok_or_else(|| "the database has no 32-byte owner key in meta".to_string())
+}
+
 /// What [`Db::snapshot_to`] wrote.
 ///
 /// Transaction-consistent: the positions, the figures and every table in the file were read
@@ -374,14 +383,100 @@ impl Db {
     }
 }
 
+/// A page image of the live database file as it stood at one commit: what
+/// [`Db::image`] returns, read with [`Image::read_at`].
+///
+/// The image is the file's bytes, not a copy through redb: pages keep their offsets, so two
+/// images taken a little apart differ only in the pages written between them, and a
+/// manifest of fixed places finds the rest unchanged. The file is a crash image of that
+/// commit (its header says recovery is required, as the live file's does while the conode
+/// has it open), so opening it makes redb walk and check every tree once; check it with
+/// [`verify_snapshot`] before trusting it.
+pub struct Image {
+    /// Length of the file when the image was taken.
+    pub bytes: u64,
+    pub public: [u8; 32],
+    pub positions: Vec<ChainPosition>,
+    /// When the image's commit was pinned (milliseconds since the Unix epoch).
+    pub taken_unix_ms: u64,
+    file: std::fs::File,
+    path: PathBuf,
+    // Held (never committed) until the image is dropped: no commit can run, so no page of
+    // the file changes while it is read. A read transaction would not do: it keeps the
+    // data pages of its commit, but redb frees the pages of the system tree (which the
+    // commit's header names and a repair checks) as soon as the next commit is done.
+    _writers: redb::WriteTransaction,
+}
+
+impl Db {
+    /// Hold the writers and return a page image of the latest commit. Writers wait until
+    /// the image is dropped: read it promptly.
+    ///
+    /// Why the bytes are consistent: every commit here is durable, so when no write
+    /// transaction runs the file holds exactly the latest commit (redb's crash image of it),
+    /// and none runs while the image is held. Blocking: run it on a blocking thread.
+    pub fn image(&self) -> Result<Image, String> {
+        let ctx = |what: &str, e: &dyn std::fmt::Display| {
+            format!("page image of {}: {what}: {e}", self.path.display())
+        };
+        let file = std::fs::File::open(&self.path).map_err(|e| ctx("cannot open", &e))?;
+        let writers = self
+            .db
+            .begin_write()
+            .map_err(|e| ctx("cannot hold the writers", &e))?;
+        let read = self
+            .db
+            .begin_read()
+            .map_err(|e| ctx("cannot begin a read transaction", &e))?;
+        let taken_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let bytes = file.metadata().map_err(|e| ctx("cannot stat", &e))?.len();
+        let positions = chain_positions(&read)?;
+        let public = owner_key(&read).map_err(|e| ctx("refusing", &e))?;
+        Ok(Image {
+            bytes,
+            public,
+            positions,
+            taken_unix_ms,
+            file,
+            path: self.path.clone(),
+            _writers: writers,
+        })
+    }
+}
+
+impl Image {
+    /// Fill `buf` with the image's bytes from `offset` (which must be within the image).
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), String> {
+        use std::os::unix::fs::FileExt;
+        let end = offset + buf.len() as u64;
+        if end > self.bytes {
+            return Err(format!(
+                "page image of {}: read of {offset}..{end} past its {} bytes: this is a bug",
+                self.path.display(),
+                self.bytes
+            ));
+        }
+        self.file.read_exact_at(buf, offset).map_err(|e| {
+            format!(
+                "page image of {}: cannot read {offset}..{end}: {e}",
+                self.path.display()
+            )
+        })
+    }
+}
+
 /// Check a snapshot file before trusting it: redb's integrity check (the checksum of every
 /// page), the owner key in `meta` equal to `expected_public`, and well-formed chain
 /// positions, which it returns.
 ///
-/// This opens the file read-write (the check may rewrite its header and allocator state),
-/// so verify a copy you own, never a live database or the only copy of a backup. A file
-/// written by [`Db::snapshot_to`] holds a single commit, so a "repair" that fell back to an
-/// earlier commit would leave no owner key and fail here too.
+/// The file is never modified: redb's check writes (its header, allocator state) go to an
+/// in-memory overlay ([`Overlay`]), so the bytes checked are the bytes kept, and a manifest
+/// of them stays true. Do not check a database a running conode has open (its writes would
+/// race the check). A file written by [`Db::snapshot_to`] holds a single commit, so a
+/// "repair" that fell back to an earlier commit would leave no owner key and fail here too.
 pub fn verify_snapshot(
     path: &Path,
     expected_public: &[u8; 32],
@@ -420,9 +515,11 @@ fn verify_inner(path: &Path, expected_public: &[u8; 32]) -> Result<Vec<ChainPosi
             path.display()
         )
     };
+    let backend =
+        Overlay::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let mut db = redb::Builder::new()
         .set_check_integrity_on_open(true)
-        .open(path)
+        .create_with_backend(backend)
         .map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => format!(
                 "{} is open by another process (a running conode?): cannot check it",
@@ -497,5 +594,136 @@ mod tests {
         let _db = Db::open(&p, &[1; 32]).unwrap();
         let e = Db::open(&p, &[1; 32]).err().unwrap();
         assert!(e.contains("already open"), "{e}");
+    }
+}
+
+/// A redb storage backend that reads a file and keeps every write in memory: redb can run
+/// its integrity check (which commits) without changing a byte of the file.
+#[derive(Debug)]
+pub struct Overlay {
+    file: std::fs::File,
+    file_len: u64,
+    state: Mutex<OverlayState>,
+}
+
+#[derive(Debug)]
+struct OverlayState {
+    len: u64,
+    /// File bytes at or past this offset read as zeros (the file was "truncated" here).
+    visible: u64,
+    pages: std::collections::HashMap<u64, Box<[u8; OVERLAY_PAGE]>>,
+}
+
+const OVERLAY_PAGE: usize = 4096;
+
+impl Overlay {
+    pub fn open(path: &Path) -> std::io::Result<Overlay> {
+        let file = std::fs::File::open(path)?;
+        let file_len = file.metadata()?.len();
+        Ok(Overlay {
+            file,
+            file_len,
+            state: Mutex::new(OverlayState {
+                len: file_len,
+                visible: file_len,
+                pages: Default::default(),
+            }),
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, OverlayState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The file's bytes of page `n` (zeros past its end).
+    fn file_page(&self, n: u64, visible: u64, out: &mut [u8; OVERLAY_PAGE]) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        out.fill(0);
+        let start = n * OVERLAY_PAGE as u64;
+        let end = self.file_len.min(visible);
+        if start < end {
+            let avail = ((end - start) as usize).min(OVERLAY_PAGE);
+            self.file.read_exact_at(&mut out[..avail], start)?;
+        }
+        Ok(())
+    }
+}
+
+impl redb::StorageBackend for Overlay {
+    fn len(&self) -> Result<u64, std::io::Error> {
+        Ok(self.state().len)
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+        let st = self.state();
+        if offset + out.len() as u64 > st.len {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "read past the end of the database",
+            ));
+        }
+        let mut done = 0usize;
+        let mut page = Box::new([0u8; OVERLAY_PAGE]);
+        while done < out.len() {
+            let at = offset + done as u64;
+            let n = at / OVERLAY_PAGE as u64;
+            let within = (at % OVERLAY_PAGE as u64) as usize;
+            let take = (OVERLAY_PAGE - within).min(out.len() - done);
+            match st.pages.get(&n) {
+                Some(p) => out[done..done + take].copy_from_slice(&p[within..within + take]),
+                None => {
+                    self.file_page(n, st.visible, &mut page)?;
+                    out[done..done + take].copy_from_slice(&page[within..within + take]);
+                }
+            }
+            done += take;
+        }
+        Ok(())
+    }
+
+    fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+        let mut st = self.state();
+        if len < st.len {
+            // Forget overlay bytes past the new end, so growing again reads zeros.
+            let first = len.div_ceil(OVERLAY_PAGE as u64);
+            st.pages.retain(|n, _| *n < first);
+            if !len.is_multiple_of(OVERLAY_PAGE as u64) {
+                let n = len / OVERLAY_PAGE as u64;
+                let cut = (len % OVERLAY_PAGE as u64) as usize;
+                if let Some(p) = st.pages.get_mut(&n) {
+                    p[cut..].fill(0);
+                }
+            }
+        }
+        st.len = len;
+        st.visible = st.visible.min(len);
+        Ok(())
+    }
+
+    fn sync_data(&self) -> Result<(), std::io::Error> {
+        Ok(())
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+        let mut st = self.state();
+        let mut done = 0usize;
+        while done < data.len() {
+            let at = offset + done as u64;
+            let n = at / OVERLAY_PAGE as u64;
+            let within = (at % OVERLAY_PAGE as u64) as usize;
+            let take = (OVERLAY_PAGE - within).min(data.len() - done);
+            if !st.pages.contains_key(&n) {
+                let mut p = Box::new([0u8; OVERLAY_PAGE]);
+                if n * (OVERLAY_PAGE as u64) < st.len {
+                    self.file_page(n, st.visible, &mut p)?;
+                }
+                st.pages.insert(n, p);
+            }
+            let p = st.pages.get_mut(&n).expect("inserted above");
+            p[within..within + take].copy_from_slice(&data[done..done + take]);
+            done += take;
+        }
+        st.len = st.len.max(offset + data.len() as u64);
+        Ok(())
     }
 }

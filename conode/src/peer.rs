@@ -299,11 +299,15 @@ impl ServerCertVerifier for ExpectKey {
     }
 }
 
-/// Server side: any Ed25519 client certificate; its key is then matched to the hello.
+/// Server side: an Ed25519 client certificate. With `pinned` (failoverd's peer port), only
+/// one of those keys: anybody else fails the TLS handshake and is served nothing. Without
+/// (the conode port), any key; it is then matched to the hello.
 #[derive(Debug)]
-struct AnyEd25519Client;
+struct Ed25519Clients {
+    pinned: Option<Vec<[u8; 32]>>,
+}
 
-impl ClientCertVerifier for AnyEd25519Client {
+impl ClientCertVerifier for Ed25519Clients {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         &[]
     }
@@ -313,7 +317,15 @@ impl ClientCertVerifier for AnyEd25519Client {
         _intermediates: &[CertificateDer<'_>],
         _now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        cert_key(end_entity)?;
+        let got = cert_key(end_entity)?;
+        if let Some(pinned) = &self.pinned {
+            if !pinned.contains(&got) {
+                return Err(rustls::Error::General(format!(
+                    "client key {} is not pinned",
+                    hex::encode(got)
+                )));
+            }
+        }
         Ok(ClientCertVerified::assertion())
     }
     fn verify_tls12_signature(
@@ -376,7 +388,7 @@ impl PeerTls {
         let server = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| e.to_string())?
-            .with_client_cert_verifier(Arc::new(AnyEd25519Client))
+            .with_client_cert_verifier(Arc::new(Ed25519Clients { pinned: None }))
             .with_cert_resolver(Arc::new(ServerCert(cert.clone())));
         Ok(PeerTls {
             keys: keys.clone(),
@@ -389,7 +401,26 @@ impl PeerTls {
         self.keys.public_bytes()
     }
 
-    fn client_config(&self, expected: [u8; 32]) -> Result<Arc<rustls::ClientConfig>, String> {
+    /// A TLS 1.3 server configuration presenting our key-bound certificate and accepting
+    /// only clients whose certificate carries one of the `pinned` Ed25519 keys (for
+    /// `failoverd`'s peer port: the handshake itself refuses anybody else).
+    pub fn pinned_server_config(
+        &self,
+        pinned: Vec<[u8; 32]>,
+    ) -> Result<Arc<rustls::ServerConfig>, String> {
+        let cfg = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| e.to_string())?
+            .with_client_cert_verifier(Arc::new(Ed25519Clients {
+                pinned: Some(pinned),
+            }))
+            .with_cert_resolver(Arc::new(ServerCert(self.cert.clone())));
+        Ok(Arc::new(cfg))
+    }
+
+    /// A TLS 1.3 client configuration presenting our certificate and accepting only a
+    /// server whose certificate carries the `expected` key. Use the server name "conode".
+    pub fn client_config(&self, expected: [u8; 32]) -> Result<Arc<rustls::ClientConfig>, String> {
         let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| e.to_string())?

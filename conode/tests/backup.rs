@@ -518,3 +518,154 @@ async fn beyond_the_connection_limit_a_client_is_told_busy_and_later_served() {
     .unwrap();
     srv.stop().await;
 }
+
+/// One commit that also moves pages: the counters, 40 new 512-byte blocks and the removal
+/// of the 40 added two commits before, so pages are freed and reused all the time.
+fn churn(db: &Db, n: u64) {
+    write_counter(db, n);
+    let w = db.db.begin_write().unwrap();
+    {
+        let mut blocks = w.open_table(SKIPCHAIN_BLOCKS).unwrap();
+        for i in 0..40 {
+            blocks
+                .insert(&hash_of(n * 1000 + i)[..], &[n as u8; 512][..])
+                .unwrap();
+            if n >= 2 {
+                blocks.remove(&hash_of((n - 2) * 1000 + i)[..]).unwrap();
+            }
+        }
+    }
+    w.commit().unwrap();
+}
+
+/// Take a page image through the admin socket into `dest`, `pause` after every piece.
+fn take_image(socket: &Path, dest: &Path, pause: Duration) -> admin::ImageHeader {
+    let mut f = std::fs::File::create(dest).unwrap();
+    admin::fetch_image_blocking(socket, |b| {
+        std::thread::sleep(pause);
+        f.write_all(b).map_err(|e| e.to_string())
+    })
+    .unwrap()
+}
+
+fn pages_differing(a: &Path, b: &Path) -> (usize, usize) {
+    let (a, b) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
+    let pages = a.len().max(b.len()).div_ceil(4096);
+    let page = |v: &[u8], i: usize| {
+        v.get(i * 4096..((i + 1) * 4096).min(v.len()))
+            .map(|s| s.to_vec())
+    };
+    let differ = (0..pages).filter(|&i| page(&a, i) != page(&b, i)).count();
+    (differ, pages)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn page_images_are_consistent_while_writes_move_pages() {
+    let node = TestNode::new("image");
+    let srv = node.start().await;
+    let db = srv.database().clone();
+    let public = node.cfg.keys.public_bytes();
+    fill(&db, 12_000);
+    write_counter(&db, 1);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (db, stop) = (db.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 1;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                churn(&db, n);
+            }
+            n
+        })
+    };
+    let out = tempfile::tempdir().unwrap();
+    let socket = srv.admin_socket().to_path_buf();
+    let mut seen = Vec::new();
+    for i in 0..4 {
+        let dest = out.path().join(format!("i{i}.db"));
+        let (s, d) = (socket.clone(), dest.clone());
+        // Slow reader: the writer commits many times while the image streams.
+        let h = tokio::task::spawn_blocking(move || take_image(&s, &d, Duration::from_millis(30)))
+            .await
+            .unwrap();
+        assert_eq!(h.public, public);
+        assert_eq!(std::fs::metadata(&dest).unwrap().len(), h.bytes);
+        let p = verify_snapshot(&dest, &public).unwrap();
+        assert_eq!(p, h.positions, "image {i}: positions of the pinned commit");
+        let (a, b) = counters_of_repaired(&dest);
+        assert_eq!(a, b, "image {i}: the two tables disagree: torn image");
+        assert_eq!(p[0].index as u64, a, "image {i}");
+        seen.push(a);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let last = writer.join().unwrap();
+    assert!(
+        seen.windows(2).all(|w| w[0] < w[1]),
+        "images go forward: {seen:?}"
+    );
+    assert!(
+        *seen.last().unwrap() < last,
+        "writes went on: {seen:?} {last}"
+    );
+
+    // Quiet database: two images are the same bytes; one small commit between two
+    // images changes few pages (offsets are kept, unlike a logical copy).
+    let a = out.path().join("quiet-a.db");
+    let b = out.path().join("quiet-b.db");
+    let c = out.path().join("quiet-c.db");
+    take_image(&socket, &a, Duration::ZERO);
+    take_image(&socket, &b, Duration::ZERO);
+    assert_eq!(
+        pages_differing(&a, &b).0,
+        0,
+        "nothing committed, nothing differs"
+    );
+    write_counter(&db, last + 1);
+    let h = take_image(&socket, &c, Duration::ZERO);
+    assert_eq!(h.positions[0].index as u64, last + 1);
+    let (differ, pages) = pages_differing(&b, &c);
+    assert!(
+        differ > 0 && differ * 20 < pages,
+        "one commit changed {differ} of {pages} pages"
+    );
+    srv.stop().await;
+}
+
+/// Counters of an image (a crash image: opened through a copy, which redb repairs).
+fn counters_of_repaired(path: &Path) -> (u64, u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("copy.db");
+    std::fs::copy(path, &copy).unwrap();
+    counters_of(&copy)
+}
+
+#[tokio::test]
+async fn an_image_stream_cut_short_is_an_error() {
+    let node = TestNode::new("image-cut");
+    let srv = node.start().await;
+    fill(srv.database(), 3000);
+    let socket = srv.admin_socket().to_path_buf();
+    let e = tokio::task::spawn_blocking(move || {
+        admin::fetch_image_blocking(&socket, |_| Err("disk full here".to_string()))
+    })
+    .await
+    .unwrap()
+    .unwrap_err();
+    assert_eq!(e, "disk full here");
+    // The server noticed the reader leave and serves the next image.
+    let socket = srv.admin_socket().to_path_buf();
+    let mut n = 0u64;
+    let h = tokio::task::spawn_blocking(move || {
+        admin::fetch_image_blocking(&socket, |b| {
+            n += b.len() as u64;
+            Ok(())
+        })
+        .map(|h| (h, n))
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(h.0.bytes, h.1);
+    srv.stop().await;
+}

@@ -3,6 +3,7 @@
 //!
 //! The binaries must be built first (`cargo build --workspace`; `scripts/test` does it).
 //! A test that cannot get what it needs panics with the reason: it never skips.
+pub mod netns;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};

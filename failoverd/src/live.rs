@@ -1,0 +1,446 @@
+//! The live host's side: take a page image through the conode's admin socket, cut it into
+//! chunks, sign the manifest, ship it with the configured transport.
+//!
+//! The image lands in `outgoing/image.db`, a scratch mirror kept between snapshots: the
+//! chunks of a new image are compared with what the mirror held, and only the chunks that
+//! differ are written (no fsync: after a restart the mirror's content is not trusted and
+//! the next image rewrites all of it). The transports read the chunks to send from there.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use conode::keys::KeyPair;
+
+use crate::chunk::{Chunk, Chunker, Params};
+use crate::config::{Config, Transport};
+use crate::manifest::Manifest;
+use crate::peer::PeerClient;
+use crate::state::{now_ms, LastSnapshot, Shared};
+
+/// How many times an interrupted HTTPS transfer is resumed before the snapshot fails.
+pub const RESUME_ATTEMPTS: u32 = 8;
+/// Chunk bytes per `PUT /v1/chunks` request: progress is acknowledged per request.
+const BATCH_BYTES: usize = 32 << 20;
+/// Name of the file rsync and scp write in the standby's inbox (rsync's delta basis).
+pub const INBOX_FILE: &str = "snapshot.db";
+
+pub struct Shipper {
+    pub cfg: Config,
+    pub key: KeyPair,
+    pub admin: PathBuf,
+    pub peer: PeerClient,
+    pub shared: Arc<Shared>,
+    /// The chunks the mirror file holds, when it is known to hold them.
+    pub mirror: std::sync::Mutex<Option<Vec<Chunk>>>,
+}
+
+/// Name of the mirror file in the outgoing directory.
+pub const MIRROR_FILE: &str = "image.db";
+
+/// What taking an image did.
+struct Taken {
+    header: conode::admin::ImageHeader,
+    chunks: Vec<Chunk>,
+    written: u64,
+}
+
+/// Take a page image from the conode at `admin` into `mirror`, which held the chunks
+/// `old` (or is not trusted: `None`); only chunks that differ are written.
+fn take_image(
+    admin: &Path,
+    mirror: &Path,
+    old: Option<Vec<Chunk>>,
+    params: Params,
+) -> Result<Taken, String> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(mirror)
+        .map_err(|e| format!("cannot open {}: {e}", mirror.display()))?;
+    let held = crate::chunk::by_offset(&old.unwrap_or_default());
+    let mut written = 0u64;
+    let mut on_chunk = |c: &Chunk, b: &[u8]| -> Result<(), String> {
+        if held.get(&c.offset) != Some(&(c.len, c.hash)) {
+            file.write_all_at(b, c.offset)
+                .map_err(|e| format!("cannot write {}: {e}", mirror.display()))?;
+            written += b.len() as u64;
+        }
+        Ok(())
+    };
+    let mut chunker = Chunker::new(params);
+    let header = conode::admin::fetch_image_blocking(admin, |b| chunker.push(b, &mut on_chunk))
+        .map_err(|e| format!("conode admin socket {}: {e}", admin.display()))?;
+    let chunks = chunker.finish(&mut on_chunk)?;
+    file.set_len(header.bytes)
+        .map_err(|e| format!("cannot size {}: {e}", mirror.display()))?;
+    Ok(Taken {
+        header,
+        chunks,
+        written,
+    })
+}
+
+/// The generation counter, persisted in `state_dir/generation`: never reused.
+fn next_generation(state_dir: &Path, peer_newest: u64) -> Result<u64, String> {
+    let path = state_dir.join("generation");
+    let mine = match std::fs::read_to_string(&path) {
+        Ok(s) => s.trim().parse::<u64>().map_err(|_| {
+            format!(
+                "{} does not hold a number: fix or remove it",
+                path.display()
+            )
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let g = mine.max(peer_newest) + 1;
+    conode::config::write_atomic(&path, format!("{g}\n").as_bytes(), 0o600)
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    Ok(g)
+}
+
+impl Shipper {
+    /// The newest generation the peer holds (0 if none or unreachable).
+    async fn peer_newest(&self) -> u64 {
+        match self.peer.request("GET", "/v1/status", b"").await {
+            Ok(a) => a
+                .json("status")
+                .ok()
+                .and_then(|v| {
+                    v.get("generations")?
+                        .as_array()?
+                        .iter()
+                        .filter_map(|g| g.get("generation")?.as_u64())
+                        .max()
+                })
+                .unwrap_or(0),
+            Err(_) => 0,
+        }
+    }
+
+    /// Take, ship and have the standby install one snapshot.
+    pub async fn snapshot(&self) -> Result<LastSnapshot, String> {
+        let t0 = Instant::now();
+        let out = self.cfg.outgoing_dir();
+        std::fs::create_dir_all(&out)
+            .map_err(|e| format!("cannot create {}: {e}", out.display()))?;
+        let generation = next_generation(&self.cfg.state_dir, self.peer_newest().await)?;
+        let file = out.join(MIRROR_FILE);
+        // From here until the image is complete the mirror is not what it was.
+        let old = self.mirror_lock().take();
+        let (admin, f, params) = (self.admin.clone(), file.clone(), Params::DEFAULT);
+        let taken = tokio::task::spawn_blocking(move || take_image(&admin, &f, old, params))
+            .await
+            .map_err(|e| format!("taking the image: {e}"))??;
+        *self.mirror_lock() = Some(taken.chunks.clone());
+        let take_ms = t0.elapsed().as_millis() as u64;
+        self.ship(generation, &file, taken, t0, take_ms).await
+    }
+
+    fn mirror_lock(&self) -> std::sync::MutexGuard<'_, Option<Vec<Chunk>>> {
+        self.mirror.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn ship(
+        &self,
+        generation: u64,
+        file: &Path,
+        taken: Taken,
+        t0: Instant,
+        take_ms: u64,
+    ) -> Result<LastSnapshot, String> {
+        let Taken {
+            header,
+            chunks,
+            written,
+        } = taken;
+        let transport = self.cfg.snapshot.transport;
+        let m = Manifest {
+            generation,
+            conode: header.public,
+            signer: self.key.public_bytes(),
+            positions: header.positions.clone(),
+            taken_unix_ms: header.taken_unix_ms,
+            created_unix_ms: now_ms(),
+            bytes: header.bytes,
+            params: Params::DEFAULT,
+            chunks,
+            file: (transport != Transport::Https).then(|| INBOX_FILE.to_string()),
+            transport,
+        };
+        let env = m.seal(&self.key);
+        let (sent, reused) = match transport {
+            Transport::Https => self.ship_https(&m, &env, file).await?,
+            Transport::Rsync | Transport::Scp => {
+                let sent = self.ship_ssh(transport, file).await?;
+                let a = self.peer.request("POST", "/v1/inbox", &env).await?;
+                a.json("installing the snapshot")?;
+                (sent, 0)
+            }
+        };
+        let s = LastSnapshot {
+            generation,
+            taken_unix_ms: header.taken_unix_ms,
+            finished_unix_ms: now_ms(),
+            bytes: header.bytes,
+            duration_ms: t0.elapsed().as_millis() as u64,
+            transport: transport.name().to_string(),
+            bytes_sent: sent,
+            reused_bytes: reused,
+            chains: header.positions.len(),
+        };
+        tracing::info!(
+            "generation {generation} installed on the peer: {} bytes, {} chains, {} bytes sent over {}, {} reused, in {:?} (image taken in {take_ms} ms, {written} bytes of it new to the mirror)",
+            s.bytes,
+            s.chains,
+            s.bytes_sent,
+            s.transport,
+            s.reused_bytes,
+            t0.elapsed()
+        );
+        Ok(s)
+    }
+
+    /// Offer, send what is missing, commit; after a broken connection, offer again (the
+    /// standby answers only what it still lacks) up to [`RESUME_ATTEMPTS`] times.
+    async fn ship_https(
+        &self,
+        m: &Manifest,
+        env: &[u8],
+        file: &Path,
+    ) -> Result<(u64, u64), String> {
+        let mut sent = 0u64;
+        let mut reused = None;
+        let mut last = String::new();
+        for attempt in 0..RESUME_ATTEMPTS {
+            if attempt > 0 {
+                tracing::warn!(
+                    "generation {}: transfer interrupted ({last}); resuming (attempt {}/{RESUME_ATTEMPTS})",
+                    m.generation,
+                    attempt + 1
+                );
+                tokio::time::sleep(Duration::from_millis(500 * (1 << attempt.min(4)))).await;
+            }
+            let offer = match self.peer.request("POST", "/v1/offer", env).await {
+                Ok(a) if a.status == 409 => return Err(a.json("offer").unwrap_err()),
+                Ok(a) => a.json("offer")?,
+                Err(e) => {
+                    last = e;
+                    continue;
+                }
+            };
+            let missing: Vec<u32> = offer
+                .get("missing")
+                .and_then(|v| v.as_array())
+                .ok_or("offer: the peer's answer has no missing list")?
+                .iter()
+                .map(|v| {
+                    v.as_u64()
+                        .and_then(|n| u32::try_from(n).ok())
+                        .ok_or("offer: bad chunk index")
+                })
+                .collect::<Result<_, _>>()?;
+            if reused.is_none() {
+                reused = offer.get("reused_bytes").and_then(|v| v.as_u64());
+            }
+            match self.send_chunks(m, file, &missing, &mut sent).await {
+                Ok(()) => {}
+                Err((true, e)) => return Err(e),
+                Err((false, e)) => {
+                    last = e;
+                    continue;
+                }
+            }
+            match self
+                .peer
+                .request("POST", &format!("/v1/commit/{}", m.generation), b"")
+                .await
+            {
+                Ok(a) => {
+                    a.json("commit")?;
+                    return Ok((sent, reused.unwrap_or(0)));
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(format!(
+            "peer {}: gave up generation {} after {RESUME_ATTEMPTS} attempts: {last}",
+            self.peer.address(),
+            m.generation
+        ))
+    }
+
+    /// Send chunks `missing` in batches. The error's flag says whether it is final (the
+    /// peer refused) rather than a broken connection worth resuming.
+    async fn send_chunks(
+        &self,
+        m: &Manifest,
+        file: &Path,
+        missing: &[u32],
+        sent: &mut u64,
+    ) -> Result<(), (bool, String)> {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::open(file)
+            .map_err(|e| (true, format!("cannot open {}: {e}", file.display())))?;
+        let mut i = 0;
+        while i < missing.len() {
+            let mut j = i;
+            let mut len = 0usize;
+            while j < missing.len() && (len == 0 || len < BATCH_BYTES) {
+                len += 8 + m.chunks[missing[j] as usize].len as usize;
+                j += 1;
+            }
+            let batch = &missing[i..j];
+            let mut s = self
+                .peer
+                .start("PUT", &format!("/v1/chunks/{}", m.generation), len as u64)
+                .await
+                .map_err(|e| (false, e))?;
+            let mut buf = Vec::with_capacity(1 << 20);
+            for &idx in batch {
+                let c = m.chunks.get(idx as usize).ok_or((
+                    true,
+                    format!("the peer asked for chunk {idx}, which does not exist"),
+                ))?;
+                buf.extend_from_slice(&idx.to_le_bytes());
+                buf.extend_from_slice(&c.len.to_le_bytes());
+                let at = buf.len();
+                buf.resize(at + c.len as usize, 0);
+                f.read_exact_at(&mut buf[at..], c.offset)
+                    .map_err(|e| (true, format!("reading {}: {e}", file.display())))?;
+                if buf.len() >= 1 << 20 {
+                    self.peer
+                        .write_part(&mut s, &buf)
+                        .await
+                        .map_err(|e| (false, e))?;
+                    *sent += buf.len() as u64;
+                    self.shared.add_bytes_sent(buf.len() as u64);
+                    buf.clear();
+                }
+            }
+            self.peer
+                .write_part(&mut s, &buf)
+                .await
+                .map_err(|e| (false, e))?;
+            *sent += buf.len() as u64;
+            self.shared.add_bytes_sent(buf.len() as u64);
+            let a = self.peer.finish(s).await.map_err(|e| (false, e))?;
+            if a.status == 409 {
+                return Err((true, a.json("sending chunks").unwrap_err()));
+            }
+            a.json("sending chunks").map_err(|e| (false, e))?;
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// rsync or scp the snapshot into the standby's inbox; the bytes sent as reported.
+    async fn ship_ssh(&self, t: Transport, file: &Path) -> Result<u64, String> {
+        let ssh = &self.cfg.ssh;
+        let dest = format!(
+            "{}:{}/{INBOX_FILE}",
+            ssh.target,
+            ssh.inbox.trim_end_matches('/')
+        );
+        let mut cmd = match t {
+            Transport::Rsync => {
+                let mut e = String::from("ssh");
+                for a in &ssh.args {
+                    e.push(' ');
+                    e.push_str(&shell_quote(a));
+                }
+                let mut c = tokio::process::Command::new("rsync");
+                // --ignore-times: the mirror keeps its size and may keep its mtime (to the
+                // second) from one image to the next; rsync's quick check would skip it.
+                c.arg("--no-whole-file")
+                    .arg("--ignore-times")
+                    .arg("--stats")
+                    .arg("-e")
+                    .arg(e)
+                    .arg(file)
+                    .arg(&dest);
+                c
+            }
+            _ => {
+                let mut c = tokio::process::Command::new("scp");
+                c.arg("-q").args(&ssh.args).arg(file).arg(&dest);
+                c
+            }
+        };
+        cmd.kill_on_drop(true).stdin(std::process::Stdio::null());
+        let name = t.name();
+        let out = tokio::time::timeout(Duration::from_secs(3600), cmd.output())
+            .await
+            .map_err(|_| format!("{name}: did not finish within an hour"))?
+            .map_err(|e| format!("{name}: cannot run it: {e}"))?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            return Err(format!(
+                "{name} to {dest} failed ({}): {}",
+                out.status,
+                err.trim().lines().last().unwrap_or("no message")
+            ));
+        }
+        let size = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+        let sent = match t {
+            Transport::Rsync => {
+                rsync_bytes_sent(&String::from_utf8_lossy(&out.stdout)).unwrap_or(size)
+            }
+            _ => size,
+        };
+        self.shared.add_bytes_sent(sent);
+        Ok(sent)
+    }
+}
+
+fn shell_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:@,".contains(&b))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+/// "Total bytes sent: 1,234" from `rsync --stats`.
+pub fn rsync_bytes_sent(stats: &str) -> Option<u64> {
+    stats
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Total bytes sent:"))
+        .and_then(|v| v.trim().replace(',', "").parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rsync_stats_and_quoting() {
+        assert_eq!(
+            rsync_bytes_sent("Number of files: 1\nTotal bytes sent: 1,234,567\n"),
+            Some(1234567)
+        );
+        assert_eq!(shell_quote("-i"), "-i");
+        assert_eq!(shell_quote("/a b/it's"), "'/a b/it'\\''s'");
+    }
+
+    #[test]
+    fn generations_only_grow() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(next_generation(d.path(), 0).unwrap(), 1);
+        assert_eq!(next_generation(d.path(), 0).unwrap(), 2);
+        assert_eq!(next_generation(d.path(), 10).unwrap(), 11);
+        assert_eq!(next_generation(d.path(), 3).unwrap(), 12);
+        std::fs::write(d.path().join("generation"), "x").unwrap();
+        assert!(next_generation(d.path(), 0)
+            .unwrap_err()
+            .contains("does not hold a number"));
+    }
+}

@@ -1,0 +1,650 @@
+//! The standby's side of snapshot shipping: receive, verify, install, keep N.
+//!
+//! # On disk (under `state_dir`)
+//! - `generations/<generation, 20 digits>.db`: a verified snapshot, installed atomically
+//!   (written in `staging/`, fsynced, integrity-checked, renamed, directory fsynced);
+//! - `generations/<generation>.manifest`: the signed envelope it was verified against,
+//!   installed after the `.db` (a `.db` without its manifest is an interrupted install and
+//!   is removed at start);
+//! - `staging/<generation>.part`: the generation being received. When `keep` generations
+//!   are installed already, the oldest (which this install would prune) is moved here and
+//!   rewritten in place: a chunk it already holds at the same offset stays where it is
+//!   (snapshots are page images, so most do), and only the others are written. Otherwise
+//!   the file starts empty. Chunks the standby holds elsewhere (same BLAKE3 hash in its
+//!   newest generation) are copied from there; the others come from the live host. Every
+//!   chunk is hashed as it enters the file, and the chunks left in place are hashed again
+//!   before the install. A transfer that fails after the oldest generation was moved leaves
+//!   `keep - 1` generations, the newest among them.
+//! - `inbox/`: where rsync and scp land; the file there is verified and copied into
+//!   `staging/` exactly like chunks received over HTTPS.
+//!
+//! # What is refused (the previous generations stay untouched)
+//! A manifest not signed by the pinned peer key, for another conode, with a generation not
+//! newer than the newest installed one, or with a chain behind where the newest installed
+//! generation has it; a chunk whose bytes do not hash to the manifest; a file of the wrong
+//! size; a file that fails redb's integrity check or whose chains differ from the
+//! manifest's; a disk too full to hold the new generation.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use conode::db::ChainPosition;
+
+use crate::config::Transport;
+use crate::manifest::Manifest;
+use crate::state::now_ms;
+
+/// One installed generation.
+#[derive(Debug, Clone)]
+pub struct Installed {
+    pub manifest: Manifest,
+    pub path: PathBuf,
+    /// When it was installed (file modification time of its manifest).
+    pub installed_unix_ms: u64,
+}
+
+/// An installed generation in brief.
+#[derive(Debug, Clone)]
+pub struct Held {
+    pub generation: u64,
+    pub bytes: u64,
+    pub taken_unix_ms: u64,
+    pub created_unix_ms: u64,
+    pub installed_unix_ms: u64,
+    pub chains: usize,
+    pub transport: Transport,
+}
+
+struct Pending {
+    manifest: Manifest,
+    /// The signed envelope, stored beside the installed file.
+    envelope: Vec<u8>,
+    digest: [u8; 32],
+    file: File,
+    path: PathBuf,
+    have: Vec<bool>,
+    /// Chunks found already in place in a recycled generation file (hashed at install).
+    in_place: Vec<bool>,
+}
+
+pub struct Store {
+    gens: PathBuf,
+    staging: PathBuf,
+    inbox: PathBuf,
+    keep: usize,
+    peer_key: [u8; 32],
+    conode: [u8; 32],
+    inner: Mutex<Inner>,
+}
+
+struct Inner {
+    installed: Vec<Installed>,
+    pending: Option<Pending>,
+}
+
+/// Result of an offer: the chunk indices still needed, and how many bytes were reused
+/// from the previous generation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Offer {
+    pub missing: Vec<u32>,
+    pub reused_bytes: u64,
+}
+
+fn fsync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn io(what: &str, path: &Path, e: std::io::Error) -> String {
+    if e.raw_os_error() == Some(libc::ENOSPC) {
+        format!(
+            "{what} {}: no space left on the standby's disk: free space or lower snapshot.keep; the previous generations are kept",
+            path.display()
+        )
+    } else {
+        format!("{what} {}: {e}", path.display())
+    }
+}
+
+fn gen_name(g: u64) -> String {
+    format!("{g:020}")
+}
+
+impl Store {
+    /// Open (creating the directories), load the installed generations, clear leftovers.
+    pub fn open(
+        state_dir: &Path,
+        keep: usize,
+        peer_key: [u8; 32],
+        conode: [u8; 32],
+    ) -> Result<Store, String> {
+        let gens = state_dir.join("generations");
+        let staging = state_dir.join("staging");
+        let inbox = state_dir.join("inbox");
+        for d in [&gens, &staging, &inbox] {
+            std::fs::create_dir_all(d).map_err(|e| io("cannot create", d, e))?;
+        }
+        // Staged data from a previous run is not trusted: the live host resends.
+        for e in std::fs::read_dir(&staging).map_err(|e| io("cannot list", &staging, e))? {
+            let e = e.map_err(|e| io("cannot list", &staging, e))?;
+            let _ = std::fs::remove_file(e.path());
+        }
+        let mut installed = Vec::new();
+        for e in std::fs::read_dir(&gens).map_err(|e| io("cannot list", &gens, e))? {
+            let e = e.map_err(|e| io("cannot list", &gens, e))?;
+            let p = e.path();
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.starts_with('.') {
+                let _ = std::fs::remove_file(&p);
+                continue;
+            }
+            let Some(stem) = name.strip_suffix(".db") else {
+                continue;
+            };
+            let mpath = gens.join(format!("{stem}.manifest"));
+            let env = match std::fs::read(&mpath) {
+                Ok(b) => b,
+                Err(_) => {
+                    tracing::warn!(
+                        "removing {}: no manifest beside it (an install was interrupted)",
+                        p.display()
+                    );
+                    let _ = std::fs::remove_file(&p);
+                    continue;
+                }
+            };
+            let m = Manifest::open(&env, &peer_key).map_err(|e| {
+                format!(
+                    "{}: {e} (was the peer key changed? move the generations directory aside)",
+                    mpath.display()
+                )
+            })?;
+            let len = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+            if len != m.bytes || gen_name(m.generation) != stem {
+                return Err(format!(
+                    "{}: does not match its manifest ({} bytes, manifest says generation {} of {} bytes): move it aside",
+                    p.display(),
+                    len,
+                    m.generation,
+                    m.bytes
+                ));
+            }
+            let installed_unix_ms = std::fs::metadata(&mpath)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            installed.push(Installed {
+                manifest: m,
+                path: p,
+                installed_unix_ms,
+            });
+        }
+        installed.sort_by_key(|i| i.manifest.generation);
+        Ok(Store {
+            gens,
+            staging,
+            inbox,
+            keep: keep.max(1),
+            peer_key,
+            conode,
+            inner: Mutex::new(Inner {
+                installed,
+                pending: None,
+            }),
+        })
+    }
+
+    pub fn installed(&self) -> Vec<Installed> {
+        self.lock().installed.clone()
+    }
+
+    /// What each installed generation is, without its chunk list (for status and metrics).
+    pub fn held(&self) -> Vec<Held> {
+        self.lock()
+            .installed
+            .iter()
+            .map(|i| Held {
+                generation: i.manifest.generation,
+                bytes: i.manifest.bytes,
+                taken_unix_ms: i.manifest.taken_unix_ms,
+                created_unix_ms: i.manifest.created_unix_ms,
+                installed_unix_ms: i.installed_unix_ms,
+                chains: i.manifest.positions.len(),
+                transport: i.manifest.transport,
+            })
+            .collect()
+    }
+
+    pub fn newest(&self) -> Option<Installed> {
+        self.lock().installed.last().cloned()
+    }
+
+    pub fn inbox(&self) -> &Path {
+        &self.inbox
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Is `m` acceptable as the next generation? (Signature already checked.)
+    fn admissible(&self, inner: &Inner, m: &Manifest) -> Result<(), String> {
+        if m.conode != self.conode {
+            return Err(format!(
+                "snapshot is of conode {} but this host's conode is {}: refusing",
+                hex::encode(m.conode),
+                hex::encode(self.conode)
+            ));
+        }
+        if let Some(newest) = inner.installed.last() {
+            let have = newest.manifest.generation;
+            if m.generation <= have {
+                return Err(format!(
+                    "generation {} is not newer than generation {have} already installed: refusing an old or replayed snapshot",
+                    m.generation
+                ));
+            }
+            behind(&newest.manifest.positions, &m.positions)?;
+        }
+        Ok(())
+    }
+
+    /// Start (or resume) receiving the generation described by `envelope`.
+    pub fn offer(&self, envelope: &[u8]) -> Result<Offer, String> {
+        let m = Manifest::open(envelope, &self.peer_key)?;
+        let mut inner = self.lock();
+        self.admissible(&inner, &m)?;
+        let digest = m.chunks_digest();
+        if let Some(p) = &inner.pending {
+            if p.manifest.generation == m.generation && p.digest == digest {
+                return Ok(Offer {
+                    missing: missing(&p.have),
+                    reused_bytes: 0,
+                });
+            }
+        }
+        if let Some(old) = inner.pending.take() {
+            let _ = std::fs::remove_file(&old.path);
+        }
+        let recycled = self.recycle(&mut inner, &m)?;
+        let mut pending = self.create_part(&m, envelope, digest, recycled.is_some())?;
+        let mut reused = 0;
+        if let Some(old) = recycled {
+            reused += in_place(&old, &mut pending);
+        }
+        reused += match inner.installed.last() {
+            Some(prev) => reuse(&prev.path, &prev.manifest, &mut pending)?,
+            None => 0,
+        };
+        let missing = missing(&pending.have);
+        inner.pending = Some(pending);
+        Ok(Offer {
+            missing,
+            reused_bytes: reused,
+        })
+    }
+
+    fn part_path(&self, generation: u64) -> PathBuf {
+        self.staging.join(format!("{}.part", gen_name(generation)))
+    }
+
+    /// When `keep` generations are installed (at least two), move the oldest, which this
+    /// install would prune, to be the new generation's staging file; its manifest says what
+    /// it holds where.
+    fn recycle(&self, inner: &mut Inner, m: &Manifest) -> Result<Option<Manifest>, String> {
+        if inner.installed.len() < self.keep.max(2) {
+            return Ok(None);
+        }
+        let old = inner.installed.remove(0);
+        let name = gen_name(old.manifest.generation);
+        let mpath = self.gens.join(format!("{name}.manifest"));
+        // Manifest first: a `.db` without one is an interrupted install, removed at start.
+        std::fs::remove_file(&mpath).map_err(|e| io("cannot remove", &mpath, e))?;
+        let part = self.part_path(m.generation);
+        let _ = std::fs::remove_file(&part);
+        std::fs::rename(&old.path, &part).map_err(|e| io("cannot move", &old.path, e))?;
+        Ok(Some(old.manifest))
+    }
+
+    fn create_part(
+        &self,
+        m: &Manifest,
+        envelope: &[u8],
+        digest: [u8; 32],
+        recycled: bool,
+    ) -> Result<Pending, String> {
+        let path = self.part_path(m.generation);
+        if !recycled {
+            let _ = std::fs::remove_file(&path);
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(!recycled)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| io("cannot create", &path, e))?;
+        if recycled {
+            // A shorter generation: the end goes (a longer one is reserved below).
+            let len = file
+                .metadata()
+                .map_err(|e| io("cannot stat", &path, e))?
+                .len();
+            if len > m.bytes {
+                file.set_len(m.bytes)
+                    .map_err(|e| io("cannot truncate", &path, e))?;
+            }
+        }
+        // Reserve the space now: a full disk is found before any byte is sent.
+        if m.bytes > 0 {
+            use std::os::fd::AsRawFd;
+            // SAFETY: posix_fallocate only reads its integer arguments and acts on the
+            // descriptor, which `file` owns and keeps open for the call.
+            let r = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, m.bytes as libc::off_t) };
+            if r != 0 {
+                drop(file);
+                let _ = std::fs::remove_file(&path);
+                return Err(io(
+                    &format!("cannot reserve {} bytes for", m.bytes),
+                    &path,
+                    std::io::Error::from_raw_os_error(r),
+                ));
+            }
+        }
+        Ok(Pending {
+            have: vec![false; m.chunks.len()],
+            in_place: vec![false; m.chunks.len()],
+            manifest: m.clone(),
+            envelope: envelope.to_vec(),
+            digest,
+            file,
+            path,
+        })
+    }
+
+    /// Store chunk `index` of generation `generation`, after checking its hash.
+    pub fn put_chunk(&self, generation: u64, index: u32, data: &[u8]) -> Result<(), String> {
+        let mut inner = self.lock();
+        let p = pending_for(&mut inner, generation)?;
+        let c = p
+            .manifest
+            .chunks
+            .get(index as usize)
+            .copied()
+            .ok_or_else(|| {
+                format!(
+                    "chunk {index} of generation {generation} does not exist (the manifest has {})",
+                    p.manifest.chunks.len()
+                )
+            })?;
+        if data.len() != c.len as usize || *blake3::hash(data).as_bytes() != c.hash {
+            return Err(format!(
+                "chunk {index} of generation {generation} (offset {}) does not match its hash in the signed manifest: damaged in transit; not stored",
+                c.offset
+            ));
+        }
+        p.file
+            .write_all_at(data, c.offset)
+            .map_err(|e| io("cannot write", &p.path, e))?;
+        p.have[index as usize] = true;
+        Ok(())
+    }
+
+    /// Finish generation `generation`: everything received, verify, install, prune.
+    pub fn commit(&self, generation: u64) -> Result<Installed, String> {
+        let pending = {
+            let mut inner = self.lock();
+            let p = pending_for(&mut inner, generation)?;
+            let n = p.have.iter().filter(|h| !**h).count();
+            if n > 0 {
+                return Err(format!(
+                    "generation {generation} is missing {n} chunks: send them first"
+                ));
+            }
+            inner.pending.take().expect("checked above")
+        };
+        self.install(pending)
+    }
+
+    /// Verify the file `envelope` names in the inbox (landed by rsync or scp) and install it.
+    pub fn install_inbox(&self, envelope: &[u8]) -> Result<Installed, String> {
+        let m = Manifest::open(envelope, &self.peer_key)?;
+        let name = m
+            .file
+            .clone()
+            .ok_or("manifest names no inbox file: send chunks over HTTPS instead")?;
+        crate::manifest::check_file_name(&name)?;
+        let src = self.inbox.join(&name);
+        let mut pending = {
+            let mut inner = self.lock();
+            self.admissible(&inner, &m)?;
+            if let Some(old) = inner.pending.take() {
+                let _ = std::fs::remove_file(&old.path);
+            }
+            self.create_part(&m, envelope, m.chunks_digest(), false)?
+        };
+        let f = File::open(&src).map_err(|e| io("cannot open", &src, e))?;
+        let len = f.metadata().map_err(|e| io("cannot stat", &src, e))?.len();
+        if len != m.bytes {
+            let _ = std::fs::remove_file(&pending.path);
+            return Err(format!(
+                "{} is {len} bytes but the manifest says {}: truncated or not the snapshot of generation {}",
+                src.display(),
+                m.bytes,
+                m.generation
+            ));
+        }
+        let r = copy_verified(&f, &src, &mut pending);
+        if let Err(e) = r {
+            let _ = std::fs::remove_file(&pending.path);
+            return Err(e);
+        }
+        self.install(pending)
+    }
+
+    fn install(&self, p: Pending) -> Result<Installed, String> {
+        let r = self.install_inner(&p);
+        if r.is_err() {
+            let _ = std::fs::remove_file(&p.path);
+        }
+        r
+    }
+
+    fn install_inner(&self, p: &Pending) -> Result<Installed, String> {
+        let m = &p.manifest;
+        let t = std::time::Instant::now();
+        check_in_place(p)?;
+        let hashed = t.elapsed();
+        p.file
+            .sync_all()
+            .map_err(|e| io("cannot fsync", &p.path, e))?;
+        let synced = t.elapsed();
+        let positions = conode::db::verify_snapshot(&p.path, &self.conode)?;
+        tracing::info!(
+            "generation {}: chunks kept in place hashed in {hashed:?}, fsynced after {synced:?}, integrity-checked after {:?}",
+            m.generation,
+            t.elapsed()
+        );
+        let mut claimed = m.positions.clone();
+        claimed.sort_by_key(|c| c.chain);
+        let mut found = positions.clone();
+        found.sort_by_key(|c| c.chain);
+        if claimed != found {
+            return Err(format!(
+                "generation {}: the chains in the file differ from the signed manifest's positions: refusing",
+                m.generation
+            ));
+        }
+        let name = gen_name(m.generation);
+        let db = self.gens.join(format!("{name}.db"));
+        let mpath = self.gens.join(format!("{name}.manifest"));
+        let mut inner = self.lock();
+        // Re-check under the lock: another install may have won meanwhile.
+        self.admissible(&inner, m)?;
+        std::fs::rename(&p.path, &db).map_err(|e| io("cannot install", &db, e))?;
+        // Temp file, fsync, rename, fsync the directory (which also makes the rename of
+        // the database above durable).
+        conode::config::write_atomic(&mpath, &p.envelope, 0o600)
+            .map_err(|e| io("cannot install", &mpath, e))?;
+        let inst = Installed {
+            manifest: m.clone(),
+            path: db,
+            installed_unix_ms: now_ms(),
+        };
+        inner.installed.push(inst.clone());
+        while inner.installed.len() > self.keep {
+            let old = inner.installed.remove(0);
+            let name = gen_name(old.manifest.generation);
+            let _ = std::fs::remove_file(self.gens.join(format!("{name}.manifest")));
+            let _ = std::fs::remove_file(&old.path);
+        }
+        let _ = fsync_dir(&self.gens);
+        Ok(inst)
+    }
+}
+
+fn missing(have: &[bool]) -> Vec<u32> {
+    have.iter()
+        .enumerate()
+        .filter(|(_, h)| !**h)
+        .map(|(i, _)| i as u32)
+        .collect()
+}
+
+fn pending_for(inner: &mut Inner, generation: u64) -> Result<&mut Pending, String> {
+    match inner.pending.as_ref().map(|p| p.manifest.generation) {
+        Some(g) if g == generation => Ok(inner.pending.as_mut().expect("checked")),
+        Some(g) => Err(format!(
+            "generation {generation} is not being received (generation {g} is): offer its manifest first"
+        )),
+        None => Err(format!(
+            "generation {generation} is not being received: offer its manifest first"
+        )),
+    }
+}
+
+/// A chain that `new` has behind where `old` has it (or lacks) is data the live host lost:
+/// refuse rather than replace newer data with older.
+fn behind(old: &[ChainPosition], new: &[ChainPosition]) -> Result<(), String> {
+    let by_chain: HashMap<[u8; 32], u32> = new.iter().map(|p| (p.chain, p.index)).collect();
+    for o in old {
+        match by_chain.get(&o.chain) {
+            None => {
+                return Err(format!(
+                    "the snapshot lacks chain {} that the installed generation holds at index {}: refusing to go back",
+                    hex::encode(o.chain),
+                    o.index
+                ))
+            }
+            Some(&i) if i < o.index => {
+                return Err(format!(
+                    "the snapshot has chain {} at index {i}, behind index {} in the installed generation: refusing to go back",
+                    hex::encode(o.chain),
+                    o.index
+                ))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Mark the chunks of `p` that the recycled file (which held `old`) has at the same offset,
+/// with the same length and hash. Returns their bytes.
+fn in_place(old: &Manifest, p: &mut Pending) -> u64 {
+    let held = crate::chunk::by_offset(&old.chunks);
+    let mut bytes = 0;
+    for (i, c) in p.manifest.chunks.iter().enumerate() {
+        if c.offset + c.len as u64 <= old.bytes && held.get(&c.offset) == Some(&(c.len, c.hash)) {
+            p.have[i] = true;
+            p.in_place[i] = true;
+            bytes += c.len as u64;
+        }
+    }
+    bytes
+}
+
+/// Hash again the chunks left in place in a recycled file: what it held was verified when
+/// it was installed, but the disk may have changed it since.
+fn check_in_place(p: &Pending) -> Result<(), String> {
+    let mut buf = vec![0u8; p.manifest.params.max as usize];
+    for (i, c) in p.manifest.chunks.iter().enumerate() {
+        if !p.in_place[i] {
+            continue;
+        }
+        let b = &mut buf[..c.len as usize];
+        p.file
+            .read_exact_at(b, c.offset)
+            .map_err(|e| io("cannot read", &p.path, e))?;
+        if *blake3::hash(b).as_bytes() != c.hash {
+            return Err(format!(
+                "{}: chunk {i} at offset {} kept from an older generation no longer matches its hash: that file changed on this disk since it was installed; not installed",
+                p.path.display(),
+                c.offset
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Copy into `p` every chunk whose hash the previous generation holds, checking each
+/// copied chunk's hash. Returns the bytes reused.
+fn reuse(prev_path: &Path, prev: &Manifest, p: &mut Pending) -> Result<u64, String> {
+    let index: HashMap<[u8; 32], (u64, u32)> = prev
+        .chunks
+        .iter()
+        .map(|c| (c.hash, (c.offset, c.len)))
+        .collect();
+    let Ok(f) = File::open(prev_path) else {
+        return Ok(0);
+    };
+    let mut buf = vec![0u8; p.manifest.params.max as usize];
+    let mut reused = 0u64;
+    for (i, c) in p.manifest.chunks.iter().enumerate() {
+        if p.have[i] {
+            continue;
+        }
+        let Some(&(off, len)) = index.get(&c.hash) else {
+            continue;
+        };
+        if len != c.len {
+            continue;
+        }
+        let b = &mut buf[..len as usize];
+        if f.read_exact_at(b, off).is_err() || *blake3::hash(b).as_bytes() != c.hash {
+            continue;
+        }
+        p.file
+            .write_all_at(b, c.offset)
+            .map_err(|e| io("cannot write", &p.path, e))?;
+        p.have[i] = true;
+        reused += len as u64;
+    }
+    Ok(reused)
+}
+
+/// Copy `src` into `p` chunk by chunk, checking every chunk's hash on the way.
+fn copy_verified(src: &File, src_path: &Path, p: &mut Pending) -> Result<(), String> {
+    let mut buf = vec![0u8; p.manifest.params.max as usize];
+    for (i, c) in p.manifest.chunks.iter().enumerate() {
+        let b = &mut buf[..c.len as usize];
+        src.read_exact_at(b, c.offset)
+            .map_err(|e| io("cannot read", src_path, e))?;
+        if *blake3::hash(b).as_bytes() != c.hash {
+            return Err(format!(
+                "{}: chunk {i} at offset {} does not match its hash in the signed manifest: the file was damaged in transit; not installed",
+                src_path.display(),
+                c.offset
+            ));
+        }
+        p.file
+            .write_all_at(b, c.offset)
+            .map_err(|e| io("cannot write", &p.path, e))?;
+        p.have[i] = true;
+    }
+    Ok(())
+}

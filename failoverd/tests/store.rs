@@ -1,0 +1,535 @@
+//! The standby's store with real redb snapshots made by the conode's own code: install,
+//! reuse of the previous generation, and every refusal leaving the previous generation
+//! installed and installable.
+
+use std::path::{Path, PathBuf};
+
+use conode::db::{ChainPosition, Db, SKIPCHAIN_BLOCKS, SKIPCHAIN_CHAINS};
+use conode::keys::KeyPair;
+use failoverd::chunk::{self, Params};
+use failoverd::config::Transport;
+use failoverd::manifest::Manifest;
+use failoverd::standby::Store;
+
+struct Live {
+    db: Db,
+    public: [u8; 32],
+    dir: PathBuf,
+    n: u32,
+}
+
+impl Live {
+    fn new(dir: &Path) -> Live {
+        let public = KeyPair::generate().unwrap().public_bytes();
+        let db = Db::open(&dir.join("live.db"), &public).unwrap();
+        Live {
+            db,
+            public,
+            dir: dir.to_path_buf(),
+            n: 0,
+        }
+    }
+
+    /// Append `blocks` blocks of `size` pseudo-random bytes to chain [7; 32].
+    fn append(&mut self, blocks: u32, size: usize) {
+        let w = self.db.db.begin_write().unwrap();
+        {
+            let mut b = w.open_table(SKIPCHAIN_BLOCKS).unwrap();
+            for _ in 0..blocks {
+                self.n += 1;
+                let key = blake3::hash(&self.n.to_le_bytes());
+                let mut v = Vec::with_capacity(size);
+                let mut h = blake3::Hasher::new();
+                h.update(key.as_bytes());
+                let mut r = h.finalize_xof();
+                v.resize(size, 0);
+                r.fill(&mut v);
+                b.insert(&key.as_bytes()[..], &v[..]).unwrap();
+            }
+            let mut c = w.open_table(SKIPCHAIN_CHAINS).unwrap();
+            let pos = conode::db::encode_position(self.n, &[self.n as u8; 32]);
+            c.insert(&[7u8; 32][..], &pos[..]).unwrap();
+        }
+        w.commit().unwrap();
+    }
+
+    fn snapshot(&self, name: &str) -> (PathBuf, Vec<ChainPosition>) {
+        let p = self.dir.join(name);
+        let _ = std::fs::remove_file(&p);
+        let info = self.db.snapshot_to(&p).unwrap();
+        (p, info.positions)
+    }
+}
+
+fn manifest(
+    key: &KeyPair,
+    conode: [u8; 32],
+    generation: u64,
+    file: &Path,
+    positions: Vec<ChainPosition>,
+) -> Manifest {
+    let data = std::fs::read(file).unwrap();
+    Manifest {
+        generation,
+        conode,
+        signer: key.public_bytes(),
+        positions,
+        taken_unix_ms: 1,
+        created_unix_ms: 2,
+        bytes: data.len() as u64,
+        params: Params::DEFAULT,
+        chunks: chunk::chunk_slice(&data, &Params::DEFAULT),
+        file: None,
+        transport: Transport::Https,
+    }
+}
+
+/// Offer, send every missing chunk, commit. Returns the bytes sent.
+fn ship(store: &Store, key: &KeyPair, m: &Manifest, file: &Path) -> Result<u64, String> {
+    let data = std::fs::read(file).unwrap();
+    let offer = store.offer(&m.seal(key))?;
+    let mut sent = 0;
+    for i in offer.missing {
+        let c = m.chunks[i as usize];
+        store.put_chunk(
+            m.generation,
+            i,
+            &data[c.offset as usize..(c.offset + c.len as u64) as usize],
+        )?;
+        sent += c.len as u64;
+    }
+    store.commit(m.generation)?;
+    Ok(sent)
+}
+
+struct Setup {
+    _tmp: tempfile::TempDir,
+    live: Live,
+    key: KeyPair,
+    state: PathBuf,
+}
+
+fn setup() -> Setup {
+    let tmp = tempfile::tempdir().unwrap();
+    let live = Live::new(tmp.path());
+    let state = tmp.path().join("state");
+    Setup {
+        key: KeyPair::generate().unwrap(),
+        live,
+        state,
+        _tmp: tmp,
+    }
+}
+
+/// The newest installed generation is a sound database at the manifest's positions.
+fn assert_installable(store: &Store, public: &[u8; 32], generation: u64) {
+    let newest = store.newest().expect("a generation is installed");
+    assert_eq!(newest.manifest.generation, generation);
+    let before = std::fs::read(&newest.path).unwrap();
+    let pos = conode::db::verify_snapshot(&newest.path, public).unwrap();
+    assert_eq!(
+        std::fs::read(&newest.path).unwrap(),
+        before,
+        "checking changes nothing"
+    );
+    assert_eq!(pos, newest.manifest.positions);
+}
+
+#[test]
+fn full_then_incremental_sends_only_new_chunks() {
+    let mut s = setup();
+    s.live.append(300, 8000);
+    let (f1, p1) = s.live.image("s1.db");
+    let store = Store::open(&s.state, 2, s.key.public_bytes(), s.live.public).unwrap();
+    let m1 = manifest(&s.key, s.live.public, 1, &f1, p1);
+    let sent1 = ship(&store, &s.key, &m1, &f1).unwrap();
+    assert_eq!(sent1, m1.bytes, "the first generation is sent whole");
+    assert_installable(&store, &s.live.public, 1);
+    assert_eq!(
+        std::fs::read(&store.newest().unwrap().path).unwrap().len() as u64,
+        m1.bytes
+    );
+
+    s.live.append(3, 8000);
+    let (f2, p2) = s.live.image("s2.db");
+    let m2 = manifest(&s.key, s.live.public, 2, &f2, p2);
+    let sent2 = ship(&store, &s.key, &m2, &f2).unwrap();
+    // Page images (what failoverd ships): only the chunks around written pages.
+    assert!(
+        sent2 < m2.bytes / 2,
+        "incremental sent {sent2} of {} bytes",
+        m2.bytes
+    );
+    assert_installable(&store, &s.live.public, 2);
+
+    // Keep 2: a third generation prunes the first.
+    s.live.append(1, 100);
+    let (f3, p3) = s.live.image("s3.db");
+    ship(
+        &store,
+        &s.key,
+        &manifest(&s.key, s.live.public, 3, &f3, p3),
+        &f3,
+    )
+    .unwrap();
+    let gens: Vec<u64> = store
+        .installed()
+        .iter()
+        .map(|g| g.manifest.generation)
+        .collect();
+    assert_eq!(gens, vec![2, 3]);
+    // A restarted standby finds the same generations.
+    drop(store);
+    let store = Store::open(&s.state, 2, s.key.public_bytes(), s.live.public).unwrap();
+    let gens: Vec<u64> = store
+        .installed()
+        .iter()
+        .map(|g| g.manifest.generation)
+        .collect();
+    assert_eq!(gens, vec![2, 3]);
+}
+
+/// Install generation 1, then run `bad` and check it failed with `want` in its message
+/// and left generation 1 installed and sound.
+fn refused_keeps_previous(bad: impl FnOnce(&mut Setup, &Store) -> Result<(), String>, want: &str) {
+    let mut s = setup();
+    s.live.append(50, 4000);
+    let (f1, p1) = s.live.image("s1.db");
+    let store = Store::open(&s.state, 3, s.key.public_bytes(), s.live.public).unwrap();
+    ship(
+        &store,
+        &s.key,
+        &manifest(&s.key, s.live.public, 1, &f1, p1),
+        &f1,
+    )
+    .unwrap();
+    s.live.append(5, 4000);
+    let e = bad(&mut s, &store).expect_err("must be refused");
+    assert!(e.contains(want), "expected {want:?} in: {e}");
+    assert_eq!(store.installed().len(), 1);
+    assert_installable(&store, &s.live.public, 1);
+    let staged = std::fs::read_dir(s.state.join("generations"))
+        .unwrap()
+        .count();
+    assert_eq!(staged, 2, "only generation 1's file and manifest");
+}
+
+#[test]
+fn a_flipped_byte_in_a_chunk_is_refused() {
+    refused_keeps_previous(
+        |s, store| {
+            let (f, p) = s.live.snapshot("s2.db");
+            let m = manifest(&s.key, s.live.public, 2, &f, p);
+            let mut data = std::fs::read(&f).unwrap();
+            let offer = store.offer(&m.seal(&s.key))?;
+            let i = offer.missing[0];
+            let c = m.chunks[i as usize];
+            data[c.offset as usize + 10] ^= 1;
+            store.put_chunk(
+                2,
+                i,
+                &data[c.offset as usize..(c.offset + c.len as u64) as usize],
+            )?;
+            store.commit(2).map(|_| ())
+        },
+        "does not match its hash in the signed manifest",
+    );
+}
+
+#[test]
+fn a_manifest_signed_by_another_key_is_refused() {
+    refused_keeps_previous(
+        |s, store| {
+            let (f, p) = s.live.snapshot("s2.db");
+            let other = KeyPair::generate().unwrap();
+            let m = manifest(&other, s.live.public, 2, &f, p);
+            store.offer(&m.seal(&other)).map(|_| ())
+        },
+        "does not verify with the pinned peer key",
+    );
+}
+
+#[test]
+fn a_replayed_or_old_generation_is_refused() {
+    refused_keeps_previous(
+        |s, store| {
+            let (f, p) = s.live.snapshot("s2.db");
+            store
+                .offer(&manifest(&s.key, s.live.public, 1, &f, p).seal(&s.key))
+                .map(|_| ())
+        },
+        "not newer than generation 1",
+    );
+}
+
+#[test]
+fn a_snapshot_of_another_conode_is_refused() {
+    refused_keeps_previous(
+        |s, store| {
+            let (f, p) = s.live.snapshot("s2.db");
+            store
+                .offer(&manifest(&s.key, [1; 32], 2, &f, p).seal(&s.key))
+                .map(|_| ())
+        },
+        "this host's conode is",
+    );
+}
+
+#[test]
+fn a_snapshot_behind_the_installed_one_is_refused() {
+    refused_keeps_previous(
+        |s, store| {
+            let (f, mut p) = s.live.snapshot("s2.db");
+            p[0].index = 1;
+            store
+                .offer(&manifest(&s.key, s.live.public, 2, &f, p).seal(&s.key))
+                .map(|_| ())
+        },
+        "refusing to go back",
+    );
+}
+
+#[test]
+fn positions_that_lie_about_the_file_are_refused() {
+    refused_keeps_previous(
+        |s, store| {
+            let (f, mut p) = s.live.snapshot("s2.db");
+            p[0].index += 100;
+            ship(
+                store,
+                &s.key,
+                &manifest(&s.key, s.live.public, 2, &f, p),
+                &f,
+            )
+            .map(|_| ())
+        },
+        "differ from the signed manifest",
+    );
+}
+
+#[test]
+fn a_damaged_database_with_matching_hashes_fails_the_integrity_check() {
+    refused_keeps_previous(
+        |s, store| {
+            let (f, p) = s.live.snapshot("s2.db");
+            // Damage the file before hashing: the chunks match, redb's check does not.
+            let mut data = std::fs::read(&f).unwrap();
+            let at = data.len() / 2;
+            for b in &mut data[at..at + 64] {
+                *b ^= 0x5a;
+            }
+            std::fs::write(&f, &data).unwrap();
+            ship(
+                store,
+                &s.key,
+                &manifest(&s.key, s.live.public, 2, &f, p),
+                &f,
+            )
+            .map(|_| ())
+        },
+        "damaged",
+    );
+}
+
+#[test]
+fn inbox_files_truncated_flipped_or_outside_are_refused() {
+    for (case, want) in [
+        ("truncated", "truncated"),
+        ("flipped", "damaged in transit"),
+        ("outside", "only a plain file name"),
+        ("missing", "cannot open"),
+    ] {
+        refused_keeps_previous(
+            |s, store| {
+                let (f, p) = s.live.snapshot("s2.db");
+                let mut m = manifest(&s.key, s.live.public, 2, &f, p);
+                m.file = Some(
+                    if case == "outside" {
+                        "../generations/x.db"
+                    } else {
+                        "snapshot.db"
+                    }
+                    .into(),
+                );
+                let mut data = std::fs::read(&f).unwrap();
+                match case {
+                    "truncated" => data.truncate(data.len() - 4096),
+                    "flipped" => data[5000] ^= 0x01,
+                    _ => {}
+                }
+                if case != "missing" {
+                    std::fs::write(store.inbox().join("snapshot.db"), &data).unwrap();
+                }
+                store.install_inbox(&m.seal(&s.key)).map(|_| ())
+            },
+            want,
+        );
+    }
+}
+
+#[test]
+fn an_inbox_file_that_verifies_is_installed() {
+    let mut s = setup();
+    s.live.append(40, 3000);
+    let (f, p) = s.live.snapshot("s1.db");
+    let store = Store::open(&s.state, 3, s.key.public_bytes(), s.live.public).unwrap();
+    let mut m = manifest(&s.key, s.live.public, 1, &f, p);
+    m.file = Some("snapshot.db".into());
+    std::fs::copy(&f, store.inbox().join("snapshot.db")).unwrap();
+    store.install_inbox(&m.seal(&s.key)).unwrap();
+    assert_installable(&store, &s.live.public, 1);
+}
+
+/// A tmpfs mounted for the test, unmounted on drop (also on failure).
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Tmpfs {
+        assert!(
+            unsafe { libc::geteuid() } == 0,
+            "this test mounts a small tmpfs to fill the standby's disk: run it as root"
+        );
+        std::fs::create_dir_all(dir).unwrap();
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .expect("run mount");
+        assert!(st.success(), "mount -t tmpfs failed");
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_is_refused_and_the_previous_generation_kept() {
+    let mut s = setup();
+    let _fs = Tmpfs::mount(&s.state, "4m");
+    s.live.append(100, 8000);
+    let (f1, p1) = s.live.snapshot("s1.db");
+    let size1 = std::fs::metadata(&f1).unwrap().len();
+    assert!(size1 < 3 << 19, "generation 1 is {size1} bytes");
+    let store = Store::open(&s.state, 3, s.key.public_bytes(), s.live.public).unwrap();
+    ship(
+        &store,
+        &s.key,
+        &manifest(&s.key, s.live.public, 1, &f1, p1),
+        &f1,
+    )
+    .unwrap();
+
+    // Room at the offer, but the disk fills up during the transfer (another writer).
+    s.live.append(1, 1000);
+    let (f2, p2) = s.live.snapshot("s2.db");
+    let m2 = manifest(&s.key, s.live.public, 2, &f2, p2);
+    let data = std::fs::read(&f2).unwrap();
+    let offer = store.offer(&m2.seal(&s.key)).unwrap();
+    let filler = s.state.join("filler");
+    let mut big = std::fs::File::create(&filler).unwrap();
+    let chunk = vec![1u8; 16 << 10];
+    use std::io::Write;
+    while big.write_all(&chunk).is_ok() {}
+    drop(big);
+    let mut r = Ok(());
+    for i in offer.missing {
+        let c = m2.chunks[i as usize];
+        r = store.put_chunk(
+            2,
+            i,
+            &data[c.offset as usize..(c.offset + c.len as u64) as usize],
+        );
+        if r.is_err() {
+            break;
+        }
+    }
+    let e = r.and_then(|_| store.commit(2).map(|_| ())).unwrap_err();
+    assert!(e.contains("no space left"), "{e}");
+    assert_installable(&store, &s.live.public, 1);
+    // Space freed: the same generation ships.
+    std::fs::remove_file(&filler).unwrap();
+    ship(&store, &s.key, &m2, &f2).unwrap();
+    assert_installable(&store, &s.live.public, 2);
+
+    // No room for the next generation at all: refused before any chunk is sent.
+    s.live.append(400, 8000);
+    let (f3, p3) = s.live.snapshot("s3.db");
+    let m3 = manifest(&s.key, s.live.public, 3, &f3, p3);
+    let e = store.offer(&m3.seal(&s.key)).unwrap_err();
+    assert!(e.contains("no space left on the standby's disk"), "{e}");
+    assert_installable(&store, &s.live.public, 2);
+}
+
+impl Live {
+    /// A page image of the live database (as the admin socket's `image` streams it).
+    fn image(&self, name: &str) -> (PathBuf, Vec<ChainPosition>) {
+        let p = self.dir.join(name);
+        let img = self.db.image().unwrap();
+        let mut data = vec![0u8; img.bytes as usize];
+        img.read_at(&mut data, 0).unwrap();
+        std::fs::write(&p, &data).unwrap();
+        (p, img.positions.clone())
+    }
+}
+
+#[test]
+fn page_images_recycle_the_oldest_generation_and_send_only_what_changed() {
+    let mut s = setup();
+    let store = Store::open(&s.state, 2, s.key.public_bytes(), s.live.public).unwrap();
+    s.live.append(400, 4096);
+    let mut sent = Vec::new();
+    let mut files = Vec::new();
+    for g in 1..=4u64 {
+        if g > 1 {
+            s.live.append(4, 4096);
+        }
+        let (f, pos) = s.live.image(&format!("img{g}.db"));
+        let m = manifest(&s.key, s.live.public, g, &f, pos);
+        sent.push(ship(&store, &s.key, &m, &f).unwrap());
+        assert_installable(&store, &s.live.public, g);
+        assert_eq!(
+            std::fs::read(store.newest().unwrap().path).unwrap(),
+            std::fs::read(&f).unwrap(),
+            "generation {g} is the image, byte for byte"
+        );
+        files.push((f, m));
+    }
+    let held: Vec<u64> = store.held().iter().map(|h| h.generation).collect();
+    assert_eq!(held, vec![3, 4], "keep 2");
+    let size = files[3].1.bytes;
+    for (g, b) in sent.iter().enumerate().skip(1) {
+        assert!(
+            *b * 10 < size,
+            "generation {}: {b} bytes sent of a {size}-byte image",
+            g + 1
+        );
+    }
+    // Generations 3 and 4 were written over the files of 1 and 2: nothing else is left.
+    let names: Vec<String> = std::fs::read_dir(s.state.join("generations"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 4, "{names:?}");
+
+    // The oldest generation's file changes on disk before it is recycled: the chunk left
+    // in place no longer matches, the new generation is refused, the newest stays.
+    let oldest = store.installed()[0].clone();
+    let c = oldest.manifest.chunks[oldest.manifest.chunks.len() / 2];
+    let mut bytes = std::fs::read(&oldest.path).unwrap();
+    bytes[c.offset as usize + 10] ^= 0x40;
+    std::fs::write(&oldest.path, &bytes).unwrap();
+    s.live.append(2, 4096);
+    let (f, pos) = s.live.image("img5.db");
+    let m = manifest(&s.key, s.live.public, 5, &f, pos);
+    let e = ship(&store, &s.key, &m, &f).unwrap_err();
+    assert!(e.contains("no longer matches its hash"), "{e}");
+    assert_installable(&store, &s.live.public, 4);
+    // The next generation ships (from an empty file: one generation is left).
+    let m = manifest(&s.key, s.live.public, 6, &f, m.positions.clone());
+    ship(&store, &s.key, &m, &f).unwrap();
+    assert_installable(&store, &s.live.public, 6);
+}

@@ -1,0 +1,324 @@
+//! Benchmark: failoverd's snapshot shipping between two hosts in network namespaces, against
+//! `scp` and `rsync -e ssh` moving the same file over the same link in the same run.
+//!
+//! `cargo build --release --workspace && cargo bench -p system-tests --bench failover`
+//! (as root; `scripts/bench failover` does both). About 3 minutes.
+//!
+//! 1. A conode database of `FAILOVER_BENCH_MIB` MiB (default 1024): a chain created through
+//!    the conode, then filled with 64 KiB pseudo-random block records written into
+//!    `skipchain_blocks` with the conode stopped (through `conode::db::Db`, the conode's
+//!    own code; appending 16 000 blocks through the CLI would take many minutes), then the
+//!    conode started again. failoverd runs on both hosts over HTTPS with a one-hour
+//!    interval, so that only `failoverd snapshot` ships.
+//! 2. Full: `failoverd snapshot` (page image taken, chunked, signed, shipped, verified with
+//!    redb's integrity check, installed with fsync) against `scp` and `rsync -e ssh` of the
+//!    same image file into an empty directory on the standby (no fsync: they do not).
+//! 3. 1% more data appended through `conode chain add` (64 KiB blocks), then the next
+//!    snapshot against `rsync --no-whole-file -I` of the new image onto the previous one.
+//!    Bytes: failoverd's chunk bytes, rsync's "Total bytes sent", and for both the bytes
+//!    that left host a's interface (TLS or ssh, headers and manifest included). "Changed"
+//!    is the 4 KiB pages that differ between the two images.
+//! 4. RPO at default settings (2 s interval, HTTPS) with a 256 MiB database: a block is
+//!    appended at varied moments; the time from just before `conode chain add` starts to
+//!    the standby holding an installed generation with that block.
+
+#[allow(dead_code)]
+#[path = "failoverd_ship.rs"]
+mod ship;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use ship::{ok, Pair};
+use system_tests::netns::{Host, Sshd};
+
+const BLOCK: usize = 64 << 10;
+
+fn main() {
+    // SAFETY: geteuid takes no arguments and cannot fail.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the failover benchmark needs root (network namespaces)"
+    );
+    let mib: u64 = std::env::var("FAILOVER_BENCH_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024);
+    // FAILOVER_BENCH_ONLY=shipping|rpo runs one part.
+    let only = std::env::var("FAILOVER_BENCH_ONLY").unwrap_or_default();
+    if only != "rpo" {
+        shipping(mib);
+    }
+    if only != "shipping" {
+        rpo(256);
+    }
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn fill(&mut self, b: &mut [u8]) {
+        for c in b.chunks_mut(8) {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            let v = self.0.to_le_bytes();
+            c.copy_from_slice(&v[..c.len()]);
+        }
+    }
+}
+
+/// Stop the live conode, add 64 KiB block records until its file is `mib` MiB, start it
+/// again. Returns the bytes of records added.
+fn fill(p: &mut Pair, mib: u64) -> u64 {
+    p.conode_a.take().expect("conode a runs").kill();
+    let data = p.path("a/data");
+    let file = std::fs::read_dir(&data)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|f| f.extension().is_some_and(|e| e == "db"))
+        .expect("the conode's database");
+    let stem = file.file_stem().unwrap().to_string_lossy().to_string();
+    let public = conode::keys::parse_hex32(&stem).unwrap();
+    let db = conode::db::Db::open(&file, &public).unwrap();
+    let mut rng = Rng(0x5eed_1234_abcd_ef01);
+    let target = mib << 20;
+    let mut v = vec![0u8; BLOCK];
+    let mut key = [0u8; 32];
+    let mut done = 0u64;
+    while std::fs::metadata(&file).unwrap().len() < target {
+        let w = db.db.begin_write().unwrap();
+        {
+            let mut t = w.open_table(conode::db::SKIPCHAIN_BLOCKS).unwrap();
+            for _ in 0..64 {
+                rng.fill(&mut key);
+                rng.fill(&mut v);
+                t.insert(&key[..], &v[..]).unwrap();
+                done += BLOCK as u64;
+            }
+        }
+        w.commit().unwrap();
+    }
+    drop(db);
+    p.restart_conode_a();
+    done
+}
+
+fn tx_bytes(h: &Host) -> u64 {
+    ok(
+        h,
+        &format!("cat /sys/class/net/{}/statistics/tx_bytes", h.iface()),
+    )
+    .trim()
+    .parse()
+    .unwrap()
+}
+
+/// Run `script` on `h`; its wall time and the bytes that left `h`'s interface.
+fn measured(h: &Host, script: &str) -> (Duration, u64, String) {
+    let before = tx_bytes(h);
+    let t = Instant::now();
+    let out = ok(h, script);
+    let d = t.elapsed();
+    (d, tx_bytes(h) - before, out)
+}
+
+fn last_bytes_sent(p: &Pair) -> u64 {
+    p.status("a")
+        .unwrap()
+        .at(&["bytes_sent"])
+        .and_then(|v| v.as_u64())
+        .unwrap()
+}
+
+fn differing_bytes(a: &Path, b: &Path) -> u64 {
+    let (a, b) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
+    let pages = a.len().max(b.len()).div_ceil(4096);
+    fn page(v: &[u8], i: usize) -> Option<&[u8]> {
+        v.get(i * 4096..((i + 1) * 4096).min(v.len()))
+    }
+    (0..pages).filter(|&i| page(&a, i) != page(&b, i)).count() as u64 * 4096
+}
+
+fn mb(b: u64) -> String {
+    format!("{:.1} MB", b as f64 / 1e6)
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.2} s", d.as_secs_f64())
+}
+
+fn shipping(mib: u64) {
+    let mut p = Pair::start("fbench", "https", "1h");
+    p.grow(1, BLOCK);
+    let records = fill(&mut p, mib);
+    let sshd = Sshd::start(p.lab.b(), &p.path("sshd"));
+    let ssh = sshd.ssh_args().join(" ");
+    let base = p.path("b/baseline");
+    std::fs::create_dir_all(&base).unwrap();
+    let image = p.p("a/state/outgoing/image.db");
+    let fo = format!(
+        "{} -c {} snapshot",
+        system_tests::bin("failoverd").display(),
+        p.p("a/failoverd.toml")
+    );
+
+    // Full.
+    let (full, full_wire, _) = measured(p.lab.a(), &fo);
+    let full_sent = last_bytes_sent(&p);
+    let size = std::fs::metadata(&image).unwrap().len();
+    let (scp, scp_wire, _) = measured(
+        p.lab.a(),
+        &format!(
+            "scp -q {ssh} {image} {}:{}/scp.db",
+            sshd.target(),
+            base.display()
+        ),
+    );
+    let (rs_full, rs_full_wire, _) = measured(
+        p.lab.a(),
+        &format!(
+            "rsync -e 'ssh {ssh}' --stats {image} {}:{}/rsync.db",
+            sshd.target(),
+            base.display()
+        ),
+    );
+    // The same copy made durable, as failoverd's install is.
+    let (scp_sync, _, _) = measured(
+        p.lab.a(),
+        &format!(
+            "scp -q {ssh} {image} {t}:{b}/scp2.db && ssh {ssh} {t} sync -f {b}/scp2.db",
+            t = sshd.target(),
+            b = base.display()
+        ),
+    );
+    let fastest = scp.min(rs_full);
+    println!();
+    println!(
+        "failoverd snapshot shipping: a {} conode database ({} of 64 KiB block records), namespaces a→b over a veth:",
+        mb(size),
+        mb(records)
+    );
+    println!("| run | time | bytes sent | bytes on the wire | ratio |");
+    println!("|---|---|---|---|---|");
+    println!("| full: failoverd (take+ship+verify+install, fsync) | {} | {} | {} | {:.2}× as fast as the faster of scp/rsync (target ≥ 1.5×) |", secs(full), mb(full_sent), mb(full_wire), fastest.as_secs_f64() / full.as_secs_f64());
+    println!("| full: scp | {} | – | {} | |", secs(scp), mb(scp_wire));
+    println!(
+        "| full: rsync -e ssh | {} | – | {} | |",
+        secs(rs_full),
+        mb(rs_full_wire)
+    );
+    println!(
+        "| full: scp, then sync -f on b (durable) | {} | – | – | failoverd {:.2}× as fast |",
+        secs(scp_sync),
+        scp_sync.as_secs_f64() / full.as_secs_f64()
+    );
+
+    // 1% more, appended through the conode, three times: the standby holds `keep` (3)
+    // generations from the third on and rewrites the oldest in place (steady state).
+    let blocks = (size / 100).div_ceil(BLOCK as u64);
+    for round in 1..=3 {
+        std::fs::copy(&image, p.path("previous-image.db")).unwrap();
+        p.grow(blocks, BLOCK);
+        let (inc, inc_wire, _) = measured(p.lab.a(), &fo);
+        let inc_sent = last_bytes_sent(&p);
+        let changed = differing_bytes(&p.path("previous-image.db"), Path::new(&image));
+        let (rs_inc, rs_inc_wire, out) = measured(
+            p.lab.a(),
+            &format!(
+                "rsync -e 'ssh {ssh}' --no-whole-file -I --stats {image} {}:{}/rsync.db",
+                sshd.target(),
+                base.display()
+            ),
+        );
+        let rs_inc_sent = failoverd::live::rsync_bytes_sent(&out).unwrap();
+        println!("| +1% #{round} ({blocks} blocks = {}; {} of 4 KiB pages changed): failoverd | {} | {} ({:.2}× changed) | {} | {:.2}× as fast as rsync (target ≥ 2×) |", mb(blocks * BLOCK as u64), mb(changed), secs(inc), mb(inc_sent), inc_sent as f64 / changed as f64, mb(inc_wire), rs_inc.as_secs_f64() / inc.as_secs_f64());
+        println!(
+            "| +1% #{round}: rsync --no-whole-file | {} | {} ({:.2}× changed) | {} | |",
+            secs(rs_inc),
+            mb(rs_inc_sent),
+            rs_inc_sent as f64 / changed as f64,
+            mb(rs_inc_wire)
+        );
+    }
+    print_log_lines(&p);
+}
+
+fn print_log_lines(p: &Pair) {
+    for l in p
+        .log("failoverd-a.log")
+        .lines()
+        .filter(|l| l.contains("installed on the peer"))
+    {
+        println!("  a: {}", l.trim());
+    }
+    for l in p
+        .log("failoverd-b.log")
+        .lines()
+        .filter(|l| l.contains("integrity-checked"))
+    {
+        println!("  b: {}", l.trim());
+    }
+}
+
+/// The index of `chain` in the newest installed generation on b.
+fn installed_index(p: &Pair) -> u64 {
+    let dir = p.path("b/state/generations");
+    let Some(newest) = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|f| f.extension().is_some_and(|e| e == "manifest"))
+        .max()
+    else {
+        return 0;
+    };
+    let Ok(env) = std::fs::read(&newest) else {
+        return 0;
+    };
+    let key = conode::keys::parse_hex32(&p.key_a).unwrap();
+    let Ok(m) = failoverd::manifest::Manifest::open(&env, &key) else {
+        return 0;
+    };
+    m.positions
+        .iter()
+        .find(|c| hex::encode(c.chain) == p.chain)
+        .map(|c| c.index as u64)
+        .unwrap_or(0)
+}
+
+fn rpo(mib: u64) {
+    let mut p = Pair::start("frpo", "https", "2s");
+    p.grow(1, BLOCK);
+    fill(&mut p, mib);
+    // The whole database is shipped once before measuring.
+    p.snapshot();
+    let size = std::fs::metadata(p.path("a/state/outgoing/image.db"))
+        .unwrap()
+        .len();
+    let mut samples = Vec::new();
+    for pause_ms in [300u64, 1700, 900, 2300, 500, 1300, 2900, 100, 1100, 2000] {
+        std::thread::sleep(Duration::from_millis(pause_ms));
+        let t0 = Instant::now();
+        p.grow(1, BLOCK);
+        let want = p.index;
+        let deadline = t0 + Duration::from_secs(60);
+        while installed_index(&p) < want {
+            assert!(
+                Instant::now() < deadline,
+                "block {want} not on the standby within 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        samples.push(t0.elapsed());
+    }
+    samples.sort();
+    println!();
+    println!(
+        "RPO, a {} database, default settings (interval 2 s, https), {} appends of 64 KiB at varied moments: p50 {}, max {} (target ≤ 5 s)",
+        mb(size),
+        samples.len(),
+        secs(samples[samples.len() / 2]),
+        secs(*samples.last().unwrap())
+    );
+}
