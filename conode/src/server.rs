@@ -193,6 +193,12 @@ impl Server {
         if tokio::time::timeout(GRACE, self.done.recv()).await.is_err() {
             tracing::warn!("shutdown: connections still busy after {GRACE:?}; closing anyway");
         }
+        // A request's blocking work (a commit, a read) may still hold the database for a
+        // moment after its connection closed: wait for it, within the same grace.
+        let deadline = tokio::time::Instant::now() + GRACE;
+        while Arc::strong_count(&self.db) > 1 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         match Arc::try_unwrap(self.db) {
             Ok(db) => {
                 drop(db);
