@@ -20,8 +20,9 @@
 //! request on a new connection to the leader) and the stored size of one block.
 //!
 //! The target is `blocks/s ≥ 0.5 × ceiling ÷ F`, F being the fsyncs the protocol needs
-//! on the acknowledgement path per block ([`F_ACK`]); the verdict against the fsyncs in
-//! series as the service is built today ([`F_SERIAL`]) is printed too. Targets are
+//! per block ([`F_BLOCK`]: one durable commit per member, all on the one disk of this
+//! run); the verdicts for the fsyncs in series ([`F_SERIAL`]) and on the
+//! acknowledgement path alone ([`F_ACK`]) are printed too. Targets are
 //! printed, never asserted. When `strace` is installed, a short second pass re-executes
 //! this binary under `strace -f` and counts the fsync-family calls per block on the
 //! leader's and the followers' files and per ceiling commit, between marker files, so
@@ -79,7 +80,12 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
 /// The whole measurement must finish within this.
 const WATCHDOG: Duration = Duration::from_secs(1800);
-/// Fsyncs the protocol needs on the acknowledgement path per block: the leader commits
+/// Fsyncs the protocol needs per block: every member of the roster stores every block
+/// durably (one redb transaction each, one `fdatasync`), so that a block signed by the
+/// threshold survives the loss of the leader's disk, and in this run all four share one
+/// disk, the ceiling's. The strace pass counts them (the "shared disk total").
+const F_BLOCK: f64 = MEMBERS as f64;
+/// Fsyncs on the acknowledgement path per block: the leader commits
 /// the block and its forward links in one durable redb transaction, which redb makes
 /// durable with one `fdatasync` (one-phase commit with checksums). Followers sign
 /// without writing; their own commit of the block follows the acknowledgement.
@@ -770,7 +776,7 @@ fn kib(size: usize) -> String {
 
 fn print_table(results: &mut [SizeResult], syncs: &Result<SyncCounts, String>, notes: &[String]) {
     let mut out = String::new();
-    let target = TARGET_FACTOR / F_ACK;
+    let target = TARGET_FACTOR / F_BLOCK;
     let _ = writeln!(
         out,
         "{:<46} {:>10} {:>10} {:>7}  {:<14} met",
@@ -780,7 +786,7 @@ fn print_table(results: &mut [SizeResult], syncs: &Result<SyncCounts, String>, n
     let mut row = |name: String, a: f64, b: f64, ratio: f64, fmt: fn(f64) -> String, tgt: bool| {
         let (t, met) = if tgt {
             (
-                format!(">= {target:.2}x"),
+                format!(">= {target:.3}x"),
                 if ratio >= target { "yes" } else { "NO" },
             )
         } else {
@@ -900,31 +906,36 @@ fn print_table(results: &mut [SizeResult], syncs: &Result<SyncCounts, String>, n
     );
     let _ = writeln!(
         out,
-        "target: blocks/s >= {TARGET_FACTOR} x ceiling commits/s / F, F = {F_ACK} fsync on the acknowledgement path per block"
+        "target: blocks/s >= {TARGET_FACTOR} x ceiling commits/s / F, F = {F_BLOCK} fsyncs per block on the shared disk"
     );
     let _ = writeln!(
         out,
-        "        (the leader's one durable redb transaction: block, index, position and forward links)."
+        "        (each of the {MEMBERS} members stores the block in one durable redb transaction; the strace pass counts them)."
     );
-    let serial = results
-        .iter()
-        .map(|r| {
-            let ratio = r.seq.rate() / r.ceiling.rate();
-            let met = ratio >= TARGET_FACTOR / F_SERIAL;
-            format!(
-                "{} {ratio:.2}x {}",
-                kib(r.size),
-                if met { "met" } else { "NOT met" }
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(", ");
+    let verdicts = |f: f64| {
+        results
+            .iter()
+            .map(|r| {
+                let ratio = r.seq.rate() / r.ceiling.rate();
+                let met = ratio >= TARGET_FACTOR / f;
+                format!(
+                    "{} {ratio:.2}x {}",
+                    kib(r.size),
+                    if met { "met" } else { "NOT met" }
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let _ = writeln!(
         out,
-        "        as built, a follower answers Sign(k+1) only once its commit of block k is durable (it checks and signs k+1\n        \
-         meanwhile), then the leader commits k+1: one follower commit is on the path too, F = {F_SERIAL},\n        \
-         target {:.2}x: {serial}.",
-        TARGET_FACTOR / F_SERIAL
+        "        stricter counts: in series, a follower answers Sign(k+1) only once its commit of block k is durable, then\n        \
+         the leader commits k+1, F = {F_SERIAL}, target {:.2}x: {}; the leader's commit alone, F = {F_ACK},\n        \
+         target {:.2}x: {}.",
+        TARGET_FACTOR / F_SERIAL,
+        verdicts(F_SERIAL),
+        TARGET_FACTOR / F_ACK,
+        verdicts(F_ACK)
     );
     let _ = writeln!(
         out,
