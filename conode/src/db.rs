@@ -508,6 +508,9 @@ pub fn verify_snapshot(
     }
 }
 
+/// redb's page cache while a snapshot is checked.
+const VERIFY_CACHE: usize = 16 << 20;
+
 fn verify_inner(path: &Path, expected_public: &[u8; 32]) -> Result<Vec<ChainPosition>, String> {
     let damaged = |e: &dyn std::fmt::Display| {
         format!(
@@ -517,10 +520,33 @@ fn verify_inner(path: &Path, expected_public: &[u8; 32]) -> Result<Vec<ChainPosi
     };
     let backend =
         Overlay::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let mut db = redb::Builder::new()
+    // The open checks every page reachable from the latest commit and rebuilds the
+    // allocator from them (two walks; a second `check_integrity` would walk twice more and
+    // find nothing new). redb reports the repair's progress: 0.3 only when the latest
+    // commit failed its checksums and it falls back to the one before, which would
+    // silently drop what was saved last, so that aborts the check.
+    let fell_back = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = fell_back.clone();
+    let db = redb::Builder::new()
         .set_check_integrity_on_open(true)
+        // Every page is read once per walk: a cache would only cost memory.
+        .set_cache_size(VERIFY_CACHE)
+        .set_repair_callback(move |r| {
+            if (0.2..0.5).contains(&r.progress()) {
+                seen.store(true, std::sync::atomic::Ordering::Relaxed);
+                r.abort();
+            }
+        })
         .create_with_backend(backend)
         .map_err(|e| match e {
+            redb::DatabaseError::RepairAborted
+                if fell_back.load(std::sync::atomic::Ordering::Relaxed) =>
+            {
+                format!(
+                    "{} is damaged: its latest commit fails redb's checksums, so it may not hold what was saved",
+                    path.display()
+                )
+            }
             redb::DatabaseError::DatabaseAlreadyOpen => format!(
                 "{} is open by another process (a running conode?): cannot check it",
                 path.display()
@@ -532,16 +558,6 @@ fn verify_inner(path: &Path, expected_public: &[u8; 32]) -> Result<Vec<ChainPosi
             }
             e => damaged(&e),
         })?;
-    match db.check_integrity() {
-        Ok(true) => {}
-        Ok(false) => {
-            return Err(format!(
-                "{} is damaged: redb had to repair it, so it may not hold what was saved",
-                path.display()
-            ))
-        }
-        Err(e) => return Err(damaged(&e)),
-    }
     let read = db.begin_read().map_err(|e| damaged(&e))?;
     let owner = match read.open_table(META) {
         Ok(t) => t

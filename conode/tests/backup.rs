@@ -483,6 +483,67 @@ fn verify_snapshot_rejects_damaged_truncated_foreign_and_non_database_files() {
     assert!(e.contains("cannot read"), "{e}");
 }
 
+/// A copy whose latest commit is damaged is refused, although redb could fall back to the
+/// commit before it: that would silently lose what was saved last.
+#[test]
+fn verify_snapshot_refuses_a_file_whose_latest_commit_is_damaged() {
+    let dir = tempfile::tempdir().unwrap();
+    let public = [5u8; 32];
+    let live = dir.path().join("live.db");
+    let db = Db::open(&live, &public).unwrap();
+    let put = |key: &[u8], len: usize| {
+        let w = db.db.begin_write().unwrap();
+        {
+            let mut t = w.open_table(SKIPCHAIN_BLOCKS).unwrap();
+            t.insert(key, &vec![0x5a; len][..]).unwrap();
+        }
+        w.commit().unwrap();
+    };
+    put(b"first", 20_000);
+    let before = std::fs::read(&live).unwrap();
+    put(b"second", 20_000);
+    // Crash images of the last two commits (the database is open, as on a live host).
+    let after = std::fs::read(&live).unwrap();
+    drop(db);
+    let image = dir.path().join("image.db");
+    std::fs::write(&image, &after).unwrap();
+    verify_snapshot(&image, &public).expect("the undamaged image passes");
+
+    // The pages the latest commit wrote (past the header page): flip a byte in each.
+    const PAGE: usize = 4096;
+    let written: Vec<usize> = (1..after.len() / PAGE)
+        .filter(|&n| before.get(n * PAGE..(n + 1) * PAGE) != Some(&after[n * PAGE..(n + 1) * PAGE]))
+        .collect();
+    assert!(!written.is_empty(), "the second commit wrote no page");
+    let mut refused = 0;
+    for n in &written {
+        let mut bytes = after.clone();
+        bytes[n * PAGE + PAGE / 2] ^= 0x01;
+        std::fs::write(&image, &bytes).unwrap();
+        match verify_snapshot(&image, &public) {
+            Err(e) => {
+                assert!(
+                    e.contains("image.db is damaged: its latest commit fails redb's checksums"),
+                    "{e}"
+                );
+                refused += 1;
+            }
+            // Accepted: the flipped byte was in space no tree uses, and the latest commit
+            // is whole.
+            Ok(_) => {
+                let db = redb::Database::create(&image).unwrap();
+                let r = db.begin_read().unwrap();
+                let t = r.open_table(SKIPCHAIN_BLOCKS).unwrap();
+                assert!(
+                    t.get(&b"second"[..]).unwrap().is_some(),
+                    "page {n} damaged: accepted, but the latest commit is gone"
+                );
+            }
+        }
+    }
+    assert!(refused > 0, "no damaged page of {written:?} was refused");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn beyond_the_connection_limit_a_client_is_told_busy_and_later_served() {
     let node = TestNode::new("busy");
