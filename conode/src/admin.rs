@@ -45,6 +45,16 @@
 //!   images is only what was written between them (what `failoverd` ships). The image is a
 //!   crash image: opening it makes redb walk every tree once; check it with
 //!   [`crate::db::verify_snapshot`]. A stream that ends before the trailer is damaged.
+//!   The header also carries `"token":"<t>"`, naming this image.
+//! - `image since=<t>\n`: the same, but if the conode still knows token `t` (one of the
+//!   last [`crate::dirty::KEPT_TOKENS`] handed out by this process), only the pages
+//!   written since `t` was handed out: the header then has `"changed_stream":M`, and the
+//!   M bytes that follow are runs, each an offset (u64) and a length (u32), little-endian
+//!   ([`RUN_HEADER`] bytes), then that many bytes of the file from that offset. Applied
+//!   to the bytes of image `t` (cut or zero-extended to `bytes`), they give the whole
+//!   image. A token it does not know (another process's, too old, or garbage) gets the
+//!   whole image. The trailer's `sent` counts the M bytes. A client that did not finish
+//!   applying an answer asks again since the same token.
 //! - `position\n`: `{"ok":true,"public":"<hex>","positions":[...]}`, the same
 //!   positions as a snapshot would carry, without copying anything.
 //! - Anything else, a line over [`MAX_REQUEST_LINE`] bytes, no complete line within
@@ -136,6 +146,12 @@ struct WireSnapshotHeader {
     public: String,
     positions: Vec<WirePosition>,
     taken_unix_ms: u64,
+    /// `image` only: names this image, for `image since=TOKEN`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    token: Option<String>,
+    /// `image since=TOKEN` answered with the changed pages only: the stream's length.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    changed_stream: Option<u64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -461,7 +477,10 @@ async fn handle(
     };
     match request.as_str() {
         "snapshot" => snapshot(stream, ctx).await,
-        "image" => image(stream, ctx).await,
+        "image" => image(stream, ctx, None).await,
+        r if r.starts_with(IMAGE_SINCE) => {
+            image(stream, ctx, Some(r[IMAGE_SINCE.len()..].to_string())).await
+        }
         "position" => position(stream, ctx).await,
         other => {
             let shown: String = other.chars().take(64).collect();
@@ -615,6 +634,8 @@ async fn snapshot(stream: &mut UnixStream, ctx: &Ctx) -> Result<(), String> {
         public: hex::encode(info.public),
         positions: to_wire(&info.positions),
         taken_unix_ms: info.taken_unix_ms,
+        token: None,
+        changed_stream: None,
     });
     write_timed(stream, &header).await?;
     let mut hasher = Sha256::new();
@@ -662,10 +683,32 @@ const IMAGE_PIECE: usize = 1 << 20;
 /// Longest time an image may hold the writers; the stream is then cut short.
 pub const IMAGE_HOLD_LIMIT: Duration = Duration::from_secs(20);
 
-async fn image(stream: &mut UnixStream, ctx: &Ctx) -> Result<(), String> {
+/// The request for the pages changed since an earlier image.
+const IMAGE_SINCE: &str = "image since=";
+/// Bytes before each run of pages in a changed-pages stream: offset (u64) and length
+/// (u32), little-endian.
+pub const RUN_HEADER: usize = 12;
+/// Pages per run at most, in a changed-pages stream.
+const RUN_PAGES: u64 = 256;
+
+/// The runs of consecutive pages in sorted `pages`, as (offset, length) within `bytes`.
+fn runs(pages: &[u64], bytes: u64) -> Vec<(u64, u32)> {
+    let page = crate::dirty::PAGE;
+    let mut out: Vec<(u64, u32)> = Vec::new();
+    for &p in pages {
+        let (off, len) = (p * page, page.min(bytes - p * page) as u32);
+        match out.last_mut() {
+            Some((o, l)) if *o + *l as u64 == off && (*l as u64) < RUN_PAGES * page => *l += len,
+            _ => out.push((off, len)),
+        }
+    }
+    out
+}
+
+async fn image(stream: &mut UnixStream, ctx: &Ctx, since: Option<String>) -> Result<(), String> {
     let _permit = snapshot_slot(stream, ctx).await?;
     let db = ctx.db.clone();
-    let img = tokio::task::spawn_blocking(move || db.image())
+    let img = tokio::task::spawn_blocking(move || db.image(since.as_deref()))
         .await
         .unwrap_or_else(|e| Err(format!("the image task failed: {e}: this is a bug")));
     let img = match img {
@@ -676,12 +719,29 @@ async fn image(stream: &mut UnixStream, ctx: &Ctx) -> Result<(), String> {
             return Err(msg);
         }
     };
+    // The whole file in pieces, or the runs of changed pages, each after its run header.
+    let pieces: Vec<(u64, u32, bool)> = match &img.changed {
+        Some(pages) => runs(pages, img.bytes)
+            .into_iter()
+            .map(|(o, l)| (o, l, true))
+            .collect(),
+        None => (0..img.bytes)
+            .step_by(IMAGE_PIECE)
+            .map(|o| (o, (img.bytes - o).min(IMAGE_PIECE as u64) as u32, false))
+            .collect(),
+    };
+    let stream_bytes: u64 = pieces
+        .iter()
+        .map(|&(_, l, run)| l as u64 + if run { RUN_HEADER as u64 } else { 0 })
+        .sum();
     let header = json_line(&WireSnapshotHeader {
         ok: true,
         bytes: img.bytes,
         public: hex::encode(img.public),
         positions: to_wire(&img.positions),
         taken_unix_ms: img.taken_unix_ms,
+        token: Some(img.token.clone()),
+        changed_stream: img.changed.as_ref().map(|_| stream_bytes),
     });
     write_timed(stream, &header).await?;
     let (bytes, chains, taken) = (img.bytes, img.positions.len(), img.taken_unix_ms);
@@ -690,8 +750,7 @@ async fn image(stream: &mut UnixStream, ctx: &Ctx) -> Result<(), String> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, String>>(4);
     let reader = tokio::task::spawn_blocking(move || {
         let started = std::time::Instant::now();
-        let mut off = 0u64;
-        while off < img.bytes {
+        for (off, len, run) in pieces {
             if started.elapsed() > IMAGE_HOLD_LIMIT {
                 let _ = tx.blocking_send(Err(format!(
                     "the image reader took more than {IMAGE_HOLD_LIMIT:?} ({off} of {} bytes): the image is abandoned so that writers go on",
@@ -699,14 +758,17 @@ async fn image(stream: &mut UnixStream, ctx: &Ctx) -> Result<(), String> {
                 )));
                 return;
             }
-            let n = ((img.bytes - off) as usize).min(IMAGE_PIECE);
-            let mut buf = vec![0u8; n];
-            let r = img.read_at(&mut buf, off).map(|()| buf);
+            let head = if run { RUN_HEADER } else { 0 };
+            let mut buf = vec![0u8; head + len as usize];
+            if run {
+                buf[..8].copy_from_slice(&off.to_le_bytes());
+                buf[8..12].copy_from_slice(&len.to_le_bytes());
+            }
+            let r = img.read_at(&mut buf[head..], off).map(|()| buf);
             let failed = r.is_err();
             if tx.blocking_send(r).is_err() || failed {
                 return;
             }
-            off += n as u64;
         }
     });
     let mut sent = 0u64;
@@ -720,8 +782,9 @@ async fn image(stream: &mut UnixStream, ctx: &Ctx) -> Result<(), String> {
     }
     drop(rx);
     let _ = reader.await;
-    if sent != bytes {
-        let msg = format!("the image stream stopped after {sent} of {bytes} bytes: this is a bug");
+    if sent != stream_bytes {
+        let msg =
+            format!("the image stream stopped after {sent} of {stream_bytes} bytes: this is a bug");
         tracing::error!("admin socket: {msg}");
         return Err(msg);
     }
@@ -939,6 +1002,9 @@ async fn receive<R: AsyncBufReadExt + Unpin>(
     Ok(mine)
 }
 
+/// Where [`fetch_image_blocking`] hands the image's bytes: header, offset, bytes.
+type ImageSink<'a> = dyn FnMut(&ImageHeader, u64, &[u8]) -> Result<(), String> + 'a;
+
 /// What an `image` request announced.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageHeader {
@@ -946,15 +1012,23 @@ pub struct ImageHeader {
     pub public: [u8; 32],
     pub positions: Vec<ChainPosition>,
     pub taken_unix_ms: u64,
+    /// Names this image: ask `since` it next time.
+    pub token: String,
+    /// Only the pages written since the `since` token came; every other byte below
+    /// `bytes` is as in the image that token named (zeros past its end).
+    pub changed_only: bool,
 }
 
-/// Ask the conode at `socket` for a page image and hand its bytes, in order, to `sink`
-/// (whose error stops the transfer). Blocking (call it from a blocking thread): the
-/// caller hashes and stores as it reads. Returns once exactly the announced bytes and the
+/// Ask the conode at `socket` for a page image and hand its bytes to `sink` with the
+/// header and their offsets in the file (an error from the sink stops the transfer): the whole file in order, or,
+/// `since` a token the conode still knows, only the pages written since
+/// ([`ImageHeader::changed_only`]). Blocking (call it from a blocking thread): the caller
+/// hashes and stores as it reads. Returns once exactly the announced bytes and the
 /// trailer arrived.
 pub fn fetch_image_blocking(
     socket: &Path,
-    mut sink: impl FnMut(&[u8]) -> Result<(), String>,
+    since: Option<&str>,
+    mut sink: impl FnMut(&ImageHeader, u64, &[u8]) -> Result<(), String>,
 ) -> Result<ImageHeader, String> {
     use std::io::{BufRead, Read, Write};
     let s = std::os::unix::net::UnixStream::connect(socket).map_err(|e| {
@@ -964,7 +1038,11 @@ pub fn fetch_image_blocking(
         )
     })?;
     let _ = s.set_write_timeout(Some(IO_TIMEOUT));
-    let sent = (&s).write_all(b"image\n").err();
+    let request = match since {
+        Some(t) if !t.is_empty() && !t.contains(['\n', '\r']) => format!("{IMAGE_SINCE}{t}\n"),
+        _ => "image\n".to_string(),
+    };
+    let sent = (&s).write_all(request.as_bytes()).err();
     let _ = s.set_read_timeout(Some(SNAPSHOT_TIMEOUT));
     let mut r = std::io::BufReader::with_capacity(IMAGE_PIECE, &s);
     let read_line = |r: &mut std::io::BufReader<&std::os::unix::net::UnixStream>,
@@ -989,31 +1067,66 @@ pub fn fetch_image_blocking(
         public: hex32("public", &h.public)?,
         positions: from_wire(h.positions)?,
         taken_unix_ms: h.taken_unix_ms,
+        token: h.token.ok_or("the image header names no token")?,
+        changed_only: h.changed_stream.is_some(),
     };
+    let total = h.changed_stream.unwrap_or(out.bytes);
     let _ = s.set_read_timeout(Some(IO_TIMEOUT));
     let mut got = 0u64;
-    while got < out.bytes {
-        let buf = r
-            .fill_buf()
-            .map_err(|e| format!("reading the image after {got} of {} bytes: {e}", out.bytes))?;
-        if buf.is_empty() {
-            return Err(format!(
-                "the image stream ended after {got} of {} bytes: the conode stopped or failed while sending",
-                out.bytes
-            ));
+    // Hand `len` bytes of the stream to the sink as the file's bytes from `at`.
+    let pass = |r: &mut std::io::BufReader<&std::os::unix::net::UnixStream>,
+                got: &mut u64,
+                mut at: u64,
+                len: u64,
+                sink: &mut ImageSink|
+     -> Result<(), String> {
+        let end = *got + len;
+        while *got < end {
+            let buf = r
+                .fill_buf()
+                .map_err(|e| format!("reading the image after {got} of {total} bytes: {e}"))?;
+            if buf.is_empty() {
+                return Err(format!(
+                    "the image stream ended after {got} of {total} bytes: the conode stopped or failed while sending"
+                ));
+            }
+            let n = (buf.len() as u64).min(end - *got) as usize;
+            sink(&out, at, &buf[..n])?;
+            r.consume(n);
+            *got += n as u64;
+            at += n as u64;
         }
-        let n = (buf.len() as u64).min(out.bytes - got) as usize;
-        sink(&buf[..n])?;
-        r.consume(n);
-        got += n as u64;
+        Ok(())
+    };
+    if out.changed_only {
+        while got < total {
+            let mut head = [0u8; RUN_HEADER];
+            if total - got < RUN_HEADER as u64 {
+                return Err(format!("the image stream's run at byte {got} is cut short"));
+            }
+            r.read_exact(&mut head)
+                .map_err(|e| format!("reading the image after {got} of {total} bytes: {e}"))?;
+            got += RUN_HEADER as u64;
+            let off = u64::from_le_bytes(head[..8].try_into().unwrap_or_default());
+            let len = u32::from_le_bytes(head[8..].try_into().unwrap_or_default()) as u64;
+            if off.checked_add(len).is_none_or(|e| e > out.bytes) || len > total - got {
+                return Err(format!(
+                    "the image stream names bytes {off}+{len}, outside the image's {} bytes or the stream",
+                    out.bytes
+                ));
+            }
+            pass(&mut r, &mut got, off, len, &mut sink)?;
+        }
+    } else {
+        pass(&mut r, &mut got, 0, total, &mut sink)?;
     }
     let line = read_line(&mut r, 1024, "image trailer")?;
     let t: WireImageTrailer = serde_json::from_slice(&line)
         .map_err(|e| format!("the image trailer is malformed ({e})"))?;
-    if !t.ok || t.sent != out.bytes {
+    if !t.ok || t.sent != total {
         return Err(format!(
-            "the image trailer says {} bytes were sent, the header announced {}",
-            t.sent, out.bytes
+            "the image trailer says {} bytes were sent, the header announced {total}",
+            t.sent
         ));
     }
     Ok(out)

@@ -89,6 +89,8 @@ const FIGURES_TTL: Duration = Duration::from_secs(1);
 
 pub struct Db {
     pub db: Database,
+    /// Pages written since each recent page image (see [`crate::dirty`]).
+    dirty: std::sync::Arc<crate::dirty::DirtyLog>,
     pub path: PathBuf,
     stats: Mutex<Option<(Instant, BTreeMap<String, String>)>>,
     figures: Mutex<Option<(Instant, BTreeMap<String, String>)>>,
@@ -105,7 +107,20 @@ impl Db {
                 .create(dir)
                 .map_err(|e| format!("cannot create the data directory {}: {e}", dir.display()))?;
         }
-        let db = Database::create(path).map_err(|e| match e {
+        let dirty = crate::dirty::DirtyLog::new();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|e| format!("cannot open database {}: {e}", path.display()))?;
+        let db = redb::backends::FileBackend::new(file)
+            .and_then(|b| {
+                redb::Builder::new()
+                    .create_with_backend(crate::dirty::Tracked::new(b, dirty.clone()))
+            })
+            .map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => format!(
                 "database {} is already open by another process: is another conode with this key running?",
                 path.display()
@@ -141,6 +156,7 @@ impl Db {
         txn.commit().map_err(|e| e.to_string())?;
         Ok(Db {
             db,
+            dirty,
             path: path.to_path_buf(),
             stats: Mutex::new(None),
             figures: Mutex::new(None),
@@ -399,6 +415,13 @@ pub struct Image {
     pub positions: Vec<ChainPosition>,
     /// When the image's commit was pinned (milliseconds since the Unix epoch).
     pub taken_unix_ms: u64,
+    /// Names this image's state: ask `since` it next time for only what changed.
+    pub token: String,
+    /// With a `since` token the log still kept: the pages ([`crate::dirty::PAGE`] bytes
+    /// each, within `bytes`) written since, sorted. The image is then those pages only;
+    /// every other byte below `bytes` is as in the image that token named (bytes past its
+    /// end, zeros).
+    pub changed: Option<Vec<u64>>,
     file: std::fs::File,
     path: PathBuf,
     // Held (never committed) until the image is dropped: no commit can run, so no page of
@@ -415,7 +438,7 @@ impl Db {
     /// Why the bytes are consistent: every commit here is durable, so when no write
     /// transaction runs the file holds exactly the latest commit (redb's crash image of it),
     /// and none runs while the image is held. Blocking: run it on a blocking thread.
-    pub fn image(&self) -> Result<Image, String> {
+    pub fn image(&self, since: Option<&str>) -> Result<Image, String> {
         let ctx = |what: &str, e: &dyn std::fmt::Display| {
             format!("page image of {}: {what}: {e}", self.path.display())
         };
@@ -435,11 +458,18 @@ impl Db {
         let bytes = file.metadata().map_err(|e| ctx("cannot stat", &e))?.len();
         let positions = chain_positions(&read)?;
         let public = owner_key(&read).map_err(|e| ctx("refusing", &e))?;
+        let (token, changed) = self.dirty.rotate(since);
+        let changed = changed.map(|mut pages| {
+            pages.retain(|p| p * crate::dirty::PAGE < bytes);
+            pages
+        });
         Ok(Image {
             bytes,
             public,
             positions,
             taken_unix_ms,
+            token,
+            changed,
             file,
             path: self.path.clone(),
             _writers: writers,

@@ -11,6 +11,7 @@
 //! - [`peer`]: the conode-to-conode port: TLS pinned to roster keys, length-prefixed
 //!   frames.
 //! - [`db`]: the redb file, its figures, and consistent snapshots of it.
+//! - [`dirty`]: the pages written since each recent page image (its storage backend).
 //! - [`admin`]: the local admin socket (owner-only Unix socket): snapshot streams for
 //!   `conode backup` and `failoverd`; its protocol is documented there.
 //! - [`backup`]: `conode backup` and `conode restore`.
@@ -29,6 +30,7 @@ pub mod chain_cli;
 pub mod client;
 pub mod config;
 pub mod db;
+pub mod dirty;
 pub mod keys;
 pub mod peer;
 pub mod proto;

@@ -602,11 +602,41 @@ fn churn(db: &Db, n: u64) {
 /// Take a page image through the admin socket into `dest`, `pause` after every piece.
 fn take_image(socket: &Path, dest: &Path, pause: Duration) -> admin::ImageHeader {
     let mut f = std::fs::File::create(dest).unwrap();
-    admin::fetch_image_blocking(socket, |b| {
+    admin::fetch_image_blocking(socket, None, |_, _, b| {
         std::thread::sleep(pause);
         f.write_all(b).map_err(|e| e.to_string())
     })
     .unwrap()
+}
+
+/// Take the pages changed `since` a token into the file `mirror` (the whole image when the
+/// token is unknown), `pause` after every piece; `give_up_after` bytes, fail like a full
+/// disk.
+fn take_into(
+    socket: &Path,
+    mirror: &Path,
+    since: Option<&str>,
+    pause: Duration,
+    give_up_after: Option<u64>,
+) -> Result<admin::ImageHeader, String> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(mirror)
+        .unwrap();
+    let mut n = 0u64;
+    let h = admin::fetch_image_blocking(socket, since, |_, at, b| {
+        std::thread::sleep(pause);
+        n += b.len() as u64;
+        if give_up_after.is_some_and(|g| n > g) {
+            return Err("no space left here".into());
+        }
+        f.write_all_at(b, at).map_err(|e| e.to_string())
+    })?;
+    f.set_len(h.bytes).unwrap();
+    Ok(h)
 }
 
 fn pages_differing(a: &Path, b: &Path) -> (usize, usize) {
@@ -693,6 +723,102 @@ async fn page_images_are_consistent_while_writes_move_pages() {
     srv.stop().await;
 }
 
+/// Images of only the pages written since a token, applied to a mirror of the previous
+/// image while a writer frees and reuses pages, give the very bytes of a whole image; a
+/// transfer given up half way is made good by asking again since the same token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn changed_pages_since_a_token_rebuild_the_whole_image() {
+    let node = TestNode::new("image-since");
+    let srv = node.start().await;
+    let db = srv.database().clone();
+    let public = node.cfg.keys.public_bytes();
+    fill(&db, 6_000);
+    write_counter(&db, 1);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (db, stop) = (db.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 1;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                churn(&db, n);
+            }
+            n
+        })
+    };
+    let out = tempfile::tempdir().unwrap();
+    let mirror = out.path().join("mirror.db");
+    let socket = srv.admin_socket().to_path_buf();
+    let take = move |since: Option<String>, pause: u64, give_up: Option<u64>| {
+        let (s, m) = (socket.clone(), mirror.clone());
+        tokio::task::spawn_blocking(move || {
+            take_into(
+                &s,
+                &m,
+                since.as_deref(),
+                Duration::from_millis(pause),
+                give_up,
+            )
+        })
+    };
+    let check = |h: &admin::ImageHeader, what: &str| {
+        let copy = out.path().join("check.db");
+        std::fs::copy(out.path().join("mirror.db"), &copy).unwrap();
+        let p = verify_snapshot(&copy, &public).unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(p, h.positions, "{what}: positions of the pinned commit");
+        let (a, b) = counters_of_repaired(&copy);
+        assert_eq!(a, b, "{what}: the two tables disagree: torn image");
+        a
+    };
+    let first = take(None, 0, None).await.unwrap().unwrap();
+    assert!(!first.changed_only, "no token: a whole image");
+    let mut token = first.token.clone();
+    let mut seen = vec![check(&first, "whole image")];
+    let mut changed = 0;
+    for i in 0..5 {
+        if i == 2 {
+            // Given up after some pages: the mirror is torn now, the token unchanged.
+            let e = take(Some(token.clone()), 0, Some(20_000))
+                .await
+                .unwrap()
+                .unwrap_err();
+            assert!(e.contains("no space left here"), "{e}");
+        }
+        let h = take(Some(token.clone()), 2, None).await.unwrap().unwrap();
+        assert!(h.changed_only, "image {i}: the token is known");
+        changed += 1;
+        token = h.token.clone();
+        seen.push(check(&h, &format!("changed pages {i}")));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let last = writer.join().unwrap();
+    assert!(
+        seen.windows(2).all(|w| w[0] < w[1]) && *seen.last().unwrap() < last,
+        "images go forward while writes go on: {seen:?} {last}"
+    );
+    // Quiet now: the mirror after one more round is the whole image, byte for byte.
+    let h = take(Some(token.clone()), 0, None).await.unwrap().unwrap();
+    assert!(h.changed_only);
+    let whole = out.path().join("whole.db");
+    let socket = srv.admin_socket().to_path_buf();
+    let w = tokio::task::spawn_blocking(move || take_image(&socket, &whole, Duration::ZERO))
+        .await
+        .unwrap();
+    assert_eq!(w.positions, h.positions);
+    assert!(
+        std::fs::read(out.path().join("mirror.db")).unwrap()
+            == std::fs::read(out.path().join("whole.db")).unwrap(),
+        "the mirror built from {changed} rounds of changed pages is not the whole image"
+    );
+    // A token the conode does not know (another run's, or garbage) gets a whole image.
+    let h = take(Some("0123456789abcdef-7".into()), 0, None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!h.changed_only);
+    srv.stop().await;
+}
+
 /// Counters of an image (a crash image: opened through a copy, which redb repairs).
 fn counters_of_repaired(path: &Path) -> (u64, u64) {
     let dir = tempfile::tempdir().unwrap();
@@ -708,7 +834,7 @@ async fn an_image_stream_cut_short_is_an_error() {
     fill(srv.database(), 3000);
     let socket = srv.admin_socket().to_path_buf();
     let e = tokio::task::spawn_blocking(move || {
-        admin::fetch_image_blocking(&socket, |_| Err("disk full here".to_string()))
+        admin::fetch_image_blocking(&socket, None, |_, _, _| Err("disk full here".to_string()))
     })
     .await
     .unwrap()
@@ -718,7 +844,7 @@ async fn an_image_stream_cut_short_is_an_error() {
     let socket = srv.admin_socket().to_path_buf();
     let mut n = 0u64;
     let h = tokio::task::spawn_blocking(move || {
-        admin::fetch_image_blocking(&socket, |b| {
+        admin::fetch_image_blocking(&socket, None, |_, _, b| {
             n += b.len() as u64;
             Ok(())
         })

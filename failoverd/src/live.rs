@@ -31,8 +31,14 @@ pub struct Shipper {
     pub admin: PathBuf,
     pub peer: PeerClient,
     pub shared: Arc<Shared>,
-    /// The chunks the mirror file holds, when it is known to hold them.
-    pub mirror: std::sync::Mutex<Option<Vec<Chunk>>>,
+    /// What the mirror file holds, when it is known.
+    pub mirror: std::sync::Mutex<Option<Mirror>>,
+}
+
+/// The image the mirror file holds: its chunks, and the conode's token for it.
+pub struct Mirror {
+    pub chunks: Vec<Chunk>,
+    pub token: String,
 }
 
 /// Name of the mirror file in the outgoing directory.
@@ -45,12 +51,15 @@ struct Taken {
     written: u64,
 }
 
-/// Take a page image from the conode at `admin` into `mirror`, which held the chunks
-/// `old` (or is not trusted: `None`); only chunks that differ are written.
+/// Take a page image from the conode at `admin` into `mirror`, which holds `old` (or is
+/// not trusted: `None`). With `old`, the conode is asked for the pages written since
+/// `old`'s token only: they are written in place, and only the 64 KiB windows they touch
+/// (chunks never cross one) are cut and hashed again. Otherwise the whole image streams
+/// through the chunker and only chunks that differ are written.
 fn take_image(
     admin: &Path,
     mirror: &Path,
-    old: Option<Vec<Chunk>>,
+    old: Option<Mirror>,
     params: Params,
 ) -> Result<Taken, String> {
     use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -62,26 +71,83 @@ fn take_image(
         .mode(0o600)
         .open(mirror)
         .map_err(|e| format!("cannot open {}: {e}", mirror.display()))?;
-    let held = crate::chunk::by_offset(&old.unwrap_or_default());
-    let mut written = 0u64;
+    let werr = |e: std::io::Error| format!("cannot write {}: {e}", mirror.display());
+    let old_len = file
+        .metadata()
+        .map_err(|e| format!("cannot stat {}: {e}", mirror.display()))?
+        .len();
+    let since = old.as_ref().map(|m| m.token.clone());
+    let held = crate::chunk::by_offset(old.as_ref().map_or(&[][..], |m| &m.chunks));
+    let max = params.max as u64;
+    let written = std::cell::Cell::new(0u64);
+    let mut touched = std::collections::BTreeSet::new();
+    let mut chunker = Chunker::new(params);
     let mut on_chunk = |c: &Chunk, b: &[u8]| -> Result<(), String> {
         if held.get(&c.offset) != Some(&(c.len, c.hash)) {
-            file.write_all_at(b, c.offset)
-                .map_err(|e| format!("cannot write {}: {e}", mirror.display()))?;
-            written += b.len() as u64;
+            file.write_all_at(b, c.offset).map_err(werr)?;
+            written.set(written.get() + b.len() as u64);
         }
         Ok(())
     };
-    let mut chunker = Chunker::new(params);
-    let header = conode::admin::fetch_image_blocking(admin, |b| chunker.push(b, &mut on_chunk))
-        .map_err(|e| format!("conode admin socket {}: {e}", admin.display()))?;
-    let chunks = chunker.finish(&mut on_chunk)?;
+    let header = conode::admin::fetch_image_blocking(admin, since.as_deref(), |h, at, b| {
+        if !h.changed_only {
+            return chunker.push(b, &mut on_chunk);
+        }
+        // Changed pages only: straight into the mirror.
+        file.write_all_at(b, at).map_err(werr)?;
+        written.set(written.get() + b.len() as u64);
+        touched.extend(at / max..=(at + b.len() as u64 - 1) / max);
+        Ok(())
+    })
+    .map_err(|e| format!("conode admin socket {}: {e}", admin.display()))?;
     file.set_len(header.bytes)
         .map_err(|e| format!("cannot size {}: {e}", mirror.display()))?;
+    let chunks = if !header.changed_only {
+        chunker.finish(&mut on_chunk)?
+    } else {
+        let old =
+            old.ok_or("the conode sent changed pages for an image this host does not hold")?;
+        // Windows past the shorter of the two lengths changed too (grown or cut).
+        let (shorter, len) = (old_len.min(header.bytes), header.bytes);
+        touched.extend(shorter / max..len.div_ceil(max));
+        let mut chunks: Vec<Chunk> = old
+            .chunks
+            .into_iter()
+            .filter(|c| c.offset < len && !touched.contains(&(c.offset / max)))
+            .collect();
+        let mut buf = vec![0u8; max as usize];
+        for &w in touched.iter().filter(|&&w| w * max < len) {
+            let n = (len - w * max).min(max) as usize;
+            file.read_exact_at(&mut buf[..n], w * max)
+                .map_err(|e| format!("cannot read {}: {e}", mirror.display()))?;
+            chunks.extend(
+                crate::chunk::chunk_slice(&buf[..n], &params)
+                    .into_iter()
+                    .map(|c| Chunk {
+                        offset: c.offset + w * max,
+                        ..c
+                    }),
+            );
+        }
+        chunks.sort_by_key(|c| c.offset);
+        // Tests (debug builds) check the windows cut again against cutting it all.
+        #[cfg(debug_assertions)]
+        {
+            let all = std::fs::read(mirror)
+                .map_err(|e| format!("cannot read {}: {e}", mirror.display()))?;
+            if crate::chunk::chunk_slice(&all, &params) != chunks {
+                return Err(format!(
+                    "{}: the chunks of the changed windows disagree with the whole file's: this is a bug",
+                    mirror.display()
+                ));
+            }
+        }
+        chunks
+    };
     Ok(Taken {
         header,
         chunks,
-        written,
+        written: written.get(),
     })
 }
 
@@ -137,12 +203,15 @@ impl Shipper {
         let taken = tokio::task::spawn_blocking(move || take_image(&admin, &f, old, params))
             .await
             .map_err(|e| format!("taking the image: {e}"))??;
-        *self.mirror_lock() = Some(taken.chunks.clone());
+        *self.mirror_lock() = Some(Mirror {
+            chunks: taken.chunks.clone(),
+            token: taken.header.token.clone(),
+        });
         let take_ms = t0.elapsed().as_millis() as u64;
         self.ship(generation, &file, taken, t0, take_ms).await
     }
 
-    fn mirror_lock(&self) -> std::sync::MutexGuard<'_, Option<Vec<Chunk>>> {
+    fn mirror_lock(&self) -> std::sync::MutexGuard<'_, Option<Mirror>> {
         self.mirror.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -195,13 +264,18 @@ impl Shipper {
             chains: header.positions.len(),
         };
         tracing::info!(
-            "generation {generation} installed on the peer: {} bytes, {} chains, {} bytes sent over {}, {} reused, in {:?} (image taken in {take_ms} ms, {written} bytes of it new to the mirror)",
+            "generation {generation} installed on the peer: {} bytes, {} chains, {} bytes sent over {}, {} reused, in {:?} ({} taken in {take_ms} ms, {written} bytes of it new to the mirror)",
             s.bytes,
             s.chains,
             s.bytes_sent,
             s.transport,
             s.reused_bytes,
-            t0.elapsed()
+            t0.elapsed(),
+            if header.changed_only {
+                "pages changed since the last image"
+            } else {
+                "whole image"
+            }
         );
         Ok(s)
     }
