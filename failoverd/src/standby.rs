@@ -457,15 +457,28 @@ impl Store {
     fn install_inner(&self, p: &Pending) -> Result<Installed, String> {
         let m = &p.manifest;
         let t = std::time::Instant::now();
-        check_in_place(p)?;
-        let hashed = t.elapsed();
-        p.file
-            .sync_all()
-            .map_err(|e| io("cannot fsync", &p.path, e))?;
-        let synced = t.elapsed();
-        let positions = conode::db::verify_snapshot(&p.path, &self.conode)?;
+        // The fsync waits for the disk while the checks read the same bytes from memory:
+        // they run side by side, and both must succeed.
+        let (synced, checked) = std::thread::scope(|s| {
+            let sync = s.spawn(|| {
+                p.file
+                    .sync_all()
+                    .map_err(|e| io("cannot fsync", &p.path, e))
+                    .map(|()| t.elapsed())
+            });
+            let checked = check_in_place(p).and_then(|()| {
+                let hashed = t.elapsed();
+                conode::db::verify_snapshot(&p.path, &self.conode).map(|pos| (hashed, pos))
+            });
+            let synced = sync
+                .join()
+                .unwrap_or_else(|_| Err("the fsync thread panicked: this is a bug".into()));
+            (synced, checked)
+        });
+        let (hashed, positions) = checked?;
+        let synced = synced?;
         tracing::info!(
-            "generation {}: chunks kept in place hashed in {hashed:?}, fsynced after {synced:?}, integrity-checked after {:?}",
+            "generation {}: chunks kept in place hashed in {hashed:?}, integrity-checked after {:?}, fsynced after {synced:?}",
             m.generation,
             t.elapsed()
         );
@@ -571,9 +584,24 @@ fn in_place(old: &Manifest, p: &mut Pending) -> u64 {
 /// Hash again the chunks left in place in a recycled file: what it held was verified when
 /// it was installed, but the disk may have changed it since.
 fn check_in_place(p: &Pending) -> Result<(), String> {
+    // Two threads, each hashing every other run of chunks.
+    std::thread::scope(|s| {
+        let other = s.spawn(|| check_in_place_part(p, 1));
+        let mine = check_in_place_part(p, 0);
+        let other = other
+            .join()
+            .unwrap_or_else(|_| Err("a hashing thread panicked: this is a bug".into()));
+        mine.and(other)
+    })
+}
+
+/// Chunks kept in place to hash per run of [`check_in_place`]'s threads.
+const RUN: usize = 256;
+
+fn check_in_place_part(p: &Pending, part: usize) -> Result<(), String> {
     let mut buf = vec![0u8; p.manifest.params.max as usize];
     for (i, c) in p.manifest.chunks.iter().enumerate() {
-        if !p.in_place[i] {
+        if !p.in_place[i] || (i / RUN) % 2 != part {
             continue;
         }
         let b = &mut buf[..c.len as usize];
