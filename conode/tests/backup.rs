@@ -29,6 +29,23 @@ fn hash_of(n: u64) -> [u8; 32] {
 }
 
 /// One commit: the counter into two tables, the chain `[7; 32]` at index `n`.
+/// A thread that calls `step(db, n)` for n = 2, 3, … until `stop`; it returns the last n.
+fn writer(
+    db: &Arc<Db>,
+    stop: &Arc<AtomicBool>,
+    step: fn(&Db, u64),
+) -> std::thread::JoinHandle<u64> {
+    let (db, stop) = (db.clone(), stop.clone());
+    std::thread::spawn(move || {
+        let mut n = 1;
+        while !stop.load(Ordering::Relaxed) {
+            n += 1;
+            step(&db, n);
+        }
+        n
+    })
+}
+
 fn write_counter(db: &Db, n: u64) {
     let w = db.db.begin_write().unwrap();
     {
@@ -99,17 +116,7 @@ async fn snapshots_are_consistent_while_writes_continue() {
     let public = node.cfg.keys.public_bytes();
     write_counter(&db, 1);
     let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let (db, stop) = (db.clone(), stop.clone());
-        std::thread::spawn(move || {
-            let mut n = 1;
-            while !stop.load(Ordering::Relaxed) {
-                n += 1;
-                write_counter(&db, n);
-            }
-            n
-        })
-    };
+    let writer = writer(&db, &stop, write_counter);
     let out = tempfile::tempdir().unwrap();
     let mut seen = Vec::new();
     for i in 0..6 {
@@ -659,17 +666,7 @@ async fn page_images_are_consistent_while_writes_move_pages() {
     fill(&db, 12_000);
     write_counter(&db, 1);
     let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let (db, stop) = (db.clone(), stop.clone());
-        std::thread::spawn(move || {
-            let mut n = 1;
-            while !stop.load(Ordering::Relaxed) {
-                n += 1;
-                churn(&db, n);
-            }
-            n
-        })
-    };
+    let writer = writer(&db, &stop, churn);
     let out = tempfile::tempdir().unwrap();
     let socket = srv.admin_socket().to_path_buf();
     let mut seen = Vec::new();
@@ -735,17 +732,7 @@ async fn changed_pages_since_a_token_rebuild_the_whole_image() {
     fill(&db, 6_000);
     write_counter(&db, 1);
     let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let (db, stop) = (db.clone(), stop.clone());
-        std::thread::spawn(move || {
-            let mut n = 1;
-            while !stop.load(Ordering::Relaxed) {
-                n += 1;
-                churn(&db, n);
-            }
-            n
-        })
-    };
+    let writer = writer(&db, &stop, churn);
     let out = tempfile::tempdir().unwrap();
     let mirror = out.path().join("mirror.db");
     let socket = srv.admin_socket().to_path_buf();
