@@ -579,6 +579,26 @@ impl Drop for RemoveOnDrop {
 
 static SNAPSHOT_SEQ: AtomicU64 = AtomicU64::new(0);
 
+/// Run the database work `f` of request `what` on a blocking thread; its error is
+/// logged and answered to the client.
+async fn blocking_or_reply<T: Send + 'static>(
+    stream: &mut UnixStream,
+    what: &str,
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    let r = tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(format!("the {what} task failed: {e}: this is a bug")));
+    match r {
+        Ok(v) => Ok(v),
+        Err(msg) => {
+            tracing::warn!("admin socket: {what} failed: {msg}");
+            reply(stream, &error_line(&msg)).await?;
+            Err(msg)
+        }
+    }
+}
+
 /// One of the [`MAX_SNAPSHOTS`] slots shared by `snapshot` and `image`, or "busy" answered.
 async fn snapshot_slot<'a>(
     stream: &mut UnixStream,
@@ -606,17 +626,7 @@ async fn snapshot(stream: &mut UnixStream, ctx: &Ctx) -> Result<(), String> {
     let guard = RemoveOnDrop(Some(tmp.clone()));
     let db = ctx.db.clone();
     let dest = tmp.clone();
-    let info = tokio::task::spawn_blocking(move || db.snapshot_to(&dest))
-        .await
-        .unwrap_or_else(|e| Err(format!("the snapshot task failed: {e}: this is a bug")));
-    let info = match info {
-        Ok(i) => i,
-        Err(msg) => {
-            tracing::warn!("admin socket: snapshot failed: {msg}");
-            reply(stream, &error_line(&msg)).await?;
-            return Err(msg);
-        }
-    };
+    let info = blocking_or_reply(stream, "snapshot", move || db.snapshot_to(&dest)).await?;
     let mut file = match tokio::fs::File::open(&tmp).await {
         Ok(f) => f,
         Err(e) => {
@@ -708,17 +718,7 @@ fn runs(pages: &[u64], bytes: u64) -> Vec<(u64, u32)> {
 async fn image(stream: &mut UnixStream, ctx: &Ctx, since: Option<String>) -> Result<(), String> {
     let _permit = snapshot_slot(stream, ctx).await?;
     let db = ctx.db.clone();
-    let img = tokio::task::spawn_blocking(move || db.image(since.as_deref()))
-        .await
-        .unwrap_or_else(|e| Err(format!("the image task failed: {e}: this is a bug")));
-    let img = match img {
-        Ok(i) => i,
-        Err(msg) => {
-            tracing::warn!("admin socket: image failed: {msg}");
-            reply(stream, &error_line(&msg)).await?;
-            return Err(msg);
-        }
-    };
+    let img = blocking_or_reply(stream, "image", move || db.image(since.as_deref())).await?;
     // The whole file in pieces, or the runs of changed pages, each after its run header.
     let pieces: Vec<(u64, u32, bool)> = match &img.changed {
         Some(pages) => runs(pages, img.bytes)

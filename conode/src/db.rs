@@ -82,6 +82,14 @@ pub fn chain_positions(txn: &redb::ReadTransaction) -> Result<Vec<ChainPosition>
     Ok(out)
 }
 
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// How long Status may reuse the allocator figures (they need a write transaction).
 const STATS_TTL: Duration = Duration::from_secs(5);
 /// How long Status may reuse the other figures (a stat and a read transaction each).
@@ -299,10 +307,7 @@ impl Db {
             .db
             .begin_read()
             .map_err(|e| ctx("cannot begin a read transaction", &e))?;
-        let taken_unix_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+        let taken_unix_ms = unix_ms();
         let positions = chain_positions(&read)?;
         if let Some(t) = read
             .list_multimap_tables()
@@ -451,10 +456,7 @@ impl Db {
             .db
             .begin_read()
             .map_err(|e| ctx("cannot begin a read transaction", &e))?;
-        let taken_unix_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+        let taken_unix_ms = unix_ms();
         let bytes = file.metadata().map_err(|e| ctx("cannot stat", &e))?.len();
         let positions = chain_positions(&read)?;
         let public = owner_key(&read).map_err(|e| ctx("refusing", &e))?;
@@ -505,8 +507,8 @@ impl Image {
 /// The file is never modified: redb's check writes (its header, allocator state) go to an
 /// in-memory overlay ([`Overlay`]), so the bytes checked are the bytes kept, and a manifest
 /// of them stays true. Do not check a database a running conode has open (its writes would
-/// race the check). A file written by [`Db::snapshot_to`] holds a single commit, so a
-/// "repair" that fell back to an earlier commit would leave no owner key and fail here too.
+/// race the check). A file whose latest commit fails its checksums is refused, although
+/// redb could fall back to the commit before it (that would drop what was saved last).
 pub fn verify_snapshot(
     path: &Path,
     expected_public: &[u8; 32],

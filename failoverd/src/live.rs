@@ -77,12 +77,15 @@ fn take_image(
         .map_err(|e| format!("cannot stat {}: {e}", mirror.display()))?
         .len();
     let since = old.as_ref().map(|m| m.token.clone());
-    let held = crate::chunk::by_offset(old.as_ref().map_or(&[][..], |m| &m.chunks));
+    // What the mirror held by offset: needed only if the whole image comes.
+    let held = std::cell::OnceCell::new();
     let max = params.max as u64;
     let written = std::cell::Cell::new(0u64);
     let mut touched = std::collections::BTreeSet::new();
     let mut chunker = Chunker::new(params);
     let mut on_chunk = |c: &Chunk, b: &[u8]| -> Result<(), String> {
+        let held = held
+            .get_or_init(|| crate::chunk::by_offset(old.as_ref().map_or(&[][..], |m| &m.chunks)));
         if held.get(&c.offset) != Some(&(c.len, c.hash)) {
             file.write_all_at(b, c.offset).map_err(werr)?;
             written.set(written.get() + b.len() as u64);

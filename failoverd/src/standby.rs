@@ -584,24 +584,9 @@ fn in_place(old: &Manifest, p: &mut Pending) -> u64 {
 /// Hash again the chunks left in place in a recycled file: what it held was verified when
 /// it was installed, but the disk may have changed it since.
 fn check_in_place(p: &Pending) -> Result<(), String> {
-    // Two threads, each hashing every other run of chunks.
-    std::thread::scope(|s| {
-        let other = s.spawn(|| check_in_place_part(p, 1));
-        let mine = check_in_place_part(p, 0);
-        let other = other
-            .join()
-            .unwrap_or_else(|_| Err("a hashing thread panicked: this is a bug".into()));
-        mine.and(other)
-    })
-}
-
-/// Chunks kept in place to hash per run of [`check_in_place`]'s threads.
-const RUN: usize = 256;
-
-fn check_in_place_part(p: &Pending, part: usize) -> Result<(), String> {
     let mut buf = vec![0u8; p.manifest.params.max as usize];
     for (i, c) in p.manifest.chunks.iter().enumerate() {
-        if !p.in_place[i] || (i / RUN) % 2 != part {
+        if !p.in_place[i] {
             continue;
         }
         let b = &mut buf[..c.len as usize];

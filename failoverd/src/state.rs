@@ -52,12 +52,7 @@ pub struct Shared {
     inner: Mutex<Inner>,
 }
 
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub use conode::db::unix_ms as now_ms;
 
 /// A failure's cause, as a metric label.
 pub fn cause_of(e: &str) -> &'static str {

@@ -165,13 +165,7 @@ fn full_then_incremental_sends_only_new_chunks() {
     // Keep 2: a third generation prunes the first.
     s.live.append(1, 100);
     let (f3, p3) = s.live.image("s3.db");
-    ship(
-        &store,
-        &s.key,
-        &manifest(&s.key, s.live.public, 3, &f3, p3),
-        &f3,
-    )
-    .unwrap();
+    s.ship(&store, 3, &f3, p3).unwrap();
     let gens: Vec<u64> = store
         .installed()
         .iter()
@@ -191,18 +185,30 @@ fn full_then_incremental_sends_only_new_chunks() {
 
 /// Install generation 1, then run `bad` and check it failed with `want` in its message
 /// and left generation 1 installed and sound.
+impl Setup {
+    /// Sign generation `g` of the image `file` with `positions`, and ship it to `store`.
+    fn ship(
+        &self,
+        store: &Store,
+        g: u64,
+        file: &Path,
+        positions: Vec<ChainPosition>,
+    ) -> Result<u64, String> {
+        ship(
+            store,
+            &self.key,
+            &manifest(&self.key, self.live.public, g, file, positions),
+            file,
+        )
+    }
+}
+
 fn refused_keeps_previous(bad: impl FnOnce(&mut Setup, &Store) -> Result<(), String>, want: &str) {
     let mut s = setup();
     s.live.append(50, 4000);
     let (f1, p1) = s.live.image("s1.db");
     let store = Store::open(&s.state, 3, s.key.public_bytes(), s.live.public).unwrap();
-    ship(
-        &store,
-        &s.key,
-        &manifest(&s.key, s.live.public, 1, &f1, p1),
-        &f1,
-    )
-    .unwrap();
+    s.ship(&store, 1, &f1, p1).unwrap();
     s.live.append(5, 4000);
     let e = bad(&mut s, &store).expect_err("must be refused");
     assert!(e.contains(want), "expected {want:?} in: {e}");
@@ -295,13 +301,7 @@ fn positions_that_lie_about_the_file_are_refused() {
         |s, store| {
             let (f, mut p) = s.live.snapshot("s2.db");
             p[0].index += 100;
-            ship(
-                store,
-                &s.key,
-                &manifest(&s.key, s.live.public, 2, &f, p),
-                &f,
-            )
-            .map(|_| ())
+            s.ship(store, 2, &f, p).map(|_| ())
         },
         "differ from the signed manifest",
     );
@@ -319,13 +319,7 @@ fn a_damaged_database_with_matching_hashes_fails_the_integrity_check() {
                 *b ^= 0x5a;
             }
             std::fs::write(&f, &data).unwrap();
-            ship(
-                store,
-                &s.key,
-                &manifest(&s.key, s.live.public, 2, &f, p),
-                &f,
-            )
-            .map(|_| ())
+            s.ship(store, 2, &f, p).map(|_| ())
         },
         "damaged",
     );
@@ -415,13 +409,7 @@ fn a_full_disk_is_refused_and_the_previous_generation_kept() {
     let size1 = std::fs::metadata(&f1).unwrap().len();
     assert!(size1 < 3 << 19, "generation 1 is {size1} bytes");
     let store = Store::open(&s.state, 3, s.key.public_bytes(), s.live.public).unwrap();
-    ship(
-        &store,
-        &s.key,
-        &manifest(&s.key, s.live.public, 1, &f1, p1),
-        &f1,
-    )
-    .unwrap();
+    s.ship(&store, 1, &f1, p1).unwrap();
 
     // Room at the offer, but the disk fills up during the transfer (another writer).
     s.live.append(1, 1000);

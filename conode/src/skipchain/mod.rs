@@ -999,20 +999,13 @@ impl Skipchain {
         self.catch_up_if_behind(&genesis, &b, from).await?;
         if let Some((i, h)) = self.view()?.latest(&genesis)? {
             if b.index as i64 <= i as i64 {
-                let ours = self.view()?.hash_at(&genesis, b.index.max(0) as u32)?;
-                return Err(if ours.is_some_and(|o| o[..] == b.hash[..]) {
-                    format!(
-                        "already hold block {} of chain {}",
-                        b.index,
-                        block::short(&genesis)
-                    )
-                } else {
-                    format!(
-                        "conflicting block {}: this conode holds another block at that index (latest {i}, {})",
-                        b.index,
-                        block::short(&h)
-                    )
-                });
+                return Err(held_or_conflicting(
+                    &self.view()?,
+                    &genesis,
+                    b.index,
+                    &b.hash,
+                    (i, h),
+                )?);
             }
         }
         if b.height < 0 || req.links.len() != b.height as usize {
@@ -1068,20 +1061,13 @@ impl Skipchain {
                 }
             }
             Some((i, h)) if b.index as i64 <= i as i64 => {
-                let ours = view.hash_at(&genesis, b.index.max(0) as u32)?;
-                return Err(if ours == Some(hash) {
-                    format!(
-                        "already hold block {} of chain {}",
-                        b.index,
-                        block::short(&genesis)
-                    )
-                } else {
-                    format!(
-                        "conflicting block {}: this conode holds another block at that index (latest {i}, {})",
-                        b.index,
-                        block::short(&h)
-                    )
-                });
+                return Err(held_or_conflicting(
+                    &view,
+                    &genesis,
+                    b.index,
+                    &hash,
+                    (i, h),
+                )?);
             }
             _ => {
                 drop(view);
@@ -1315,6 +1301,30 @@ impl Skipchain {
             }
         }
     }
+}
+
+/// Why block `index` (with `hash`) of `genesis` is not stored again, at or below our
+/// `latest` block: we hold that very block, or another one at its index.
+fn held_or_conflicting(
+    view: &View,
+    genesis: &[u8; 32],
+    index: i32,
+    hash: &[u8],
+    latest: (u32, [u8; 32]),
+) -> Result<String, String> {
+    let ours = view.hash_at(genesis, index.max(0) as u32)?;
+    Ok(if ours.is_some_and(|o| o[..] == hash[..]) {
+        format!(
+            "already hold block {index} of chain {}",
+            block::short(genesis)
+        )
+    } else {
+        format!(
+            "conflicting block {index}: this conode holds another block at that index (latest {}, {})",
+            latest.0,
+            block::short(&latest.1)
+        )
+    })
 }
 
 /// The forward links of a `StoreSigned` for the kept block `s`: one per level, each from
