@@ -45,10 +45,14 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1024);
-    // FAILOVER_BENCH_ONLY=shipping|rpo runs one part.
+    // FAILOVER_BENCH_ONLY=shipping|rpo runs one part; =full only the full snapshot.
     let only = std::env::var("FAILOVER_BENCH_ONLY").unwrap_or_default();
+    if only == "full" {
+        shipping(mib, false);
+        return;
+    }
     if only != "rpo" {
-        shipping(mib);
+        shipping(mib, true);
     }
     if only != "shipping" {
         rpo(256);
@@ -149,7 +153,7 @@ fn secs(d: Duration) -> String {
     format!("{:.2} s", d.as_secs_f64())
 }
 
-fn shipping(mib: u64) {
+fn shipping(mib: u64, increments: bool) {
     let mut p = Pair::start("fbench", "https", "1h");
     p.grow(1, BLOCK);
     let records = fill(&mut p, mib);
@@ -218,7 +222,7 @@ fn shipping(mib: u64) {
     // 1% more, appended through the conode, three times: the standby holds `keep` (3)
     // generations from the third on and rewrites the oldest in place (steady state).
     let blocks = (size / 100).div_ceil(BLOCK as u64);
-    for round in 1..=3 {
+    for round in 1..=if increments { 3 } else { 0 } {
         std::fs::copy(&image, p.path("previous-image.db")).unwrap();
         p.grow(blocks, BLOCK);
         let (inc, inc_wire, _) = measured(p.lab.a(), &fo);

@@ -401,7 +401,6 @@ fn https_ships_verified_generations_that_restore_on_the_standby() {
 
     // More commits: the loop ships them by itself, sending only what b lacks.
     p.grow(3, 100_000);
-    let want = p.index;
     wait("the periodic snapshot of the new blocks", || {
         p.status("a")
             .ok()
@@ -465,6 +464,40 @@ fn https_ships_verified_generations_that_restore_on_the_standby() {
         p.metrics(p.lab.b())
             .contains("failoverd_snapshot_failures_total{cause=\"unauthenticated\"}")
     });
+
+    // The start-up snapshot was a whole image, streamed to b while it was taken.
+    let streamed = |line: &str| -> (u64, u64) {
+        let num_before = |suffix: &str| -> u64 {
+            let end = line
+                .find(suffix)
+                .unwrap_or_else(|| panic!("{suffix:?} in {line}"));
+            let start = line[..end].rfind(' ').unwrap() + 1;
+            line[start..end].parse().unwrap()
+        };
+        (num_before(" bytes streamed"), num_before(" bytes, "))
+    };
+    let log = p.log("failoverd-a.log");
+    let first = log.lines().find(|l| l.contains("whole image")).unwrap();
+    let (s, bytes) = streamed(first);
+    assert!(s > bytes, "the whole image streamed: {first}");
+    // The conode restarts: its next image is whole again (the token it gave is from
+    // before), and only the chunks b lacks are streamed while it is taken.
+    let seen = log.len();
+    p.conode_a.take().expect("conode a runs").kill();
+    p.restart_conode_a();
+    p.grow(2, 100_000);
+    let want = p.index;
+    p.snapshot();
+    let log = p.log("failoverd-a.log");
+    let line = log[seen..]
+        .lines()
+        .find(|l| l.contains("installed on the peer") && l.contains("whole image"))
+        .unwrap_or_else(|| panic!("no whole image after the restart:\n{}", &log[seen..]));
+    let (s, bytes) = streamed(line);
+    assert!(
+        s > 0 && s * 4 < bytes,
+        "only what b lacks is streamed: {line}"
+    );
 
     // A final snapshot, then the live host dies and b restores its newest generation.
     p.snapshot();

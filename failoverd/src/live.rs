@@ -5,7 +5,15 @@
 //! chunks of a new image are compared with what the mirror held, and only the chunks that
 //! differ are written (no fsync: after a restart the mirror's content is not trusted and
 //! the next image rewrites all of it). The transports read the chunks to send from there.
+//!
+//! Over HTTPS, a whole image is also streamed to the standby while it is taken
+//! (`PUT /v1/stream`): each chunk whose hash the standby's newest generation lacks is
+//! queued for a sender task, and the manifest offered afterwards finds those chunks there
+//! already. The queue never slows the take (the conode's writers wait for it): when the
+//! queue is full or the stream failed, a chunk is left for the offer, which asks for
+//! whatever did not arrive.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,6 +30,10 @@ use crate::state::{now_ms, LastSnapshot, Shared};
 pub const RESUME_ATTEMPTS: u32 = 8;
 /// Chunk bytes per `PUT /v1/chunks` request: progress is acknowledged per request.
 const BATCH_BYTES: usize = 32 << 20;
+/// Bytes of streamed frames per `PUT /v1/stream` request.
+const STREAM_BATCH: usize = 8 << 20;
+/// Batches queued for the stream task at most.
+const STREAM_QUEUE: usize = 4;
 /// Name of the file rsync and scp write in the standby's inbox (rsync's delta basis).
 pub const INBOX_FILE: &str = "snapshot.db";
 
@@ -33,6 +45,71 @@ pub struct Shipper {
     pub shared: Arc<Shared>,
     /// What the mirror file holds, when it is known.
     pub mirror: std::sync::Mutex<Option<Mirror>>,
+    /// The chunk hashes of the newest generation the standby installed, when known: a
+    /// whole image streams only the chunks it lacks.
+    pub standby_holds: std::sync::Mutex<Option<Arc<HashSet<[u8; 32]>>>>,
+}
+
+/// Where a whole image's chunks are framed while it is taken, a batch at a time, for the
+/// stream task.
+struct Outbox {
+    tx: tokio::sync::mpsc::Sender<(u64, Vec<u8>)>,
+    /// Not streamed: the standby holds these.
+    holds: Arc<HashSet<[u8; 32]>>,
+    /// The image's size.
+    size: u64,
+    batch: Vec<u8>,
+    /// Bytes of chunks left for the offer because the queue was full.
+    skipped: u64,
+    /// The stream task is gone (it failed).
+    closed: bool,
+}
+
+impl Outbox {
+    fn new(tx: tokio::sync::mpsc::Sender<(u64, Vec<u8>)>, holds: Arc<HashSet<[u8; 32]>>) -> Outbox {
+        Outbox {
+            tx,
+            holds,
+            size: 0,
+            batch: Vec::with_capacity(STREAM_BATCH + (64 << 10)),
+            skipped: 0,
+            closed: false,
+        }
+    }
+
+    /// Frame chunk `c` (bytes `b`) unless the standby holds it.
+    fn chunk(&mut self, c: &Chunk, b: &[u8]) {
+        if self.closed || self.holds.contains(&c.hash) {
+            return;
+        }
+        self.batch.extend_from_slice(&c.offset.to_le_bytes());
+        self.batch.extend_from_slice(&c.len.to_le_bytes());
+        self.batch.extend_from_slice(b);
+        if self.batch.len() >= STREAM_BATCH {
+            self.flush();
+        }
+    }
+
+    /// Queue the batch if there is room; otherwise its chunks are left for the offer.
+    fn flush(&mut self) {
+        use tokio::sync::mpsc::error::TrySendError;
+        if self.batch.is_empty() || self.closed {
+            return;
+        }
+        let next = Vec::with_capacity(STREAM_BATCH + (64 << 10));
+        match self
+            .tx
+            .try_send((self.size, std::mem::replace(&mut self.batch, next)))
+        {
+            Ok(()) => {}
+            Err(TrySendError::Full((_, mut b))) => {
+                self.skipped += b.len() as u64;
+                b.clear();
+                self.batch = b;
+            }
+            Err(TrySendError::Closed(_)) => self.closed = true,
+        }
+    }
 }
 
 /// The image the mirror file holds: its chunks, and the conode's token for it.
@@ -49,18 +126,22 @@ struct Taken {
     header: conode::admin::ImageHeader,
     chunks: Vec<Chunk>,
     written: u64,
+    /// Bytes of framed chunks not streamed because the queue was full.
+    skipped: u64,
 }
 
 /// Take a page image from the conode at `admin` into `mirror`, which holds `old` (or is
 /// not trusted: `None`). With `old`, the conode is asked for the pages written since
 /// `old`'s token only: they are written in place, and only the 64 KiB windows they touch
 /// (chunks never cross one) are cut and hashed again. Otherwise the whole image streams
-/// through the chunker and only chunks that differ are written.
+/// through the chunker and only chunks that differ are written, and the chunks `outbox`'s
+/// standby lacks are queued for it.
 fn take_image(
     admin: &Path,
     mirror: &Path,
     old: Option<Mirror>,
     params: Params,
+    outbox: Option<Outbox>,
 ) -> Result<Taken, String> {
     use std::os::unix::fs::{FileExt, OpenOptionsExt};
     let file = std::fs::OpenOptions::new()
@@ -83,7 +164,11 @@ fn take_image(
     let written = std::cell::Cell::new(0u64);
     let mut touched = std::collections::BTreeSet::new();
     let mut chunker = Chunker::new(params);
+    let outbox = std::cell::RefCell::new(outbox);
     let mut on_chunk = |c: &Chunk, b: &[u8]| -> Result<(), String> {
+        if let Some(o) = outbox.borrow_mut().as_mut() {
+            o.chunk(c, b);
+        }
         let held = held
             .get_or_init(|| crate::chunk::by_offset(old.as_ref().map_or(&[][..], |m| &m.chunks)));
         if held.get(&c.offset) != Some(&(c.len, c.hash)) {
@@ -94,6 +179,9 @@ fn take_image(
     };
     let header = conode::admin::fetch_image_blocking(admin, since.as_deref(), |h, at, b| {
         if !h.changed_only {
+            if let Some(o) = outbox.borrow_mut().as_mut() {
+                o.size = h.bytes;
+            }
             return chunker.push(b, &mut on_chunk);
         }
         // Changed pages only: straight into the mirror.
@@ -147,10 +235,15 @@ fn take_image(
         }
         chunks
     };
+    let skipped = outbox.take().map_or(0, |mut o| {
+        o.flush();
+        o.skipped
+    });
     Ok(Taken {
         header,
         chunks,
         written: written.get(),
+        skipped,
     })
 }
 
@@ -202,16 +295,74 @@ impl Shipper {
         let file = out.join(MIRROR_FILE);
         // From here until the image is complete the mirror is not what it was.
         let old = self.mirror_lock().take();
+        let (outbox, streamer) = match self.cfg.snapshot.transport {
+            Transport::Https => match self.standby_holds().await {
+                Some(holds) => {
+                    let (tx, rx) = tokio::sync::mpsc::channel(STREAM_QUEUE);
+                    let task = tokio::spawn(stream_image(
+                        self.peer.clone(),
+                        self.shared.clone(),
+                        generation,
+                        rx,
+                    ));
+                    (Some(Outbox::new(tx, holds)), Some(task))
+                }
+                None => (None, None),
+            },
+            _ => (None, None),
+        };
         let (admin, f, params) = (self.admin.clone(), file.clone(), Params::DEFAULT);
-        let taken = tokio::task::spawn_blocking(move || take_image(&admin, &f, old, params))
-            .await
-            .map_err(|e| format!("taking the image: {e}"))??;
+        let taken =
+            tokio::task::spawn_blocking(move || take_image(&admin, &f, old, params, outbox))
+                .await
+                .map_err(|e| format!("taking the image: {e}"));
+        // The outbox is gone with the take: the stream task sends what is queued and ends.
+        let streamed = match streamer {
+            Some(task) => match task.await {
+                Ok(Ok(n)) => n,
+                Ok(Err(e)) => {
+                    tracing::warn!(
+                        "generation {generation}: streaming the image while it was taken failed ({e}); the offer sends the rest"
+                    );
+                    0
+                }
+                Err(e) => {
+                    tracing::warn!("generation {generation}: the stream task failed: {e}");
+                    0
+                }
+            },
+            None => 0,
+        };
+        let taken = taken??;
         *self.mirror_lock() = Some(Mirror {
             chunks: taken.chunks.clone(),
             token: taken.header.token.clone(),
         });
         let take_ms = t0.elapsed().as_millis() as u64;
-        self.ship(generation, &file, taken, t0, take_ms).await
+        self.ship(generation, &file, taken, streamed, t0, take_ms)
+            .await
+    }
+
+    /// The chunk hashes the standby's newest generation holds: remembered from the last
+    /// install, or asked for (`None` if the standby cannot say).
+    async fn standby_holds(&self) -> Option<Arc<HashSet<[u8; 32]>>> {
+        if let Some(h) = self.holds_lock().clone() {
+            return Some(h);
+        }
+        let a = self.peer.request("GET", "/v1/hashes", b"").await.ok()?;
+        let v = a.json("hashes").ok()?;
+        let raw = hex::decode(v.get("hashes")?.as_str()?).ok()?;
+        let set: HashSet<[u8; 32]> = raw
+            .chunks_exact(32)
+            .map(|h| h.try_into().expect("32 bytes"))
+            .collect();
+        let set = Arc::new(set);
+        *self.holds_lock() = Some(set.clone());
+        Some(set)
+    }
+
+    fn holds_lock(&self) -> std::sync::MutexGuard<'_, Option<Arc<HashSet<[u8; 32]>>>> {
+        self.standby_holds.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn mirror_lock(&self) -> std::sync::MutexGuard<'_, Option<Mirror>> {
@@ -223,6 +374,7 @@ impl Shipper {
         generation: u64,
         file: &Path,
         taken: Taken,
+        streamed: u64,
         t0: Instant,
         take_ms: u64,
     ) -> Result<LastSnapshot, String> {
@@ -230,6 +382,7 @@ impl Shipper {
             header,
             chunks,
             written,
+            skipped,
         } = taken;
         let transport = self.cfg.snapshot.transport;
         let m = Manifest {
@@ -246,6 +399,8 @@ impl Shipper {
             transport,
         };
         let env = m.seal(&self.key);
+        // Until this install succeeds, what the standby holds is not known.
+        self.holds_lock().take();
         let (sent, reused) = match transport {
             Transport::Https => self.ship_https(&m, &env, file).await?,
             Transport::Rsync | Transport::Scp => {
@@ -255,6 +410,8 @@ impl Shipper {
                 (sent, 0)
             }
         };
+        *self.holds_lock() = Some(Arc::new(m.chunks.iter().map(|c| c.hash).collect()));
+        let sent = sent + streamed;
         let s = LastSnapshot {
             generation,
             taken_unix_ms: header.taken_unix_ms,
@@ -267,7 +424,7 @@ impl Shipper {
             chains: header.positions.len(),
         };
         tracing::info!(
-            "generation {generation} installed on the peer: {} bytes, {} chains, {} bytes sent over {}, {} reused, in {:?} ({} taken in {take_ms} ms, {written} bytes of it new to the mirror)",
+            "generation {generation} installed on the peer: {} bytes, {} chains, {} bytes sent over {}, {} reused, in {:?} ({} taken in {take_ms} ms, {written} bytes of it new to the mirror{})",
             s.bytes,
             s.chains,
             s.bytes_sent,
@@ -278,6 +435,11 @@ impl Shipper {
                 "pages changed since the last image"
             } else {
                 "whole image"
+            },
+            if header.changed_only || transport != Transport::Https {
+                String::new()
+            } else {
+                format!("; {streamed} bytes streamed while it was taken, {skipped} left for the offer")
             }
         );
         Ok(s)
@@ -473,6 +635,42 @@ impl Shipper {
         self.shared.add_bytes_sent(sent);
         Ok(sent)
     }
+}
+
+/// Send the batches of frames queued while a whole image is taken, one `PUT /v1/stream`
+/// request each, two at a time. Returns the bytes sent; an error ends the stream (the take
+/// goes on, the offer sends the rest).
+async fn stream_image(
+    peer: PeerClient,
+    shared: Arc<Shared>,
+    generation: u64,
+    mut rx: tokio::sync::mpsc::Receiver<(u64, Vec<u8>)>,
+) -> Result<u64, String> {
+    let mut in_flight = std::collections::VecDeque::new();
+    let mut sent = 0;
+    let done = |t: tokio::task::JoinHandle<Result<u64, String>>| async move {
+        t.await.map_err(|e| format!("stream request: {e}"))?
+    };
+    while let Some((size, body)) = rx.recv().await {
+        if in_flight.len() == 2 {
+            sent += done(in_flight.pop_front().expect("two")).await?;
+        }
+        let (peer, shared) = (peer.clone(), shared.clone());
+        let path = format!("/v1/stream/{generation}/{size}");
+        in_flight.push_back(tokio::spawn(async move {
+            let mut s = peer.start("PUT", &path, body.len() as u64).await?;
+            for part in body.chunks(1 << 20) {
+                peer.write_part(&mut s, part).await?;
+                shared.add_bytes_sent(part.len() as u64);
+            }
+            peer.finish(s).await?.json("streaming the image")?;
+            Ok(body.len() as u64)
+        }));
+    }
+    for t in in_flight {
+        sent += done(t).await?;
+    }
+    Ok(sent)
 }
 
 fn shell_quote(s: &str) -> String {

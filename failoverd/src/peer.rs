@@ -10,6 +10,13 @@
 //! - `PUT /v1/chunks/<generation>` (body: frames of `index u32 LE ‖ len u32 LE ‖ bytes`):
 //!   each chunk is checked against the manifest's hash before it is written; answers
 //!   `{"stored":N}`. A bad chunk ends the request with 409 and its reason.
+//! - `GET /v1/hashes`: the chunk hashes of the newest generation this host holds, as
+//!   `{"generation":G,"hashes":"<hex, 32 bytes each>"}` (G 0 and no hashes when none): what
+//!   a live host streaming a whole image need not send.
+//! - `PUT /v1/stream/<generation>/<bytes>` (body: frames of `offset u64 LE ‖ len u32 LE ‖
+//!   bytes`): chunks of a whole image streamed while the live host takes it, before its
+//!   manifest exists. Each frame is written at its offset and hashed; it counts only once
+//!   the manifest, offered next, names that hash at that offset. Answers `{"stored":N}`.
 //! - `POST /v1/commit/<generation>`: verify and install; answers the installed generation.
 //! - `POST /v1/inbox` (body: a signed envelope naming a file in the inbox): verify the file
 //!   that rsync or scp delivered, and install it.
@@ -220,6 +227,16 @@ async fn serve_one(
         head.path.as_str(),
     ) {
         ("GET", "/v1/status") => Ok(shared.peer_status()),
+        ("GET", "/v1/hashes") => Ok(match shared.store.newest() {
+            Some(n) => {
+                let mut h = Vec::with_capacity(n.manifest.chunks.len() * 32);
+                for c in &n.manifest.chunks {
+                    h.extend_from_slice(&c.hash);
+                }
+                serde_json::json!({"generation": n.manifest.generation, "hashes": hex::encode(h)})
+            }
+            None => serde_json::json!({"generation": 0, "hashes": ""}),
+        }),
         ("POST", "/v1/offer") => {
             let body =
                 http::read_body(&mut r, head.content_length, MAX_ENVELOPE, io_timeout).await?;
@@ -246,6 +263,20 @@ async fn serve_one(
                 Ok(generation) => {
                     receive_chunks(&mut r, head.content_length, generation, shared).await
                 }
+            }
+        }
+        ("PUT", p) if p.starts_with("/v1/stream/") => {
+            let parsed = p["/v1/stream/".len()..]
+                .split_once('/')
+                .and_then(|(g, b)| Some((g.parse::<u64>().ok()?, b.parse::<u64>().ok()?)));
+            match parsed {
+                None => Err((404, format!("no such path {p}"))),
+                Some((generation, bytes)) => match shared.refuse_if_live().await {
+                    Err(e) => Err((409, e)),
+                    Ok(()) => {
+                        receive_stream(&mut r, head.content_length, generation, bytes, shared).await
+                    }
+                },
             }
         }
         ("POST", p) if p.starts_with("/v1/commit/") => {
@@ -284,30 +315,30 @@ async fn serve_one(
     Ok(())
 }
 
-async fn receive_chunks<R: tokio::io::AsyncBufRead + Unpin>(
+/// Read the frames filling a `len`-byte body: an `H`-byte header ending in the frame's
+/// length (u32 LE), then that many bytes; each goes to `each`. Returns how many.
+async fn read_frames<const H: usize, R: tokio::io::AsyncBufRead + Unpin>(
     r: &mut R,
     len: u64,
-    generation: u64,
-    shared: &Arc<Shared>,
-) -> Result<serde_json::Value, (u16, String)> {
-    let io_timeout = shared.io_timeout;
+    io_timeout: Duration,
+    mut each: impl FnMut(&[u8; H], &[u8]) -> Result<(), (u16, String)>,
+) -> Result<u64, (u16, String)> {
     let mut left = len;
-    let mut stored = 0u64;
+    let mut frames = 0u64;
     let mut buf = Vec::new();
     let read = |e: std::io::Error| (400, format!("reading chunks: {e}"));
     while left > 0 {
-        if left < 8 {
+        if left < H as u64 {
             return Err((400, "chunk frame cut short".into()));
         }
-        let mut hdr = [0u8; 8];
+        let mut hdr = [0u8; H];
         match tokio::time::timeout(io_timeout, r.read_exact(&mut hdr)).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return Err(read(e)),
             Err(_) => return Err((400, format!("no chunk data for {io_timeout:?}"))),
         }
-        let index = u32::from_le_bytes(hdr[..4].try_into().expect("4"));
-        let n = u32::from_le_bytes(hdr[4..].try_into().expect("4"));
-        if n > MAX_FRAME || 8 + n as u64 > left {
+        let n = u32::from_le_bytes(hdr[H - 4..].try_into().expect("4"));
+        if n > MAX_FRAME || (H + n as usize) as u64 > left {
             return Err((
                 400,
                 format!("chunk frame of {n} bytes does not fit the request"),
@@ -319,15 +350,67 @@ async fn receive_chunks<R: tokio::io::AsyncBufRead + Unpin>(
             Ok(Err(e)) => return Err(read(e)),
             Err(_) => return Err((400, format!("no chunk data for {io_timeout:?}"))),
         }
-        left -= 8 + n as u64;
-        if let Err(e) = shared.store.put_chunk(generation, index, &buf) {
-            shared.refused(&e);
-            return Err((409, e));
-        }
-        shared.chunk_received(n as u64);
-        stored += 1;
+        left -= (H + n as usize) as u64;
+        each(&hdr, &buf)?;
+        frames += 1;
     }
-    Ok(serde_json::json!({ "stored": stored }))
+    Ok(frames)
+}
+
+/// Store one chunk frame's outcome: counted when stored, refused (409) with its reason.
+fn stored(shared: &Shared, r: Result<(), String>, n: usize) -> Result<(), (u16, String)> {
+    match r {
+        Ok(()) => {
+            shared.chunk_received(n as u64);
+            Ok(())
+        }
+        Err(e) => {
+            shared.refused(&e);
+            Err((409, e))
+        }
+    }
+}
+
+/// Frames of `index u32 LE ‖ len u32 LE ‖ bytes` of offered generation `generation`.
+async fn receive_chunks<R: tokio::io::AsyncBufRead + Unpin>(
+    r: &mut R,
+    len: u64,
+    generation: u64,
+    shared: &Arc<Shared>,
+) -> Result<serde_json::Value, (u16, String)> {
+    let n = read_frames(r, len, shared.io_timeout, |hdr: &[u8; 8], data| {
+        let index = u32::from_le_bytes(hdr[..4].try_into().expect("4"));
+        let r = shared.store.put_chunk(generation, index, data);
+        stored(shared, r, data.len())
+    })
+    .await?;
+    Ok(serde_json::json!({ "stored": n }))
+}
+
+/// Frames of `offset u64 LE ‖ len u32 LE ‖ bytes` of generation `generation` (`bytes` long),
+/// streamed before its manifest.
+async fn receive_stream<R: tokio::io::AsyncBufRead + Unpin>(
+    r: &mut R,
+    len: u64,
+    generation: u64,
+    bytes: u64,
+    shared: &Arc<Shared>,
+) -> Result<serde_json::Value, (u16, String)> {
+    let store = shared.store.clone();
+    let begun = tokio::task::spawn_blocking(move || store.begin_stream(generation, bytes))
+        .await
+        .map_err(|e| (500, format!("stream failed: {e}")))?;
+    begun.map_err(|e| {
+        shared.refused(&e);
+        (409, e)
+    })?;
+    let n = read_frames(r, len, shared.io_timeout, |hdr: &[u8; 12], data| {
+        let offset = u64::from_le_bytes(hdr[..8].try_into().expect("8"));
+        let r = shared.store.put_streamed(generation, offset, data);
+        stored(shared, r, data.len())
+    })
+    .await?;
+    Ok(serde_json::json!({ "stored": n }))
 }
 
 /// Run an install (commit or inbox) on a blocking thread; record and answer its outcome.

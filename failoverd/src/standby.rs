@@ -15,6 +15,13 @@
 //!   chunk is hashed as it enters the file, and the chunks left in place are hashed again
 //!   before the install. A transfer that fails after the oldest generation was moved leaves
 //!   `keep - 1` generations, the newest among them.
+//!
+//!   A whole image may also be streamed while the live host takes it, before its manifest
+//!   exists ([`Store::begin_stream`], [`Store::put_streamed`]): each frame is hashed as it
+//!   is written and recorded by offset (a frame that overlaps an earlier one drops the
+//!   earlier record). When the signed manifest is offered, a chunk counts as held only if
+//!   a record has its offset, length and hash; chunks of a recycled file count as in place
+//!   only where no frame was written. Streamed bytes are never trusted before the manifest.
 //! - `inbox/`: where rsync and scp land; the file there is verified and copied into
 //!   `staging/` exactly like chunks received over HTTPS.
 //!
@@ -25,7 +32,7 @@
 //! size; a file that fails redb's integrity check or whose chains differ from the
 //! manifest's; a disk too full to hold the new generation.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -70,6 +77,20 @@ struct Pending {
     in_place: Vec<bool>,
 }
 
+impl Pending {
+    fn new(m: &Manifest, envelope: &[u8], digest: [u8; 32], file: File, path: PathBuf) -> Pending {
+        Pending {
+            have: vec![false; m.chunks.len()],
+            in_place: vec![false; m.chunks.len()],
+            manifest: m.clone(),
+            envelope: envelope.to_vec(),
+            digest,
+            file,
+            path,
+        }
+    }
+}
+
 pub struct Store {
     gens: PathBuf,
     staging: PathBuf,
@@ -83,6 +104,58 @@ pub struct Store {
 struct Inner {
     installed: Vec<Installed>,
     pending: Option<Pending>,
+    stream: Option<Streamed>,
+}
+
+/// A generation whose chunks arrive before its manifest (see the module doc).
+struct Streamed {
+    generation: u64,
+    bytes: u64,
+    file: File,
+    path: PathBuf,
+    /// The manifest of the generation whose file this was, when one was recycled.
+    recycled: Option<Manifest>,
+    /// What each frame wrote where: offset → (length, BLAKE3). Records never overlap.
+    received: BTreeMap<u64, (u32, [u8; 32])>,
+    /// The [`STREAM_WINDOW`]s frames wrote into: a recycled file's old bytes are gone there.
+    written: BTreeSet<u64>,
+}
+
+/// Granularity at which streamed writes are remembered against a recycled file.
+const STREAM_WINDOW: u64 = 64 << 10;
+
+impl Streamed {
+    /// Record that `len` bytes hashing to `hash` were written at `offset`.
+    fn record(&mut self, offset: u64, len: u32, hash: [u8; 32]) {
+        let end = offset + len as u64;
+        let before = self
+            .received
+            .range(..offset)
+            .next_back()
+            .filter(|(&o, &(l, _))| o + l as u64 > offset)
+            .map(|(&o, _)| o);
+        let within: Vec<u64> = self.received.range(offset..end).map(|(&o, _)| o).collect();
+        for o in before.into_iter().chain(within) {
+            self.received.remove(&o);
+        }
+        self.received.insert(offset, (len, hash));
+        if len > 0 {
+            self.written
+                .extend(offset / STREAM_WINDOW..=(end - 1) / STREAM_WINDOW);
+        }
+    }
+}
+
+impl Inner {
+    /// Drop the generation being received, streamed or offered, and its staging file.
+    fn drop_partial(&mut self) {
+        if let Some(old) = self.pending.take() {
+            let _ = std::fs::remove_file(&old.path);
+        }
+        if let Some(old) = self.stream.take() {
+            let _ = std::fs::remove_file(&old.path);
+        }
+    }
 }
 
 /// Result of an offer: the chunk indices still needed, and how many bytes were reused
@@ -194,6 +267,7 @@ impl Store {
             inner: Mutex::new(Inner {
                 installed,
                 pending: None,
+                stream: None,
             }),
         })
     }
@@ -267,14 +341,29 @@ impl Store {
                 });
             }
         }
-        if let Some(old) = inner.pending.take() {
-            let _ = std::fs::remove_file(&old.path);
-        }
-        let recycled = self.recycle(&mut inner, &m)?;
-        let mut pending = self.create_part(&m, envelope, digest, recycled.is_some())?;
+        let stream = inner
+            .stream
+            .take()
+            .filter(|s| s.generation == m.generation && s.bytes == m.bytes);
+        inner.drop_partial();
+        let (mut pending, recycled, written) = match stream {
+            Some(s) => {
+                let mut p = Pending::new(&m, envelope, digest, s.file, s.path);
+                for (i, c) in m.chunks.iter().enumerate() {
+                    p.have[i] = s.received.get(&c.offset) == Some(&(c.len, c.hash));
+                }
+                (p, s.recycled, s.written)
+            }
+            None => {
+                let recycled = self.recycle(&mut inner, m.generation)?;
+                let (file, path) = self.create_part(m.generation, m.bytes, recycled.is_some())?;
+                let p = Pending::new(&m, envelope, digest, file, path);
+                (p, recycled, BTreeSet::new())
+            }
+        };
         let mut reused = 0;
         if let Some(old) = recycled {
-            reused += in_place(&old, &mut pending);
+            reused += in_place(&old, &written, &mut pending);
         }
         reused += match inner.installed.last() {
             Some(prev) => reuse(&prev.path, &prev.manifest, &mut pending)?,
@@ -288,6 +377,74 @@ impl Store {
         })
     }
 
+    /// Start (or go on) receiving generation `generation`, `bytes` long, before its
+    /// manifest: the live host streams a whole image while it takes it.
+    pub fn begin_stream(&self, generation: u64, bytes: u64) -> Result<(), String> {
+        let mut inner = self.lock();
+        if inner
+            .stream
+            .as_ref()
+            .is_some_and(|s| s.generation == generation && s.bytes == bytes)
+        {
+            return Ok(());
+        }
+        if let Some(newest) = inner.installed.last() {
+            let have = newest.manifest.generation;
+            if generation <= have {
+                return Err(format!(
+                    "generation {generation} is not newer than generation {have} already installed: refusing an old or replayed snapshot"
+                ));
+            }
+        }
+        if let Some(p) = &inner.pending {
+            if p.manifest.generation == generation {
+                return Err(format!(
+                    "generation {generation}'s manifest is offered already: send the chunks it lacks instead"
+                ));
+            }
+        }
+        inner.drop_partial();
+        let recycled = self.recycle(&mut inner, generation)?;
+        let (file, path) = self.create_part(generation, bytes, recycled.is_some())?;
+        inner.stream = Some(Streamed {
+            generation,
+            bytes,
+            file,
+            path,
+            recycled,
+            received: BTreeMap::new(),
+            written: BTreeSet::new(),
+        });
+        Ok(())
+    }
+
+    /// Write `data` at `offset` of the streamed generation `generation`. It is hashed and
+    /// remembered, and trusted only once the signed manifest names that hash there.
+    pub fn put_streamed(&self, generation: u64, offset: u64, data: &[u8]) -> Result<(), String> {
+        let hash = *blake3::hash(data).as_bytes();
+        let mut inner = self.lock();
+        let s = inner
+            .stream
+            .as_mut()
+            .filter(|s| s.generation == generation)
+            .ok_or_else(|| format!("generation {generation} is not being streamed"))?;
+        let len = u32::try_from(data.len()).map_err(|_| "streamed frame too long".to_string())?;
+        if offset
+            .checked_add(len as u64)
+            .is_none_or(|end| end > s.bytes)
+        {
+            return Err(format!(
+                "a streamed frame of {len} bytes at offset {offset} ends past the {} bytes of generation {generation}",
+                s.bytes
+            ));
+        }
+        s.file
+            .write_all_at(data, offset)
+            .map_err(|e| io("cannot write", &s.path, e))?;
+        s.record(offset, len, hash);
+        Ok(())
+    }
+
     fn part_path(&self, generation: u64) -> PathBuf {
         self.staging.join(format!("{}.part", gen_name(generation)))
     }
@@ -295,7 +452,7 @@ impl Store {
     /// When `keep` generations are installed (at least two), move the oldest, which this
     /// install would prune, to be the new generation's staging file; its manifest says what
     /// it holds where.
-    fn recycle(&self, inner: &mut Inner, m: &Manifest) -> Result<Option<Manifest>, String> {
+    fn recycle(&self, inner: &mut Inner, generation: u64) -> Result<Option<Manifest>, String> {
         if inner.installed.len() < self.keep.max(2) {
             return Ok(None);
         }
@@ -304,20 +461,20 @@ impl Store {
         let mpath = self.gens.join(format!("{name}.manifest"));
         // Manifest first: a `.db` without one is an interrupted install, removed at start.
         std::fs::remove_file(&mpath).map_err(|e| io("cannot remove", &mpath, e))?;
-        let part = self.part_path(m.generation);
+        let part = self.part_path(generation);
         let _ = std::fs::remove_file(&part);
         std::fs::rename(&old.path, &part).map_err(|e| io("cannot move", &old.path, e))?;
         Ok(Some(old.manifest))
     }
 
+    /// The staging file of `generation`, `bytes` long, with its space reserved.
     fn create_part(
         &self,
-        m: &Manifest,
-        envelope: &[u8],
-        digest: [u8; 32],
+        generation: u64,
+        bytes: u64,
         recycled: bool,
-    ) -> Result<Pending, String> {
-        let path = self.part_path(m.generation);
+    ) -> Result<(File, PathBuf), String> {
+        let path = self.part_path(generation);
         if !recycled {
             let _ = std::fs::remove_file(&path);
         }
@@ -334,36 +491,28 @@ impl Store {
                 .metadata()
                 .map_err(|e| io("cannot stat", &path, e))?
                 .len();
-            if len > m.bytes {
-                file.set_len(m.bytes)
+            if len > bytes {
+                file.set_len(bytes)
                     .map_err(|e| io("cannot truncate", &path, e))?;
             }
         }
         // Reserve the space now: a full disk is found before any byte is sent.
-        if m.bytes > 0 {
+        if bytes > 0 {
             use std::os::fd::AsRawFd;
             // SAFETY: posix_fallocate only reads its integer arguments and acts on the
             // descriptor, which `file` owns and keeps open for the call.
-            let r = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, m.bytes as libc::off_t) };
+            let r = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, bytes as libc::off_t) };
             if r != 0 {
                 drop(file);
                 let _ = std::fs::remove_file(&path);
                 return Err(io(
-                    &format!("cannot reserve {} bytes for", m.bytes),
+                    &format!("cannot reserve {} bytes for", bytes),
                     &path,
                     std::io::Error::from_raw_os_error(r),
                 ));
             }
         }
-        Ok(Pending {
-            have: vec![false; m.chunks.len()],
-            in_place: vec![false; m.chunks.len()],
-            manifest: m.clone(),
-            envelope: envelope.to_vec(),
-            digest,
-            file,
-            path,
-        })
+        Ok((file, path))
     }
 
     /// Store chunk `index` of generation `generation`, after checking its hash.
@@ -422,10 +571,9 @@ impl Store {
         let mut pending = {
             let mut inner = self.lock();
             self.admissible(&inner, &m)?;
-            if let Some(old) = inner.pending.take() {
-                let _ = std::fs::remove_file(&old.path);
-            }
-            self.create_part(&m, envelope, m.chunks_digest(), false)?
+            inner.drop_partial();
+            let (file, path) = self.create_part(m.generation, m.bytes, false)?;
+            Pending::new(&m, envelope, m.chunks_digest(), file, path)
         };
         let f = File::open(&src).map_err(|e| io("cannot open", &src, e))?;
         let len = f.metadata().map_err(|e| io("cannot stat", &src, e))?.len();
@@ -567,16 +715,26 @@ fn behind(old: &[ChainPosition], new: &[ChainPosition]) -> Result<(), String> {
 }
 
 /// Mark the chunks of `p` that the recycled file (which held `old`) has at the same offset,
-/// with the same length and hash. Returns their bytes.
-fn in_place(old: &Manifest, p: &mut Pending) -> u64 {
+/// with the same length and hash, in no [`STREAM_WINDOW`] of `written`. Returns their bytes.
+fn in_place(old: &Manifest, written: &BTreeSet<u64>, p: &mut Pending) -> u64 {
     let held = crate::chunk::by_offset(&old.chunks);
     let mut bytes = 0;
     for (i, c) in p.manifest.chunks.iter().enumerate() {
-        if c.offset + c.len as u64 <= old.bytes && held.get(&c.offset) == Some(&(c.len, c.hash)) {
-            p.have[i] = true;
-            p.in_place[i] = true;
-            bytes += c.len as u64;
+        let end = c.offset + c.len as u64;
+        if p.have[i]
+            || end > old.bytes
+            || held.get(&c.offset) != Some(&(c.len, c.hash))
+            || (c.len > 0
+                && written
+                    .range(c.offset / STREAM_WINDOW..=(end - 1) / STREAM_WINDOW)
+                    .next()
+                    .is_some())
+        {
+            continue;
         }
+        p.have[i] = true;
+        p.in_place[i] = true;
+        bytes += c.len as u64;
     }
     bytes
 }

@@ -521,3 +521,140 @@ fn page_images_recycle_the_oldest_generation_and_send_only_what_changed() {
     ship(&store, &s.key, &m, &f).unwrap();
     assert_installable(&store, &s.live.public, 6);
 }
+
+/// A whole image streamed before its manifest (as the live host does while it takes one):
+/// only frames whose offset, length and hash the signed manifest names count; a damaged
+/// frame, a frame later overlapped, and a chunk of a recycled file that a frame wrote over
+/// are asked for again, and the installed file is the image byte for byte.
+#[test]
+fn a_streamed_image_counts_only_the_frames_its_manifest_names() {
+    let mut s = setup();
+    let store = Store::open(&s.state, 2, s.key.public_bytes(), s.live.public).unwrap();
+    s.live.append(300, 4096);
+    let (f1, p1) = s.live.image("st1.db");
+    s.ship(&store, 1, &f1, p1).unwrap();
+    s.live.append(40, 4096);
+    let (f2, p2) = s.live.image("st2.db");
+    let m2 = manifest(&s.key, s.live.public, 2, &f2, p2);
+    let data = std::fs::read(&f2).unwrap();
+    let bytes = |c: &chunk::Chunk| &data[c.offset as usize..(c.offset + c.len as u64) as usize];
+
+    let e = store.begin_stream(1, m2.bytes).unwrap_err();
+    assert!(e.contains("not newer"), "{e}");
+    store.begin_stream(2, m2.bytes).unwrap();
+    let e = store.put_streamed(3, 0, b"x").unwrap_err();
+    assert!(e.contains("not being streamed"), "{e}");
+    let e = store.put_streamed(2, m2.bytes - 1, b"xy").unwrap_err();
+    assert!(e.contains("ends past"), "{e}");
+    let mut bad = std::collections::BTreeSet::new();
+    for (i, c) in m2.chunks.iter().enumerate() {
+        let b = bytes(c);
+        match i % 11 {
+            // Never sent.
+            0 | 5 => {
+                bad.insert(i);
+            }
+            // Damaged on the way.
+            1 => {
+                let mut d = b.to_vec();
+                let mid = d.len() / 2;
+                d[mid] ^= 1;
+                store.put_streamed(2, c.offset, &d).unwrap();
+                bad.insert(i);
+            }
+            // Sent, then partly overwritten by a frame one byte further on.
+            2 => {
+                store.put_streamed(2, c.offset, b).unwrap();
+                let end = (c.offset + 1 + b.len() as u64).min(m2.bytes);
+                let n = (end - c.offset - 1) as usize;
+                store.put_streamed(2, c.offset + 1, &b[..n]).unwrap();
+                bad.insert(i);
+            }
+            _ => store.put_streamed(2, c.offset, b).unwrap(),
+        }
+    }
+    let held1: std::collections::HashSet<[u8; 32]> = store.installed()[0]
+        .manifest
+        .chunks
+        .iter()
+        .map(|c| c.hash)
+        .collect();
+    let offer = store.offer(&m2.seal(&s.key)).unwrap();
+    // Bad chunks are asked for, unless generation 1 holds their bytes (copied locally).
+    let want: Vec<u32> = bad
+        .iter()
+        .filter(|&&i| !held1.contains(&m2.chunks[i].hash))
+        .map(|&i| i as u32)
+        .collect();
+    assert_eq!(offer.missing, want);
+    for kind in [0, 1, 2] {
+        assert!(
+            want.iter().any(|&i| i as usize % 11 == kind),
+            "no chunk of kind {kind} among those asked for: {want:?}"
+        );
+    }
+    for &i in &offer.missing {
+        store
+            .put_chunk(2, i, bytes(&m2.chunks[i as usize]))
+            .unwrap();
+    }
+    store.commit(2).unwrap();
+    assert_installable(&store, &s.live.public, 2);
+    assert_eq!(std::fs::read(store.newest().unwrap().path).unwrap(), data);
+
+    // Keep 2 is reached: the next stream is written over generation 1's file. A frame
+    // of garbage lands on a chunk that file holds unchanged: that chunk is not taken as
+    // in place, but asked for.
+    s.live.append(5, 4096);
+    let (f3, p3) = s.live.image("st3.db");
+    let m3 = manifest(&s.key, s.live.public, 3, &f3, p3);
+    let data3 = std::fs::read(&f3).unwrap();
+    let m1 = store.installed()[0].manifest.clone();
+    let same: Vec<usize> = m3
+        .chunks
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| m1.chunks.contains(c))
+        .map(|(i, _)| i)
+        .collect();
+    assert!(same.len() > 10, "generation 1 and 3 share chunks in place");
+    let target = m3.chunks[same[same.len() / 2]];
+    store.begin_stream(3, m3.bytes).unwrap();
+    store
+        .put_streamed(3, target.offset, &vec![0xa5; target.len as usize])
+        .unwrap();
+    // Overlapping garbage is not enough to count it either: the real bytes of only the
+    // first half of the chunks follow.
+    let half = m3.chunks.len() / 2;
+    for c in &m3.chunks[..half] {
+        if c.offset != target.offset {
+            store
+                .put_streamed(
+                    3,
+                    c.offset,
+                    &data3[c.offset as usize..(c.offset + c.len as u64) as usize],
+                )
+                .unwrap();
+        }
+    }
+    // Had the chunk under the garbage been taken as in place, the commit below would
+    // refuse it ("no longer matches its hash"); it is asked for, or copied from
+    // generation 2.
+    let offer = store.offer(&m3.seal(&s.key)).unwrap();
+    assert!(offer.missing.len() < m3.chunks.len() - half);
+    for &i in &offer.missing {
+        let c = m3.chunks[i as usize];
+        store
+            .put_chunk(
+                3,
+                i,
+                &data3[c.offset as usize..(c.offset + c.len as u64) as usize],
+            )
+            .unwrap();
+    }
+    store.commit(3).unwrap();
+    assert_installable(&store, &s.live.public, 3);
+    assert_eq!(std::fs::read(store.newest().unwrap().path).unwrap(), data3);
+    let held: Vec<u64> = store.held().iter().map(|h| h.generation).collect();
+    assert_eq!(held, vec![2, 3]);
+}
