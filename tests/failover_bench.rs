@@ -169,7 +169,9 @@ fn shipping(mib: u64, increments: bool) {
     );
 
     // Full.
+    let cpu0 = p.cpu_ms();
     let (full, full_wire, _) = measured(p.lab.a(), &fo);
+    let cpu1 = p.cpu_ms();
     let full_sent = last_bytes_sent(&p);
     let size = std::fs::metadata(&image).unwrap().len();
     let (scp, scp_wire, _) = measured(
@@ -217,6 +219,14 @@ fn shipping(mib: u64, increments: bool) {
         "| full: scp, then sync -f on b (durable) | {} | – | – | failoverd {:.2}× as fast |",
         secs(scp_sync),
         scp_sync.as_secs_f64() / full.as_secs_f64()
+    );
+
+    println!(
+        "CPU during the full snapshot: conode {} ms, failoverd a {} ms, failoverd b {} ms (wall {} ms, 2 cores)",
+        cpu1[0] - cpu0[0],
+        cpu1[1] - cpu0[1],
+        cpu1[2] - cpu0[2],
+        full.as_millis()
     );
 
     // 1% more, appended through the conode, three times: the standby holds `keep` (3)

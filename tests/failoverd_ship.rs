@@ -153,6 +153,31 @@ impl Pair {
         self.conode_a = Some(start_conode_a(&self.lab, self.dir.path()));
     }
 
+    /// CPU time (user + system, ms) used so far by the live conode, failoverd on a and
+    /// failoverd on b (used by the benchmark).
+    #[allow(dead_code)]
+    pub(crate) fn cpu_ms(&self) -> [u64; 3] {
+        let of = |pid: u32| -> u64 {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+            // Fields after the command name (in parentheses): utime and stime are 14 and 15.
+            let rest = &stat[stat.rfind(')').unwrap() + 2..];
+            let f: Vec<u64> = rest
+                .split(' ')
+                .skip(11)
+                .take(2)
+                .map(|v| v.parse().unwrap())
+                .collect();
+            // SAFETY: sysconf only reads its integer argument.
+            let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+            (f[0] + f[1]) * 1000 / hz
+        };
+        [
+            of(self.conode_a.as_ref().expect("conode a runs").pid()),
+            of(self.failoverd[0].pid()),
+            of(self.failoverd[1].pid()),
+        ]
+    }
+
     pub(crate) fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.path(name)).unwrap_or_default()
     }

@@ -748,6 +748,8 @@ async fn image(stream: &mut UnixStream, ctx: &Ctx, since: Option<String>) -> Res
     // A reader thread holds the image (and so the pinned commit) and hands pieces over;
     // it stops when the receiver goes away.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, String>>(4);
+    // Written pieces come back to be filled again (no zeroing, no allocation per piece).
+    let (back, spare) = std::sync::mpsc::channel::<Vec<u8>>();
     let reader = tokio::task::spawn_blocking(move || {
         let started = std::time::Instant::now();
         for (off, len, run) in pieces {
@@ -759,7 +761,8 @@ async fn image(stream: &mut UnixStream, ctx: &Ctx, since: Option<String>) -> Res
                 return;
             }
             let head = if run { RUN_HEADER } else { 0 };
-            let mut buf = vec![0u8; head + len as usize];
+            let mut buf = spare.try_recv().unwrap_or_default();
+            buf.resize(head + len as usize, 0);
             if run {
                 buf[..8].copy_from_slice(&off.to_le_bytes());
                 buf[8..12].copy_from_slice(&len.to_le_bytes());
@@ -779,6 +782,7 @@ async fn image(stream: &mut UnixStream, ctx: &Ctx, since: Option<String>) -> Res
         })?;
         write_timed(stream, &piece).await?;
         sent += piece.len() as u64;
+        let _ = back.send(piece);
     }
     drop(rx);
     let _ = reader.await;

@@ -153,32 +153,36 @@ impl Chunker {
     }
 
     /// Add bytes; every chunk that is complete (at least `max` bytes follow its start, so
-    /// its end cannot depend on bytes not seen yet) goes to `on_chunk`.
+    /// its end cannot depend on bytes not seen yet) goes to `on_chunk`. Fewer than `max`
+    /// bytes are held between calls; the rest is cut where it lies, without copying.
     pub fn push<E>(
         &mut self,
         mut data: &[u8],
         on_chunk: &mut impl FnMut(&Chunk, &[u8]) -> Result<(), E>,
     ) -> Result<(), E> {
         let max = self.params.max as usize;
-        while !data.is_empty() {
-            let take = data
-                .len()
-                .min((2 * max).saturating_sub(self.buf.len()).max(1));
-            self.buf.extend_from_slice(&data[..take]);
-            data = &data[take..];
-            self.drain(max, on_chunk)?;
+        // Held bytes first: complete them to `max` with the head of `data`, cut one chunk,
+        // and give back the bytes of `data` it did not take.
+        while !self.buf.is_empty() {
+            let held = self.buf.len();
+            let need = max.saturating_sub(held).min(data.len());
+            self.buf.extend_from_slice(&data[..need]);
+            if self.buf.len() < max {
+                return Ok(());
+            }
+            let len = cut(&self.buf, &self.params, self.offset);
+            self.emit(len, on_chunk)?;
+            if len >= held {
+                data = &data[len - held..];
+                self.buf.clear();
+            } else {
+                self.buf.truncate(held);
+                self.buf.drain(..len);
+            }
         }
-        Ok(())
-    }
-
-    fn drain<E>(
-        &mut self,
-        keep: usize,
-        on_chunk: &mut impl FnMut(&Chunk, &[u8]) -> Result<(), E>,
-    ) -> Result<(), E> {
         let mut start = 0;
-        while self.buf.len() - start >= keep.max(1) {
-            let rest = &self.buf[start..];
+        while data.len() - start >= max {
+            let rest = &data[start..];
             let len = cut(rest, &self.params, self.offset);
             let c = Chunk {
                 offset: self.offset,
@@ -190,7 +194,39 @@ impl Chunker {
             self.offset += len as u64;
             start += len;
         }
-        self.buf.drain(..start);
+        self.buf.extend_from_slice(&data[start..]);
+        Ok(())
+    }
+
+    /// Hand the first `len` held bytes to `on_chunk` as the next chunk (the caller drops
+    /// them from the buffer).
+    fn emit<E>(
+        &mut self,
+        len: usize,
+        on_chunk: &mut impl FnMut(&Chunk, &[u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let b = &self.buf[..len];
+        let c = Chunk {
+            offset: self.offset,
+            len: len as u32,
+            hash: *blake3::hash(b).as_bytes(),
+        };
+        on_chunk(&c, b)?;
+        self.chunks.push(c);
+        self.offset += len as u64;
+        Ok(())
+    }
+
+    fn drain<E>(
+        &mut self,
+        keep: usize,
+        on_chunk: &mut impl FnMut(&Chunk, &[u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        while self.buf.len() >= keep.max(1) {
+            let len = cut(&self.buf, &self.params, self.offset);
+            self.emit(len, on_chunk)?;
+            self.buf.drain(..len);
+        }
         Ok(())
     }
 
@@ -305,7 +341,8 @@ mod tests {
         let data = pseudo_random(700_000, 9);
         let p = Params::DEFAULT;
         let whole = chunk_slice(&data, &p);
-        for piece in [1usize, 977, 65536, 1 << 20] {
+        // 0: pieces of varying sizes, below and above `max`.
+        for piece in [1usize, 977, 65535, 65536, 65537, 100_003, 1 << 20, 0] {
             let mut ch = Chunker::new(p);
             let mut rebuilt = Vec::new();
             let mut on = |c: &Chunk, b: &[u8]| {
@@ -314,8 +351,20 @@ mod tests {
                 rebuilt.extend_from_slice(b);
                 Ok::<(), ()>(())
             };
-            for part in data.chunks(piece) {
-                ch.push(part, &mut on).unwrap();
+            let sizes = [1usize, 70_000, 5_000, 300_000, 64 << 10, 3];
+            let mut at = 0;
+            for k in 0.. {
+                if at == data.len() {
+                    break;
+                }
+                let n = if piece == 0 {
+                    sizes[k % sizes.len()]
+                } else {
+                    piece
+                };
+                let end = (at + n).min(data.len());
+                ch.push(&data[at..end], &mut on).unwrap();
+                at = end;
             }
             let got = ch.finish(&mut on).unwrap();
             assert_eq!(got, whole, "pieces of {piece}");

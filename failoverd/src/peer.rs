@@ -217,7 +217,8 @@ async fn serve_one(
     tls: tokio_rustls::server::TlsStream<TcpStream>,
     shared: &Arc<Shared>,
 ) -> Result<(), String> {
-    let mut r = BufReader::with_capacity(256 << 10, tls);
+    // Small: chunk frames larger than the buffer are read straight into place past it.
+    let mut r = BufReader::with_capacity(4 << 10, tls);
     let Some(head) = http::read_request(&mut r).await? else {
         return Ok(());
     };
