@@ -6,7 +6,8 @@
 //! # API (version 1; JSON answers; errors are `{"error":"<words>"}` with status 4xx/5xx)
 //! - `GET /v1/status`: the generations this host holds.
 //! - `POST /v1/offer` (body: a signed manifest envelope): start or resume receiving that
-//!   generation; answers `{"missing":[chunk indices],"reused_bytes":N}`.
+//!   generation; answers `{"missing":[chunk indices],"reused_bytes":N}` (one index per
+//!   distinct chunk content: the standby writes the same bytes wherever they recur).
 //! - `PUT /v1/chunks/<generation>` (body: frames of `index u32 LE ‖ len u32 LE ‖ bytes`):
 //!   each chunk is checked against the manifest's hash before it is written; answers
 //!   `{"stored":N}`. A bad chunk ends the request with 409 and its reason.

@@ -13,8 +13,10 @@
 //!   the file starts empty. Chunks the standby holds elsewhere (same BLAKE3 hash in its
 //!   newest generation) are copied from there; the others come from the live host. Every
 //!   chunk is hashed as it enters the file, and the chunks left in place are hashed again
-//!   before the install. A transfer that fails after the oldest generation was moved leaves
-//!   `keep - 1` generations, the newest among them.
+//!   before the install. Of several missing chunks with the same bytes (a run of zeroed
+//!   pages after the file grew), one is asked for and written at every place. A transfer
+//!   that fails after the oldest generation was moved leaves `keep - 1` generations, the
+//!   newest among them.
 //!
 //!   A whole image may also be streamed while the live host takes it, before its manifest
 //!   exists ([`Store::begin_stream`], [`Store::put_streamed`]): each frame is hashed as it
@@ -75,13 +77,40 @@ struct Pending {
     have: Vec<bool>,
     /// Chunks found already in place in a recycled generation file (hashed at install).
     in_place: Vec<bool>,
+    /// Missing chunk → the other missing chunks with its length and hash, written when it
+    /// arrives (a run of zeroed pages is one chunk sent, not thousands).
+    copies: HashMap<u32, Vec<u32>>,
 }
 
 impl Pending {
+    /// The chunks to ask the live host for: of those still lacking, one per distinct
+    /// length and hash (the others are recorded in `copies`).
+    fn missing(&mut self) -> Vec<u32> {
+        let mut first: HashMap<(u32, [u8; 32]), u32> = HashMap::new();
+        let mut out = Vec::new();
+        self.copies.clear();
+        for (i, c) in self.manifest.chunks.iter().enumerate() {
+            if self.have[i] {
+                continue;
+            }
+            match first.entry((c.len, c.hash)) {
+                std::collections::hash_map::Entry::Occupied(e) => {
+                    self.copies.entry(*e.get()).or_default().push(i as u32)
+                }
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(i as u32);
+                    out.push(i as u32);
+                }
+            }
+        }
+        out
+    }
+
     fn new(m: &Manifest, envelope: &[u8], digest: [u8; 32], file: File, path: PathBuf) -> Pending {
         Pending {
             have: vec![false; m.chunks.len()],
             in_place: vec![false; m.chunks.len()],
+            copies: HashMap::new(),
             manifest: m.clone(),
             envelope: envelope.to_vec(),
             digest,
@@ -333,10 +362,10 @@ impl Store {
         let mut inner = self.lock();
         self.admissible(&inner, &m)?;
         let digest = m.chunks_digest();
-        if let Some(p) = &inner.pending {
+        if let Some(p) = inner.pending.as_mut() {
             if p.manifest.generation == m.generation && p.digest == digest {
                 return Ok(Offer {
-                    missing: missing(&p.have),
+                    missing: p.missing(),
                     reused_bytes: 0,
                 });
             }
@@ -369,7 +398,7 @@ impl Store {
             Some(prev) => reuse(&prev.path, &prev.manifest, &mut pending)?,
             None => 0,
         };
-        let missing = missing(&pending.have);
+        let missing = pending.missing();
         inner.pending = Some(pending);
         Ok(Offer {
             missing,
@@ -540,6 +569,14 @@ impl Store {
             .write_all_at(data, c.offset)
             .map_err(|e| io("cannot write", &p.path, e))?;
         p.have[index as usize] = true;
+        // The same bytes elsewhere in this generation: written from here, not sent again.
+        for d in p.copies.remove(&index).unwrap_or_default() {
+            let at = p.manifest.chunks[d as usize].offset;
+            p.file
+                .write_all_at(data, at)
+                .map_err(|e| io("cannot write", &p.path, e))?;
+            p.have[d as usize] = true;
+        }
         Ok(())
     }
 
@@ -666,14 +703,6 @@ impl Store {
         let _ = fsync_dir(&self.gens);
         Ok(inst)
     }
-}
-
-fn missing(have: &[bool]) -> Vec<u32> {
-    have.iter()
-        .enumerate()
-        .filter(|(_, h)| !**h)
-        .map(|(i, _)| i as u32)
-        .collect()
 }
 
 fn pending_for(inner: &mut Inner, generation: u64) -> Result<&mut Pending, String> {

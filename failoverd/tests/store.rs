@@ -143,7 +143,17 @@ fn full_then_incremental_sends_only_new_chunks() {
     let store = Store::open(&s.state, 2, s.key.public_bytes(), s.live.public).unwrap();
     let m1 = manifest(&s.key, s.live.public, 1, &f1, p1);
     let sent1 = ship(&store, &s.key, &m1, &f1).unwrap();
-    assert_eq!(sent1, m1.bytes, "the first generation is sent whole");
+    let mut seen = std::collections::HashSet::new();
+    let distinct: u64 = m1
+        .chunks
+        .iter()
+        .filter(|c| seen.insert((c.len, c.hash)))
+        .map(|c| c.len as u64)
+        .sum();
+    assert_eq!(
+        sent1, distinct,
+        "the first generation is sent whole, each distinct chunk once"
+    );
     assert_installable(&store, &s.live.public, 1);
     assert_eq!(
         std::fs::read(&store.newest().unwrap().path).unwrap().len() as u64,
@@ -657,4 +667,46 @@ fn a_streamed_image_counts_only_the_frames_its_manifest_names() {
     assert_eq!(std::fs::read(store.newest().unwrap().path).unwrap(), data3);
     let held: Vec<u64> = store.held().iter().map(|h| h.generation).collect();
     assert_eq!(held, vec![2, 3]);
+}
+
+/// Chunks with the same bytes in one generation (a large value of one repeated byte, as
+/// zeroed pages are after the file grew) are sent once and written everywhere.
+#[test]
+fn chunks_repeated_within_a_generation_are_sent_once() {
+    let mut s = setup();
+    let store = Store::open(&s.state, 3, s.key.public_bytes(), s.live.public).unwrap();
+    s.live.append(20, 4096);
+    let (f1, p1) = s.live.image("rep1.db");
+    s.ship(&store, 1, &f1, p1).unwrap();
+    let w = s.live.db.db.begin_write().unwrap();
+    {
+        let mut b = w.open_table(SKIPCHAIN_BLOCKS).unwrap();
+        b.insert(&[9u8; 32][..], &vec![0x5a; 4 << 20][..]).unwrap();
+    }
+    w.commit().unwrap();
+    s.live.append(1, 4096);
+    let (f2, p2) = s.live.image("rep2.db");
+    let m2 = manifest(&s.key, s.live.public, 2, &f2, p2);
+    let mut seen = std::collections::HashSet::new();
+    let repeated: u64 = m2
+        .chunks
+        .iter()
+        .filter(|c| !seen.insert((c.len, c.hash)))
+        .map(|c| c.len as u64)
+        .sum();
+    assert!(
+        repeated > 3 << 20,
+        "the image repeats chunks: {repeated} bytes"
+    );
+    let sent = ship(&store, &s.key, &m2, &f2).unwrap();
+    assert!(
+        sent + repeated <= m2.bytes,
+        "{sent} bytes sent of {} with {repeated} repeated",
+        m2.bytes
+    );
+    assert_installable(&store, &s.live.public, 2);
+    assert_eq!(
+        std::fs::read(store.newest().unwrap().path).unwrap(),
+        std::fs::read(&f2).unwrap()
+    );
 }
