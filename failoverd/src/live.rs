@@ -401,13 +401,13 @@ impl Shipper {
         let env = m.seal(&self.key);
         // Until this install succeeds, what the standby holds is not known.
         self.holds_lock().take();
-        let (sent, reused) = match transport {
+        let (sent, reused, phases) = match transport {
             Transport::Https => self.ship_https(&m, &env, file).await?,
             Transport::Rsync | Transport::Scp => {
                 let sent = self.ship_ssh(transport, file).await?;
                 let a = self.peer.request("POST", "/v1/inbox", &env).await?;
                 a.json("installing the snapshot")?;
-                (sent, 0)
+                (sent, 0, String::new())
             }
         };
         *self.holds_lock() = Some(Arc::new(m.chunks.iter().map(|c| c.hash).collect()));
@@ -424,7 +424,7 @@ impl Shipper {
             chains: header.positions.len(),
         };
         tracing::info!(
-            "generation {generation} installed on the peer: {} bytes, {} chains, {} bytes sent over {}, {} reused, in {:?} ({} taken in {take_ms} ms, {written} bytes of it new to the mirror{})",
+            "generation {generation} installed on the peer: {} bytes, {} chains, {} bytes sent over {}, {} reused, in {:?} ({} taken in {take_ms} ms, {written} bytes of it new to the mirror{}{phases})",
             s.bytes,
             s.chains,
             s.bytes_sent,
@@ -452,7 +452,7 @@ impl Shipper {
         m: &Manifest,
         env: &[u8],
         file: &Path,
-    ) -> Result<(u64, u64), String> {
+    ) -> Result<(u64, u64, String), String> {
         let mut sent = 0u64;
         let mut reused = None;
         let mut last = String::new();
@@ -465,6 +465,7 @@ impl Shipper {
                 );
                 tokio::time::sleep(Duration::from_millis(500 * (1 << attempt.min(4)))).await;
             }
+            let t = Instant::now();
             let offer = match self.peer.request("POST", "/v1/offer", env).await {
                 Ok(a) if a.status == 409 => return Err(a.json("offer").unwrap_err()),
                 Ok(a) => a.json("offer")?,
@@ -487,6 +488,7 @@ impl Shipper {
             if reused.is_none() {
                 reused = offer.get("reused_bytes").and_then(|v| v.as_u64());
             }
+            let offered = t.elapsed();
             match self.send_chunks(m, file, &missing, &mut sent).await {
                 Ok(()) => {}
                 Err((true, e)) => return Err(e),
@@ -495,6 +497,7 @@ impl Shipper {
                     continue;
                 }
             }
+            let chunks_sent = t.elapsed();
             match self
                 .peer
                 .request("POST", &format!("/v1/commit/{}", m.generation), b"")
@@ -502,7 +505,12 @@ impl Shipper {
             {
                 Ok(a) => {
                     a.json("commit")?;
-                    return Ok((sent, reused.unwrap_or(0)));
+                    let phases = format!(
+                        "; offer answered after {offered:?}, {} chunks sent after {chunks_sent:?}, installed after {:?}",
+                        missing.len(),
+                        t.elapsed()
+                    );
+                    return Ok((sent, reused.unwrap_or(0), phases));
                 }
                 Err(e) => last = e,
             }

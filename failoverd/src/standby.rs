@@ -642,30 +642,34 @@ impl Store {
     fn install_inner(&self, p: &Pending) -> Result<Installed, String> {
         let m = &p.manifest;
         let t = std::time::Instant::now();
-        // The fsync waits for the disk while the checks read the same bytes from memory:
-        // they run side by side, and both must succeed.
-        let (synced, checked) = std::thread::scope(|s| {
+        // The fsync waits for the disk while the two checks read the same bytes from
+        // memory: all three run side by side, and all must succeed.
+        let (synced, hashed, checked) = std::thread::scope(|s| {
             let sync = s.spawn(|| {
                 p.file
                     .sync_all()
                     .map_err(|e| io("cannot fsync", &p.path, e))
                     .map(|()| t.elapsed())
             });
-            let checked = check_in_place(p).and_then(|()| {
-                let hashed = t.elapsed();
-                conode::db::verify_snapshot(&p.path, &self.conode).map(|pos| (hashed, pos))
-            });
-            let synced = sync
-                .join()
-                .unwrap_or_else(|_| Err("the fsync thread panicked: this is a bug".into()));
-            (synced, checked)
+            let hash = s.spawn(|| check_in_place(p).map(|()| t.elapsed()));
+            let checked = conode::db::verify_snapshot(&p.path, &self.conode);
+            let checked_at = t.elapsed();
+            let join = |r: std::thread::Result<Result<std::time::Duration, String>>, what| {
+                r.unwrap_or_else(|_| Err(format!("the {what} thread panicked: this is a bug")))
+            };
+            (
+                join(sync.join(), "fsync"),
+                join(hash.join(), "hash"),
+                checked.map(|pos| (checked_at, pos)),
+            )
         });
-        let (hashed, positions) = checked?;
+        // A chunk kept in place that changed says more than the integrity check it breaks.
+        let hashed = hashed?;
+        let (checked_at, positions) = checked?;
         let synced = synced?;
         tracing::info!(
-            "generation {}: chunks kept in place hashed in {hashed:?}, integrity-checked after {:?}, fsynced after {synced:?}",
-            m.generation,
-            t.elapsed()
+            "generation {}: chunks kept in place hashed after {hashed:?}, integrity-checked after {checked_at:?}, fsynced after {synced:?}",
+            m.generation
         );
         let mut claimed = m.positions.clone();
         claimed.sort_by_key(|c| c.chain);
