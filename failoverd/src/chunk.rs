@@ -171,7 +171,12 @@ impl Chunker {
                 return Ok(());
             }
             let len = cut(&self.buf, &self.params, self.offset);
-            self.emit(len, on_chunk)?;
+            emit(
+                &mut self.chunks,
+                &mut self.offset,
+                &self.buf[..len],
+                on_chunk,
+            )?;
             if len >= held {
                 data = &data[len - held..];
                 self.buf.clear();
@@ -184,36 +189,10 @@ impl Chunker {
         while data.len() - start >= max {
             let rest = &data[start..];
             let len = cut(rest, &self.params, self.offset);
-            let c = Chunk {
-                offset: self.offset,
-                len: len as u32,
-                hash: *blake3::hash(&rest[..len]).as_bytes(),
-            };
-            on_chunk(&c, &rest[..len])?;
-            self.chunks.push(c);
-            self.offset += len as u64;
+            emit(&mut self.chunks, &mut self.offset, &rest[..len], on_chunk)?;
             start += len;
         }
         self.buf.extend_from_slice(&data[start..]);
-        Ok(())
-    }
-
-    /// Hand the first `len` held bytes to `on_chunk` as the next chunk (the caller drops
-    /// them from the buffer).
-    fn emit<E>(
-        &mut self,
-        len: usize,
-        on_chunk: &mut impl FnMut(&Chunk, &[u8]) -> Result<(), E>,
-    ) -> Result<(), E> {
-        let b = &self.buf[..len];
-        let c = Chunk {
-            offset: self.offset,
-            len: len as u32,
-            hash: *blake3::hash(b).as_bytes(),
-        };
-        on_chunk(&c, b)?;
-        self.chunks.push(c);
-        self.offset += len as u64;
         Ok(())
     }
 
@@ -224,7 +203,12 @@ impl Chunker {
     ) -> Result<(), E> {
         while self.buf.len() >= keep.max(1) {
             let len = cut(&self.buf, &self.params, self.offset);
-            self.emit(len, on_chunk)?;
+            emit(
+                &mut self.chunks,
+                &mut self.offset,
+                &self.buf[..len],
+                on_chunk,
+            )?;
             self.buf.drain(..len);
         }
         Ok(())
@@ -238,6 +222,24 @@ impl Chunker {
         self.drain(1, on_chunk)?;
         Ok(self.chunks)
     }
+}
+
+/// Hand `b` to `on_chunk` as the chunk at `*offset`, record it, move past it.
+fn emit<E>(
+    chunks: &mut Vec<Chunk>,
+    offset: &mut u64,
+    b: &[u8],
+    on_chunk: &mut impl FnMut(&Chunk, &[u8]) -> Result<(), E>,
+) -> Result<(), E> {
+    let c = Chunk {
+        offset: *offset,
+        len: b.len() as u32,
+        hash: *blake3::hash(b).as_bytes(),
+    };
+    on_chunk(&c, b)?;
+    chunks.push(c);
+    *offset += b.len() as u64;
+    Ok(())
 }
 
 /// Where each chunk is: offset → (length, hash), to tell which chunks of a new snapshot an
