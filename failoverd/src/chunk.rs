@@ -196,12 +196,12 @@ impl Chunker {
         Ok(())
     }
 
-    fn drain<E>(
-        &mut self,
-        keep: usize,
+    /// The stream ended: cut what is left, return every chunk.
+    pub fn finish<E>(
+        mut self,
         on_chunk: &mut impl FnMut(&Chunk, &[u8]) -> Result<(), E>,
-    ) -> Result<(), E> {
-        while self.buf.len() >= keep.max(1) {
+    ) -> Result<Vec<Chunk>, E> {
+        while !self.buf.is_empty() {
             let len = cut(&self.buf, &self.params, self.offset);
             emit(
                 &mut self.chunks,
@@ -211,15 +211,6 @@ impl Chunker {
             )?;
             self.buf.drain(..len);
         }
-        Ok(())
-    }
-
-    /// The stream ended: cut what is left, return every chunk.
-    pub fn finish<E>(
-        mut self,
-        on_chunk: &mut impl FnMut(&Chunk, &[u8]) -> Result<(), E>,
-    ) -> Result<Vec<Chunk>, E> {
-        self.drain(1, on_chunk)?;
         Ok(self.chunks)
     }
 }

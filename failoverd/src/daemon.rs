@@ -100,7 +100,6 @@ pub async fn run(cfg: Config) -> Result<(), String> {
         peer: client,
         shared: shared.clone(),
         mirror: std::sync::Mutex::new(None),
-        standby_holds: std::sync::Mutex::new(None),
     };
     tasks.push(tokio::spawn(snapshot_loop(
         shipper,

@@ -45,17 +45,15 @@ pub struct Shipper {
     pub shared: Arc<Shared>,
     /// What the mirror file holds, when it is known.
     pub mirror: std::sync::Mutex<Option<Mirror>>,
-    /// The chunk hashes of the newest generation the standby installed, when known: a
-    /// whole image streams only the chunks it lacks.
-    pub standby_holds: std::sync::Mutex<Option<Arc<HashSet<[u8; 32]>>>>,
 }
 
 /// Where a whole image's chunks are framed while it is taken, a batch at a time, for the
 /// stream task.
 struct Outbox {
     tx: tokio::sync::mpsc::Sender<(u64, Vec<u8>)>,
-    /// Not streamed: the standby holds these.
-    holds: Arc<HashSet<[u8; 32]>>,
+    /// Not streamed: the standby holds these. `None` until the image starts when they are
+    /// the old mirror's chunks (the standby installed that image).
+    holds: Option<HashSet<[u8; 32]>>,
     /// The image's size.
     size: u64,
     batch: Vec<u8>,
@@ -66,7 +64,10 @@ struct Outbox {
 }
 
 impl Outbox {
-    fn new(tx: tokio::sync::mpsc::Sender<(u64, Vec<u8>)>, holds: Arc<HashSet<[u8; 32]>>) -> Outbox {
+    fn new(
+        tx: tokio::sync::mpsc::Sender<(u64, Vec<u8>)>,
+        holds: Option<HashSet<[u8; 32]>>,
+    ) -> Outbox {
         Outbox {
             tx,
             holds,
@@ -79,7 +80,7 @@ impl Outbox {
 
     /// Frame chunk `c` (bytes `b`) unless the standby holds it.
     fn chunk(&mut self, c: &Chunk, b: &[u8]) {
-        if self.closed || self.holds.contains(&c.hash) {
+        if self.closed || self.holds.as_ref().is_some_and(|h| h.contains(&c.hash)) {
             return;
         }
         self.batch.extend_from_slice(&c.offset.to_le_bytes());
@@ -116,6 +117,8 @@ impl Outbox {
 pub struct Mirror {
     pub chunks: Vec<Chunk>,
     pub token: String,
+    /// The standby installed this image (so it holds these chunks).
+    pub installed: bool,
 }
 
 /// Name of the mirror file in the outgoing directory.
@@ -181,6 +184,10 @@ fn take_image(
         if !h.changed_only {
             if let Some(o) = outbox.borrow_mut().as_mut() {
                 o.size = h.bytes;
+                if o.holds.is_none() {
+                    let held = old.as_ref().map_or(&[][..], |m| &m.chunks);
+                    o.holds = Some(held.iter().map(|c| c.hash).collect());
+                }
             }
             return chunker.push(b, &mut on_chunk);
         }
@@ -296,7 +303,7 @@ impl Shipper {
         // From here until the image is complete the mirror is not what it was.
         let old = self.mirror_lock().take();
         let (outbox, streamer) = match self.cfg.snapshot.transport {
-            Transport::Https => match self.standby_holds().await {
+            Transport::Https => match self.standby_holds(old.as_ref()).await {
                 Some(holds) => {
                     let (tx, rx) = tokio::sync::mpsc::channel(STREAM_QUEUE);
                     let task = tokio::spawn(stream_image(
@@ -337,32 +344,28 @@ impl Shipper {
         *self.mirror_lock() = Some(Mirror {
             chunks: taken.chunks.clone(),
             token: taken.header.token.clone(),
+            installed: false,
         });
         let take_ms = t0.elapsed().as_millis() as u64;
         self.ship(generation, &file, taken, streamed, t0, take_ms)
             .await
     }
 
-    /// The chunk hashes the standby's newest generation holds: remembered from the last
-    /// install, or asked for (`None` if the standby cannot say).
-    async fn standby_holds(&self) -> Option<Arc<HashSet<[u8; 32]>>> {
-        if let Some(h) = self.holds_lock().clone() {
-            return Some(h);
+    /// What the standby's newest generation holds: `Some(None)` when it installed the
+    /// image the mirror holds (its chunks, collected only if a whole image comes), else
+    /// the hashes it names when asked (`None` if it cannot say).
+    async fn standby_holds(&self, old: Option<&Mirror>) -> Option<Option<HashSet<[u8; 32]>>> {
+        if old.is_some_and(|m| m.installed) {
+            return Some(None);
         }
         let a = self.peer.request("GET", "/v1/hashes", b"").await.ok()?;
         let v = a.json("hashes").ok()?;
         let raw = hex::decode(v.get("hashes")?.as_str()?).ok()?;
-        let set: HashSet<[u8; 32]> = raw
-            .chunks_exact(32)
-            .map(|h| h.try_into().expect("32 bytes"))
-            .collect();
-        let set = Arc::new(set);
-        *self.holds_lock() = Some(set.clone());
-        Some(set)
-    }
-
-    fn holds_lock(&self) -> std::sync::MutexGuard<'_, Option<Arc<HashSet<[u8; 32]>>>> {
-        self.standby_holds.lock().unwrap_or_else(|p| p.into_inner())
+        Some(Some(
+            raw.chunks_exact(32)
+                .map(|h| h.try_into().expect("32 bytes"))
+                .collect(),
+        ))
     }
 
     fn mirror_lock(&self) -> std::sync::MutexGuard<'_, Option<Mirror>> {
@@ -399,8 +402,6 @@ impl Shipper {
             transport,
         };
         let env = m.seal(&self.key);
-        // Until this install succeeds, what the standby holds is not known.
-        self.holds_lock().take();
         let (sent, reused, phases) = match transport {
             Transport::Https => self.ship_https(&m, &env, file).await?,
             Transport::Rsync | Transport::Scp => {
@@ -410,7 +411,9 @@ impl Shipper {
                 (sent, 0, String::new())
             }
         };
-        *self.holds_lock() = Some(Arc::new(m.chunks.iter().map(|c| c.hash).collect()));
+        if let Some(mirror) = self.mirror_lock().as_mut() {
+            mirror.installed |= mirror.token == header.token;
+        }
         let sent = sent + streamed;
         let s = LastSnapshot {
             generation,
