@@ -1,55 +1,38 @@
 //! Chunking and BLAKE3 chunk hashes: the body of a snapshot manifest.
 //!
 //! A snapshot is a page image of the conode's redb file: pages keep their offsets, and two
-//! snapshots taken a little apart differ only in the pages written between them. Chunks
-//! are cut where the content says (a gear rolling hash, as in FastCDC) and also at every
-//! multiple of `max` (see [`cut`]), so a written page changes only the chunk it falls in,
-//! and runs of free pages stay cut at the same places whatever is allocated before them.
+//! snapshots taken a little apart differ only in the pages written between them. Nothing
+//! ever shifts, so chunks are fixed: every chunk is [`Params::size`] bytes at a multiple
+//! of it (the last one may be shorter). A written page changes exactly the chunk it falls
+//! in, a run of free pages gives the same chunks wherever it is, and cutting costs nothing
+//! (a content-defined cut, as rsync's or FastCDC's, would only pay to find insertions that
+//! a page image never has).
 //!
-//! Boundaries depend only on the bytes, their offsets and [`Params`], never on how the
-//! bytes were read: the same file always gives the same chunks, on any host.
+//! Boundaries depend only on the file's length and [`Params`], never on how the bytes
+//! were read: the same file always gives the same chunks, on any host.
 
-/// Chunk size limits. `min <= avg <= max`, `avg` a power of two.
+/// The chunk size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Params {
-    pub min: u32,
-    pub avg: u32,
-    pub max: u32,
+    pub size: u32,
 }
 
 impl Params {
-    /// 4 KiB .. 16 KiB .. 64 KiB: a 1 GiB snapshot has about 65 000 chunks, and an inserted
-    /// block costs about one chunk of neighbours beyond its own bytes.
-    pub const DEFAULT: Params = Params {
-        min: 4 << 10,
-        avg: 16 << 10,
-        max: 64 << 10,
-    };
+    /// 16 KiB: four pages, so one written page costs at most 12 KiB of neighbours; a
+    /// 1 GiB snapshot has 65 536 chunks (a 2.4 MB chunk list), and BLAKE3 hashes 16 KiB
+    /// with all its SIMD lanes busy.
+    pub const DEFAULT: Params = Params { size: 16 << 10 };
 
-    /// Check the limits (a manifest from the network carries them).
+    /// Check the size (a manifest from the network carries it).
     pub fn check(&self) -> Result<(), String> {
-        if !self.avg.is_power_of_two()
-            || self.avg < 256
-            || self.min < 64
-            || self.min > self.avg
-            || self.avg > self.max
-            || self.max > 16 << 20
-        {
+        if !self.size.is_power_of_two() || self.size < 4096 || self.size > 16 << 20 {
             return Err(format!(
-                "bad chunk sizes min {} avg {} max {}: need 64 <= min <= avg <= max <= 16 MiB, avg a power of two >= 256",
-                self.min, self.avg, self.max
+                "bad chunk size {}: need a power of two from 4096 to 16 MiB",
+                self.size
             ));
         }
         Ok(())
-    }
-
-    fn masks(&self) -> (u64, u64) {
-        let bits = self.avg.trailing_zeros();
-        // Normalized chunking: harder to cut before `avg`, easier after. Top bits of the
-        // gear hash depend on the last 64 bytes.
-        let small = u64::MAX << (64 - (bits + 2).min(63));
-        let large = u64::MAX << (64 - bits.saturating_sub(2).max(1));
-        (small, large)
     }
 }
 
@@ -61,65 +44,31 @@ pub struct Chunk {
     pub hash: [u8; 32],
 }
 
-static GEAR: [u64; 256] = gear_table();
-
-const fn gear_table() -> [u64; 256] {
-    // splitmix64 from a fixed seed: the table is part of the format.
-    let mut t = [0u64; 256];
-    let mut s: u64 = 0x6661_696c_6f76_6572; // "failover"
-    let mut i = 0;
-    while i < 256 {
-        s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = s;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        t[i] = z ^ (z >> 31);
-        i += 1;
-    }
-    t
+/// Length of the first chunk of `data`, which starts at `offset` in the file: up to the
+/// next multiple of the chunk size, or all of `data` if it ends first (callers pass at
+/// least a chunk's worth unless at the end of the file).
+pub fn cut(data: &[u8], p: &Params, offset: u64) -> usize {
+    let room = (p.size as u64 - offset % p.size as u64) as usize;
+    data.len().min(room)
 }
 
-/// Length of the first chunk of `data`, which starts at `offset` in the file (all of it
-/// if shorter than `max` and no cut is found; callers pass at least `max` bytes unless at
-/// the end of the file).
-///
-/// A chunk never crosses a multiple of `max` in the file: snapshots are page images, whose
-/// long runs of free pages (zeros, or the same stale bytes) would otherwise be cut relative
-/// to where the run starts, so that every chunk of the run moves when a page is allocated
-/// at its start. Aligned, they stay where they are, and only the chunks around written
-/// pages change.
-pub fn cut(data: &[u8], p: &Params, offset: u64) -> usize {
-    let (min, avg, max) = (p.min as usize, p.avg as usize, p.max as usize);
-    let room = (p.max as u64 - offset % p.max as u64) as usize;
-    let n = data.len().min(room);
-    if n <= min {
-        return n;
+/// The hash of a chunk of `len` zero bytes (free pages past the end of what redb wrote
+/// read as zeros).
+pub fn zeros_hash(len: u32) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    let zeros = [0u8; 4096];
+    let mut left = len as usize;
+    while left > 0 {
+        let n = left.min(zeros.len());
+        h.update(&zeros[..n]);
+        left -= n;
     }
-    let end = n.min(max);
-    let normal = end.min(avg);
-    let (small, large) = p.masks();
-    let mut h: u64 = 0;
-    let mut i = min;
-    while i < normal {
-        h = (h << 1).wrapping_add(GEAR[data[i] as usize]);
-        if h & small == 0 {
-            return i + 1;
-        }
-        i += 1;
-    }
-    while i < end {
-        h = (h << 1).wrapping_add(GEAR[data[i] as usize]);
-        if h & large == 0 {
-            return i + 1;
-        }
-        i += 1;
-    }
-    end
+    *h.finalize().as_bytes()
 }
 
 /// Split `data` (a whole file in memory) into chunks and hash them.
 pub fn chunk_slice(data: &[u8], p: &Params) -> Vec<Chunk> {
-    let mut out = Vec::with_capacity(data.len() / p.avg as usize + 1);
+    let mut out = Vec::with_capacity(data.len() / p.size as usize + 1);
     let mut off = 0usize;
     while off < data.len() {
         let len = cut(&data[off..], p, off as u64);
@@ -146,22 +95,21 @@ impl Chunker {
     pub fn new(params: Params) -> Chunker {
         Chunker {
             params,
-            buf: Vec::with_capacity(2 * params.max as usize),
+            buf: Vec::with_capacity(2 * params.size as usize),
             offset: 0,
             chunks: Vec::new(),
         }
     }
 
-    /// Add bytes; every chunk that is complete (at least `max` bytes follow its start, so
-    /// its end cannot depend on bytes not seen yet) goes to `on_chunk`. Fewer than `max`
-    /// bytes are held between calls; the rest is cut where it lies, without copying.
+    /// Add bytes; every complete chunk goes to `on_chunk`. Less than a chunk is held
+    /// between calls; the rest is cut where it lies, without copying.
     pub fn push<E>(
         &mut self,
         mut data: &[u8],
         on_chunk: &mut impl FnMut(&Chunk, &[u8]) -> Result<(), E>,
     ) -> Result<(), E> {
-        let max = self.params.max as usize;
-        // Held bytes first: complete them to `max` with the head of `data`, cut one chunk,
+        let max = self.params.size as usize;
+        // Held bytes first: complete them to a chunk with the head of `data`, cut it,
         // and give back the bytes of `data` it did not take.
         while !self.buf.is_empty() {
             let held = self.buf.len();
@@ -263,23 +211,20 @@ mod tests {
         let mut off = 0u64;
         for (i, c) in chunks.iter().enumerate() {
             assert_eq!(c.offset, off);
-            assert!(c.len <= p.max);
-            let end = c.offset + c.len as u64;
-            assert!(
-                c.offset / p.max as u64 == (end - 1) / p.max as u64,
-                "chunk {i} crosses a multiple of max"
-            );
-            if i + 1 < chunks.len() && !end.is_multiple_of(p.max as u64) {
-                assert!(c.len > p.min, "chunk {i} is {} bytes", c.len);
+            assert_eq!(c.offset % p.size as u64, 0, "chunk {i} is not aligned");
+            if i + 1 < chunks.len() {
+                assert_eq!(c.len, p.size, "chunk {i}");
+            } else {
+                assert!(c.len <= p.size && c.len > 0);
             }
+            assert_eq!(
+                c.hash,
+                *blake3::hash(&data[off as usize..][..c.len as usize]).as_bytes()
+            );
             off += c.len as u64;
         }
         assert_eq!(off, data.len() as u64);
-        let avg = data.len() / chunks.len();
-        assert!(
-            (p.avg as usize / 2..p.avg as usize * 2).contains(&avg),
-            "average chunk {avg} bytes"
-        );
+        assert_eq!(chunks.len(), data.len().div_ceil(p.size as usize));
     }
 
     #[test]
@@ -289,8 +234,7 @@ mod tests {
         let mut old = pseudo_random(6 << 20, 11);
         old.extend(std::iter::repeat_n(0u8, 3 << 20));
         let mut new = old.clone();
-        // Pages written: scattered ones, and the first page of the free run (which used
-        // to shift every chunk of the run).
+        // Pages written: scattered ones, and the first page of the free run.
         let pages = [100usize, 700, 701, 1200, 1536];
         for (k, &pg) in pages.iter().enumerate() {
             new[pg * 4096..(pg + 1) * 4096].copy_from_slice(&pseudo_random(4096, 20 + k as u64));
@@ -304,12 +248,22 @@ mod tests {
             .filter(|c| !held.contains(&(c.offset, c.len, c.hash)))
             .map(|c| c.len as u64)
             .sum();
-        assert!(changed >= 4 * 4096);
+        // Pages 700 and 701 share a chunk: four chunks, and not a byte more.
         assert!(
-            changed <= pages.len() as u64 * 2 * p.max as u64,
+            changed == 4 * p.size as u64,
             "{changed} bytes of chunks changed for {} pages written",
             pages.len()
         );
+    }
+
+    #[test]
+    fn zeros_hash_is_the_hash_of_zeros() {
+        for len in [1u32, 4095, 4096, 16 << 10, (16 << 10) + 3] {
+            assert_eq!(
+                zeros_hash(len),
+                *blake3::hash(&vec![0u8; len as usize]).as_bytes()
+            );
+        }
     }
 
     #[test]
@@ -324,9 +278,10 @@ mod tests {
     #[test]
     fn bad_params_are_refused() {
         assert!(Params::DEFAULT.check().is_ok());
-        for (min, avg, max) in [(0, 1024, 4096), (2048, 1000, 4096), (64, 4096, 1024)] {
-            assert!(Params { min, avg, max }.check().is_err());
+        for size in [0, 1, 2048, 12288, 32 << 20] {
+            assert!(Params { size }.check().is_err(), "{size}");
         }
+        assert!(Params { size: 4096 }.check().is_ok());
     }
 
     #[test]
@@ -334,8 +289,8 @@ mod tests {
         let data = pseudo_random(700_000, 9);
         let p = Params::DEFAULT;
         let whole = chunk_slice(&data, &p);
-        // 0: pieces of varying sizes, below and above `max`.
-        for piece in [1usize, 977, 65535, 65536, 65537, 100_003, 1 << 20, 0] {
+        // 0: pieces of varying sizes, below and above a chunk.
+        for piece in [1usize, 977, 16383, 16384, 16385, 100_003, 1 << 20, 0] {
             let mut ch = Chunker::new(p);
             let mut rebuilt = Vec::new();
             let mut on = |c: &Chunk, b: &[u8]| {
@@ -344,7 +299,7 @@ mod tests {
                 rebuilt.extend_from_slice(b);
                 Ok::<(), ()>(())
             };
-            let sizes = [1usize, 70_000, 5_000, 300_000, 64 << 10, 3];
+            let sizes = [1usize, 70_000, 5_000, 300_000, 16 << 10, 3];
             let mut at = 0;
             for k in 0.. {
                 if at == data.len() {

@@ -5,7 +5,7 @@
 //!
 //! # Layout
 //! - [`config`]: `failoverd.toml`, the key file, the template `setup` writes, field checks.
-//! - [`chunk`]: content-defined chunking and BLAKE3 chunk hashes.
+//! - [`chunk`]: fixed, page-aligned chunks and their BLAKE3 hashes.
 //! - [`manifest`]: the signed snapshot manifest (wire form documented there).
 //! - [`standby`]: receive, verify, install atomically, keep N generations.
 //! - [`live`]: take a snapshot through the conode's admin socket and ship it.

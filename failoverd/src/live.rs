@@ -163,7 +163,7 @@ fn take_image(
     let since = old.as_ref().map(|m| m.token.clone());
     // What the mirror held by offset: needed only if the whole image comes.
     let held = std::cell::OnceCell::new();
-    let max = params.max as u64;
+    let max = params.size as u64;
     let written = std::cell::Cell::new(0u64);
     let mut touched = std::collections::BTreeSet::new();
     let mut chunker = Chunker::new(params);

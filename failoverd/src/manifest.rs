@@ -8,16 +8,17 @@
 //! and `signature` the Ed25519 signature of `"failoverd manifest v1\n" ‖ body`. The body:
 //!
 //! ```text
-//! {"version":1,"generation":7,"conode":"<hex>","signer":"<hex>",
+//! {"version":2,"generation":7,"conode":"<hex>","signer":"<hex>",
 //!  "positions":[{"chain":"<hex>","index":41,"hash":"<hex>"}],
 //!  "taken_unix_ms":…,"created_unix_ms":…,"bytes":N,
-//!  "chunking":{"min":4096,"avg":16384,"max":65536},
+//!  "chunking":{"size":16384},
 //!  "chunks":"<hex of (len u32 little-endian ‖ BLAKE3 32 bytes) per chunk>",
 //!  "file":"snapshot.db" | null, "transport":"https"|"rsync"|"scp"}
 //! ```
 //!
 //! Chunk offsets are implied (each chunk starts where the previous one ended) and the
-//! lengths must add up to `bytes`. `file` names the file in the standby's inbox for the
+//! lengths must add up to `bytes`; a chunk is at most `size` bytes. (Version 1 had
+//! content-defined chunks of 4–64 KiB; it is refused by name.) `file` names the file in the standby's inbox for the
 //! rsync and scp transports: a plain name, never a path.
 
 use conode::db::ChainPosition;
@@ -27,8 +28,11 @@ use crate::chunk::{Chunk, Params};
 use crate::config::Transport;
 
 const DOMAIN: &[u8] = b"failoverd manifest v1\n";
-/// Longest envelope accepted (a 64 GiB snapshot at 4 KiB minimum chunks would be far
-/// larger; at the default sizes a 1 GiB snapshot is about 5 MB).
+/// The body's version: 2 since chunks are fixed (the signing domain above is unchanged, so
+/// a version 1 manifest is refused for its version, not as a bad signature).
+const VERSION: u32 = 2;
+/// Longest envelope accepted (a 64 GiB snapshot at 4 KiB chunks would be far larger; at
+/// the default size a 1 GiB snapshot is about 5 MB).
 pub const MAX_ENVELOPE: u64 = 256 << 20;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,7 +124,7 @@ impl Manifest {
             chunks.extend_from_slice(&c.hash);
         }
         let w = WireBody {
-            version: 1,
+            version: VERSION,
             generation: self.generation,
             conode: hex::encode(self.conode),
             signer: hex::encode(self.signer),
@@ -177,14 +181,21 @@ impl Manifest {
                 hex::encode(pinned)
             ));
         }
-        let w: WireBody = serde_json::from_str(&env.manifest)
+        // The version first: another version's fields would read as malformed.
+        #[derive(Deserialize)]
+        struct WireVersion {
+            version: u32,
+        }
+        let v: WireVersion = serde_json::from_str(&env.manifest)
             .map_err(|e| format!("manifest body is malformed: {e}"))?;
-        if w.version != 1 {
+        if v.version != VERSION {
             return Err(format!(
-                "manifest version {} is not supported (this failoverd reads version 1)",
-                w.version
+                "manifest version {} is not supported (this failoverd reads version {VERSION}): run the same failoverd release on both hosts",
+                v.version
             ));
         }
+        let w: WireBody = serde_json::from_str(&env.manifest)
+            .map_err(|e| format!("manifest body is malformed: {e}"))?;
         let signer = hex32("signer", &w.signer)?;
         if &signer != pinned {
             return Err("manifest names a signer other than the pinned peer key".into());
@@ -198,10 +209,10 @@ impl Manifest {
         let mut offset = 0u64;
         for (i, rec) in raw.chunks_exact(36).enumerate() {
             let len = u32::from_le_bytes(rec[..4].try_into().expect("4 bytes"));
-            if len == 0 || len > w.chunking.max {
+            if len == 0 || len > w.chunking.size {
                 return Err(format!(
                     "manifest chunk {i} is {len} bytes, outside 1..={}",
-                    w.chunking.max
+                    w.chunking.size
                 ));
             }
             let mut hash = [0u8; 32];
@@ -312,6 +323,22 @@ pub(crate) mod tests {
         let mut m = sample(&k, &[1u8; 100], 1);
         m.file = Some("snapshot.db".into());
         assert!(Manifest::open(&m.seal(&k), &k.public_bytes()).is_ok());
+    }
+
+    #[test]
+    fn a_version_1_manifest_is_refused_by_its_version() {
+        let k = KeyPair::generate().unwrap();
+        let body =
+            r#"{"version":1,"generation":1,"chunking":{"min":4096,"avg":16384,"max":65536}}"#;
+        let mut msg = DOMAIN.to_vec();
+        msg.extend_from_slice(body.as_bytes());
+        let env = serde_json::to_vec(&WireEnvelope {
+            manifest: body.into(),
+            signature: hex::encode(k.sign(&msg)),
+        })
+        .unwrap();
+        let e = Manifest::open(&env, &k.public_bytes()).unwrap_err();
+        assert!(e.contains("version 1 is not supported"), "{e}");
     }
 
     #[test]

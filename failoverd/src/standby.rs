@@ -775,7 +775,7 @@ fn in_place(old: &Manifest, written: &BTreeSet<u64>, p: &mut Pending) -> u64 {
 /// Hash again the chunks left in place in a recycled file: what it held was verified when
 /// it was installed, but the disk may have changed it since.
 fn check_in_place(p: &Pending) -> Result<(), String> {
-    let mut buf = vec![0u8; p.manifest.params.max as usize];
+    let mut buf = vec![0u8; p.manifest.params.size as usize];
     for (i, c) in p.manifest.chunks.iter().enumerate() {
         if !p.in_place[i] {
             continue;
@@ -806,7 +806,7 @@ fn reuse(prev_path: &Path, prev: &Manifest, p: &mut Pending) -> Result<u64, Stri
     let Ok(f) = File::open(prev_path) else {
         return Ok(0);
     };
-    let mut buf = vec![0u8; p.manifest.params.max as usize];
+    let mut buf = vec![0u8; p.manifest.params.size as usize];
     let mut reused = 0u64;
     for (i, c) in p.manifest.chunks.iter().enumerate() {
         if p.have[i] {
@@ -833,7 +833,7 @@ fn reuse(prev_path: &Path, prev: &Manifest, p: &mut Pending) -> Result<u64, Stri
 
 /// Copy `src` into `p` chunk by chunk, checking every chunk's hash on the way.
 fn copy_verified(src: &File, src_path: &Path, p: &mut Pending) -> Result<(), String> {
-    let mut buf = vec![0u8; p.manifest.params.max as usize];
+    let mut buf = vec![0u8; p.manifest.params.size as usize];
     for (i, c) in p.manifest.chunks.iter().enumerate() {
         let b = &mut buf[..c.len as usize];
         src.read_exact_at(b, c.offset)
