@@ -624,6 +624,61 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_overlay_reads_what_a_file_would_hold_and_never_writes_the_file() {
+        use redb::StorageBackend;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.db");
+        let mut seed = 0x1234_5678_9abc_def1u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let file: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&p, &file).unwrap();
+        let o = Overlay::open(&p).unwrap();
+        // The model: what a real file would hold after the same calls.
+        let mut model = file.clone();
+        for round in 0..400 {
+            match next(4) {
+                0 => {
+                    let at = next(70_000);
+                    let data: Vec<u8> = (0..next(20_000)).map(|_| next(256) as u8).collect();
+                    o.write(at, &data).unwrap();
+                    let end = at as usize + data.len();
+                    if model.len() < end {
+                        model.resize(end, 0);
+                    }
+                    model[at as usize..end].copy_from_slice(&data);
+                }
+                1 => {
+                    let len = next(70_000);
+                    o.set_len(len).unwrap();
+                    model.resize(len as usize, 0);
+                }
+                _ => {
+                    let len = model.len() as u64;
+                    let at = next(len + 1);
+                    let n = next(len - at + 1) as usize;
+                    let mut out = vec![0xeeu8; n];
+                    o.read(at, &mut out).unwrap();
+                    assert_eq!(
+                        out,
+                        model[at as usize..][..n],
+                        "round {round}: {n} bytes at {at}"
+                    );
+                }
+            }
+            assert_eq!(o.len().unwrap(), model.len() as u64);
+        }
+        if let Some(last) = (model.len() as u64).checked_sub(1) {
+            assert!(o.read(last, &mut [0u8; 2]).is_err(), "a read past the end");
+        }
+        assert_eq!(std::fs::read(&p).unwrap(), file, "the file was written");
+    }
+
+    #[test]
     fn a_database_is_never_opened_under_another_identity() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("x.db");
@@ -683,17 +738,23 @@ impl Overlay {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The file's bytes from `at` (zeros past its end).
+    fn file_range(&self, at: u64, visible: u64, out: &mut [u8]) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let end = self.file_len.min(visible);
+        let avail = if at < end {
+            ((end - at) as usize).min(out.len())
+        } else {
+            0
+        };
+        self.file.read_exact_at(&mut out[..avail], at)?;
+        out[avail..].fill(0);
+        Ok(())
+    }
+
     /// The file's bytes of page `n` (zeros past its end).
     fn file_page(&self, n: u64, visible: u64, out: &mut [u8; OVERLAY_PAGE]) -> std::io::Result<()> {
-        use std::os::unix::fs::FileExt;
-        out.fill(0);
-        let start = n * OVERLAY_PAGE as u64;
-        let end = self.file_len.min(visible);
-        if start < end {
-            let avail = ((end - start) as usize).min(OVERLAY_PAGE);
-            self.file.read_exact_at(&mut out[..avail], start)?;
-        }
-        Ok(())
+        self.file_range(n * OVERLAY_PAGE as u64, visible, out)
     }
 }
 
@@ -710,21 +771,25 @@ impl redb::StorageBackend for Overlay {
                 "read past the end of the database",
             ));
         }
+        let page = OVERLAY_PAGE as u64;
         let mut done = 0usize;
-        let mut page = Box::new([0u8; OVERLAY_PAGE]);
         while done < out.len() {
             let at = offset + done as u64;
-            let n = at / OVERLAY_PAGE as u64;
-            let within = (at % OVERLAY_PAGE as u64) as usize;
+            let within = (at % page) as usize;
             let take = (OVERLAY_PAGE - within).min(out.len() - done);
-            match st.pages.get(&n) {
-                Some(p) => out[done..done + take].copy_from_slice(&p[within..within + take]),
-                None => {
-                    self.file_page(n, st.visible, &mut page)?;
-                    out[done..done + take].copy_from_slice(&page[within..within + take]);
-                }
+            if let Some(p) = st.pages.get(&(at / page)) {
+                out[done..done + take].copy_from_slice(&p[within..within + take]);
+                done += take;
+                continue;
             }
-            done += take;
+            // A run of pages the overlay does not hold (all of them, until redb writes):
+            // one read straight into `out`.
+            let mut end = done + take;
+            while end < out.len() && !st.pages.contains_key(&((offset + end as u64) / page)) {
+                end = (end + OVERLAY_PAGE).min(out.len());
+            }
+            self.file_range(at, st.visible, &mut out[done..end])?;
+            done = end;
         }
         Ok(())
     }

@@ -59,6 +59,8 @@ struct Outbox {
     batch: Vec<u8>,
     /// Bytes of chunks left for the offer because the queue was full.
     skipped: u64,
+    /// The hash of a chunk of zeros: never sent, the standby makes them.
+    zeros: [u8; 32],
     /// The stream task is gone (it failed).
     closed: bool,
 }
@@ -74,13 +76,17 @@ impl Outbox {
             size: 0,
             batch: Vec::with_capacity(STREAM_BATCH + (64 << 10)),
             skipped: 0,
+            zeros: crate::chunk::zeros_hash(Params::DEFAULT.size),
             closed: false,
         }
     }
 
     /// Frame chunk `c` (bytes `b`) unless the standby holds it.
     fn chunk(&mut self, c: &Chunk, b: &[u8]) {
-        if self.closed || self.holds.as_ref().is_some_and(|h| h.contains(&c.hash)) {
+        if self.closed
+            || c.hash == self.zeros
+            || self.holds.as_ref().is_some_and(|h| h.contains(&c.hash))
+        {
             return;
         }
         self.batch.extend_from_slice(&c.offset.to_le_bytes());

@@ -13,8 +13,9 @@
 //!   the file starts empty. Chunks the standby holds elsewhere (same BLAKE3 hash in its
 //!   newest generation) are copied from there; the others come from the live host. Every
 //!   chunk is hashed as it enters the file, and the chunks left in place are hashed again
-//!   before the install. Of several missing chunks with the same bytes (a run of zeroed
-//!   pages after the file grew), one is asked for and written at every place. A transfer
+//!   before the install. Chunks of zeros (free pages) are never sent: the standby zeroes
+//!   their ranges itself. Of several missing chunks with the same bytes, one is asked for
+//!   and written at every place. A transfer
 //!   that fails after the oldest generation was moved leaves `keep - 1` generations, the
 //!   newest among them.
 //!
@@ -394,6 +395,7 @@ impl Store {
         if let Some(old) = recycled {
             reused += in_place(&old, &written, &mut pending);
         }
+        reused += zeros(&mut pending)?;
         reused += match inner.installed.last() {
             Some(prev) => reuse(&prev.path, &prev.manifest, &mut pending)?,
             None => 0,
@@ -795,6 +797,73 @@ fn check_in_place(p: &Pending) -> Result<(), String> {
     Ok(())
 }
 
+/// Make every chunk of `p` still lacking whose hash is that of zeros (free pages) zeros
+/// in its file, without a byte sent: `fallocate(FALLOC_FL_ZERO_RANGE)` on each run (its
+/// space stays reserved), or written zeros where the filesystem cannot. Returns their
+/// bytes. The live host never sends these chunks.
+fn zeros(p: &mut Pending) -> Result<u64, String> {
+    let size = p.manifest.params.size;
+    let full = crate::chunk::zeros_hash(size);
+    let mut bytes = 0;
+    let mut run: Option<(u64, u64)> = None;
+    for (i, c) in p.manifest.chunks.iter().enumerate() {
+        let zero = !p.have[i]
+            && c.hash
+                == if c.len == size {
+                    full
+                } else {
+                    crate::chunk::zeros_hash(c.len)
+                };
+        if !zero {
+            continue;
+        }
+        p.have[i] = true;
+        bytes += c.len as u64;
+        run = match run {
+            Some((start, end)) if end == c.offset => Some((start, end + c.len as u64)),
+            Some((start, end)) => {
+                zero_range(&p.file, &p.path, start, end - start)?;
+                Some((c.offset, c.offset + c.len as u64))
+            }
+            None => Some((c.offset, c.offset + c.len as u64)),
+        };
+    }
+    if let Some((start, end)) = run {
+        zero_range(&p.file, &p.path, start, end - start)?;
+    }
+    Ok(bytes)
+}
+
+fn zero_range(file: &File, path: &Path, start: u64, len: u64) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fallocate only reads its integer arguments and acts on the descriptor, which
+    // `file` owns and keeps open for the call.
+    let r = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_ZERO_RANGE,
+            start as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+        return Err(io("cannot zero a range of", path, e));
+    }
+    let zeros = vec![0u8; (len as usize).min(1 << 20)];
+    let mut at = start;
+    while at < start + len {
+        let n = (start + len - at).min(zeros.len() as u64) as usize;
+        file.write_all_at(&zeros[..n], at)
+            .map_err(|e| io("cannot write", path, e))?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
 /// Copy into `p` every chunk whose hash the previous generation holds, checking each
 /// copied chunk's hash. Returns the bytes reused.
 fn reuse(prev_path: &Path, prev: &Manifest, p: &mut Pending) -> Result<u64, String> {
@@ -851,4 +920,45 @@ fn copy_verified(src: &File, src_path: &Path, p: &mut Pending) -> Result<(), Str
         p.have[i] = true;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On ext4 (`fallocate`) and on tmpfs (which refuses `FALLOC_FL_ZERO_RANGE`: zeros are
+    /// written), exactly the range becomes zeros.
+    #[test]
+    fn zero_range_zeroes_exactly_its_range() {
+        let shm = Path::new("/dev/shm");
+        assert!(shm.is_dir(), "this test needs the tmpfs at /dev/shm");
+        for dir in [std::env::temp_dir(), shm.to_path_buf()] {
+            let tmp = tempfile::tempdir_in(&dir).unwrap();
+            let path = tmp.path().join("f");
+            let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253 + 1) as u8).collect();
+            std::fs::write(&path, &data).unwrap();
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .unwrap();
+            for (start, len) in [(4096u64, 16384u64), (100_000, 1_500_000), (2_999_000, 1000)] {
+                zero_range(&f, &path, start, len).unwrap();
+            }
+            let got = std::fs::read(&path).unwrap();
+            assert_eq!(got.len(), data.len(), "{}", dir.display());
+            for (i, (&g, &d)) in got.iter().zip(&data).enumerate() {
+                let i = i as u64;
+                let zeroed = (4096..20480).contains(&i)
+                    || (100_000..1_600_000).contains(&i)
+                    || i >= 2_999_000;
+                assert_eq!(
+                    g,
+                    if zeroed { 0 } else { d },
+                    "byte {i} in {}",
+                    dir.display()
+                );
+            }
+        }
+    }
 }
