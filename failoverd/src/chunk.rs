@@ -55,6 +55,14 @@ pub fn cut(data: &[u8], p: &Params, offset: u64) -> usize {
 /// The hash of a chunk of `len` zero bytes (free pages past the end of what redb wrote
 /// read as zeros).
 pub fn zeros_hash(len: u32) -> [u8; 32] {
+    static DEFAULT: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+    if len == Params::DEFAULT.size {
+        return *DEFAULT.get_or_init(|| hash_zeros(len));
+    }
+    hash_zeros(len)
+}
+
+fn hash_zeros(len: u32) -> [u8; 32] {
     let mut h = blake3::Hasher::new();
     let zeros = [0u8; 4096];
     let mut left = len as usize;

@@ -83,10 +83,18 @@ impl Outbox {
 
     /// Frame chunk `c` (bytes `b`) unless the standby holds it.
     fn chunk(&mut self, c: &Chunk, b: &[u8]) {
-        if self.closed
-            || c.hash == self.zeros
-            || self.holds.as_ref().is_some_and(|h| h.contains(&c.hash))
-        {
+        if self.closed {
+            return;
+        }
+        if c.hash == self.zeros {
+            // No bytes: the standby makes them (and has them in its page cache for the
+            // integrity check before the manifest comes).
+            self.batch.extend_from_slice(&c.offset.to_le_bytes());
+            self.batch
+                .extend_from_slice(&(c.len | crate::peer::ZEROS).to_le_bytes());
+            return;
+        }
+        if self.holds.as_ref().is_some_and(|h| h.contains(&c.hash)) {
             return;
         }
         self.batch.extend_from_slice(&c.offset.to_le_bytes());

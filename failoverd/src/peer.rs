@@ -17,7 +17,9 @@
 //! - `PUT /v1/stream/<generation>/<bytes>` (body: frames of `offset u64 LE ‖ len u32 LE ‖
 //!   bytes`): chunks of a whole image streamed while the live host takes it, before its
 //!   manifest exists. Each frame is written at its offset and hashed; it counts only once
-//!   the manifest, offered next, names that hash at that offset. Answers `{"stored":N}`.
+//!   the manifest, offered next, names that hash at that offset. A frame whose len has its
+//!   top bit set ([`ZEROS`]) carries no bytes: that many zeros at that offset (a chunk of
+//!   zeros, never sent). Answers `{"stored":N}`.
 //! - `POST /v1/commit/<generation>`: verify and install; answers the installed generation.
 //! - `POST /v1/inbox` (body: a signed envelope naming a file in the inbox): verify the file
 //!   that rsync or scp delivered, and install it.
@@ -39,6 +41,15 @@ use crate::state::Shared;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest chunk frame accepted (the manifest's own limit is checked after).
 const MAX_FRAME: u32 = 16 << 20;
+/// In a stream frame's len: no bytes follow, the frame is that many zeros.
+pub const ZEROS: u32 = 1 << 31;
+
+/// What a frame carries.
+enum Body<'a> {
+    Bytes(&'a [u8]),
+    /// [`ZEROS`]: this many zero bytes, none sent.
+    Zeros(u32),
+}
 
 /// The client side: one HTTPS request per connection to the pinned peer.
 #[derive(Clone)]
@@ -323,7 +334,7 @@ async fn read_frames<const H: usize, R: tokio::io::AsyncBufRead + Unpin>(
     r: &mut R,
     len: u64,
     io_timeout: Duration,
-    mut each: impl FnMut(&[u8; H], &[u8]) -> Result<(), (u16, String)>,
+    mut each: impl FnMut(&[u8; H], Body) -> Result<(), (u16, String)>,
 ) -> Result<u64, (u16, String)> {
     let mut left = len;
     let mut frames = 0u64;
@@ -340,6 +351,12 @@ async fn read_frames<const H: usize, R: tokio::io::AsyncBufRead + Unpin>(
             Err(_) => return Err((400, format!("no chunk data for {io_timeout:?}"))),
         }
         let n = u32::from_le_bytes(hdr[H - 4..].try_into().expect("4"));
+        if n & ZEROS != 0 {
+            left -= H as u64;
+            each(&hdr, Body::Zeros(n & !ZEROS))?;
+            frames += 1;
+            continue;
+        }
         if n > MAX_FRAME || (H + n as usize) as u64 > left {
             return Err((
                 400,
@@ -353,7 +370,7 @@ async fn read_frames<const H: usize, R: tokio::io::AsyncBufRead + Unpin>(
             Err(_) => return Err((400, format!("no chunk data for {io_timeout:?}"))),
         }
         left -= (H + n as usize) as u64;
-        each(&hdr, &buf)?;
+        each(&hdr, Body::Bytes(&buf))?;
         frames += 1;
     }
     Ok(frames)
@@ -380,8 +397,11 @@ async fn receive_chunks<R: tokio::io::AsyncBufRead + Unpin>(
     generation: u64,
     shared: &Arc<Shared>,
 ) -> Result<serde_json::Value, (u16, String)> {
-    let n = read_frames(r, len, shared.io_timeout, |hdr: &[u8; 8], data| {
+    let n = read_frames(r, len, shared.io_timeout, |hdr: &[u8; 8], body| {
         let index = u32::from_le_bytes(hdr[..4].try_into().expect("4"));
+        let Body::Bytes(data) = body else {
+            return Err((400, "a frame of zeros is only for a stream".into()));
+        };
         let r = shared.store.put_chunk(generation, index, data);
         stored(shared, r, data.len())
     })
@@ -406,10 +426,18 @@ async fn receive_stream<R: tokio::io::AsyncBufRead + Unpin>(
         shared.refused(&e);
         (409, e)
     })?;
-    let n = read_frames(r, len, shared.io_timeout, |hdr: &[u8; 12], data| {
+    let n = read_frames(r, len, shared.io_timeout, |hdr: &[u8; 12], body| {
         let offset = u64::from_le_bytes(hdr[..8].try_into().expect("8"));
-        let r = shared.store.put_streamed(generation, offset, data);
-        stored(shared, r, data.len())
+        match body {
+            Body::Bytes(data) => {
+                let r = shared.store.put_streamed(generation, offset, data);
+                stored(shared, r, data.len())
+            }
+            Body::Zeros(n) => {
+                let r = shared.store.put_streamed_zeros(generation, offset, n);
+                stored(shared, r, 0)
+            }
+        }
     })
     .await?;
     Ok(serde_json::json!({ "stored": n }))

@@ -151,8 +151,8 @@ struct Streamed {
     written: BTreeSet<u64>,
 }
 
-/// Granularity at which streamed writes are remembered against a recycled file.
-const STREAM_WINDOW: u64 = 64 << 10;
+/// Granularity at which streamed writes are remembered (a chunk).
+const STREAM_WINDOW: u64 = crate::chunk::Params::DEFAULT.size as u64;
 
 impl Streamed {
     /// Record that `len` bytes hashing to `hash` were written at `offset`.
@@ -473,6 +473,49 @@ impl Store {
             .write_all_at(data, offset)
             .map_err(|e| io("cannot write", &s.path, e))?;
         s.record(offset, len, hash);
+        Ok(())
+    }
+
+    /// Make `len` bytes at `offset` of the streamed generation `generation` zeros: a chunk
+    /// of zeros, which the live host does not send. In a new file where no frame was
+    /// written they are zeros already (reserved, never written), and are only read into
+    /// the page cache, for redb's check to find them there without writing them to disk;
+    /// elsewhere zeros are written.
+    pub fn put_streamed_zeros(&self, generation: u64, offset: u64, len: u32) -> Result<(), String> {
+        let mut inner = self.lock();
+        let s = inner
+            .stream
+            .as_mut()
+            .filter(|s| s.generation == generation)
+            .ok_or_else(|| format!("generation {generation} is not being streamed"))?;
+        let end = offset.checked_add(len as u64).filter(|&e| e <= s.bytes);
+        let Some(end) = end.filter(|_| len > 0) else {
+            return Err(format!(
+                "a streamed frame of {len} zeros at offset {offset} is empty or ends past the {} bytes of generation {generation}",
+                s.bytes
+            ));
+        };
+        let untouched = s.recycled.is_none()
+            && s.written
+                .range(offset / STREAM_WINDOW..=(end - 1) / STREAM_WINDOW)
+                .next()
+                .is_none();
+        if untouched {
+            use std::os::fd::AsRawFd;
+            // SAFETY: posix_fadvise only reads its integer arguments and acts on the
+            // descriptor, which `s.file` owns and keeps open for the call. Advice only.
+            unsafe {
+                libc::posix_fadvise(
+                    s.file.as_raw_fd(),
+                    offset as libc::off_t,
+                    len as libc::off_t,
+                    libc::POSIX_FADV_WILLNEED,
+                )
+            };
+        } else {
+            write_zeros(&s.file, &s.path, offset, len as u64)?;
+        }
+        s.record(offset, len, crate::chunk::zeros_hash(len));
         Ok(())
     }
 
@@ -853,11 +896,15 @@ fn zero_range(file: &File, path: &Path, start: u64, len: u64) -> Result<(), Stri
     if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
         return Err(io("cannot zero a range of", path, e));
     }
-    let zeros = vec![0u8; (len as usize).min(1 << 20)];
+    write_zeros(file, path, start, len)
+}
+
+fn write_zeros(file: &File, path: &Path, start: u64, len: u64) -> Result<(), String> {
+    static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
     let mut at = start;
     while at < start + len {
-        let n = (start + len - at).min(zeros.len() as u64) as usize;
-        file.write_all_at(&zeros[..n], at)
+        let n = (start + len - at).min(ZEROS.len() as u64) as usize;
+        file.write_all_at(&ZEROS[..n], at)
             .map_err(|e| io("cannot write", path, e))?;
         at += n as u64;
     }

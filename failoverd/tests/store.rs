@@ -713,3 +713,92 @@ fn chunks_repeated_within_a_generation_are_sent_once() {
         std::fs::read(&f2).unwrap()
     );
 }
+
+/// Chunks of zeros stream as frames without bytes: in a new file they are zeros already
+/// (never written), where a frame was written they are written, and in a recycled file
+/// (whose old bytes there are not zeros) too. Every install is the image, byte for byte.
+#[test]
+fn zero_frames_give_zeros_in_new_and_recycled_files() {
+    let mut s = setup();
+    let store = Store::open(&s.state, 2, s.key.public_bytes(), s.live.public).unwrap();
+    let zero = |c: &chunk::Chunk| c.hash == chunk::zeros_hash(c.len);
+    let (key, public) = (s.key.clone(), s.live.public);
+    let stream = |g: u64, f: &Path, p, garbage_first: bool| {
+        let m = manifest(&key, public, g, f, p);
+        let data = std::fs::read(f).unwrap();
+        store.begin_stream(g, m.bytes).unwrap();
+        let zeros: Vec<chunk::Chunk> = m.chunks.iter().copied().filter(zero).collect();
+        assert!(zeros.len() > 3, "the image has chunks of zeros");
+        for c in &m.chunks {
+            if zero(c) {
+                if garbage_first {
+                    store
+                        .put_streamed(g, c.offset, &vec![0x5a; c.len as usize])
+                        .unwrap();
+                }
+                store.put_streamed_zeros(g, c.offset, c.len).unwrap();
+            } else {
+                let b = &data[c.offset as usize..(c.offset + c.len as u64) as usize];
+                store.put_streamed(g, c.offset, b).unwrap();
+            }
+        }
+        let offer = store.offer(&m.seal(&key)).unwrap();
+        assert!(
+            offer.missing.is_empty(),
+            "generation {g}: {:?}",
+            offer.missing
+        );
+        store.commit(g).unwrap();
+        assert_installable(&store, &public, g);
+        let got = std::fs::read(store.newest().unwrap().path).unwrap();
+        let differs = got.iter().zip(&data).position(|(a, b)| a != b);
+        assert!(
+            got.len() == data.len() && differs.is_none(),
+            "generation {g}: the install differs from the image at byte {differs:?}"
+        );
+        (m, zeros)
+    };
+    s.live.append(200, 8000);
+    let (f1, p1) = s.live.image("z1.db");
+    stream(1, &f1, p1, false);
+    s.live.append(20, 8000);
+    let (f2, p2) = s.live.image("z2.db");
+    stream(2, &f2, p2, true);
+
+    // Keep 2: generation 3 is written over generation 1's file. Make that file hold
+    // non-zero bytes wherever generation 3 has zeros (as stale pages would).
+    s.live.append(20, 8000);
+    let (f3, p3) = s.live.image("z3.db");
+    let m3 = manifest(&s.key, s.live.public, 3, &f3, p3.clone());
+    let old = store.installed()[0].path.clone();
+    let f = std::fs::OpenOptions::new().write(true).open(&old).unwrap();
+    let old_len = f.metadata().unwrap().len();
+    let mut stale = 0;
+    for c in m3.chunks.iter().filter(|c| zero(c)) {
+        if c.offset + c.len as u64 <= old_len {
+            std::os::unix::fs::FileExt::write_all_at(&f, &vec![0xc3; c.len as usize], c.offset)
+                .unwrap();
+            stale += 1;
+        }
+    }
+    drop(f);
+    assert!(
+        stale > 0,
+        "generation 1's file overlaps chunks of zeros of generation 3"
+    );
+    stream(3, &f3, p3, false);
+
+    // Refused: an empty frame of zeros, one past the end, one for another generation.
+    s.live.append(1, 8000);
+    let (f4, p4) = s.live.image("z4.db");
+    let m4 = manifest(&s.key, s.live.public, 4, &f4, p4);
+    store.begin_stream(4, m4.bytes).unwrap();
+    for (g, at, n, why) in [
+        (4, 0, 0, "empty"),
+        (4, m4.bytes - 10, 16384, "ends past"),
+        (5, 0, 16384, "not being streamed"),
+    ] {
+        let e = store.put_streamed_zeros(g, at, n).unwrap_err();
+        assert!(e.contains(why), "{e}");
+    }
+}
