@@ -138,7 +138,7 @@ impl Pair {
             });
         }
         failoverd.reverse();
-        let pair = Pair {
+        Pair {
             lab,
             dir,
             _sshd: sshd,
@@ -147,8 +147,7 @@ impl Pair {
             chain: String::new(),
             index: 0,
             key_a: keys[0].clone(),
-        };
-        pair
+        }
     }
 
     /// Start the live conode again (after `conode_a` was killed; used by the benchmark).
