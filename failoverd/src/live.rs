@@ -149,8 +149,8 @@ struct Taken {
 
 /// Take a page image from the conode at `admin` into `mirror`, which holds `old` (or is
 /// not trusted: `None`). With `old`, the conode is asked for the pages written since
-/// `old`'s token only: they are written in place, and only the 64 KiB windows they touch
-/// (chunks never cross one) are cut and hashed again. Otherwise the whole image streams
+/// `old`'s token only: they are written in place, and only the chunks they touch are
+/// hashed again. Otherwise the whole image streams
 /// through the chunker and only chunks that differ are written, and the chunks `outbox`'s
 /// standby lacks are queued for it.
 fn take_image(

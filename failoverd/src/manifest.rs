@@ -17,9 +17,10 @@
 //! ```
 //!
 //! Chunk offsets are implied (each chunk starts where the previous one ended) and the
-//! lengths must add up to `bytes`; a chunk is at most `size` bytes. (Version 1 had
-//! content-defined chunks of 4–64 KiB; it is refused by name.) `file` names the file in the standby's inbox for the
-//! rsync and scp transports: a plain name, never a path.
+//! lengths must add up to `bytes`; a chunk is at most `size` bytes (version 1 had
+//! content-defined chunks of 4–64 KiB and is refused by its version). `file` names the
+//! file in the standby's inbox for the rsync and scp transports: a plain name, never a
+//! path.
 
 use conode::db::ChainPosition;
 use serde::{Deserialize, Serialize};
