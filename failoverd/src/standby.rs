@@ -177,6 +177,14 @@ impl Streamed {
 }
 
 impl Inner {
+    /// The stream of `generation`, if it is the one being streamed.
+    fn streaming(&mut self, generation: u64) -> Result<&mut Streamed, String> {
+        self.stream
+            .as_mut()
+            .filter(|s| s.generation == generation)
+            .ok_or_else(|| format!("generation {generation} is not being streamed"))
+    }
+
     /// Drop the generation being received, streamed or offered, and its staging file.
     fn drop_partial(&mut self) {
         if let Some(old) = self.pending.take() {
@@ -454,11 +462,7 @@ impl Store {
     pub fn put_streamed(&self, generation: u64, offset: u64, data: &[u8]) -> Result<(), String> {
         let hash = *blake3::hash(data).as_bytes();
         let mut inner = self.lock();
-        let s = inner
-            .stream
-            .as_mut()
-            .filter(|s| s.generation == generation)
-            .ok_or_else(|| format!("generation {generation} is not being streamed"))?;
+        let s = inner.streaming(generation)?;
         let len = u32::try_from(data.len()).map_err(|_| "streamed frame too long".to_string())?;
         if offset
             .checked_add(len as u64)
@@ -483,11 +487,7 @@ impl Store {
     /// elsewhere zeros are written.
     pub fn put_streamed_zeros(&self, generation: u64, offset: u64, len: u32) -> Result<(), String> {
         let mut inner = self.lock();
-        let s = inner
-            .stream
-            .as_mut()
-            .filter(|s| s.generation == generation)
-            .ok_or_else(|| format!("generation {generation} is not being streamed"))?;
+        let s = inner.streaming(generation)?;
         let end = offset.checked_add(len as u64).filter(|&e| e <= s.bytes);
         let Some(end) = end.filter(|_| len > 0) else {
             return Err(format!(
