@@ -117,29 +117,17 @@ impl Chunker {
         on_chunk: &mut impl FnMut(&Chunk, &[u8]) -> Result<(), E>,
     ) -> Result<(), E> {
         let max = self.params.size as usize;
-        // Held bytes first: complete them to a chunk with the head of `data`, cut it,
-        // and give back the bytes of `data` it did not take.
-        while !self.buf.is_empty() {
-            let held = self.buf.len();
-            let need = max.saturating_sub(held).min(data.len());
+        // Held bytes first (always less than a chunk, from an aligned offset): complete
+        // them to a chunk with the head of `data` and cut it.
+        if !self.buf.is_empty() {
+            let need = (max - self.buf.len()).min(data.len());
             self.buf.extend_from_slice(&data[..need]);
             if self.buf.len() < max {
                 return Ok(());
             }
-            let len = cut(&self.buf, &self.params, self.offset);
-            emit(
-                &mut self.chunks,
-                &mut self.offset,
-                &self.buf[..len],
-                on_chunk,
-            )?;
-            if len >= held {
-                data = &data[len - held..];
-                self.buf.clear();
-            } else {
-                self.buf.truncate(held);
-                self.buf.drain(..len);
-            }
+            emit(&mut self.chunks, &mut self.offset, &self.buf, on_chunk)?;
+            self.buf.clear();
+            data = &data[need..];
         }
         let mut start = 0;
         while data.len() - start >= max {
@@ -157,15 +145,9 @@ impl Chunker {
         mut self,
         on_chunk: &mut impl FnMut(&Chunk, &[u8]) -> Result<(), E>,
     ) -> Result<Vec<Chunk>, E> {
-        while !self.buf.is_empty() {
-            let len = cut(&self.buf, &self.params, self.offset);
-            emit(
-                &mut self.chunks,
-                &mut self.offset,
-                &self.buf[..len],
-                on_chunk,
-            )?;
-            self.buf.drain(..len);
+        // Less than a chunk is held: the last, short chunk.
+        if !self.buf.is_empty() {
+            emit(&mut self.chunks, &mut self.offset, &self.buf, on_chunk)?;
         }
         Ok(self.chunks)
     }
