@@ -690,6 +690,81 @@ mod tests {
         assert!(e.contains("belongs to conode 0101"), "{e}");
     }
 
+    /// failoverd leaves the free pages of a snapshot as holes: the overlay reads them as
+    /// zeros without reading the file there, every other byte as the file holds it, and
+    /// the check of the sparse file passes as the check of the whole one does.
+    #[test]
+    fn a_sparse_snapshot_reads_as_its_bytes_and_verifies() {
+        use redb::StorageBackend;
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.db");
+        {
+            let db = Db::open(&p, &[7; 32]).unwrap();
+            for i in 0..24u8 {
+                let w = db.db.begin_write().unwrap();
+                {
+                    // 64 KiB values: redb gives each a 128 KiB page, half of it zeros.
+                    let mut t = w.open_table(SKIPCHAIN_BLOCKS).unwrap();
+                    let v: Vec<u8> = (0..65536u32).map(|j| (j as u8) ^ i | 1).collect();
+                    t.insert(&[i; 32][..], &v[..]).unwrap();
+                }
+                w.commit().unwrap();
+            }
+        }
+        let full = std::fs::read(&p).unwrap();
+        let sparse = dir.path().join("sparse.db");
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&sparse)
+            .unwrap();
+        f.set_len(full.len() as u64).unwrap();
+        let mut holes = Vec::new();
+        for (i, c) in full.chunks(4096).enumerate() {
+            if c.iter().all(|&b| b == 0) {
+                holes.push(i as u64 * 4096);
+            } else {
+                f.write_all_at(c, i as u64 * 4096).unwrap();
+            }
+        }
+        f.sync_all().unwrap();
+        // (Debug builds of redb fill free page space with 0xff, release builds leave zeros.)
+        assert!(
+            holes.len() >= 4,
+            "the image has zero pages: {}",
+            holes.len()
+        );
+        let o = Overlay::open(&sparse).unwrap();
+        assert!(
+            !o.seek_extent(holes[holes.len() / 2]).0,
+            "the filesystem reports the hole"
+        );
+        let n = full.len() as u64;
+        for (off, len) in [
+            (0, n),
+            (12_305, 300_001),
+            (n - 70_000, 70_000),
+            (holes[3], 4096),
+        ] {
+            let mut b = vec![0xa5u8; len as usize];
+            o.read(off, &mut b).unwrap();
+            assert!(
+                b[..] == full[off as usize..(off + len) as usize],
+                "bytes {off}+{len} differ"
+            );
+        }
+        assert_eq!(verify_snapshot(&sparse, &[7; 32]).unwrap(), Vec::new());
+        // A byte flipped in a value (a written range) is still found.
+        let v5: Vec<u8> = (0..64u32).map(|j| (j as u8) ^ 5 | 1).collect();
+        let at = full.windows(64).position(|w| w == &v5[..]).unwrap() as u64 + 1000;
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, at).unwrap();
+        f.write_all_at(&[b[0] ^ 0x40], at).unwrap();
+        assert!(verify_snapshot(&sparse, &[7; 32]).is_err());
+    }
+
     #[test]
     fn a_second_open_says_another_conode_runs() {
         let dir = tempfile::tempdir().unwrap();
@@ -715,6 +790,8 @@ struct OverlayState {
     /// File bytes at or past this offset read as zeros (the file was "truncated" here).
     visible: u64,
     pages: std::collections::HashMap<u64, Box<[u8; OVERLAY_PAGE]>>,
+    /// The last extent of the file found: (holds data, start, end).
+    extent: (bool, u64, u64),
 }
 
 const OVERLAY_PAGE: usize = 4096;
@@ -730,6 +807,7 @@ impl Overlay {
                 len: file_len,
                 visible: file_len,
                 pages: Default::default(),
+                extent: (true, 0, 0),
             }),
         })
     }
@@ -738,23 +816,80 @@ impl Overlay {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The file's bytes from `at` (zeros past its end).
-    fn file_range(&self, at: u64, visible: u64, out: &mut [u8]) -> std::io::Result<()> {
+    /// The file's bytes from `at` (zeros past its end). Holes in the file (ranges never
+    /// written, as the free pages of a snapshot whose zeros were not sent) are not read:
+    /// the filesystem says where they are (`SEEK_DATA`/`SEEK_HOLE`) and they are zeros,
+    /// so checking a sparse file does not fill the page cache with zero pages.
+    fn file_range(&self, st: &mut OverlayState, at: u64, out: &mut [u8]) -> std::io::Result<()> {
         use std::os::unix::fs::FileExt;
-        let end = self.file_len.min(visible);
+        let end = self.file_len.min(st.visible);
         let avail = if at < end {
             ((end - at) as usize).min(out.len())
         } else {
             0
         };
-        self.file.read_exact_at(&mut out[..avail], at)?;
+        let mut done = 0usize;
+        while done < avail {
+            let pos = at + done as u64;
+            let (data, upto) = self.extent_at(st, pos);
+            let n = ((upto - pos) as usize).min(avail - done);
+            if data {
+                self.file.read_exact_at(&mut out[done..done + n], pos)?;
+            } else {
+                out[done..done + n].fill(0);
+            }
+            done += n;
+        }
         out[avail..].fill(0);
         Ok(())
     }
 
+    /// Whether the file holds data at `pos`, and up to where that stays so. Remembers the
+    /// last answer (redb reads in order of offset, mostly): two `lseek`s per extent.
+    fn extent_at(&self, st: &mut OverlayState, pos: u64) -> (bool, u64) {
+        let (data, start, end) = st.extent;
+        if (start..end).contains(&pos) {
+            return (data, end);
+        }
+        let fresh = self.seek_extent(pos);
+        st.extent = (fresh.0, pos, fresh.1);
+        fresh
+    }
+
+    fn seek_extent(&self, pos: u64) -> (bool, u64) {
+        use std::os::fd::AsRawFd;
+        let fd = self.file.as_raw_fd();
+        let Ok(off) = libc::off_t::try_from(pos) else {
+            return (true, self.file_len);
+        };
+        // SAFETY: lseek only reads its integer arguments and acts on the descriptor, which
+        // `self.file` owns and keeps open for the call; the file position it moves is
+        // never used (every read is positioned).
+        let data = unsafe { libc::lseek(fd, off, libc::SEEK_DATA) };
+        if data < 0 {
+            // ENXIO: no data from here to the end. Anything else (no support): read it.
+            let e = std::io::Error::last_os_error();
+            return (e.raw_os_error() != Some(libc::ENXIO), self.file_len);
+        }
+        if data as u64 > pos {
+            return (false, data as u64);
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, off, libc::SEEK_HOLE) };
+        if hole <= off {
+            return (true, self.file_len);
+        }
+        (true, hole as u64)
+    }
+
     /// The file's bytes of page `n` (zeros past its end).
-    fn file_page(&self, n: u64, visible: u64, out: &mut [u8; OVERLAY_PAGE]) -> std::io::Result<()> {
-        self.file_range(n * OVERLAY_PAGE as u64, visible, out)
+    fn file_page(
+        &self,
+        st: &mut OverlayState,
+        n: u64,
+        out: &mut [u8; OVERLAY_PAGE],
+    ) -> std::io::Result<()> {
+        self.file_range(st, n * OVERLAY_PAGE as u64, out)
     }
 }
 
@@ -764,7 +899,7 @@ impl redb::StorageBackend for Overlay {
     }
 
     fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
-        let st = self.state();
+        let mut st = self.state();
         if offset + out.len() as u64 > st.len {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
@@ -788,7 +923,7 @@ impl redb::StorageBackend for Overlay {
             while end < out.len() && !st.pages.contains_key(&((offset + end as u64) / page)) {
                 end = (end + OVERLAY_PAGE).min(out.len());
             }
-            self.file_range(at, st.visible, &mut out[done..end])?;
+            self.file_range(&mut st, at, &mut out[done..end])?;
             done = end;
         }
         Ok(())
@@ -828,7 +963,7 @@ impl redb::StorageBackend for Overlay {
             if !st.pages.contains_key(&n) {
                 let mut p = Box::new([0u8; OVERLAY_PAGE]);
                 if n * (OVERLAY_PAGE as u64) < st.len {
-                    self.file_page(n, st.visible, &mut p)?;
+                    self.file_page(&mut st, n, &mut p)?;
                 }
                 st.pages.insert(n, p);
             }
