@@ -482,9 +482,8 @@ impl Store {
 
     /// Make `len` bytes at `offset` of the streamed generation `generation` zeros: a chunk
     /// of zeros, which the live host does not send. In a new file where no frame was
-    /// written they are zeros already (reserved, never written), and are only read into
-    /// the page cache, for redb's check to find them there without writing them to disk;
-    /// elsewhere zeros are written.
+    /// written they are zeros already (reserved, never written: redb's check finds a hole
+    /// there and reads nothing, see `conode::db::Overlay`); elsewhere zeros are written.
     pub fn put_streamed_zeros(&self, generation: u64, offset: u64, len: u32) -> Result<(), String> {
         let mut inner = self.lock();
         let s = inner.streaming(generation)?;
@@ -500,19 +499,7 @@ impl Store {
                 .range(offset / STREAM_WINDOW..=(end - 1) / STREAM_WINDOW)
                 .next()
                 .is_none();
-        if untouched {
-            use std::os::fd::AsRawFd;
-            // SAFETY: posix_fadvise only reads its integer arguments and acts on the
-            // descriptor, which `s.file` owns and keeps open for the call. Advice only.
-            unsafe {
-                libc::posix_fadvise(
-                    s.file.as_raw_fd(),
-                    offset as libc::off_t,
-                    len as libc::off_t,
-                    libc::POSIX_FADV_WILLNEED,
-                )
-            };
-        } else {
+        if !untouched {
             write_zeros(&s.file, &s.path, offset, len as u64)?;
         }
         s.record(offset, len, crate::chunk::zeros_hash(len));
