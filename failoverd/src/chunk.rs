@@ -171,6 +171,38 @@ fn emit<E>(
     Ok(())
 }
 
+/// Make `len` bytes of `file` at `offset` zeros without writing them: a hole punched in
+/// the file (the range stays inside it), or written zeros where the filesystem cannot.
+pub fn punch_zeros(file: &std::fs::File, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    // SAFETY: fallocate only reads its integer arguments and acts on the descriptor, which
+    // `file` owns and keeps open for the call.
+    let r = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+        return Err(e);
+    }
+    static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+    let mut at = offset;
+    while at < offset + len {
+        let n = (offset + len - at).min(ZEROS.len() as u64) as usize;
+        file.write_all_at(&ZEROS[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
 /// Where each chunk is: offset → (length, hash), to tell which chunks of a new snapshot an
 /// older file already holds in the same place.
 pub fn by_offset(chunks: &[Chunk]) -> std::collections::HashMap<u64, (u32, [u8; 32])> {

@@ -8,6 +8,7 @@
 //! - [`chunk`]: fixed, page-aligned chunks and their BLAKE3 hashes.
 //! - [`manifest`]: the signed snapshot manifest (wire form documented there).
 //! - [`standby`]: receive, verify, install atomically, keep N generations.
+//! - [`direct`]: the live host's mirror written with `O_DIRECT`, beside the take.
 //! - [`live`]: take a snapshot through the conode's admin socket and ship it.
 //! - [`peer`]: the HTTPS peer port, pinned to the peer's key (API documented there).
 //! - [`http`]: the minimal HTTP/1.1 used by the peer port and `/metrics`.
@@ -19,6 +20,7 @@ pub mod chunk;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod direct;
 pub mod http;
 pub mod live;
 pub mod manifest;

@@ -170,10 +170,17 @@ fn take_image(
         .open(mirror)
         .map_err(|e| format!("cannot open {}: {e}", mirror.display()))?;
     let werr = |e: std::io::Error| format!("cannot write {}: {e}", mirror.display());
+    if old.is_none() {
+        // Not trusted: every byte is written again, so start from an empty file, where a
+        // chunk of zeros needs no write at all (a hole reads as zeros).
+        file.set_len(0)
+            .map_err(|e| format!("cannot truncate {}: {e}", mirror.display()))?;
+    }
     let old_len = file
         .metadata()
         .map_err(|e| format!("cannot stat {}: {e}", mirror.display()))?
         .len();
+    let zeros = crate::chunk::zeros_hash(params.size);
     let since = old.as_ref().map(|m| m.token.clone());
     // What the mirror held by offset: needed only if the whole image comes.
     let held = std::cell::OnceCell::new();
@@ -182,16 +189,34 @@ fn take_image(
     let mut touched = std::collections::BTreeSet::new();
     let mut chunker = Chunker::new(params);
     let outbox = std::cell::RefCell::new(outbox);
+    // Whole-image chunks go around the page cache (see `direct`); changed pages do not.
+    let direct = std::cell::RefCell::new(None);
     let mut on_chunk = |c: &Chunk, b: &[u8]| -> Result<(), String> {
         if let Some(o) = outbox.borrow_mut().as_mut() {
             o.chunk(c, b);
         }
         let held = held
             .get_or_init(|| crate::chunk::by_offset(old.as_ref().map_or(&[][..], |m| &m.chunks)));
-        if held.get(&c.offset) != Some(&(c.len, c.hash)) {
-            file.write_all_at(b, c.offset).map_err(werr)?;
-            written.set(written.get() + b.len() as u64);
+        if held.get(&c.offset) == Some(&(c.len, c.hash)) {
+            return Ok(());
         }
+        if c.hash == zeros && c.len == params.size {
+            // Past the old end the file is a hole until written (chunks come in order of
+            // offset, each once): zeros already. Elsewhere, free the range.
+            if c.offset >= old_len {
+                return Ok(());
+            }
+            return crate::chunk::punch_zeros(&file, c.offset, c.len as u64).map_err(werr);
+        }
+        let mut d = direct.borrow_mut();
+        if d.is_none() {
+            *d = Some(crate::direct::DirectWriter::new(mirror, &file).map_err(werr)?);
+        }
+        d.as_mut()
+            .expect("set above")
+            .write_at(b, c.offset)
+            .map_err(werr)?;
+        written.set(written.get() + b.len() as u64);
         Ok(())
     };
     let header = conode::admin::fetch_image_blocking(admin, since.as_deref(), |h, at, b| {
@@ -212,10 +237,19 @@ fn take_image(
         Ok(())
     })
     .map_err(|e| format!("conode admin socket {}: {e}", admin.display()))?;
+    let chunks = if !header.changed_only {
+        Some(chunker.finish(&mut on_chunk)?)
+    } else {
+        None
+    };
+    // Every chunk of a whole image is in the file from here on.
+    if let Some(d) = direct.borrow_mut().take() {
+        d.finish().map_err(werr)?;
+    }
     file.set_len(header.bytes)
         .map_err(|e| format!("cannot size {}: {e}", mirror.display()))?;
-    let chunks = if !header.changed_only {
-        chunker.finish(&mut on_chunk)?
+    let chunks = if let Some(chunks) = chunks {
+        chunks
     } else {
         let old =
             old.ok_or("the conode sent changed pages for an image this host does not hold")?;
@@ -242,20 +276,26 @@ fn take_image(
             );
         }
         chunks.sort_by_key(|c| c.offset);
-        // Tests (debug builds) check the windows cut again against cutting it all.
-        #[cfg(debug_assertions)]
-        {
-            let all = std::fs::read(mirror)
-                .map_err(|e| format!("cannot read {}: {e}", mirror.display()))?;
-            if crate::chunk::chunk_slice(&all, &params) != chunks {
-                return Err(format!(
-                    "{}: the chunks of the changed windows disagree with the whole file's: this is a bug",
-                    mirror.display()
-                ));
-            }
-        }
         chunks
     };
+    // Tests (debug builds) check the mirror against its chunks: the windows cut again
+    // after changed pages, and the holes, punched ranges and direct writes of a whole image.
+    #[cfg(debug_assertions)]
+    {
+        let all =
+            std::fs::read(mirror).map_err(|e| format!("cannot read {}: {e}", mirror.display()))?;
+        if crate::chunk::chunk_slice(&all, &params) != chunks {
+            return Err(format!(
+                "{}: the mirror's bytes disagree with the chunks of the image ({}): this is a bug",
+                mirror.display(),
+                if header.changed_only {
+                    "changed pages"
+                } else {
+                    "whole image"
+                }
+            ));
+        }
+    }
     let skipped = outbox.take().map_or(0, |mut o| {
         o.flush();
         o.skipped
