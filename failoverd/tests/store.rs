@@ -802,3 +802,83 @@ fn zero_frames_give_zeros_in_new_and_recycled_files() {
         assert!(e.contains(why), "{e}");
     }
 }
+
+/// While fewer than `keep` generations are held, a spare copy of the newest is made after
+/// each install and the next generation is written over it in place: only what changed is
+/// sent, the install is the image byte for byte, a spare damaged on disk is caught by the
+/// check of the chunks kept in place, and with `keep` held the oldest is recycled instead.
+#[test]
+fn the_next_generation_is_written_over_a_spare_copy_of_the_newest() {
+    let mut s = setup();
+    let store = Store::open(&s.state, 3, s.key.public_bytes(), s.live.public).unwrap();
+    s.live.append(300, 8000);
+    let spares = |st: &std::path::Path| -> Vec<String> {
+        std::fs::read_dir(st.join("staging"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("spare-"))
+            .collect()
+    };
+    let ship_image = |s: &mut Setup, g: u64| -> (Result<u64, String>, Manifest, PathBuf) {
+        let (f, pos) = s.live.image(&format!("sp{g}.db"));
+        let m = manifest(&s.key, s.live.public, g, &f, pos);
+        (ship(&store, &s.key, &m, &f), m, f)
+    };
+    let (r, m1, _) = ship_image(&mut s, 1);
+    r.unwrap();
+    assert_eq!(store.spare(), Some(1), "a spare of generation 1");
+    assert_eq!(spares(&s.state).len(), 1);
+
+    s.live.append(3, 8000);
+    let (r, _, f2) = ship_image(&mut s, 2);
+    let sent = r.unwrap();
+    assert!(sent * 10 < m1.bytes, "{sent} bytes sent of {}", m1.bytes);
+    assert_installable(&store, &s.live.public, 2);
+    assert!(
+        std::fs::read(store.newest().unwrap().path).unwrap() == std::fs::read(&f2).unwrap(),
+        "generation 2 is the image, byte for byte"
+    );
+    assert_eq!(store.spare(), Some(2), "a spare of generation 2");
+    assert_eq!(
+        spares(&s.state).len(),
+        1,
+        "the spare of 1 became generation 2"
+    );
+
+    // The spare changes on disk: a chunk kept in place no longer matches; refused.
+    let spare = s.state.join("staging").join(&spares(&s.state)[0]);
+    let newest = store.newest().unwrap();
+    let c = newest
+        .manifest
+        .chunks
+        .iter()
+        .find(|c| c.hash != chunk::zeros_hash(c.len) && c.offset > 0)
+        .copied()
+        .unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&spare)
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0x5a; 7], c.offset + 100).unwrap();
+    drop(f);
+    s.live.append(1, 8000);
+    let (r, m3, f3) = ship_image(&mut s, 3);
+    let e = r.unwrap_err();
+    assert!(e.contains("no longer matches its hash"), "{e}");
+    assert_installable(&store, &s.live.public, 2);
+    assert!(spares(&s.state).is_empty(), "the damaged spare is gone");
+    // Again: from an empty file this time.
+    ship(&store, &s.key, &m3, &f3).unwrap();
+    assert_installable(&store, &s.live.public, 3);
+    assert_eq!(
+        store.spare(),
+        None,
+        "3 generations held: the next recycles the oldest"
+    );
+    s.live.append(2, 8000);
+    let (r, _, _) = ship_image(&mut s, 4);
+    r.unwrap();
+    assert_installable(&store, &s.live.public, 4);
+    let held: Vec<u64> = store.held().iter().map(|h| h.generation).collect();
+    assert_eq!(held, vec![2, 3, 4]);
+}
