@@ -174,14 +174,29 @@ fn emit<E>(
 /// Make `len` bytes of `file` at `offset` zeros without writing them: a hole punched in
 /// the file (the range stays inside it), or written zeros where the filesystem cannot.
 pub fn punch_zeros(file: &std::fs::File, offset: u64, len: u64) -> std::io::Result<()> {
+    fallocate_zeros(
+        file,
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        offset,
+        len,
+    )
+}
+
+/// `fallocate(mode)` on the range (a mode that leaves it reading as zeros), or written
+/// zeros where the filesystem does not support the mode.
+pub fn fallocate_zeros(
+    file: &std::fs::File,
+    mode: libc::c_int,
+    offset: u64,
+    len: u64,
+) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
-    use std::os::unix::fs::FileExt;
     // SAFETY: fallocate only reads its integer arguments and acts on the descriptor, which
     // `file` owns and keeps open for the call.
     let r = unsafe {
         libc::fallocate(
             file.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            mode,
             offset as libc::off_t,
             len as libc::off_t,
         )
@@ -193,6 +208,12 @@ pub fn punch_zeros(file: &std::fs::File, offset: u64, len: u64) -> std::io::Resu
     if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
         return Err(e);
     }
+    write_zeros(file, offset, len)
+}
+
+/// Write `len` zero bytes at `offset`.
+pub fn write_zeros(file: &std::fs::File, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
     static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
     let mut at = offset;
     while at < offset + len {

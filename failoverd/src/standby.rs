@@ -164,13 +164,18 @@ impl Spares {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Take the spare, waiting for one being made; `None` if there is none.
-    fn take(&self) -> Option<(PathBuf, Manifest)> {
+    /// Wait (at most [`SPARE_WAIT`]) while a spare is being made.
+    fn wait(&self) -> std::sync::MutexGuard<'_, SpareState> {
         let st = self.lock();
-        let (mut st, _) = self
-            .done
+        self.done
             .wait_timeout_while(st, SPARE_WAIT, |s| matches!(s, SpareState::Making))
-            .unwrap_or_else(|p| p.into_inner());
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+    }
+
+    /// Take the spare if it is made; `None` if there is none (or it is still being made).
+    fn take(&self) -> Option<(PathBuf, Manifest)> {
+        let mut st = self.lock();
         if !matches!(*st, SpareState::Ready { .. }) {
             // None, or still being made after the wait (left to its thread).
             return None;
@@ -487,13 +492,7 @@ impl Store {
 
     /// The generation the spare copy holds, once it is made (waits while it is made).
     pub fn spare(&self) -> Option<u64> {
-        let st = self.spares.lock();
-        let (st, _) = self
-            .spares
-            .done
-            .wait_timeout_while(st, SPARE_WAIT, |s| matches!(s, SpareState::Making))
-            .unwrap_or_else(|p| p.into_inner());
-        match &*st {
+        match &*self.spares.wait() {
             SpareState::Ready { manifest, .. } => Some(manifest.generation),
             _ => None,
         }
@@ -557,6 +556,9 @@ impl Store {
     /// Start (or resume) receiving the generation described by `envelope`.
     pub fn offer(&self, envelope: &[u8]) -> Result<Offer, String> {
         let m = Manifest::open(envelope, &self.peer_key)?;
+        // A spare being made is waited for here, not under the lock (status and the other
+        // requests go on meanwhile).
+        drop(self.spares.wait());
         let mut inner = self.lock();
         self.admissible(&inner, &m)?;
         let digest = m.chunks_digest();
@@ -608,6 +610,7 @@ impl Store {
     /// Start (or go on) receiving generation `generation`, `bytes` long, before its
     /// manifest: the live host streams a whole image while it takes it.
     pub fn begin_stream(&self, generation: u64, bytes: u64) -> Result<(), String> {
+        drop(self.spares.wait());
         let mut inner = self.lock();
         if inner
             .stream
@@ -1106,37 +1109,8 @@ fn zeros(p: &mut Pending) -> Result<u64, String> {
 }
 
 fn zero_range(file: &File, path: &Path, start: u64, len: u64) -> Result<(), String> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: fallocate only reads its integer arguments and acts on the descriptor, which
-    // `file` owns and keeps open for the call.
-    let r = unsafe {
-        libc::fallocate(
-            file.as_raw_fd(),
-            libc::FALLOC_FL_ZERO_RANGE,
-            start as libc::off_t,
-            len as libc::off_t,
-        )
-    };
-    if r == 0 {
-        return Ok(());
-    }
-    let e = std::io::Error::last_os_error();
-    if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
-        return Err(io("cannot zero a range of", path, e));
-    }
-    write_zeros(file, path, start, len)
-}
-
-fn write_zeros(file: &File, path: &Path, start: u64, len: u64) -> Result<(), String> {
-    static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
-    let mut at = start;
-    while at < start + len {
-        let n = (start + len - at).min(ZEROS.len() as u64) as usize;
-        file.write_all_at(&ZEROS[..n], at)
-            .map_err(|e| io("cannot write", path, e))?;
-        at += n as u64;
-    }
-    Ok(())
+    crate::chunk::fallocate_zeros(file, libc::FALLOC_FL_ZERO_RANGE, start, len)
+        .map_err(|e| io("cannot zero a range of", path, e))
 }
 
 /// Copy into `p` every chunk whose hash the previous generation holds, checking each
