@@ -212,35 +212,23 @@ fn shipping(mib: u64, increments: bool) {
     let mut rows = Vec::new();
     let mut ratios = Vec::new();
     let mut size = 0;
+    // `copy` (scp or rsync) of the warm image into a new file `name` on b.
+    let baseline = |p: &Pair, name: &str, copy: &str| {
+        let _ = std::fs::remove_file(base.join(name));
+        warm(p.lab.a(), &image);
+        let to = format!("{}:{}/{name}", sshd.target(), base.display());
+        measured(p.lab.a(), &format!("{copy} {image} {to}"))
+    };
     for round in 0..rounds {
         let mut fo_run = None;
         let (mut scp, mut rs) = (None, None);
         for step in 0..3 {
             match (step + round) % 3 {
                 0 => fo_run = Some(full_failoverd(&mut p)),
-                1 => {
-                    let _ = std::fs::remove_file(base.join("scp.db"));
-                    warm(p.lab.a(), &image);
-                    scp = Some(measured(
-                        p.lab.a(),
-                        &format!(
-                            "scp -q {ssh} {image} {}:{}/scp.db",
-                            sshd.target(),
-                            base.display()
-                        ),
-                    ));
-                }
+                1 => scp = Some(baseline(&p, "scp.db", &format!("scp -q {ssh}"))),
                 _ => {
-                    let _ = std::fs::remove_file(base.join("rsync.db"));
-                    warm(p.lab.a(), &image);
-                    rs = Some(measured(
-                        p.lab.a(),
-                        &format!(
-                            "rsync -e 'ssh {ssh}' --stats {image} {}:{}/rsync.db",
-                            sshd.target(),
-                            base.display()
-                        ),
-                    ));
+                    let rsync = format!("rsync -e 'ssh {ssh}' --stats");
+                    rs = Some(baseline(&p, "rsync.db", &rsync))
                 }
             }
             if step == 0 && round == 0 {

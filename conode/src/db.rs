@@ -775,6 +775,35 @@ mod tests {
     }
 }
 
+/// Whether `file` holds data at `pos`, and up to where that stays so, as the filesystem
+/// says (`SEEK_DATA`, `SEEK_HOLE`): `(false, end)` for a hole (it reads as zeros). `len` is
+/// the answer's end when the filesystem cannot tell, which then counts as data (read it).
+pub fn extent_at(file: &std::fs::File, pos: u64, len: u64) -> (bool, u64) {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    let Ok(off) = libc::off_t::try_from(pos) else {
+        return (true, len);
+    };
+    // SAFETY: lseek only reads its integer arguments and acts on the descriptor, which
+    // `file` owns and keeps open for the call; callers read and write at positions only,
+    // so the file offset it moves is never used.
+    let data = unsafe { libc::lseek(fd, off, libc::SEEK_DATA) };
+    if data < 0 {
+        // ENXIO: no data from here to the end. Anything else (no support): data.
+        let e = std::io::Error::last_os_error();
+        return (e.raw_os_error() != Some(libc::ENXIO), len);
+    }
+    if data as u64 > pos {
+        return (false, data as u64);
+    }
+    // SAFETY: as above.
+    let hole = unsafe { libc::lseek(fd, off, libc::SEEK_HOLE) };
+    if hole <= off {
+        return (true, len);
+    }
+    (true, hole as u64)
+}
+
 /// A redb storage backend that reads a file and keeps every write in memory: redb can run
 /// its integrity check (which commits) without changing a byte of the file.
 #[derive(Debug)]
@@ -857,29 +886,7 @@ impl Overlay {
     }
 
     fn seek_extent(&self, pos: u64) -> (bool, u64) {
-        use std::os::fd::AsRawFd;
-        let fd = self.file.as_raw_fd();
-        let Ok(off) = libc::off_t::try_from(pos) else {
-            return (true, self.file_len);
-        };
-        // SAFETY: lseek only reads its integer arguments and acts on the descriptor, which
-        // `self.file` owns and keeps open for the call; the file position it moves is
-        // never used (every read is positioned).
-        let data = unsafe { libc::lseek(fd, off, libc::SEEK_DATA) };
-        if data < 0 {
-            // ENXIO: no data from here to the end. Anything else (no support): read it.
-            let e = std::io::Error::last_os_error();
-            return (e.raw_os_error() != Some(libc::ENXIO), self.file_len);
-        }
-        if data as u64 > pos {
-            return (false, data as u64);
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, off, libc::SEEK_HOLE) };
-        if hole <= off {
-            return (true, self.file_len);
-        }
-        (true, hole as u64)
+        extent_at(&self.file, pos, self.file_len)
     }
 
     /// The file's bytes of page `n` (zeros past its end).

@@ -176,13 +176,13 @@ impl Spares {
     /// Take the spare if it is made; `None` if there is none (or it is still being made).
     fn take(&self) -> Option<(PathBuf, Manifest)> {
         let mut st = self.lock();
-        if !matches!(*st, SpareState::Ready { .. }) {
-            // None, or still being made after the wait (left to its thread).
-            return None;
-        }
         match std::mem::take(&mut *st) {
             SpareState::Ready { path, manifest } => Some((path, manifest)),
-            _ => None,
+            // None, or still being made after the wait (left to its thread).
+            other => {
+                *st = other;
+                None
+            }
         }
     }
 }
@@ -190,7 +190,6 @@ impl Spares {
 /// Copy the data extents of `src` (`bytes` long) into the new file `dst`, whose space is
 /// reserved first: a hole stays a hole (reserved, reading as zeros).
 fn copy_extents(src: &Path, dst: &Path, bytes: u64) -> Result<(), String> {
-    use std::os::fd::AsRawFd;
     let from = File::open(src).map_err(|e| io("cannot open", src, e))?;
     let to = OpenOptions::new()
         .write(true)
@@ -198,18 +197,7 @@ fn copy_extents(src: &Path, dst: &Path, bytes: u64) -> Result<(), String> {
         .mode(0o600)
         .open(dst)
         .map_err(|e| io("cannot create", dst, e))?;
-    if bytes > 0 {
-        // SAFETY: posix_fallocate only reads its integer arguments and acts on the
-        // descriptor, which `to` owns and keeps open for the call.
-        let r = unsafe { libc::posix_fallocate(to.as_raw_fd(), 0, bytes as libc::off_t) };
-        if r != 0 {
-            return Err(io(
-                &format!("cannot reserve {bytes} bytes for"),
-                dst,
-                std::io::Error::from_raw_os_error(r),
-            ));
-        }
-    }
+    reserve(&to, dst, bytes)?;
     let mut buf = vec![0u8; 1 << 20];
     let mut pos = 0u64;
     while pos < bytes {
@@ -217,7 +205,7 @@ fn copy_extents(src: &Path, dst: &Path, bytes: u64) -> Result<(), String> {
         if start >= bytes {
             break;
         }
-        let end = data_end(&from, start).min(bytes);
+        let end = conode::db::extent_at(&from, start, bytes).1.min(bytes);
         let mut at = start;
         while at < end {
             let n = ((end - at) as usize).min(buf.len());
@@ -230,20 +218,6 @@ fn copy_extents(src: &Path, dst: &Path, bytes: u64) -> Result<(), String> {
         pos = end;
     }
     Ok(())
-}
-
-/// Where the data that `at` lies in ends (`SEEK_HOLE`; the file's end if it cannot tell).
-fn data_end(file: &File, at: u64) -> u64 {
-    use std::os::fd::AsRawFd;
-    let Ok(off) = libc::off_t::try_from(at) else {
-        return u64::MAX;
-    };
-    // SAFETY: as in `hole_end`.
-    let hole = unsafe { libc::lseek(file.as_raw_fd(), off, libc::SEEK_HOLE) };
-    if hole <= off {
-        return u64::MAX;
-    }
-    hole as u64
 }
 
 struct Inner {
@@ -675,7 +649,8 @@ impl Store {
     /// Make `len` bytes at `offset` of the streamed generation `generation` zeros: a chunk
     /// of zeros, which the live host does not send. In a new file where no frame was
     /// written they are zeros already (reserved, never written: redb's check finds a hole
-    /// there and reads nothing, see `conode::db::Overlay`); elsewhere the range is zeroed (`zero_range`).
+    /// there and reads nothing, see `conode::db::Overlay`); elsewhere the range is zeroed
+    /// (`zero_range`).
     pub fn put_streamed_zeros(&self, generation: u64, offset: u64, len: u32) -> Result<(), String> {
         let mut inner = self.lock();
         let s = inner.streaming(generation)?;
@@ -764,20 +739,10 @@ impl Store {
             }
         }
         // Reserve the space now: a full disk is found before any byte is sent.
-        if bytes > 0 {
-            use std::os::fd::AsRawFd;
-            // SAFETY: posix_fallocate only reads its integer arguments and acts on the
-            // descriptor, which `file` owns and keeps open for the call.
-            let r = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, bytes as libc::off_t) };
-            if r != 0 {
-                drop(file);
-                let _ = std::fs::remove_file(&path);
-                return Err(io(
-                    &format!("cannot reserve {} bytes for", bytes),
-                    &path,
-                    std::io::Error::from_raw_os_error(r),
-                ));
-            }
+        if let Err(e) = reserve(&file, &path, bytes) {
+            drop(file);
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
         }
         Ok((file, path))
     }
@@ -1050,25 +1015,33 @@ fn check_in_place(p: &Pending) -> Result<(), String> {
     Ok(())
 }
 
+/// Reserve the first `bytes` of `file` (at `path`): a full disk is an error now, not in the
+/// middle of a transfer.
+fn reserve(file: &File, path: &Path, bytes: u64) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    if bytes == 0 {
+        return Ok(());
+    }
+    // SAFETY: posix_fallocate only reads its integer arguments and acts on the descriptor,
+    // which `file` owns and keeps open for the call.
+    let r = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, bytes as libc::off_t) };
+    if r != 0 {
+        return Err(io(
+            &format!("cannot reserve {bytes} bytes for"),
+            path,
+            std::io::Error::from_raw_os_error(r),
+        ));
+    }
+    Ok(())
+}
+
 /// How far from `at` the file holds no data (a hole): `at` itself when there is data at
 /// `at`, or when the filesystem cannot tell (`SEEK_DATA` unsupported).
 fn hole_end(file: &File, at: u64) -> u64 {
-    use std::os::fd::AsRawFd;
-    let Ok(off) = libc::off_t::try_from(at) else {
-        return at;
-    };
-    // SAFETY: lseek only reads its integer arguments and acts on the descriptor, which
-    // `file` owns and keeps open for the call; every read and write of the file is
-    // positioned, so moving its offset changes nothing.
-    let data = unsafe { libc::lseek(file.as_raw_fd(), off, libc::SEEK_DATA) };
-    if data < 0 {
-        return match std::io::Error::last_os_error().raw_os_error() {
-            // No data from `at` to the end.
-            Some(libc::ENXIO) => u64::MAX,
-            _ => at,
-        };
+    match conode::db::extent_at(file, at, u64::MAX) {
+        (false, end) => end,
+        (true, _) => at,
     }
-    (data as u64).max(at)
 }
 
 /// Make every chunk of `p` still lacking whose hash is that of zeros (free pages) zeros
