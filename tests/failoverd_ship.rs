@@ -286,7 +286,7 @@ impl Pair {
     }
 
     fn metrics(&self, host: &Host) -> String {
-        ok(host, "exec 3<>/dev/tcp/127.0.0.1/7771; printf 'GET /metrics HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n' >&3; cat <&3")
+        ok(host, "exec 3<>/dev/tcp/127.0.0.1/7771; printf 'GET /metrics HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n' >&3; cat <&3")
     }
 
     /// Restore b's newest generation into a conode on b and return the chain's latest
@@ -447,6 +447,24 @@ fn https_ships_verified_generations_that_restore_on_the_standby() {
     assert_eq!(num(&a1, "epoch"), 0);
     let g1 = num(&b1, "generation");
     let fo = failoverd_bin().display().to_string();
+
+    // A second daemon on a's state directory is refused at once, naming the first; the
+    // first keeps its control socket and keeps shipping.
+    let second = p.lab.a().sh(
+        &format!("{fo} -c {} run", p.p("a/failoverd.toml")),
+        Duration::from_secs(10),
+    );
+    assert_eq!(second.code, Some(1), "{second:?}");
+    assert!(
+        second
+            .stderr
+            .contains("is in use by another failoverd (pid"),
+        "{}",
+        second.stderr
+    );
+    p.grow(1, 10_000);
+    p.snapshot();
+    assert!(num(&p.status("b").unwrap(), "generation") > g1);
     let check_a = ok(
         p.lab.a(),
         &format!("{fo} -c {} check", p.p("a/failoverd.toml")),
@@ -509,17 +527,26 @@ fn https_ships_verified_generations_that_restore_on_the_standby() {
             let stranger = conode::keys::KeyPair::generate().unwrap();
             let tls = conode::peer::PeerTls::new(&stranger).unwrap();
             // It even pins b's real key: b still refuses it.
-            let c = failoverd::config::Config::parse(Path::new("a"), &a_cfg).unwrap();
+            let c = failoverd::config::Config::parse(Path::new("a"), &a_cfg, |_| None).unwrap();
             let client = failoverd::peer::PeerClient::new(
                 &tls,
-                format!("{b_addr}:7770"),
-                c.peer_key().unwrap(),
+                &format!("{b_addr}:7770"),
+                c.peer.public_key,
+                &c.timeouts,
             )
             .unwrap();
-            client.request("GET", "/v1/status", b"").await.err()
+            client
+                .request(reqwest::Method::GET, "/v1/status", "", "status")
+                .await
+                .err()
         })
     });
-    assert!(err.is_some(), "a stranger got an answer");
+    let err = err.expect("a stranger got an answer");
+    // Reported as a key not trusted, at once: retrying will not help.
+    assert!(
+        matches!(err, failoverd::error::PeerError::Unauthenticated { .. }) && err.is_permanent(),
+        "{err:?}"
+    );
     let plain = p.lab.a().sh(&format!("exec 3<>/dev/tcp/{b_addr}/7770; printf 'GET /v1/status HTTP/1.1\\r\\n\\r\\n' >&3; timeout 5 cat <&3"), T);
     assert!(
         !plain.stdout.contains("generations"),
@@ -730,7 +757,7 @@ fn setup_and_check_name_what_is_wrong() {
     let (code, out) = run(&["check"]);
     assert_eq!(code, Some(1), "{out}");
     for want in [
-        "error: peer.public_key is empty",
+        "error: peer.public_key: empty",
         "error: ssh.target",
         "error: ssh.inbox",
         "error: conode.config",
@@ -738,6 +765,10 @@ fn setup_and_check_name_what_is_wrong() {
     ] {
         assert!(out.contains(want), "{want:?} missing from:\n{out}");
     }
+    assert!(
+        !Path::new(&state).exists(),
+        "check created the state directory: it must change nothing"
+    );
     std::fs::write(&cfg, std::fs::read_to_string(&cfg).unwrap() + "bogus = 1\n").unwrap();
     let (code, out) = run(&["check"]);
     assert_eq!(code, Some(1));

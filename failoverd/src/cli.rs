@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::config::{self, Config, TemplateArgs, Transport};
+use crate::config::{self, RawConfig, TemplateArgs, Transport};
 use crate::daemon::control_request;
 
 #[derive(clap::Args, Debug)]
@@ -97,7 +97,13 @@ pub fn setup(config_path: &Path, a: &SetupArgs) -> Result<(), String> {
         ssh_inbox: &a.ssh_inbox,
     });
     // Check what we are about to write parses (a bad flag value shows here, not at start).
-    Config::parse(config_path, &text)?;
+    // What is written must parse; what is still to fill in (the peer's key, ssh for
+    // rsync/scp) is listed after writing, and `failoverd check` names it again.
+    let raw = RawConfig::parse(config_path, &text).map_err(|e| e.to_string())?;
+    let todo = raw
+        .validate(config_path, |_| None)
+        .err()
+        .unwrap_or_default();
     conode::config::write_atomic(&key_file, config::key_file_text(&key).as_bytes(), 0o600)
         .map_err(|e| format!("cannot write {}: {e}", key_file.display()))?;
     conode::config::write_atomic(config_path, text.as_bytes(), 0o644)
@@ -107,50 +113,62 @@ pub fn setup(config_path: &Path, a: &SetupArgs) -> Result<(), String> {
         config_path.display(),
         key_file.display()
     );
+    for p in &todo {
+        println!("to do: {p}");
+    }
     println!("public key of this host (pin it as peer.public_key on the other host):");
     println!("{}", key.public_hex());
     Ok(())
 }
 
-/// Print every finding; an error if any is an error.
+/// Print every finding; an error if any is an error. Changes nothing.
 pub async fn check(config_path: &Path) -> Result<(), String> {
-    let cfg = Config::load(config_path)?;
+    let raw = RawConfig::load(config_path).map_err(|e| e.to_string())?;
     let mut errors = 0;
     let mut err = |m: String| {
         println!("error: {m}");
         errors += 1;
     };
-    for p in cfg.problems() {
-        err(p);
-    }
-    match config::load_key(&cfg.key_file) {
+    let cfg = match raw.clone().validate(config_path, |k| std::env::var(k).ok()) {
+        Ok(c) => Some(c),
+        Err(problems) => {
+            for p in problems {
+                err(p.to_string());
+            }
+            None
+        }
+    };
+    match config::load_key(&raw.key_file) {
         Ok(k) => {
-            if cfg.peer_key().ok() == Some(k.public_bytes()) {
+            if cfg.as_ref().map(|c| c.peer.public_key) == Some(k.public_bytes()) {
                 err("peer.public_key is this host's own key: pin the other host's key".into());
             } else {
                 println!(
                     "ok: key_file {} (public {})",
-                    cfg.key_file.display(),
+                    raw.key_file.display(),
                     k.public_hex()
                 );
             }
         }
         Err(e) => err(e),
     }
-    match cfg.conode_paths() {
+    match config::conode_paths(&raw.conode) {
         Ok(p) => {
             println!(
                 "ok: conode.config {} (conode {})",
-                cfg.conode.config.display(),
+                raw.conode.config.display(),
                 hex::encode(p.public)
             );
-            if !cfg.conode.data_dir.is_dir() {
+            if !raw.conode.data_dir.is_dir() {
                 err(format!(
                     "conode.data_dir {}: not a directory",
-                    cfg.conode.data_dir.display()
+                    raw.conode.data_dir.display()
                 ));
             }
-            match tokio::time::timeout(Duration::from_secs(5), conode::admin::fetch_position(&p.admin)).await {
+            let wait = cfg
+                .as_ref()
+                .map_or(Duration::from_secs(5), |c| c.timeouts.conode);
+            match tokio::time::timeout(wait, conode::admin::fetch_position(&p.admin)).await {
                 Ok(Ok(a)) => println!(
                     "ok: conode admin socket {} answers ({} chains): this host is live",
                     p.admin.display(),
@@ -160,31 +178,44 @@ pub async fn check(config_path: &Path) -> Result<(), String> {
                     "warning: conode admin socket {}: {e} (expected on the standby, where the conode is stopped; on the live host, start the conode)",
                     p.admin.display()
                 ),
-                Err(_) => println!("warning: conode admin socket {}: no answer within 5 s", p.admin.display()),
+                Err(_) => println!(
+                    "warning: conode admin socket {}: no answer within {wait:?}",
+                    p.admin.display()
+                ),
             }
         }
         Err(e) => err(e),
     }
-    if cfg.vip.interface.is_empty() {
+    if raw.vip.interface.is_empty() {
         println!(
             "warning: vip.interface is empty: name the interface that will carry the virtual IP"
         );
     } else if Path::new("/sys/class/net")
-        .join(&cfg.vip.interface)
+        .join(&raw.vip.interface)
         .exists()
     {
-        println!("ok: vip.interface {} exists", cfg.vip.interface);
+        println!("ok: vip.interface {} exists", raw.vip.interface);
     } else {
         err(format!(
             "vip.interface: no interface named {:?} on this host",
-            cfg.vip.interface
+            raw.vip.interface
         ));
     }
-    match std::fs::create_dir_all(&cfg.state_dir) {
-        Ok(()) => println!("ok: state_dir {}", cfg.state_dir.display()),
-        Err(e) => err(format!("state_dir {}: {e}", cfg.state_dir.display())),
+    // Nothing is created here: the daemon creates what is missing at start.
+    if raw.state_dir.is_dir() {
+        println!("ok: state_dir {}", raw.state_dir.display());
+    } else if raw.state_dir.exists() {
+        err(format!(
+            "state_dir {}: exists but is not a directory",
+            raw.state_dir.display()
+        ));
+    } else {
+        println!(
+            "ok: state_dir {} does not exist yet: `failoverd run` creates it",
+            raw.state_dir.display()
+        );
     }
-    let tools: &[&str] = match cfg.snapshot.transport {
+    let tools: &[&str] = match raw.snapshot.transport {
         Transport::Https => &[],
         Transport::Rsync => &["rsync", "ssh"],
         Transport::Scp => &["scp", "ssh"],
@@ -194,7 +225,7 @@ pub async fn check(config_path: &Path) -> Result<(), String> {
             Some(p) => println!("ok: {t} is {}", p.display()),
             None => err(format!(
                 "snapshot.transport = \"{}\" needs {t}, which is not in PATH (install the Debian package {})",
-                cfg.snapshot.transport.name(),
+                raw.snapshot.transport.name(),
                 if *t == "rsync" { "rsync" } else { "openssh-client" }
             )),
         }
@@ -215,8 +246,8 @@ fn which(tool: &str) -> Option<PathBuf> {
 }
 
 pub async fn status(config_path: &Path, json: bool) -> Result<(), String> {
-    let cfg = Config::load(config_path)?;
-    let v = control_request(&cfg.control_socket(), "status").await?;
+    let raw = RawConfig::load(config_path).map_err(|e| e.to_string())?;
+    let v = control_request(&config::control_socket(&raw.state_dir), "status").await?;
     if json {
         println!("{v}");
         return Ok(());
@@ -239,8 +270,8 @@ pub async fn status(config_path: &Path, json: bool) -> Result<(), String> {
 }
 
 pub async fn snapshot(config_path: &Path) -> Result<(), String> {
-    let cfg = Config::load(config_path)?;
-    let v = control_request(&cfg.control_socket(), "snapshot").await?;
+    let raw = RawConfig::load(config_path).map_err(|e| e.to_string())?;
+    let v = control_request(&config::control_socket(&raw.state_dir), "snapshot").await?;
     println!(
         "generation {} installed on the peer: {} bytes, {} sent over {}, {} ms",
         v["generation"],

@@ -32,24 +32,27 @@ impl Transport {
     }
 }
 
-/// The whole configuration, as read.
+/// `failoverd.toml` as written: strings, checked by [`RawConfig::validate`] into a
+/// [`Config`]. Unknown keys are refused.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Config {
+pub struct RawConfig {
     /// This host's Ed25519 key (written by `failoverd setup`, mode 0600).
     pub key_file: PathBuf,
     /// generations/, staging/, inbox/, state and the control socket.
     pub state_dir: PathBuf,
     pub conode: ConodeSection,
-    pub peer: PeerSection,
+    pub peer: RawPeer,
     #[serde(default)]
-    pub listen: ListenSection,
+    pub listen: RawListen,
     #[serde(default)]
     pub vip: VipSection,
     #[serde(default)]
-    pub snapshot: SnapshotSection,
+    pub snapshot: RawSnapshot,
     #[serde(default)]
-    pub ssh: SshSection,
+    pub ssh: RawSsh,
+    #[serde(default)]
+    pub timeouts: RawTimeouts,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -63,37 +66,27 @@ pub struct ConodeSection {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct PeerSection {
-    /// `host:port` of the other host's failoverd peer port.
+pub struct RawPeer {
     pub address: String,
-    /// The other host's failoverd public key (hex), printed by `failoverd setup` there.
     pub public_key: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ListenSection {
-    #[serde(default = "default_peer_listen")]
+pub struct RawListen {
+    #[serde(default = "defaults::listen_peer")]
     pub peer: String,
-    /// Prometheus `/metrics`; empty to turn it off.
-    #[serde(default = "default_metrics_listen")]
+    #[serde(default = "defaults::listen_metrics")]
     pub metrics: String,
 }
 
-impl Default for ListenSection {
+impl Default for RawListen {
     fn default() -> Self {
-        ListenSection {
-            peer: default_peer_listen(),
-            metrics: default_metrics_listen(),
+        RawListen {
+            peer: defaults::listen_peer(),
+            metrics: defaults::listen_metrics(),
         }
     }
-}
-
-fn default_peer_listen() -> String {
-    "0.0.0.0:7770".into()
-}
-fn default_metrics_listen() -> String {
-    "127.0.0.1:7771".into()
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -106,50 +99,221 @@ pub struct VipSection {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SnapshotSection {
-    /// How often the live host checks for new commits and ships a snapshot of them.
-    #[serde(default = "default_interval")]
+pub struct RawSnapshot {
+    #[serde(default = "defaults::interval")]
     pub interval: String,
-    #[serde(default = "default_transport")]
+    #[serde(default = "defaults::transport")]
     pub transport: Transport,
-    /// Generations kept on the standby (at least 1).
-    #[serde(default = "default_keep")]
+    #[serde(default = "defaults::keep")]
     pub keep: usize,
 }
 
-impl Default for SnapshotSection {
+impl Default for RawSnapshot {
     fn default() -> Self {
-        SnapshotSection {
-            interval: default_interval(),
-            transport: default_transport(),
-            keep: default_keep(),
+        RawSnapshot {
+            interval: defaults::interval(),
+            transport: defaults::transport(),
+            keep: defaults::keep(),
         }
     }
 }
 
-fn default_interval() -> String {
-    "2s".into()
-}
-fn default_transport() -> Transport {
-    Transport::Https
-}
-fn default_keep() -> usize {
-    3
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SshSection {
-    /// `user@host` of the standby, for rsync and scp.
+pub struct RawSsh {
     #[serde(default)]
     pub target: String,
-    /// The standby's inbox directory (its `state_dir/inbox`).
     #[serde(default)]
     pub inbox: String,
-    /// Extra ssh arguments, e.g. `["-i", "/etc/failoverd/id_ed25519", "-p", "22"]`.
     #[serde(default)]
     pub args: Vec<String>,
+    #[serde(default = "defaults::ssh_timeout")]
+    pub timeout: String,
 }
+
+impl Default for RawSsh {
+    fn default() -> Self {
+        RawSsh {
+            target: String::new(),
+            inbox: String::new(),
+            args: Vec::new(),
+            timeout: defaults::ssh_timeout(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTimeouts {
+    #[serde(default = "defaults::io_stall")]
+    pub io_stall: String,
+    #[serde(default = "defaults::connect")]
+    pub connect: String,
+    #[serde(default = "defaults::answer")]
+    pub answer: String,
+    #[serde(default = "defaults::conode")]
+    pub conode: String,
+}
+
+impl Default for RawTimeouts {
+    fn default() -> Self {
+        RawTimeouts {
+            io_stall: defaults::io_stall(),
+            connect: defaults::connect(),
+            answer: defaults::answer(),
+            conode: defaults::conode(),
+        }
+    }
+}
+
+/// The defaults, each beside the check of its field in [`RawConfig::validate`].
+mod defaults {
+    use super::Transport;
+    pub fn listen_peer() -> String {
+        "0.0.0.0:7770".into()
+    }
+    pub fn listen_metrics() -> String {
+        "127.0.0.1:7771".into()
+    }
+    pub fn interval() -> String {
+        "2s".into()
+    }
+    pub fn transport() -> Transport {
+        Transport::Https
+    }
+    pub fn keep() -> usize {
+        3
+    }
+    pub fn ssh_timeout() -> String {
+        "1h".into()
+    }
+    pub fn io_stall() -> String {
+        "30s".into()
+    }
+    pub fn connect() -> String {
+        "5s".into()
+    }
+    pub fn answer() -> String {
+        "10m".into()
+    }
+    pub fn conode() -> String {
+        "5s".into()
+    }
+}
+
+/// The environment variable that overrides `timeouts.io_stall` (milliseconds).
+pub const IO_TIMEOUT_ENV: &str = "FAILOVERD_IO_TIMEOUT_MS";
+
+/// The validated configuration: durations, socket addresses and keys, parsed once.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from.
+    pub path: PathBuf,
+    pub key_file: PathBuf,
+    pub state_dir: PathBuf,
+    pub conode: ConodeSection,
+    pub peer: Peer,
+    pub listen: Listen,
+    pub vip: VipSection,
+    pub snapshot: Snapshot,
+    pub ssh: Ssh,
+    pub timeouts: Timeouts,
+}
+
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// `host:port` of the other host's failoverd peer port (a name is resolved at each
+    /// connection).
+    pub address: String,
+    /// The other host's failoverd public key.
+    pub public_key: [u8; 32],
+}
+
+#[derive(Debug, Clone)]
+pub struct Listen {
+    pub peer: SocketAddr,
+    /// Prometheus `/metrics`; `None` when turned off (`metrics = ""`).
+    pub metrics: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// How often the live host checks for new commits and ships a snapshot of them.
+    pub interval: Duration,
+    pub transport: Transport,
+    /// Generations kept on the standby (at least 1).
+    pub keep: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Ssh {
+    /// `user@host` of the standby, for rsync and scp.
+    pub target: String,
+    /// The standby's inbox directory (its `state_dir/inbox`).
+    pub inbox: String,
+    /// Extra ssh arguments, e.g. `["-i", "/etc/failoverd/id_ed25519", "-p", "22"]`.
+    pub args: Vec<String>,
+    /// How long one rsync or scp run may take before it is killed.
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// How long one read or write on the peer port may make no progress.
+    pub io_stall: Duration,
+    /// TCP connect plus TLS handshake to the peer.
+    pub connect: Duration,
+    /// How long to wait for the peer's answer once a request is sent (an install of a
+    /// large generation is verified before the answer).
+    pub answer: Duration,
+    /// How long the conode's admin socket may take to say where its chains are.
+    pub conode: Duration,
+}
+
+/// One thing wrong with the configuration, naming its field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// `section.key` (or the environment variable).
+    pub field: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+/// Why a configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file is missing or unreadable (permissions, a directory).
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Larger than any configuration (e.g. `-c /dev/zero`).
+    #[error("{} is over {MAX_CONFIG_BYTES} bytes: not a failoverd configuration", path.display())]
+    TooLarge { path: PathBuf },
+    /// Not TOML, an unknown key, or a value of the wrong type.
+    #[error("{}{}: {message}", path.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
+    Syntax {
+        path: PathBuf,
+        line: Option<usize>,
+        message: String,
+    },
+    /// Parsed, but values are out of range or inconsistent: each problem names its field.
+    #[error("{} has {} problem(s) (run `failoverd check`):\n  {}", path.display(), problems.len(), problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n  "))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<Problem>,
+    },
+}
+
+/// A configuration file is small; this bounds what `load` reads.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
 /// Parse `"250ms"`, `"2s"`, `"5m"`, `"1h"`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -164,8 +328,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let d = match unit {
         "ms" => Duration::from_millis(n),
         "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
         _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m or h)")),
     };
     if d.is_zero() {
@@ -174,40 +338,219 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-impl Config {
-    pub fn load(path: &Path) -> Result<Config, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        Self::parse(path, &text)
+/// Read a file of at most [`MAX_CONFIG_BYTES`].
+fn read_bounded(path: &Path) -> Result<String, ConfigError> {
+    use std::io::Read;
+    let read = |source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let f = std::fs::File::open(path).map_err(read)?;
+    let mut text = String::new();
+    let n = f
+        .take(MAX_CONFIG_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(read)?;
+    if n as u64 > MAX_CONFIG_BYTES {
+        return Err(ConfigError::TooLarge {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(text)
+}
+
+impl RawConfig {
+    /// Read and parse (not validate) `path`.
+    pub fn load(path: &Path) -> Result<RawConfig, ConfigError> {
+        Self::parse(path, &read_bounded(path)?)
     }
 
-    pub fn parse(path: &Path, text: &str) -> Result<Config, String> {
-        toml::from_str(text).map_err(|e| {
-            let line = e
+    pub fn parse(path: &Path, text: &str) -> Result<RawConfig, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: path.to_path_buf(),
+            line: e
                 .span()
-                .map(|s| {
-                    format!(
-                        ":{}",
-                        text[..s.start.min(text.len())].lines().count().max(1)
-                    )
-                })
-                .unwrap_or_default();
-            format!("{}{line}: {}", path.display(), e.message())
+                .map(|s| text[..s.start.min(text.len())].lines().count().max(1)),
+            message: e.message().to_string(),
         })
     }
 
-    pub fn interval(&self) -> Duration {
-        parse_duration(&self.snapshot.interval).unwrap_or(Duration::from_secs(2))
-    }
-
-    pub fn peer_key(&self) -> Result<[u8; 32], String> {
-        conode::keys::parse_hex32(self.peer.public_key.trim()).map_err(|e| {
-            if self.peer.public_key.trim().is_empty() {
-                "peer.public_key is empty: pin the other host's key (printed by `failoverd setup` there)".to_string()
-            } else {
-                format!("peer.public_key: {e}")
+    /// Check every field, with `env` for the environment (`std::env::var` in the daemon);
+    /// every problem found, one per field.
+    pub fn validate(
+        self,
+        path: &Path,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, Vec<Problem>> {
+        let mut problems = Vec::new();
+        let mut bad = |field: &str, message: String| {
+            problems.push(Problem {
+                field: field.to_string(),
+                message,
+            })
+        };
+        let duration =
+            |field: &str, s: &str, bad: &mut dyn FnMut(&str, String)| match parse_duration(s) {
+                Ok(d) => d,
+                Err(e) => {
+                    bad(field, e);
+                    Duration::ZERO
+                }
+            };
+        let interval = duration("snapshot.interval", &self.snapshot.interval, &mut bad);
+        let ssh_timeout = duration("ssh.timeout", &self.ssh.timeout, &mut bad);
+        let mut io_stall = duration("timeouts.io_stall", &self.timeouts.io_stall, &mut bad);
+        let connect = duration("timeouts.connect", &self.timeouts.connect, &mut bad);
+        let answer = duration("timeouts.answer", &self.timeouts.answer, &mut bad);
+        let conode_t = duration("timeouts.conode", &self.timeouts.conode, &mut bad);
+        if let Some(v) = env(IO_TIMEOUT_ENV) {
+            match v.trim().parse::<u64>() {
+                Ok(ms) if ms > 0 => io_stall = Duration::from_millis(ms),
+                _ => bad(
+                    IO_TIMEOUT_ENV,
+                    format!("{v:?} is not a positive number of milliseconds (it overrides timeouts.io_stall): fix or unset it"),
+                ),
             }
+        }
+        if self.snapshot.keep == 0 {
+            bad(
+                "snapshot.keep",
+                "must be at least 1 (generations kept on the standby)".into(),
+            );
+        }
+        let key = self.peer.public_key.trim();
+        let public_key = if key.is_empty() {
+            bad(
+                "peer.public_key",
+                "empty: pin the other host's key (printed by `failoverd setup` there)".into(),
+            );
+            [0; 32]
+        } else {
+            conode::keys::parse_hex32(key).unwrap_or_else(|e| {
+                bad("peer.public_key", e.to_string());
+                [0; 32]
+            })
+        };
+        let address = self.peer.address.trim().to_string();
+        if address.is_empty() {
+            bad(
+                "peer.address",
+                "empty: write the other host's failoverd as host:port".into(),
+            );
+        } else if address
+            .rsplit_once(':')
+            .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+        {
+            bad(
+                "peer.address",
+                format!("{address:?} is not host:port (e.g. \"10.0.0.2:7770\")"),
+            );
+        }
+        let listen_peer = self.listen.peer.parse::<SocketAddr>().unwrap_or_else(|e| {
+            bad(
+                "listen.peer",
+                format!("{:?} is not ip:port ({e})", self.listen.peer),
+            );
+            SocketAddr::from(([0, 0, 0, 0], 0))
+        });
+        let metrics = if self.listen.metrics.trim().is_empty() {
+            None
+        } else {
+            match self.listen.metrics.parse::<SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    bad(
+                        "listen.metrics",
+                        format!(
+                            "{:?} is not ip:port ({e}); leave it empty to turn metrics off",
+                            self.listen.metrics
+                        ),
+                    );
+                    None
+                }
+            }
+        };
+        if !self.state_dir.is_absolute() {
+            bad(
+                "state_dir",
+                format!("{} is not an absolute path", self.state_dir.display()),
+            );
+        }
+        if matches!(self.snapshot.transport, Transport::Rsync | Transport::Scp) {
+            if self.ssh.target.trim().is_empty() {
+                bad(
+                    "ssh.target",
+                    format!(
+                        "empty, but snapshot.transport = \"{}\" needs user@standby",
+                        self.snapshot.transport.name()
+                    ),
+                );
+            }
+            if !self.ssh.inbox.starts_with('/') {
+                bad(
+                    "ssh.inbox",
+                    format!(
+                        "{:?} must be the absolute path of the standby's inbox (its state_dir/inbox)",
+                        self.ssh.inbox
+                    ),
+                );
+            }
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        Ok(Config {
+            path: path.to_path_buf(),
+            key_file: self.key_file,
+            state_dir: self.state_dir,
+            conode: self.conode,
+            peer: Peer {
+                address,
+                public_key,
+            },
+            listen: Listen {
+                peer: listen_peer,
+                metrics,
+            },
+            vip: self.vip,
+            snapshot: Snapshot {
+                interval,
+                transport: self.snapshot.transport,
+                keep: self.snapshot.keep,
+            },
+            ssh: Ssh {
+                target: self.ssh.target,
+                inbox: self.ssh.inbox,
+                args: self.ssh.args,
+                timeout: ssh_timeout,
+            },
+            timeouts: Timeouts {
+                io_stall,
+                connect,
+                answer,
+                conode: conode_t,
+            },
         })
+    }
+}
+
+impl Config {
+    /// Read, parse and validate `path` (with this process's environment).
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Self::parse(path, &read_bounded(path)?, |k| std::env::var(k).ok())
+    }
+
+    pub fn parse(
+        path: &Path,
+        text: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        RawConfig::parse(path, text)?
+            .validate(path, env)
+            .map_err(|problems| ConfigError::Invalid {
+                path: path.to_path_buf(),
+                problems,
+            })
     }
 
     pub fn generations_dir(&self) -> PathBuf {
@@ -222,80 +565,26 @@ impl Config {
     pub fn outgoing_dir(&self) -> PathBuf {
         self.state_dir.join("outgoing")
     }
-    pub fn control_socket(&self) -> PathBuf {
-        self.state_dir.join("control.sock")
-    }
 
     /// The conode's identity, database path and admin socket.
     pub fn conode_paths(&self) -> Result<ConodePaths, String> {
-        let pc = conode::config::PrivateConfig::load(&self.conode.config)
-            .map_err(|e| format!("conode.config: {e}"))?;
-        let public = pc.keys.public_bytes();
-        let db = self
-            .conode
-            .data_dir
-            .join(conode::config::db_file_name(&public));
-        let admin = conode::admin::admin_socket_path(&db, &public);
-        Ok(ConodePaths { public, db, admin })
+        conode_paths(&self.conode)
     }
+}
 
-    /// Every problem in the configuration itself (not the environment), one line each,
-    /// naming the field.
-    pub fn problems(&self) -> Vec<String> {
-        let mut p = Vec::new();
-        if let Err(e) = parse_duration(&self.snapshot.interval) {
-            p.push(format!("snapshot.interval: {e}"));
-        }
-        if self.snapshot.keep == 0 {
-            p.push("snapshot.keep: must be at least 1 (generations kept on the standby)".into());
-        }
-        if let Err(e) = self.peer_key() {
-            p.push(e);
-        }
-        if self.peer.address.trim().is_empty() {
-            p.push("peer.address: empty: write the other host's failoverd as host:port".into());
-        } else if !self.peer.address.contains(':') {
-            p.push(format!(
-                "peer.address: {:?} has no port: write host:port",
-                self.peer.address
-            ));
-        }
-        if let Err(e) = self.listen.peer.parse::<SocketAddr>() {
-            p.push(format!(
-                "listen.peer: {:?} is not ip:port ({e})",
-                self.listen.peer
-            ));
-        }
-        if !self.listen.metrics.is_empty() {
-            if let Err(e) = self.listen.metrics.parse::<SocketAddr>() {
-                p.push(format!(
-                    "listen.metrics: {:?} is not ip:port ({e}); leave it empty to turn metrics off",
-                    self.listen.metrics
-                ));
-            }
-        }
-        if !self.state_dir.is_absolute() {
-            p.push(format!(
-                "state_dir: {} is not an absolute path",
-                self.state_dir.display()
-            ));
-        }
-        if matches!(self.snapshot.transport, Transport::Rsync | Transport::Scp) {
-            if self.ssh.target.trim().is_empty() {
-                p.push(format!(
-                    "ssh.target: empty, but snapshot.transport = \"{}\" needs user@standby",
-                    self.snapshot.transport.name()
-                ));
-            }
-            if !self.ssh.inbox.starts_with('/') {
-                p.push(format!(
-                    "ssh.inbox: {:?} must be the absolute path of the standby's inbox (its state_dir/inbox)",
-                    self.ssh.inbox
-                ));
-            }
-        }
-        p
-    }
+/// `state_dir/control.sock`.
+pub fn control_socket(state_dir: &Path) -> PathBuf {
+    state_dir.join("control.sock")
+}
+
+/// The conode's identity, database path and admin socket.
+pub fn conode_paths(c: &ConodeSection) -> Result<ConodePaths, String> {
+    let pc = conode::config::PrivateConfig::load(&c.config)
+        .map_err(|e| format!("conode.config: {e}"))?;
+    let public = pc.keys.public_bytes();
+    let db = c.data_dir.join(conode::config::db_file_name(&public));
+    let admin = conode::admin::admin_socket_path(&db, &public);
+    Ok(ConodePaths { public, db, admin })
 }
 
 /// Where the conode keeps things on this host.
@@ -413,6 +702,19 @@ keep = 3
 target = {ssh_target}
 inbox = {ssh_inbox}
 args = []
+# How long one rsync or scp run may take before it is killed.
+timeout = "1h"
+
+[timeouts]
+# How long one read or write on the peer port may make no progress before the request
+# is given up (the transfer then resumes). FAILOVERD_IO_TIMEOUT_MS overrides it.
+io_stall = "30s"
+# TCP connect and TLS handshake to the peer.
+connect = "5s"
+# How long to wait for the peer's answer to a request (an install is verified first).
+answer = "10m"
+# How long the conode's admin socket may take to answer.
+conode = "5s"
 "#,
         key_file = q(&a.key_file.display().to_string()),
         state_dir = q(&a.state_dir.display().to_string()),
@@ -450,14 +752,43 @@ mod tests {
         }
     }
 
+    const KEY: &str = "0101010101010101010101010101010101010101010101010101010101010101";
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn problems(text: &str, env: impl Fn(&str) -> Option<String>) -> Vec<Problem> {
+        match Config::parse(Path::new("f.toml"), text, env) {
+            Err(ConfigError::Invalid { problems, .. }) => problems,
+            other => panic!("expected problems, got {other:?}"),
+        }
+    }
+
     #[test]
-    fn the_template_parses_and_names_what_is_missing() {
-        let c = Config::parse(Path::new("f.toml"), &template(&args())).unwrap();
-        assert_eq!(c.snapshot.transport, Transport::Https);
-        assert_eq!(c.interval(), Duration::from_secs(2));
-        let p = c.problems();
+    fn the_template_validates_into_durations_addresses_and_keys() {
+        let p = problems(&template(&args()), no_env);
         assert_eq!(p.len(), 1, "{p:?}");
-        assert!(p[0].starts_with("peer.public_key is empty"), "{p:?}");
+        assert_eq!(p[0].field, "peer.public_key");
+        let mut a = args();
+        a.peer_key = KEY;
+        let c = Config::parse(Path::new("f.toml"), &template(&a), no_env).unwrap();
+        assert_eq!(c.snapshot.transport, Transport::Https);
+        assert_eq!(c.snapshot.interval, Duration::from_secs(2));
+        assert_eq!(c.peer.public_key, [1; 32]);
+        assert_eq!(c.listen.peer, "0.0.0.0:7770".parse().unwrap());
+        assert_eq!(c.listen.metrics, Some("127.0.0.1:7771".parse().unwrap()));
+        assert_eq!(c.timeouts.io_stall, Duration::from_secs(30));
+        assert_eq!(c.timeouts.answer, Duration::from_secs(600));
+        assert_eq!(c.ssh.timeout, Duration::from_secs(3600));
+        // A file without the optional sections gets the same defaults.
+        let bare = format!(
+            "key_file = \"/k\"\nstate_dir = \"/s\"\n[conode]\nconfig = \"/c\"\ndata_dir = \"/d\"\n[peer]\naddress = \"h:1\"\npublic_key = \"{KEY}\"\n"
+        );
+        let b = Config::parse(Path::new("f.toml"), &bare, no_env).unwrap();
+        assert_eq!(b.timeouts.io_stall, c.timeouts.io_stall);
+        assert_eq!(b.timeouts.connect, Duration::from_secs(5));
+        assert_eq!(b.snapshot.keep, 3);
     }
 
     #[test]
@@ -466,31 +797,72 @@ mod tests {
         a.transport = Transport::Rsync;
         a.peer_key = "zz";
         a.listen_metrics = "localhost";
+        a.peer_address = "standby";
         let mut text = template(&a);
         text = text.replace("interval = \"2s\"", "interval = \"2 parsecs\"");
         text = text.replace("keep = 3", "keep = 0");
-        let c = Config::parse(Path::new("f.toml"), &text).unwrap();
-        let p = c.problems().join("\n");
+        text = text.replace("io_stall = \"30s\"", "io_stall = \"0s\"");
+        text = text.replace("timeout = \"1h\"", "timeout = \"soon\"");
+        text = text.replace("answer = \"10m\"", "answer = \"10\"");
+        let fields: Vec<String> = problems(&text, no_env)
+            .into_iter()
+            .map(|p| p.field)
+            .collect();
         for field in [
             "snapshot.interval",
             "snapshot.keep",
             "peer.public_key",
+            "peer.address",
             "listen.metrics",
             "ssh.target",
             "ssh.inbox",
+            "ssh.timeout",
+            "timeouts.io_stall",
+            "timeouts.answer",
         ] {
-            assert!(p.contains(field), "{field} missing from:\n{p}");
+            assert!(
+                fields.iter().any(|f| f == field),
+                "{field} missing from {fields:?}"
+            );
         }
+    }
+
+    #[test]
+    fn a_bad_io_timeout_in_the_environment_is_refused_by_name() {
+        let mut a = args();
+        a.peer_key = KEY;
+        let text = template(&a);
+        for bad in ["", "soon", "0", "-5", "3s"] {
+            let p = problems(&text, |k| (k == IO_TIMEOUT_ENV).then(|| bad.to_string()));
+            assert_eq!(p.len(), 1, "{bad:?}: {p:?}");
+            assert_eq!(p[0].field, IO_TIMEOUT_ENV, "{bad:?}");
+            assert!(p[0].message.contains("milliseconds"), "{}", p[0]);
+        }
+        let c = Config::parse(Path::new("f.toml"), &text, |k| {
+            (k == IO_TIMEOUT_ENV).then(|| "1500".to_string())
+        })
+        .unwrap();
+        assert_eq!(c.timeouts.io_stall, Duration::from_millis(1500));
     }
 
     #[test]
     fn unknown_fields_and_bad_types_are_errors_with_a_line() {
         let text = template(&args()).replace("keep = 3", "keep = 3\nkepp = 4");
-        let e = Config::parse(Path::new("f.toml"), &text).unwrap_err();
+        let e = Config::parse(Path::new("f.toml"), &text, no_env)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("f.toml:") && e.contains("kepp"), "{e}");
         let text = template(&args()).replace("transport = \"https\"", "transport = \"ftp\"");
-        let e = Config::parse(Path::new("f.toml"), &text).unwrap_err();
+        let e = Config::parse(Path::new("f.toml"), &text, no_env)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("ftp"), "{e}");
+    }
+
+    #[test]
+    fn an_endless_file_is_refused_without_reading_it_all() {
+        let e = Config::load(Path::new("/dev/zero")).unwrap_err();
+        assert!(matches!(e, ConfigError::TooLarge { .. }), "{e}");
     }
 
     #[test]

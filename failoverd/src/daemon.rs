@@ -1,4 +1,10 @@
-//! `failoverd run`: the peer port, `/metrics`, the control socket, and the snapshot loop.
+//! `failoverd run`: the peer port, `/metrics`, the control socket and the snapshot loop,
+//! as supervised tasks of one runtime.
+//!
+//! [`run`] takes its shutdown as an argument (tests stop it). The tasks run in a
+//! `JoinSet`: a task that ends or panics is logged at `error` and stops the daemon with an
+//! error (a non-zero exit). The state directory is locked first ([`StateLock`]): a second
+//! daemon on it is refused before it touches anything.
 //!
 //! # Control socket
 //! `state_dir/control.sock`, mode 0600 (failoverd runs with umask 077). One request line,
@@ -7,106 +13,177 @@
 //! - `snapshot` → takes and ships a snapshot now and answers when the standby installed
 //!   it: `{"ok":true,"generation":N,...}` or `{"ok":false,"error":"..."}`.
 
-use std::path::Path;
+use std::collections::HashMap;
+use std::future::Future;
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use conode::db::ChainPosition;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinSet;
 
 use crate::config::{self, Config};
+use crate::error::{Cause, ShipError};
 use crate::live::Shipper;
-use crate::peer::{self, PeerClient};
+use crate::metrics::Metrics;
+use crate::peer::{PeerClient, PeerServer};
 use crate::standby::Store;
-use crate::state::{Role, Shared};
+use crate::status::{Role, Status};
 
 type Reply = oneshot::Sender<Result<serde_json::Value, String>>;
 
-/// Run until SIGINT or SIGTERM.
-pub async fn run(cfg: Config) -> Result<(), String> {
-    let problems = cfg.problems();
-    if !problems.is_empty() {
-        return Err(format!(
-            "the configuration has problems (run `failoverd check`):\n  {}",
-            problems.join("\n  ")
-        ));
+/// Connections served at once, per listener.
+const PEER_CONNECTIONS: usize = 16;
+const CONTROL_CONNECTIONS: usize = 16;
+const METRICS_CONNECTIONS: usize = 8;
+/// How long a control client may take to send its request line.
+const CONTROL_READ: Duration = Duration::from_secs(10);
+/// How long the tasks get to stop at shutdown.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// The exclusive lock on a state directory, held while the daemon runs
+/// (`state_dir/failoverd.lock`, `flock`, holding the owner's pid).
+pub struct StateLock {
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl StateLock {
+    /// Lock `state_dir` (created if missing), or say which process holds it.
+    pub fn acquire(state_dir: &Path) -> Result<StateLock, String> {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::create_dir_all(state_dir)
+            .map_err(|e| format!("state_dir {}: {e}", state_dir.display()))?;
+        let path = state_dir.join("failoverd.lock");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(mut lock) => {
+                let me = format!("{}\n", std::process::id());
+                let written = lock
+                    .set_len(0)
+                    .and_then(|()| lock.rewind())
+                    .and_then(|()| lock.write_all(me.as_bytes()));
+                written.map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+                Ok(StateLock { _lock: lock })
+            }
+            Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+                let mut pid = String::new();
+                let _ = file.read_to_string(&mut pid);
+                Err(format!(
+                    "state_dir {} is in use by another failoverd (pid {}): refusing to start a second daemon on it; nothing was changed",
+                    state_dir.display(),
+                    pid.trim().parse::<u32>().map_or("unknown".to_string(), |p| p.to_string())
+                ))
+            }
+            Err((_, e)) => Err(format!("cannot lock {}: {e}", path.display())),
+        }
     }
-    // SAFETY: umask only sets the process's file-creation mask; it cannot fail.
-    unsafe { libc::umask(0o077) };
+}
+
+/// Run until `shutdown` completes (SIGINT or SIGTERM in the binary), or until a task
+/// fails: then the error names it.
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), String> {
+    // Before anything else: a second daemon on this state directory stops here.
+    let _lock = StateLock::acquire(&cfg.state_dir)?;
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     conode::tls::install_provider();
     let key = config::load_key(&cfg.key_file)?;
-    let peer_key = cfg.peer_key()?;
+    let peer_key = cfg.peer.public_key;
     if peer_key == key.public_bytes() {
         return Err("peer.public_key is this host's own key: pin the other host's key".into());
     }
     let paths = cfg.conode_paths()?;
-    std::fs::create_dir_all(&cfg.state_dir)
-        .map_err(|e| format!("state_dir {}: {e}", cfg.state_dir.display()))?;
-    let store = Arc::new(Store::open(
-        &cfg.state_dir,
-        cfg.snapshot.keep,
-        peer_key,
-        paths.public,
-    )?);
-    let io_timeout = std::env::var("FAILOVERD_IO_TIMEOUT_MS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .map(Duration::from_millis)
-        .unwrap_or(Duration::from_secs(30));
-    let shared = Arc::new(Shared::new(store, io_timeout, paths.admin.clone()));
+    let store = Arc::new(
+        Store::open(&cfg.state_dir, cfg.snapshot.keep, peer_key, paths.public)
+            .map_err(|e| e.to_string())?,
+    );
+    let status = Arc::new(Status::new(store.clone()));
+    let metrics = Arc::new(Metrics::new());
     let tls = conode::peer::PeerTls::new(&key)?;
-    let mut client = PeerClient::new(&tls, cfg.peer.address.clone(), peer_key)?;
-    client.io_timeout = io_timeout;
+    let client = PeerClient::new(&tls, &cfg.peer.address, peer_key, &cfg.timeouts)?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let listener = tokio::net::TcpListener::bind(&cfg.listen.peer)
+    let mut tasks = JoinSet::new();
+    let mut names: HashMap<tokio::task::Id, &'static str> = HashMap::new();
+
+    let listener = tokio::net::TcpListener::bind(cfg.listen.peer)
         .await
         .map_err(|e| format!("listen.peer {}: {e}", cfg.listen.peer))?;
-    let server_cfg = tls.pinned_server_config(vec![peer_key])?;
-    let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(peer::serve(
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.pinned_server_config(vec![peer_key])?);
+    let server = Arc::new(PeerServer {
+        store: store.clone(),
+        status: status.clone(),
+        metrics: metrics.clone(),
+        timeouts: cfg.timeouts,
+        admin: paths.admin.clone(),
+    });
+    let h = tasks.spawn(crate::accept::serve(
+        "peer port",
         listener,
-        server_cfg,
-        shared.clone(),
+        PEER_CONNECTIONS,
         stop_rx.clone(),
-    )));
-    if !cfg.listen.metrics.is_empty() {
-        let l = tokio::net::TcpListener::bind(&cfg.listen.metrics)
+        move |tcp, from| crate::peer::accept(server.clone(), acceptor.clone(), tcp, from),
+    ));
+    names.insert(h.id(), "peer port");
+
+    if let Some(addr) = cfg.listen.metrics {
+        let l = tokio::net::TcpListener::bind(addr)
             .await
-            .map_err(|e| format!("listen.metrics {}: {e}", cfg.listen.metrics))?;
-        tasks.push(tokio::spawn(serve_metrics(
+            .map_err(|e| format!("listen.metrics {addr}: {e}"))?;
+        let (st, m) = (status.clone(), metrics.clone());
+        let h = tasks.spawn(crate::accept::serve(
+            "metrics",
             l,
-            shared.clone(),
+            METRICS_CONNECTIONS,
             stop_rx.clone(),
-        )));
+            move |tcp, from| serve_metrics(tcp, from, st.clone(), m.clone()),
+        ));
+        names.insert(h.id(), "metrics");
     }
-    let sock = cfg.control_socket();
+
+    let sock = config::control_socket(&cfg.state_dir);
+    // Ours to replace: the lock proves no other daemon serves this state directory.
     let _ = std::fs::remove_file(&sock);
-    let control =
-        UnixListener::bind(&sock).map_err(|e| format!("control socket {}: {e}", sock.display()))?;
+    let control = tokio::net::UnixListener::bind(&sock)
+        .map_err(|e| format!("control socket {}: {e}", sock.display()))?;
     let (trigger_tx, trigger_rx) = mpsc::channel::<Reply>(8);
-    tasks.push(tokio::spawn(serve_control(
+    let st = status.clone();
+    let h = tasks.spawn(crate::accept::serve(
+        "control socket",
         control,
-        shared.clone(),
-        trigger_tx,
+        CONTROL_CONNECTIONS,
         stop_rx.clone(),
-    )));
+        move |s, _| control_one(s, st.clone(), trigger_tx.clone()),
+    ));
+    names.insert(h.id(), "control socket");
+
     let shipper = Shipper {
         cfg: cfg.clone(),
         key,
         admin: paths.admin.clone(),
         peer: client,
-        shared: shared.clone(),
+        status: status.clone(),
+        metrics: metrics.clone(),
         mirror: std::sync::Mutex::new(None),
     };
-    tasks.push(tokio::spawn(snapshot_loop(
+    let h = tasks.spawn(snapshot_loop(
         shipper,
-        cfg.interval(),
+        cfg.snapshot.interval,
+        cfg.timeouts.conode,
         trigger_rx,
         stop_rx.clone(),
-    )));
+    ));
+    names.insert(h.id(), "snapshot loop");
     tracing::info!(
         "failoverd running: peer port {}, peer {}, conode admin socket {}, transport {}",
         cfg.listen.peer,
@@ -115,28 +192,59 @@ pub async fn run(cfg: Config) -> Result<(), String> {
         cfg.snapshot.transport.name()
     );
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    let outcome = supervise(&mut tasks, &names, shutdown).await;
     tracing::info!("stopping");
     let _ = stop_tx.send(true);
-    for t in tasks {
-        let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
-    }
+    let _ = tokio::time::timeout(STOP_GRACE, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    tasks.abort_all();
     let _ = std::fs::remove_file(&sock);
-    Ok(())
+    outcome
+}
+
+/// Wait for `shutdown` or for a task to end: a task ending before shutdown (returning,
+/// failing or panicking) is logged at `error` and returned as the daemon's error.
+pub async fn supervise(
+    tasks: &mut JoinSet<Result<(), String>>,
+    names: &HashMap<tokio::task::Id, &'static str>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), String> {
+    tokio::pin!(shutdown);
+    tokio::select! {
+        _ = &mut shutdown => Ok(()),
+        Some(done) = tasks.join_next_with_id() => {
+            let (id, why) = match done {
+                Ok((id, Ok(()))) => (id, "ended".to_string()),
+                Ok((id, Err(e))) => (id, format!("failed: {e}")),
+                Err(e) if e.is_panic() => (e.id(), format!("panicked: {}", panic_text(e.into_panic()))),
+                Err(e) => (e.id(), format!("was cancelled: {e}")),
+            };
+            let name = names.get(&id).copied().unwrap_or("a task");
+            let msg = format!("the {name} {why}: this is a bug; failoverd stops so that its supervisor restarts it");
+            tracing::error!("{msg}");
+            Err(msg)
+        }
+    }
+}
+
+fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
 }
 
 async fn snapshot_loop(
     shipper: Shipper,
     interval: Duration,
+    conode_timeout: Duration,
     mut triggers: mpsc::Receiver<Reply>,
     mut stop: watch::Receiver<bool>,
-) {
-    let shared = shipper.shared.clone();
+) -> Result<(), String> {
+    let status = shipper.status.clone();
+    let metrics = shipper.metrics.clone();
     let mut shipped: Option<Vec<ChainPosition>> = None;
     let mut failed = false;
     // Ticks `interval` apart from start to start (a snapshot that took longer is followed
@@ -147,28 +255,28 @@ async fn snapshot_loop(
         let reply = tokio::select! {
             _ = ticker.tick() => None,
             r = triggers.recv() => r,
-            _ = stop.changed() => return,
+            _ = stop.wait_for(|s| *s) => return Ok(()),
         };
         let position = tokio::time::timeout(
-            Duration::from_secs(5),
+            conode_timeout,
             conode::admin::fetch_position(&shipper.admin),
         )
         .await;
         let positions = match position {
             Ok(Ok(p)) => {
-                shared.set_role(Role::Live);
+                status.set_role(Role::Live);
                 p.positions
             }
             other => {
-                shared.set_role(Role::Standby);
+                status.set_role(Role::Standby);
                 if let Some(r) = reply {
-                    let why = match other {
+                    let reason = match other {
                         Ok(Err(e)) => e,
-                        _ => "the conode's admin socket does not answer".into(),
+                        _ => format!(
+                            "the conode's admin socket does not answer within {conode_timeout:?}"
+                        ),
                     };
-                    let _ = r.send(Err(format!(
-                        "this host is the standby (its conode is not running: {why}): only the live host takes snapshots"
-                    )));
+                    let _ = r.send(Err(ShipError::NotLive { reason }.to_string()));
                 }
                 continue;
             }
@@ -181,53 +289,37 @@ async fn snapshot_loop(
             Ok(s) => {
                 shipped = Some(positions);
                 failed = false;
-                shared.shipped(s.clone());
+                metrics.snapshot_shipped();
+                status.shipped(s.clone());
             }
             Err(e) => {
                 failed = true;
-                shared.refused(&format!("snapshot failed: {e}"));
+                let cause = e.cause();
+                if cause == Cause::Bug {
+                    tracing::error!("snapshot failed: {e}");
+                } else {
+                    tracing::warn!("snapshot failed: {e}");
+                }
+                metrics.failure(cause);
+                status.set_error(format!("snapshot failed: {e}"));
             }
         }
         if let Some(reply) = reply {
-            let _ = reply.send(r.map(|s| serde_json::to_value(s).expect("json")));
+            let _ = reply.send(
+                r.map(|s| serde_json::to_value(s).unwrap_or_default())
+                    .map_err(|e| e.to_string()),
+            );
         }
     }
 }
 
-async fn serve_control(
-    l: UnixListener,
-    shared: Arc<Shared>,
-    triggers: mpsc::Sender<Reply>,
-    mut stop: watch::Receiver<bool>,
-) {
-    loop {
-        let s = tokio::select! {
-            r = l.accept() => match r { Ok((s, _)) => s, Err(_) => continue },
-            _ = stop.changed() => return,
-        };
-        let shared = shared.clone();
-        let triggers = triggers.clone();
-        tokio::spawn(async move {
-            let _ = control_one(s, shared, triggers).await;
-        });
-    }
-}
-
-async fn control_one(
-    s: UnixStream,
-    shared: Arc<Shared>,
-    triggers: mpsc::Sender<Reply>,
-) -> std::io::Result<()> {
+async fn control_one(s: UnixStream, status: Arc<Status>, triggers: mpsc::Sender<Reply>) {
     let mut r = BufReader::new(s);
     let mut line = String::new();
-    let _ = tokio::time::timeout(
-        Duration::from_secs(10),
-        (&mut r).take(256).read_line(&mut line),
-    )
-    .await;
+    let _ = tokio::time::timeout(CONTROL_READ, (&mut r).take(256).read_line(&mut line)).await;
     let answer = match line.trim() {
         "status" => {
-            let mut v = shared.status();
+            let mut v = status.view().json();
             v["ok"] = true.into();
             v
         }
@@ -246,53 +338,57 @@ async fn control_one(
             }
         }
         other => {
-            serde_json::json!({"ok": false, "error": format!("unknown request {other:?}: expected \"status\" or \"snapshot\"")})
+            serde_json::json!({"ok": false, "error": format!("unknown request {:?}: expected \"status\" or \"snapshot\"", other.chars().take(64).collect::<String>())})
         }
     };
     let mut s = r.into_inner();
-    let mut out = serde_json::to_vec(&answer).expect("json");
+    let mut out = answer.to_string().into_bytes();
     out.push(b'\n');
-    s.write_all(&out).await?;
-    s.shutdown().await
+    let _ = s.write_all(&out).await;
+    let _ = s.shutdown().await;
 }
 
+/// `/metrics` over plain HTTP/1.1 (hyper): GET /metrics, anything else 404.
 async fn serve_metrics(
-    l: tokio::net::TcpListener,
-    shared: Arc<Shared>,
-    mut stop: watch::Receiver<bool>,
+    tcp: tokio::net::TcpStream,
+    from: String,
+    status: Arc<Status>,
+    metrics: Arc<Metrics>,
 ) {
-    loop {
-        let s = tokio::select! {
-            r = l.accept() => match r { Ok((s, _)) => s, Err(_) => continue },
-            _ = stop.changed() => return,
-        };
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let mut r = BufReader::new(s);
-            let head = crate::http::read_request(&mut r).await;
-            let mut s = r.into_inner();
-            let _ = match head {
-                Ok(Some(h)) if h.method == "GET" && h.path == "/metrics" => {
-                    crate::http::write_response(
-                        &mut s,
-                        200,
-                        "text/plain; version=0.0.4",
-                        shared.metrics().as_bytes(),
+    use http_body_util::Full;
+    use hyper::{Response, StatusCode};
+    let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let (status, metrics) = (status.clone(), metrics.clone());
+        async move {
+            let (code, ctype, body) =
+                if req.method() == hyper::Method::GET && req.uri().path() == "/metrics" {
+                    (
+                        StatusCode::OK,
+                        crate::metrics::CONTENT_TYPE,
+                        metrics.encode(&status.view()),
                     )
-                    .await
-                }
-                Ok(Some(_)) => {
-                    crate::http::write_response(
-                        &mut s,
-                        404,
+                } else {
+                    (
+                        StatusCode::NOT_FOUND,
                         "text/plain",
-                        b"only GET /metrics here\n",
+                        "only GET /metrics here\n".to_string(),
                     )
-                    .await
-                }
-                _ => Ok(()),
-            };
-        });
+                };
+            let mut r = Response::new(Full::new(bytes::Bytes::from(body)));
+            *r.status_mut() = code;
+            r.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static(ctype),
+            );
+            Ok::<_, std::convert::Infallible>(r)
+        }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc);
+    if let Err(e) = conn.await {
+        tracing::debug!("metrics: connection from {from}: {e}");
     }
 }
 
@@ -322,4 +418,68 @@ pub async fn control_request(sock: &Path, line: &str) -> Result<serde_json::Valu
             .to_string());
     }
     Ok(v)
+}
+
+/// Where the control socket of `state_dir` is.
+pub fn control_socket_of(state_dir: &Path) -> PathBuf {
+    config::control_socket(state_dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_lock_on_a_state_dir_is_refused_naming_the_holder() {
+        let d = tempfile::tempdir().unwrap();
+        let first = StateLock::acquire(d.path()).unwrap();
+        let e = StateLock::acquire(d.path()).err().unwrap();
+        assert!(
+            e.contains(&format!("pid {}", std::process::id())) && e.contains("in use"),
+            "{e}"
+        );
+        drop(first);
+        StateLock::acquire(d.path()).unwrap();
+    }
+
+    /// A task that panics stops the daemon with an error that names it, logged at
+    /// `error`.
+    #[tokio::test]
+    async fn a_panicking_task_stops_the_daemon_with_an_error() {
+        let mut tasks: JoinSet<Result<(), String>> = JoinSet::new();
+        let mut names = HashMap::new();
+        let h = tasks.spawn(async {
+            std::future::pending::<()>().await;
+            Ok(())
+        });
+        names.insert(h.id(), "peer port");
+        let h = tasks.spawn(async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            panic!("index out of bounds");
+        });
+        names.insert(h.id(), "snapshot loop");
+        let r = tokio::time::timeout(
+            Duration::from_secs(5),
+            supervise(&mut tasks, &names, std::future::pending()),
+        )
+        .await
+        .expect("the supervisor noticed the panic");
+        let e = r.unwrap_err();
+        assert!(
+            e.contains("snapshot loop panicked: index out of bounds")
+                && e.contains("this is a bug"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn shutdown_stops_the_supervisor_without_error() {
+        let mut tasks: JoinSet<Result<(), String>> = JoinSet::new();
+        tasks.spawn(async {
+            std::future::pending::<()>().await;
+            Ok(())
+        });
+        let r = supervise(&mut tasks, &HashMap::new(), async {}).await;
+        assert_eq!(r, Ok(()));
+    }
 }

@@ -1,29 +1,38 @@
 //! `failoverd`: runs beside the conode on each host of a live/standby pair.
 //!
 //! This release ships verified snapshots of the live conode's database to the standby
-//! (design: `../shared/DESIGN.md` §3). The virtual IP, epochs and promotion come next.
+//! (design: `../shared/DESIGN.md` §3). The virtual IP, epochs and promotion come next;
+//! their decision core is the `failoverd-core` crate beside this one.
 //!
 //! # Layout
-//! - [`config`]: `failoverd.toml`, the key file, the template `setup` writes, field checks.
+//! Modules depend only on those listed before them:
+//! - [`config`]: `failoverd.toml` parsed and validated once into a [`config::Config`]
+//!   (durations, addresses, keys), the key file, the template `setup` writes.
+//! - [`error`]: one `#[non_exhaustive]` error enum per layer, and the metrics' causes.
 //! - [`chunk`]: fixed, page-aligned chunks and their BLAKE3 hashes.
 //! - [`manifest`]: the signed snapshot manifest (wire form documented there).
-//! - [`standby`]: receive, verify, install atomically, keep N generations.
 //! - [`direct`]: the live host's mirror written with `O_DIRECT`, beside the take.
+//! - [`standby`]: receive, verify, install atomically, keep N generations.
+//! - [`status`]: role, last snapshot, last error; never waits for the store.
+//! - [`metrics`]: Prometheus metrics (`prometheus-client`).
+//! - [`peer`]: the HTTPS peer port (reqwest client, hyper server), pinned to the peer's
+//!   key (API documented there).
 //! - [`live`]: take a snapshot through the conode's admin socket and ship it.
-//! - [`peer`]: the HTTPS peer port, pinned to the peer's key (API documented there).
-//! - [`http`]: the minimal HTTP/1.1 used by the peer port and `/metrics`.
-//! - [`state`]: status and Prometheus metrics.
-//! - [`daemon`]: `failoverd run` and its control socket.
+//! - [`accept`]: the one accept loop (connection limit, back-off on errors).
+//! - [`daemon`]: `failoverd run`: supervised tasks, the state-directory lock, the
+//!   control socket, `/metrics`.
 //! - [`cli`]: `setup`, `check`, `status`, `snapshot`.
 
+pub mod accept;
 pub mod chunk;
 pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod direct;
-pub mod http;
+pub mod error;
 pub mod live;
 pub mod manifest;
+pub mod metrics;
 pub mod peer;
 pub mod standby;
-pub mod state;
+pub mod status;

@@ -20,11 +20,15 @@ use std::time::{Duration, Instant};
 
 use conode::keys::KeyPair;
 
+use hyper::Method;
+
 use crate::chunk::{Chunk, Chunker, Params};
 use crate::config::{Config, Transport};
+use crate::error::{PeerError, ShipError};
 use crate::manifest::Manifest;
+use crate::metrics::Metrics;
 use crate::peer::PeerClient;
-use crate::state::{now_ms, LastSnapshot, Shared};
+use crate::status::{now_ms, LastSnapshot, Status};
 
 /// How many times an interrupted HTTPS transfer is resumed before the snapshot fails.
 pub const RESUME_ATTEMPTS: u32 = 8;
@@ -42,7 +46,8 @@ pub struct Shipper {
     pub key: KeyPair,
     pub admin: PathBuf,
     pub peer: PeerClient,
-    pub shared: Arc<Shared>,
+    pub status: Arc<Status>,
+    pub metrics: Arc<Metrics>,
     /// What the mirror file holds, when it is known.
     pub mirror: std::sync::Mutex<Option<Mirror>>,
 }
@@ -159,7 +164,7 @@ fn take_image(
     old: Option<Mirror>,
     params: Params,
     outbox: Option<Outbox>,
-) -> Result<Taken, String> {
+) -> Result<Taken, ShipError> {
     use std::os::unix::fs::{FileExt, OpenOptionsExt};
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -168,17 +173,17 @@ fn take_image(
         .truncate(false)
         .mode(0o600)
         .open(mirror)
-        .map_err(|e| format!("cannot open {}: {e}", mirror.display()))?;
-    let werr = |e: std::io::Error| format!("cannot write {}: {e}", mirror.display());
+        .map_err(|e| ShipError::io("cannot open", mirror, e))?;
+    let werr = |e: std::io::Error| ShipError::io("cannot write", mirror, e);
     if old.is_none() {
         // Not trusted: every byte is written again, so start from an empty file, where a
         // chunk of zeros needs no write at all (a hole reads as zeros).
         file.set_len(0)
-            .map_err(|e| format!("cannot truncate {}: {e}", mirror.display()))?;
+            .map_err(|e| ShipError::io("cannot truncate", mirror, e))?;
     }
     let old_len = file
         .metadata()
-        .map_err(|e| format!("cannot stat {}: {e}", mirror.display()))?
+        .map_err(|e| ShipError::io("cannot stat", mirror, e))?
         .len();
     let zeros = crate::chunk::zeros_hash(params.size);
     let since = old.as_ref().map(|m| m.token.clone());
@@ -192,6 +197,7 @@ fn take_image(
     // Whole-image chunks go around the page cache (see `direct`); changed pages do not.
     let direct = std::cell::RefCell::new(None);
     let mut on_chunk = |c: &Chunk, b: &[u8]| -> Result<(), String> {
+        let werr = |e: std::io::Error| format!("cannot write {}: {e}", mirror.display());
         if let Some(o) = outbox.borrow_mut().as_mut() {
             o.chunk(c, b);
         }
@@ -212,10 +218,10 @@ fn take_image(
         if d.is_none() {
             *d = Some(crate::direct::DirectWriter::new(mirror, &file).map_err(werr)?);
         }
-        d.as_mut()
-            .expect("set above")
-            .write_at(b, c.offset)
-            .map_err(werr)?;
+        let Some(d) = d.as_mut() else {
+            return Err("the direct writer vanished: this is a bug".into());
+        };
+        d.write_at(b, c.offset).map_err(werr)?;
         written.set(written.get() + b.len() as u64);
         Ok(())
     };
@@ -231,14 +237,25 @@ fn take_image(
             return chunker.push(b, &mut on_chunk);
         }
         // Changed pages only: straight into the mirror.
-        file.write_all_at(b, at).map_err(werr)?;
+        file.write_all_at(b, at)
+            .map_err(|e| format!("cannot write {}: {e}", mirror.display()))?;
         written.set(written.get() + b.len() as u64);
         touched.extend(at / max..=(at + b.len() as u64 - 1) / max);
         Ok(())
     })
-    .map_err(|e| format!("conode admin socket {}: {e}", admin.display()))?;
+    .map_err(|reason| ShipError::Conode {
+        path: admin.to_path_buf(),
+        reason,
+    })?;
     let chunks = if !header.changed_only {
-        Some(chunker.finish(&mut on_chunk)?)
+        Some(
+            chunker
+                .finish(&mut on_chunk)
+                .map_err(|reason| ShipError::Conode {
+                    path: admin.to_path_buf(),
+                    reason,
+                })?,
+        )
     } else {
         None
     };
@@ -247,12 +264,15 @@ fn take_image(
         d.finish().map_err(werr)?;
     }
     file.set_len(header.bytes)
-        .map_err(|e| format!("cannot size {}: {e}", mirror.display()))?;
+        .map_err(|e| ShipError::io("cannot size", mirror, e))?;
     let chunks = if let Some(chunks) = chunks {
         chunks
     } else {
-        let old =
-            old.ok_or("the conode sent changed pages for an image this host does not hold")?;
+        let old = old.ok_or_else(|| {
+            ShipError::Bug(
+                "the conode sent changed pages for an image this host does not hold".into(),
+            )
+        })?;
         // Windows past the shorter of the two lengths changed too (grown or cut).
         let (shorter, len) = (old_len.min(header.bytes), header.bytes);
         touched.extend(shorter / max..len.div_ceil(max));
@@ -265,7 +285,7 @@ fn take_image(
         for &w in touched.iter().filter(|&&w| w * max < len) {
             let n = (len - w * max).min(max) as usize;
             file.read_exact_at(&mut buf[..n], w * max)
-                .map_err(|e| format!("cannot read {}: {e}", mirror.display()))?;
+                .map_err(|e| ShipError::io("cannot read", mirror, e))?;
             chunks.extend(
                 crate::chunk::chunk_slice(&buf[..n], &params)
                     .into_iter()
@@ -282,18 +302,17 @@ fn take_image(
     // after changed pages, and the holes, punched ranges and direct writes of a whole image.
     #[cfg(debug_assertions)]
     {
-        let all =
-            std::fs::read(mirror).map_err(|e| format!("cannot read {}: {e}", mirror.display()))?;
+        let all = std::fs::read(mirror).map_err(|e| ShipError::io("cannot read", mirror, e))?;
         if crate::chunk::chunk_slice(&all, &params) != chunks {
-            return Err(format!(
-                "{}: the mirror's bytes disagree with the chunks of the image ({}): this is a bug",
+            return Err(ShipError::Bug(format!(
+                "{}: the mirror's bytes disagree with the chunks of the image ({})",
                 mirror.display(),
                 if header.changed_only {
                     "changed pages"
                 } else {
                     "whole image"
                 }
-            ));
+            )));
         }
     }
     let skipped = outbox.take().map_or(0, |mut o| {
@@ -309,49 +328,50 @@ fn take_image(
 }
 
 /// The generation counter, persisted in `state_dir/generation`: never reused.
-fn next_generation(state_dir: &Path, peer_newest: u64) -> Result<u64, String> {
+fn next_generation(state_dir: &Path, peer_newest: u64) -> Result<u64, ShipError> {
     let path = state_dir.join("generation");
     let mine = match std::fs::read_to_string(&path) {
         Ok(s) => s.trim().parse::<u64>().map_err(|_| {
-            format!(
-                "{} does not hold a number: fix or remove it",
-                path.display()
+            ShipError::io(
+                "cannot use",
+                &path,
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "it does not hold a number: fix or remove it",
+                ),
             )
         })?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
-        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        Err(e) => return Err(ShipError::io("cannot read", &path, e)),
     };
     let g = mine.max(peer_newest) + 1;
     conode::config::write_atomic(&path, format!("{g}\n").as_bytes(), 0o600)
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        .map_err(|e| ShipError::io("cannot write", &path, e))?;
     Ok(g)
 }
 
 impl Shipper {
     /// The newest generation the peer holds (0 if none or unreachable).
     async fn peer_newest(&self) -> u64 {
-        match self.peer.request("GET", "/v1/status", b"").await {
-            Ok(a) => a
-                .json("status")
-                .ok()
-                .and_then(|v| {
-                    v.get("generations")?
-                        .as_array()?
-                        .iter()
-                        .filter_map(|g| g.get("generation")?.as_u64())
-                        .max()
-                })
+        match self
+            .peer
+            .request(Method::GET, "/v1/status", "", "status")
+            .await
+        {
+            Ok(v) => v
+                .get("generations")
+                .and_then(|g| g.as_array())
+                .and_then(|a| a.iter().filter_map(|g| g.get("generation")?.as_u64()).max())
                 .unwrap_or(0),
             Err(_) => 0,
         }
     }
 
     /// Take, ship and have the standby install one snapshot.
-    pub async fn snapshot(&self) -> Result<LastSnapshot, String> {
+    pub async fn snapshot(&self) -> Result<LastSnapshot, ShipError> {
         let t0 = Instant::now();
         let out = self.cfg.outgoing_dir();
-        std::fs::create_dir_all(&out)
-            .map_err(|e| format!("cannot create {}: {e}", out.display()))?;
+        std::fs::create_dir_all(&out).map_err(|e| ShipError::io("cannot create", &out, e))?;
         let generation = next_generation(&self.cfg.state_dir, self.peer_newest().await)?;
         let file = out.join(MIRROR_FILE);
         // From here until the image is complete the mirror is not what it was.
@@ -362,7 +382,7 @@ impl Shipper {
                     let (tx, rx) = tokio::sync::mpsc::channel(STREAM_QUEUE);
                     let task = tokio::spawn(stream_image(
                         self.peer.clone(),
-                        self.shared.clone(),
+                        self.metrics.clone(),
                         generation,
                         rx,
                     ));
@@ -376,7 +396,7 @@ impl Shipper {
         let taken =
             tokio::task::spawn_blocking(move || take_image(&admin, &f, old, params, outbox))
                 .await
-                .map_err(|e| format!("taking the image: {e}"));
+                .map_err(|e| ShipError::Bug(format!("the task taking the image failed: {e}")));
         // The outbox is gone with the take: the stream task sends what is queued and ends.
         let streamed = match streamer {
             Some(task) => match task.await {
@@ -412,12 +432,18 @@ impl Shipper {
         if old.is_some_and(|m| m.installed) {
             return Some(None);
         }
-        let a = self.peer.request("GET", "/v1/hashes", b"").await.ok()?;
-        let v = a.json("hashes").ok()?;
+        let v = self
+            .peer
+            .request(Method::GET, "/v1/hashes", "", "hashes")
+            .await
+            .ok()?;
         let raw = hex::decode(v.get("hashes")?.as_str()?).ok()?;
+        if raw.len() % 32 != 0 {
+            return None;
+        }
         Some(Some(
             raw.chunks_exact(32)
-                .map(|h| h.try_into().expect("32 bytes"))
+                .filter_map(|h| <[u8; 32]>::try_from(h).ok())
                 .collect(),
         ))
     }
@@ -434,7 +460,7 @@ impl Shipper {
         streamed: u64,
         t0: Instant,
         take_ms: u64,
-    ) -> Result<LastSnapshot, String> {
+    ) -> Result<LastSnapshot, ShipError> {
         let Taken {
             header,
             chunks,
@@ -457,11 +483,12 @@ impl Shipper {
         };
         let env = m.seal(&self.key);
         let (sent, reused, phases) = match transport {
-            Transport::Https => self.ship_https(&m, &env, file).await?,
+            Transport::Https => self.ship_https(&m, env, file).await?,
             Transport::Rsync | Transport::Scp => {
                 let sent = self.ship_ssh(transport, file).await?;
-                let a = self.peer.request("POST", "/v1/inbox", &env).await?;
-                a.json("installing the snapshot")?;
+                self.peer
+                    .request(Method::POST, "/v1/inbox", env, "installing the snapshot")
+                    .await?;
                 (sent, 0, String::new())
             }
         };
@@ -503,94 +530,80 @@ impl Shipper {
     }
 
     /// Offer, send what is missing, commit; after a broken connection, offer again (the
-    /// standby answers only what it still lacks) up to [`RESUME_ATTEMPTS`] times.
+    /// standby answers only what it still lacks) up to [`RESUME_ATTEMPTS`] times. A
+    /// refusal, a key the peer does not trust, or a malformed answer ends it at once.
     async fn ship_https(
         &self,
         m: &Manifest,
-        env: &[u8],
+        env: Vec<u8>,
         file: &Path,
-    ) -> Result<(u64, u64, String), String> {
+    ) -> Result<(u64, u64, String), ShipError> {
         let mut sent = 0u64;
         let mut reused = None;
-        let mut last = String::new();
+        let mut last: Option<PeerError> = None;
         for attempt in 0..RESUME_ATTEMPTS {
-            if attempt > 0 {
+            if let Some(e) = &last {
                 tracing::warn!(
-                    "generation {}: transfer interrupted ({last}); resuming (attempt {}/{RESUME_ATTEMPTS})",
+                    "generation {}: transfer interrupted ({e}); resuming (attempt {}/{RESUME_ATTEMPTS})",
                     m.generation,
                     attempt + 1
                 );
                 tokio::time::sleep(Duration::from_millis(500 * (1 << attempt.min(4)))).await;
             }
             let t = Instant::now();
-            let offer = match self.peer.request("POST", "/v1/offer", env).await {
-                Ok(a) if a.status == 409 => return Err(a.json("offer").unwrap_err()),
-                Ok(a) => a.json("offer")?,
-                Err(e) => {
-                    last = e;
-                    continue;
+            let r = async {
+                let offer = self
+                    .peer
+                    .request(Method::POST, "/v1/offer", env.clone(), "offer")
+                    .await?;
+                let (missing, reused_now) = parse_offer(&offer, m.chunks.len())?;
+                if reused.is_none() {
+                    reused = reused_now;
                 }
-            };
-            let missing: Vec<u32> = offer
-                .get("missing")
-                .and_then(|v| v.as_array())
-                .ok_or("offer: the peer's answer has no missing list")?
-                .iter()
-                .map(|v| {
-                    v.as_u64()
-                        .and_then(|n| u32::try_from(n).ok())
-                        .ok_or("offer: bad chunk index")
-                })
-                .collect::<Result<_, _>>()?;
-            if reused.is_none() {
-                reused = offer.get("reused_bytes").and_then(|v| v.as_u64());
+                let offered = t.elapsed();
+                self.send_chunks(m, file, &missing, &mut sent).await?;
+                let chunks_sent = t.elapsed();
+                self.peer
+                    .request(
+                        Method::POST,
+                        &format!("/v1/commit/{}", m.generation),
+                        "",
+                        "commit",
+                    )
+                    .await?;
+                Ok::<_, ShipError>(format!(
+                    "; offer answered after {offered:?}, {} chunks sent after {chunks_sent:?}, installed after {:?}",
+                    missing.len(),
+                    t.elapsed()
+                ))
             }
-            let offered = t.elapsed();
-            match self.send_chunks(m, file, &missing, &mut sent).await {
-                Ok(()) => {}
-                Err((true, e)) => return Err(e),
-                Err((false, e)) => {
-                    last = e;
-                    continue;
-                }
-            }
-            let chunks_sent = t.elapsed();
-            match self
-                .peer
-                .request("POST", &format!("/v1/commit/{}", m.generation), b"")
-                .await
-            {
-                Ok(a) => {
-                    a.json("commit")?;
-                    let phases = format!(
-                        "; offer answered after {offered:?}, {} chunks sent after {chunks_sent:?}, installed after {:?}",
-                        missing.len(),
-                        t.elapsed()
-                    );
-                    return Ok((sent, reused.unwrap_or(0), phases));
-                }
-                Err(e) => last = e,
+            .await;
+            match r {
+                Ok(phases) => return Ok((sent, reused.unwrap_or(0), phases)),
+                Err(ShipError::Peer(e)) if !e.is_permanent() => last = Some(e),
+                Err(e) => return Err(e),
             }
         }
-        Err(format!(
-            "peer {}: gave up generation {} after {RESUME_ATTEMPTS} attempts: {last}",
-            self.peer.address(),
-            m.generation
-        ))
+        Err(ShipError::GaveUp {
+            address: self.peer.address().to_string(),
+            generation: m.generation,
+            attempts: RESUME_ATTEMPTS,
+            last: last.unwrap_or(PeerError::Malformed {
+                what: "offer".into(),
+                reason: "no attempt was made".into(),
+            }),
+        })
     }
 
-    /// Send chunks `missing` in batches. The error's flag says whether it is final (the
-    /// peer refused) rather than a broken connection worth resuming.
+    /// Send chunks `missing` (indices checked against the manifest already) in batches of
+    /// about [`BATCH_BYTES`].
     async fn send_chunks(
         &self,
         m: &Manifest,
         file: &Path,
         missing: &[u32],
         sent: &mut u64,
-    ) -> Result<(), (bool, String)> {
-        use std::os::unix::fs::FileExt;
-        let f = std::fs::File::open(file)
-            .map_err(|e| (true, format!("cannot open {}: {e}", file.display())))?;
+    ) -> Result<(), ShipError> {
         let mut i = 0;
         while i < missing.len() {
             let mut j = i;
@@ -599,59 +612,39 @@ impl Shipper {
                 len += 8 + m.chunks[missing[j] as usize].len as usize;
                 j += 1;
             }
-            let batch = &missing[i..j];
-            let mut s = self
-                .peer
-                .start("PUT", &format!("/v1/chunks/{}", m.generation), len as u64)
+            let batch: Vec<(u32, Chunk)> = missing[i..j]
+                .iter()
+                .map(|&idx| (idx, m.chunks[idx as usize]))
+                .collect();
+            let path = file.to_path_buf();
+            let body = tokio::task::spawn_blocking(move || frame_chunks(&path, &batch, len))
                 .await
-                .map_err(|e| (false, e))?;
-            let mut buf = Vec::with_capacity(1 << 20);
-            for &idx in batch {
-                let c = m.chunks.get(idx as usize).ok_or((
-                    true,
-                    format!("the peer asked for chunk {idx}, which does not exist"),
-                ))?;
-                buf.extend_from_slice(&idx.to_le_bytes());
-                buf.extend_from_slice(&c.len.to_le_bytes());
-                let at = buf.len();
-                buf.resize(at + c.len as usize, 0);
-                f.read_exact_at(&mut buf[at..], c.offset)
-                    .map_err(|e| (true, format!("reading {}: {e}", file.display())))?;
-                if buf.len() >= 1 << 20 {
-                    self.peer
-                        .write_part(&mut s, &buf)
-                        .await
-                        .map_err(|e| (false, e))?;
-                    *sent += buf.len() as u64;
-                    self.shared.add_bytes_sent(buf.len() as u64);
-                    buf.clear();
-                }
-            }
+                .map_err(|e| ShipError::Bug(format!("the task reading chunks failed: {e}")))??;
+            let n = body.len() as u64;
             self.peer
-                .write_part(&mut s, &buf)
-                .await
-                .map_err(|e| (false, e))?;
-            *sent += buf.len() as u64;
-            self.shared.add_bytes_sent(buf.len() as u64);
-            let a = self.peer.finish(s).await.map_err(|e| (false, e))?;
-            if a.status == 409 {
-                return Err((true, a.json("sending chunks").unwrap_err()));
-            }
-            a.json("sending chunks").map_err(|e| (false, e))?;
+                .request(
+                    Method::PUT,
+                    &format!("/v1/chunks/{}", m.generation),
+                    body,
+                    "sending chunks",
+                )
+                .await?;
+            *sent += n;
+            self.metrics.bytes_sent(n);
             i = j;
         }
         Ok(())
     }
 
     /// rsync or scp the snapshot into the standby's inbox; the bytes sent as reported.
-    async fn ship_ssh(&self, t: Transport, file: &Path) -> Result<u64, String> {
+    async fn ship_ssh(&self, t: Transport, file: &Path) -> Result<u64, ShipError> {
         let ssh = &self.cfg.ssh;
         let dest = format!(
             "{}:{}/{INBOX_FILE}",
             ssh.target,
             ssh.inbox.trim_end_matches('/')
         );
-        let mut cmd = match t {
+        let (tool, mut cmd) = match t {
             Transport::Rsync => {
                 let mut e = String::from("ssh");
                 for a in &ssh.args {
@@ -668,27 +661,36 @@ impl Shipper {
                     .arg(e)
                     .arg(file)
                     .arg(&dest);
-                c
+                ("rsync", c)
             }
             _ => {
                 let mut c = tokio::process::Command::new("scp");
                 c.arg("-q").args(&ssh.args).arg(file).arg(&dest);
-                c
+                ("scp", c)
             }
         };
+        let fail = |reason: String| ShipError::Transport {
+            tool,
+            dest: dest.clone(),
+            reason,
+        };
         cmd.kill_on_drop(true).stdin(std::process::Stdio::null());
-        let name = t.name();
-        let out = tokio::time::timeout(Duration::from_secs(3600), cmd.output())
+        let out = tokio::time::timeout(ssh.timeout, cmd.output())
             .await
-            .map_err(|_| format!("{name}: did not finish within an hour"))?
-            .map_err(|e| format!("{name}: cannot run it: {e}"))?;
+            .map_err(|_| {
+                fail(format!(
+                    "did not finish within {:?} (ssh.timeout); killed",
+                    ssh.timeout
+                ))
+            })?
+            .map_err(|e| fail(format!("cannot run it: {e}")))?;
         if !out.status.success() {
             let err = String::from_utf8_lossy(&out.stderr);
-            return Err(format!(
-                "{name} to {dest} failed ({}): {}",
+            return Err(fail(format!(
+                "{}: {}",
                 out.status,
                 err.trim().lines().last().unwrap_or("no message")
-            ));
+            )));
         }
         let size = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
         let sent = match t {
@@ -697,9 +699,56 @@ impl Shipper {
             }
             _ => size,
         };
-        self.shared.add_bytes_sent(sent);
+        self.metrics.bytes_sent(sent);
         Ok(sent)
     }
+}
+
+/// The standby's answer to an offer, checked: every index names a chunk of the manifest
+/// (`chunks` of them). Returns the indices and the bytes it reused.
+pub fn parse_offer(
+    offer: &serde_json::Value,
+    chunks: usize,
+) -> Result<(Vec<u32>, Option<u64>), PeerError> {
+    let malformed = |reason: String| PeerError::Malformed {
+        what: "offer".into(),
+        reason,
+    };
+    let list = offer
+        .get("missing")
+        .and_then(|v| v.as_array())
+        .ok_or_else(|| malformed("no list of missing chunks".into()))?;
+    let missing = list
+        .iter()
+        .map(|v| {
+            v.as_u64()
+                .filter(|&n| (n as usize) < chunks)
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| {
+                    malformed(format!(
+                        "it asks for chunk {v}, but the manifest has {chunks} chunks (0 to {})",
+                        chunks.saturating_sub(1)
+                    ))
+                })
+        })
+        .collect::<Result<Vec<u32>, _>>()?;
+    Ok((missing, offer.get("reused_bytes").and_then(|v| v.as_u64())))
+}
+
+/// Read chunks `batch` of `file` into one request body of frames (`len` bytes).
+fn frame_chunks(file: &Path, batch: &[(u32, Chunk)], len: usize) -> Result<Vec<u8>, ShipError> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(file).map_err(|e| ShipError::io("cannot open", file, e))?;
+    let mut buf = Vec::with_capacity(len);
+    for (idx, c) in batch {
+        buf.extend_from_slice(&idx.to_le_bytes());
+        buf.extend_from_slice(&c.len.to_le_bytes());
+        let at = buf.len();
+        buf.resize(at + c.len as usize, 0);
+        f.read_exact_at(&mut buf[at..], c.offset)
+            .map_err(|e| ShipError::io("cannot read", file, e))?;
+    }
+    Ok(buf)
 }
 
 /// Send the batches of frames queued while a whole image is taken, one `PUT /v1/stream`
@@ -707,7 +756,7 @@ impl Shipper {
 /// goes on, the offer sends the rest).
 async fn stream_image(
     peer: PeerClient,
-    shared: Arc<Shared>,
+    metrics: Arc<Metrics>,
     generation: u64,
     mut rx: tokio::sync::mpsc::Receiver<(u64, Vec<u8>)>,
 ) -> Result<u64, String> {
@@ -718,18 +767,19 @@ async fn stream_image(
     };
     while let Some((size, body)) = rx.recv().await {
         if in_flight.len() == 2 {
-            sent += done(in_flight.pop_front().expect("two")).await?;
+            if let Some(t) = in_flight.pop_front() {
+                sent += done(t).await?;
+            }
         }
-        let (peer, shared) = (peer.clone(), shared.clone());
+        let (peer, metrics) = (peer.clone(), metrics.clone());
         let path = format!("/v1/stream/{generation}/{size}");
         in_flight.push_back(tokio::spawn(async move {
-            let mut s = peer.start("PUT", &path, body.len() as u64).await?;
-            for part in body.chunks(1 << 20) {
-                peer.write_part(&mut s, part).await?;
-                shared.add_bytes_sent(part.len() as u64);
-            }
-            peer.finish(s).await?.json("streaming the image")?;
-            Ok(body.len() as u64)
+            let n = body.len() as u64;
+            peer.request(Method::PUT, &path, body, "streaming the image")
+                .await
+                .map_err(|e| e.to_string())?;
+            metrics.bytes_sent(n);
+            Ok(n)
         }));
     }
     for t in in_flight {
@@ -772,6 +822,29 @@ mod tests {
     }
 
     #[test]
+    fn an_offer_naming_a_chunk_out_of_range_is_a_clear_error() {
+        let ok = serde_json::json!({"missing": [0, 2], "reused_bytes": 5});
+        assert_eq!(parse_offer(&ok, 3).unwrap(), (vec![0, 2], Some(5)));
+        for bad in [
+            serde_json::json!({"missing": [3]}),
+            serde_json::json!({"missing": [4294967296u64]}),
+            serde_json::json!({"missing": [-1]}),
+            serde_json::json!({"missing": ["1"]}),
+            serde_json::json!({"gone": []}),
+        ] {
+            let e = parse_offer(&bad, 3).unwrap_err();
+            assert!(e.is_permanent(), "{e}");
+            assert!(e.to_string().contains("malformed"), "{e}");
+        }
+        let e = parse_offer(&serde_json::json!({"missing": [999999]}), 3).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("asks for chunk 999999, but the manifest has 3 chunks"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn generations_only_grow() {
         let d = tempfile::tempdir().unwrap();
         assert_eq!(next_generation(d.path(), 0).unwrap(), 1);
@@ -781,6 +854,7 @@ mod tests {
         std::fs::write(d.path().join("generation"), "x").unwrap();
         assert!(next_generation(d.path(), 0)
             .unwrap_err()
+            .to_string()
             .contains("does not hold a number"));
     }
 }

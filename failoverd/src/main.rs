@@ -43,6 +43,22 @@ enum Cmd {
     Snapshot,
 }
 
+/// SIGINT or SIGTERM (or, if SIGTERM cannot be watched, SIGINT alone).
+async fn stop_signal() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(e) => {
+            tracing::warn!("cannot watch SIGTERM ({e}): only SIGINT stops failoverd");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("FAILOVERD_LOG")
@@ -66,8 +82,8 @@ fn main() -> ExitCode {
         Cmd::Setup(a) => cli::setup(&cli.config, &a),
         Cmd::Check => rt.block_on(cli::check(&cli.config)),
         Cmd::Run => match failoverd::config::Config::load(&cli.config) {
-            Ok(c) => rt.block_on(failoverd::daemon::run(c)),
-            Err(e) => Err(e),
+            Ok(c) => rt.block_on(failoverd::daemon::run(c, stop_signal())),
+            Err(e) => Err(e.to_string()),
         },
         Cmd::Status { json } => rt.block_on(cli::status(&cli.config, json)),
         Cmd::Snapshot => rt.block_on(cli::snapshot(&cli.config)),

@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::chunk::{Chunk, Params};
 use crate::config::Transport;
+use crate::error::ManifestError;
 
 const DOMAIN: &[u8] = b"failoverd manifest v1\n";
 /// The body's version: 2 since chunks are fixed (the signing domain above is unchanged, so
@@ -85,13 +86,13 @@ struct WireEnvelope {
     signature: String,
 }
 
-fn hex32(what: &str, s: &str) -> Result<[u8; 32], String> {
-    conode::keys::parse_hex32(s).map_err(|e| format!("manifest {what}: {e}"))
+fn hex32(what: &str, s: &str) -> Result<[u8; 32], ManifestError> {
+    conode::keys::parse_hex32(s).map_err(|e| ManifestError::Malformed(format!("{what}: {e}")))
 }
 
 /// A file name in the inbox: letters, digits, `.`, `_`, `-`; not starting with `.`; at
 /// most 128 bytes. Anything else (`../x`, `/etc/passwd`, `a/b`) is refused.
-pub fn check_file_name(name: &str) -> Result<(), String> {
+pub fn check_file_name(name: &str) -> Result<(), ManifestError> {
     let ok = !name.is_empty()
         && name.len() <= 128
         && !name.starts_with('.')
@@ -101,9 +102,7 @@ pub fn check_file_name(name: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "manifest names the file {name:?}: only a plain file name inside the inbox is accepted"
-        ))
+        Err(ManifestError::FileName(name.to_string()))
     }
 }
 
@@ -163,24 +162,22 @@ impl Manifest {
 
     /// Check an envelope: signed by `pinned`, well formed, chunks adding up. Says what is
     /// wrong in words.
-    pub fn open(envelope: &[u8], pinned: &[u8; 32]) -> Result<Manifest, String> {
+    pub fn open(envelope: &[u8], pinned: &[u8; 32]) -> Result<Manifest, ManifestError> {
+        use ManifestError::Malformed;
         if envelope.len() as u64 > MAX_ENVELOPE {
-            return Err(format!(
-                "manifest is {} bytes, more than the {MAX_ENVELOPE} accepted",
-                envelope.len()
-            ));
+            return Err(ManifestError::TooLarge {
+                len: envelope.len() as u64,
+                max: MAX_ENVELOPE,
+            });
         }
         let env: WireEnvelope = serde_json::from_slice(envelope)
-            .map_err(|e| format!("manifest envelope is malformed: {e}"))?;
-        let sig =
-            hex::decode(&env.signature).map_err(|_| "manifest signature is not hex".to_string())?;
+            .map_err(|e| Malformed(format!("envelope is malformed: {e}")))?;
+        let sig = hex::decode(&env.signature)
+            .map_err(|_| Malformed("signature is not hex".to_string()))?;
         let mut msg = DOMAIN.to_vec();
         msg.extend_from_slice(env.manifest.as_bytes());
         if !conode::keys::verify(pinned, &msg, &sig) {
-            return Err(format!(
-                "manifest signature does not verify with the pinned peer key {}: signed by another key, or altered",
-                hex::encode(pinned)
-            ));
+            return Err(ManifestError::BadSignature { pinned: *pinned });
         }
         // The version first: another version's fields would read as malformed.
         #[derive(Deserialize)]
@@ -188,33 +185,34 @@ impl Manifest {
             version: u32,
         }
         let v: WireVersion = serde_json::from_str(&env.manifest)
-            .map_err(|e| format!("manifest body is malformed: {e}"))?;
+            .map_err(|e| Malformed(format!("body is malformed: {e}")))?;
         if v.version != VERSION {
-            return Err(format!(
-                "manifest version {} is not supported (this failoverd reads version {VERSION}): run the same failoverd release on both hosts",
-                v.version
-            ));
+            return Err(ManifestError::Version {
+                got: v.version,
+                ours: VERSION,
+            });
         }
         let w: WireBody = serde_json::from_str(&env.manifest)
-            .map_err(|e| format!("manifest body is malformed: {e}"))?;
+            .map_err(|e| Malformed(format!("body is malformed: {e}")))?;
         let signer = hex32("signer", &w.signer)?;
         if &signer != pinned {
-            return Err("manifest names a signer other than the pinned peer key".into());
+            return Err(ManifestError::WrongSigner);
         }
-        w.chunking.check().map_err(|e| format!("manifest: {e}"))?;
-        let raw = hex::decode(&w.chunks).map_err(|_| "manifest chunks are not hex".to_string())?;
+        w.chunking.check().map_err(Malformed)?;
+        let raw =
+            hex::decode(&w.chunks).map_err(|_| Malformed("chunks are not hex".to_string()))?;
         if raw.len() % 36 != 0 {
-            return Err("manifest chunk list is cut short".into());
+            return Err(Malformed("chunk list is cut short".into()));
         }
         let mut chunks = Vec::with_capacity(raw.len() / 36);
         let mut offset = 0u64;
         for (i, rec) in raw.chunks_exact(36).enumerate() {
             let len = u32::from_le_bytes(rec[..4].try_into().expect("4 bytes"));
             if len == 0 || len > w.chunking.size {
-                return Err(format!(
-                    "manifest chunk {i} is {len} bytes, outside 1..={}",
+                return Err(Malformed(format!(
+                    "chunk {i} is {len} bytes, outside 1..={}",
                     w.chunking.size
-                ));
+                )));
             }
             let mut hash = [0u8; 32];
             hash.copy_from_slice(&rec[4..]);
@@ -222,10 +220,10 @@ impl Manifest {
             offset += len as u64;
         }
         if offset != w.bytes {
-            return Err(format!(
-                "manifest chunks add up to {offset} bytes but the snapshot is {} bytes",
+            return Err(Malformed(format!(
+                "chunks add up to {offset} bytes but the snapshot is {} bytes",
                 w.bytes
-            ));
+            )));
         }
         if let Some(f) = &w.file {
             check_file_name(f)?;
@@ -240,7 +238,7 @@ impl Manifest {
                     hash: hex32("position hash", &p.hash)?,
                 })
             })
-            .collect::<Result<Vec<_>, String>>()?;
+            .collect::<Result<Vec<_>, ManifestError>>()?;
         Ok(Manifest {
             generation: w.generation,
             conode: hex32("conode", &w.conode)?,
@@ -297,7 +295,9 @@ pub(crate) mod tests {
         let k = KeyPair::generate().unwrap();
         let other = KeyPair::generate().unwrap();
         let m = sample(&other, &[1u8; 5000], 3);
-        let e = Manifest::open(&m.seal(&other), &k.public_bytes()).unwrap_err();
+        let e = Manifest::open(&m.seal(&other), &k.public_bytes())
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("does not verify with the pinned peer key"),
             "{e}"
@@ -306,9 +306,13 @@ pub(crate) mod tests {
         let env = String::from_utf8(sample(&k, &[1u8; 5000], 3).seal(&k)).unwrap();
         let altered = env.replace("\\\"generation\\\":3", "\\\"generation\\\":4");
         assert_ne!(env, altered);
-        let e = Manifest::open(altered.as_bytes(), &k.public_bytes()).unwrap_err();
+        let e = Manifest::open(altered.as_bytes(), &k.public_bytes())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("does not verify"), "{e}");
-        let e = Manifest::open(b"{\"manifest\":", &k.public_bytes()).unwrap_err();
+        let e = Manifest::open(b"{\"manifest\":", &k.public_bytes())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("malformed"), "{e}");
     }
 
@@ -318,7 +322,9 @@ pub(crate) mod tests {
         for bad in ["../x.db", "/etc/passwd", "a/b", ".hidden", "", "x\0y"] {
             let mut m = sample(&k, &[1u8; 100], 1);
             m.file = Some(bad.into());
-            let e = Manifest::open(&m.seal(&k), &k.public_bytes()).unwrap_err();
+            let e = Manifest::open(&m.seal(&k), &k.public_bytes())
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("only a plain file name"), "{bad}: {e}");
         }
         let mut m = sample(&k, &[1u8; 100], 1);
@@ -338,7 +344,9 @@ pub(crate) mod tests {
             signature: hex::encode(k.sign(&msg)),
         })
         .unwrap();
-        let e = Manifest::open(&env, &k.public_bytes()).unwrap_err();
+        let e = Manifest::open(&env, &k.public_bytes())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("version 1 is not supported"), "{e}");
     }
 
@@ -347,7 +355,9 @@ pub(crate) mod tests {
         let k = KeyPair::generate().unwrap();
         let mut m = sample(&k, &[1u8; 100_000], 1);
         m.bytes += 1;
-        let e = Manifest::open(&m.seal(&k), &k.public_bytes()).unwrap_err();
+        let e = Manifest::open(&m.seal(&k), &k.public_bytes())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("add up"), "{e}");
     }
 }

@@ -1,9 +1,12 @@
 //! The peer port: HTTPS between the two failoverds, both sides pinned to each other's
 //! Ed25519 key (self-signed certificates bound to the key, as on the conode port). A
 //! client without the pinned key fails the TLS handshake: it gets no status, cannot
-//! upload, cannot command.
+//! upload, cannot command. The client is `reqwest` (connections kept alive, the pinned
+//! rustls config handed in as preconfigured TLS); the server is `hyper` 1 on the rustls
+//! acceptor.
 //!
-//! # API (version 1; JSON answers; errors are `{"error":"<words>"}` with status 4xx/5xx)
+//! # API (version 1; JSON answers; errors are `{"error":"<words>","cause":"<label>"}` with
+//! status 4xx/5xx, the cause being a [`Cause`] label)
 //! - `GET /v1/status`: the generations this host holds.
 //! - `POST /v1/offer` (body: a signed manifest envelope): start or resume receiving that
 //!   generation; answers `{"missing":[chunk indices],"reused_bytes":N}` (one index per
@@ -23,84 +26,69 @@
 //! - `POST /v1/commit/<generation>`: verify and install; answers the installed generation.
 //! - `POST /v1/inbox` (body: a signed envelope naming a file in the inbox): verify the file
 //!   that rsync or scp delivered, and install it.
+//!
+//! The server never does file IO on the runtime's threads: frames go to a writer on a
+//! blocking thread, installs and offers run through `spawn_blocking`.
 
+use std::convert::Infallible;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use conode::peer::PeerTls;
-use rustls::pki_types::ServerName;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
 use tokio::net::TcpStream;
-use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_rustls::TlsAcceptor;
 
-use crate::http;
+use crate::config::Timeouts;
+use crate::error::{Cause, PeerError, StoreError};
 use crate::manifest::MAX_ENVELOPE;
-use crate::state::Shared;
+use crate::metrics::Metrics;
+use crate::standby::{Installed, Store};
+use crate::status::Status;
 
-/// Connect timeout to the peer.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest chunk frame accepted (the manifest's own limit is checked after).
 const MAX_FRAME: u32 = 16 << 20;
 /// In a stream frame's len: no bytes follow, the frame is that many zeros.
 pub const ZEROS: u32 = 1 << 31;
+/// Largest answer read from the peer.
+const MAX_ANSWER: u64 = MAX_ENVELOPE;
+/// Frames handed to the writer thread at once (bytes), and batches queued for it.
+const WRITE_BATCH: usize = 1 << 20;
+const WRITE_QUEUE: usize = 4;
 
-/// What a frame carries.
-enum Body<'a> {
-    Bytes(&'a [u8]),
-    /// [`ZEROS`]: this many zero bytes, none sent.
-    Zeros(u32),
-}
-
-/// The client side: one HTTPS request per connection to the pinned peer.
+/// The client side: HTTPS requests to the pinned peer over kept-alive connections.
 #[derive(Clone)]
 pub struct PeerClient {
     address: String,
-    connector: TlsConnector,
-    /// How long one read or write may stall before the request is given up.
-    pub io_timeout: Duration,
+    http: reqwest::Client,
 }
-
-pub struct Answer {
-    pub status: u16,
-    pub body: Vec<u8>,
-}
-
-impl Answer {
-    /// The JSON body, or the peer's error in words.
-    pub fn json(&self, what: &str) -> Result<serde_json::Value, String> {
-        let v: serde_json::Value = serde_json::from_slice(&self.body)
-            .map_err(|e| format!("{what}: the peer's answer is not JSON ({e})"))?;
-        if self.status != 200 {
-            let msg = v
-                .get("error")
-                .and_then(|e| e.as_str())
-                .unwrap_or("no reason given");
-            return Err(format!("{what}: the peer refused: {msg}"));
-        }
-        Ok(v)
-    }
-}
-
-async fn timed<T>(
-    d: Duration,
-    what: &str,
-    f: impl std::future::Future<Output = std::io::Result<T>>,
-) -> Result<T, String> {
-    match tokio::time::timeout(d, f).await {
-        Ok(Ok(t)) => Ok(t),
-        Ok(Err(e)) => Err(format!("{what}: {e}")),
-        Err(_) => Err(format!("{what}: no progress for {d:?}")),
-    }
-}
-
-pub type ClientStream = tokio_rustls::client::TlsStream<TcpStream>;
 
 impl PeerClient {
-    pub fn new(tls: &PeerTls, address: String, peer_key: [u8; 32]) -> Result<PeerClient, String> {
+    pub fn new(
+        tls: &PeerTls,
+        address: &str,
+        peer_key: [u8; 32],
+        t: &Timeouts,
+    ) -> Result<PeerClient, String> {
+        let tls = (*tls.client_config(peer_key)?).clone();
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .connect_timeout(t.connect)
+            .read_timeout(t.io_stall)
+            .timeout(t.answer)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(4)
+            .tcp_nodelay(true)
+            .no_proxy()
+            .build()
+            .map_err(|e| format!("cannot build the peer's HTTP client: {e}"))?;
         Ok(PeerClient {
-            address,
-            connector: TlsConnector::from(tls.client_config(peer_key)?),
-            io_timeout: Duration::from_secs(30),
+            address: address.to_string(),
+            http,
         })
     }
 
@@ -108,357 +96,540 @@ impl PeerClient {
         &self.address
     }
 
-    async fn connect(&self) -> Result<ClientStream, String> {
-        let what = format!("peer {}", self.address);
-        let tcp = timed(CONNECT_TIMEOUT, &what, TcpStream::connect(&self.address)).await?;
-        let _ = tcp.set_nodelay(true);
-        let name = ServerName::try_from("conode").expect("static name is valid");
-        timed(CONNECT_TIMEOUT, &what, self.connector.connect(name, tcp)).await
-    }
-
-    /// A request with a body in memory.
-    pub async fn request(&self, method: &str, path: &str, body: &[u8]) -> Result<Answer, String> {
-        let mut s = self.connect().await?;
-        let what = format!("{method} {path} to {}", self.address);
-        timed(
-            self.io_timeout,
-            &what,
-            http::write_request_head(&mut s, method, path, body.len() as u64),
-        )
-        .await?;
-        for part in body.chunks(1 << 20) {
-            timed(self.io_timeout, &what, s.write_all(part)).await?;
-        }
-        timed(self.io_timeout, &what, s.flush()).await?;
-        self.answer(s, &what).await
-    }
-
-    /// Open a request whose body (`len` bytes) the caller streams with [`write_part`]
-    /// and then [`finish`].
-    pub async fn start(&self, method: &str, path: &str, len: u64) -> Result<ClientStream, String> {
-        let mut s = self.connect().await?;
-        timed(
-            self.io_timeout,
-            "sending to the peer",
-            http::write_request_head(&mut s, method, path, len),
-        )
-        .await?;
-        Ok(s)
-    }
-
-    pub async fn write_part(&self, s: &mut ClientStream, data: &[u8]) -> Result<(), String> {
-        timed(self.io_timeout, "sending to the peer", s.write_all(data)).await
-    }
-
-    pub async fn finish(&self, mut s: ClientStream) -> Result<Answer, String> {
-        timed(self.io_timeout, "sending to the peer", s.flush()).await?;
-        self.answer(s, "waiting for the peer's answer").await
-    }
-
-    async fn answer(&self, s: ClientStream, what: &str) -> Result<Answer, String> {
-        let mut r = BufReader::new(s);
-        let head = tokio::time::timeout(
-            self.io_timeout.max(Duration::from_secs(600)),
-            http::read_response(&mut r),
-        )
-        .await
-        .map_err(|_| format!("{what}: no answer"))??;
-        let body =
-            http::read_body(&mut r, head.content_length, MAX_ENVELOPE, self.io_timeout).await?;
-        Ok(Answer {
-            status: head.status,
-            body,
-        })
-    }
-}
-
-/// Serve the peer port until `shutdown`.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    config: Arc<rustls::ServerConfig>,
-    shared: Arc<Shared>,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
-) {
-    let acceptor = TlsAcceptor::from(config);
-    let slots = Arc::new(tokio::sync::Semaphore::new(16));
-    loop {
-        let (tcp, from) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!("peer port: accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => break,
-        };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::warn!("peer port: refusing {from}: 16 connections already open");
-            continue;
-        };
-        let acceptor = acceptor.clone();
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let _ = tcp.set_nodelay(true);
-            let tls = match tokio::time::timeout(CONNECT_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::warn!("peer port: refused {from}: {e}");
-                    shared.count_failure("unauthenticated");
-                    return;
-                }
-                Err(_) => {
-                    tracing::warn!("peer port: {from} did not finish the TLS handshake");
-                    return;
-                }
-            };
-            if let Err(e) = serve_one(tls, &shared).await {
-                tracing::warn!("peer port: request from {from}: {e}");
-            }
-        });
-    }
-}
-
-fn error_body(e: &str) -> Vec<u8> {
-    serde_json::to_vec(&serde_json::json!({ "error": e })).expect("json")
-}
-
-async fn serve_one(
-    tls: tokio_rustls::server::TlsStream<TcpStream>,
-    shared: &Arc<Shared>,
-) -> Result<(), String> {
-    // Small: chunk frames larger than the buffer are read straight into place past it.
-    let mut r = BufReader::with_capacity(4 << 10, tls);
-    let Some(head) = http::read_request(&mut r).await? else {
-        return Ok(());
-    };
-    let io_timeout = shared.io_timeout;
-    let result: Result<serde_json::Value, (u16, String)> = match (
-        head.method.as_str(),
-        head.path.as_str(),
-    ) {
-        ("GET", "/v1/status") => Ok(shared.peer_status()),
-        ("GET", "/v1/hashes") => Ok(match shared.store.newest() {
-            Some(n) => {
-                let mut h = Vec::with_capacity(n.manifest.chunks.len() * 32);
-                for c in &n.manifest.chunks {
-                    h.extend_from_slice(&c.hash);
-                }
-                serde_json::json!({"generation": n.manifest.generation, "hashes": hex::encode(h)})
-            }
-            None => serde_json::json!({"generation": 0, "hashes": ""}),
-        }),
-        ("POST", "/v1/offer") => {
-            let body =
-                http::read_body(&mut r, head.content_length, MAX_ENVELOPE, io_timeout).await?;
-            match shared.refuse_if_live().await {
-                Err(e) => Err((409, e)),
-                Ok(()) => {
-                    let store = shared.store.clone();
-                    match tokio::task::spawn_blocking(move || store.offer(&body)).await {
-                        Ok(Ok(o)) => Ok(
-                            serde_json::json!({"missing": o.missing, "reused_bytes": o.reused_bytes}),
-                        ),
-                        Ok(Err(e)) => {
-                            shared.refused(&e);
-                            Err((409, e))
-                        }
-                        Err(e) => Err((500, format!("offer failed: {e}"))),
-                    }
-                }
-            }
-        }
-        ("PUT", p) if p.starts_with("/v1/chunks/") => {
-            match p["/v1/chunks/".len()..].parse::<u64>() {
-                Err(_) => Err((404, format!("no such path {p}"))),
-                Ok(generation) => {
-                    receive_chunks(&mut r, head.content_length, generation, shared).await
-                }
-            }
-        }
-        ("PUT", p) if p.starts_with("/v1/stream/") => {
-            let parsed = p["/v1/stream/".len()..]
-                .split_once('/')
-                .and_then(|(g, b)| Some((g.parse::<u64>().ok()?, b.parse::<u64>().ok()?)));
-            match parsed {
-                None => Err((404, format!("no such path {p}"))),
-                Some((generation, bytes)) => match shared.refuse_if_live().await {
-                    Err(e) => Err((409, e)),
-                    Ok(()) => {
-                        receive_stream(&mut r, head.content_length, generation, bytes, shared).await
-                    }
-                },
-            }
-        }
-        ("POST", p) if p.starts_with("/v1/commit/") => {
-            match p["/v1/commit/".len()..].parse::<u64>() {
-                Err(_) => Err((404, format!("no such path {p}"))),
-                Ok(generation) => install(shared, move |st| st.commit(generation)).await,
-            }
-        }
-        ("POST", "/v1/inbox") => {
-            let body =
-                http::read_body(&mut r, head.content_length, MAX_ENVELOPE, io_timeout).await?;
-            match shared.refuse_if_live().await {
-                Err(e) => Err((409, e)),
-                Ok(()) => install(shared, move |st| st.install_inbox(&body)).await,
-            }
-        }
-        (m, p) => Err((404, format!("no such request {m} {p}"))),
-    };
-    let mut s = r.into_inner();
-    match result {
-        Ok(v) => {
-            http::write_response(
-                &mut s,
-                200,
-                "application/json",
-                &serde_json::to_vec(&v).expect("json"),
-            )
+    /// One request; the peer's JSON answer, or why not. `what` names it in errors.
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: impl Into<reqwest::Body>,
+        what: &str,
+    ) -> Result<serde_json::Value, PeerError> {
+        let url = format!("https://{}{path}", self.address);
+        let r = self
+            .http
+            .request(method, &url)
+            .body(body)
+            .send()
             .await
+            .map_err(|e| self.failed(what, e))?;
+        let status = r.status().as_u16();
+        let body = read_limited(r, MAX_ANSWER).await.map_err(|e| match e {
+            Ok(e) => self.failed(what, e),
+            Err(n) => PeerError::Malformed {
+                what: what.to_string(),
+                reason: format!("an answer of more than {n} bytes"),
+            },
+        })?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|e| PeerError::Malformed {
+                what: what.to_string(),
+                reason: format!("not JSON ({e}; status {status})"),
+            })?;
+        if status != 200 {
+            let reason = v
+                .get("error")
+                .and_then(|e| e.as_str())
+                .unwrap_or("no reason given")
+                .to_string();
+            let cause = v
+                .get("cause")
+                .and_then(|c| c.as_str())
+                .and_then(Cause::from_label)
+                .unwrap_or(Cause::Peer);
+            return Err(PeerError::Refused {
+                what: what.to_string(),
+                status,
+                reason,
+                cause,
+            });
         }
-        Err((status, e)) => {
-            http::write_response(&mut s, status, "application/json", &error_body(&e)).await
+        Ok(v)
+    }
+
+    /// A failed request in words: a TLS failure (a key not trusted) is permanent.
+    fn failed(&self, what: &str, e: reqwest::Error) -> PeerError {
+        if let Some(tls) = tls_error(&e) {
+            return PeerError::Unauthenticated {
+                address: self.address.clone(),
+                reason: tls,
+            };
+        }
+        PeerError::Unreachable {
+            what: what.to_string(),
+            address: self.address.clone(),
+            reason: error_chain(&e),
         }
     }
-    .map_err(|e| format!("answering: {e}"))?;
-    let _ = s.shutdown().await;
+}
+
+/// Read a response body of at most `max` bytes (`Err(Err(max))` when longer).
+async fn read_limited(
+    mut r: reqwest::Response,
+    max: u64,
+) -> Result<Vec<u8>, Result<reqwest::Error, u64>> {
+    let mut out = Vec::new();
+    while let Some(c) = r.chunk().await.map_err(Ok)? {
+        if (out.len() + c.len()) as u64 > max {
+            return Err(Err(max));
+        }
+        out.extend_from_slice(&c);
+    }
+    Ok(out)
+}
+
+/// The rustls error somewhere in `e`'s causes, in words.
+fn tls_error(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(t) = err.downcast_ref::<rustls::Error>() {
+            return Some(t.to_string());
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if let Some(t) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+                return Some(t.to_string());
+            }
+        }
+        cur = err.source();
+    }
+    None
+}
+
+/// `e` and its causes, one after the other.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+// ---------------------------------------------------------------------------------------
+// The server side.
+
+/// What the peer port's handlers need.
+pub struct PeerServer {
+    pub store: Arc<Store>,
+    pub status: Arc<Status>,
+    pub metrics: Arc<Metrics>,
+    pub timeouts: Timeouts,
+    /// This host's conode admin socket: a host whose conode runs is live and takes no
+    /// snapshots from its peer.
+    pub admin: PathBuf,
+}
+
+/// An answer: the JSON body, or a status and a refusal.
+type Answer = Result<serde_json::Value, Refusal>;
+
+struct Refusal {
+    status: StatusCode,
+    reason: String,
+    cause: Cause,
+}
+
+impl Refusal {
+    fn not_found(what: String) -> Refusal {
+        Refusal {
+            status: StatusCode::NOT_FOUND,
+            reason: what,
+            cause: Cause::Peer,
+        }
+    }
+    fn bad_request(reason: String) -> Refusal {
+        Refusal {
+            status: StatusCode::BAD_REQUEST,
+            reason,
+            cause: Cause::Peer,
+        }
+    }
+}
+
+impl PeerServer {
+    /// Record and answer a store refusal.
+    fn refused(&self, e: StoreError) -> Refusal {
+        let cause = e.cause();
+        if cause == Cause::Bug {
+            tracing::error!("{e}");
+        } else {
+            tracing::warn!("{e}");
+        }
+        self.metrics.failure(cause);
+        self.status.set_error(e.to_string());
+        Refusal {
+            status: if cause == Cause::Bug || cause == Cause::Io || cause == Cause::DiskFull {
+                StatusCode::INTERNAL_SERVER_ERROR
+            } else {
+                StatusCode::CONFLICT
+            },
+            reason: e.to_string(),
+            cause,
+        }
+    }
+
+    /// Serve one authenticated TLS connection (several requests, kept alive).
+    pub async fn serve_connection(
+        self: Arc<Self>,
+        tls: tokio_rustls::server::TlsStream<TcpStream>,
+        from: String,
+    ) {
+        let me = self.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            let me = me.clone();
+            async move { Ok::<_, Infallible>(me.handle(req).await) }
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(self.timeouts.io_stall)
+            .serve_connection(hyper_util::rt::TokioIo::new(tls), svc);
+        if let Err(e) = conn.await {
+            tracing::warn!("peer port: connection from {from}: {e}");
+        }
+    }
+
+    async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let (method, path) = (req.method().clone(), req.uri().path().to_string());
+        let answer = self.route(&method, &path, req.into_body()).await;
+        let (status, body) = match answer {
+            Ok(v) => (StatusCode::OK, v),
+            Err(r) => (
+                r.status,
+                serde_json::json!({"error": r.reason, "cause": r.cause.label()}),
+            ),
+        };
+        let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+        *resp.status_mut() = status;
+        resp.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("application/json"),
+        );
+        resp
+    }
+
+    async fn route(&self, method: &Method, path: &str, body: Incoming) -> Answer {
+        let number = |p: &str| {
+            p.parse::<u64>()
+                .map_err(|_| Refusal::not_found(format!("no such path {path}")))
+        };
+        match (method.as_str(), path) {
+            ("GET", "/v1/status") => Ok(self.status.peer_json()),
+            ("GET", "/v1/hashes") => Ok(match self.store.newest() {
+                Some(n) => {
+                    let mut h = Vec::with_capacity(n.manifest.chunks.len() * 32);
+                    for c in &n.manifest.chunks {
+                        h.extend_from_slice(&c.hash);
+                    }
+                    serde_json::json!({"generation": n.manifest.generation, "hashes": hex::encode(h)})
+                }
+                None => serde_json::json!({"generation": 0, "hashes": ""}),
+            }),
+            ("POST", "/v1/offer") => {
+                let env = self.read_body(body, MAX_ENVELOPE).await?;
+                self.refuse_if_live().await?;
+                let o = self.blocking(move |st| st.offer(&env)).await?;
+                Ok(serde_json::json!({"missing": o.missing, "reused_bytes": o.reused_bytes}))
+            }
+            ("PUT", p) if p.starts_with("/v1/chunks/") => {
+                let generation = number(&p["/v1/chunks/".len()..])?;
+                self.receive(body, Frames::Chunks { generation }).await
+            }
+            ("PUT", p) if p.starts_with("/v1/stream/") => {
+                let (g, b) = p["/v1/stream/".len()..]
+                    .split_once('/')
+                    .ok_or_else(|| Refusal::not_found(format!("no such path {p}")))?;
+                let (generation, bytes) = (number(g)?, number(b)?);
+                self.refuse_if_live().await?;
+                self.blocking(move |st| st.begin_stream(generation, bytes))
+                    .await?;
+                self.receive(body, Frames::Stream { generation }).await
+            }
+            ("POST", p) if p.starts_with("/v1/commit/") => {
+                let generation = number(&p["/v1/commit/".len()..])?;
+                self.install(move |st| st.commit(generation)).await
+            }
+            ("POST", "/v1/inbox") => {
+                let env = self.read_body(body, MAX_ENVELOPE).await?;
+                self.refuse_if_live().await?;
+                self.install(move |st| st.install_inbox(&env)).await
+            }
+            (m, p) => Err(Refusal::not_found(format!("no such request {m} {p}"))),
+        }
+    }
+
+    /// Refuse to receive snapshots while this host's own conode runs.
+    async fn refuse_if_live(&self) -> Result<(), Refusal> {
+        let answered = tokio::time::timeout(
+            self.timeouts.conode.min(Duration::from_secs(2)),
+            conode::admin::fetch_position(&self.admin),
+        )
+        .await;
+        match answered {
+            Ok(Ok(_)) => Err(Refusal {
+                status: StatusCode::CONFLICT,
+                reason: "this host's conode is running, so this host is live: it does not take snapshots from its peer".into(),
+                cause: Cause::Conode,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// A whole body of at most `max` bytes.
+    async fn read_body(&self, body: Incoming, max: u64) -> Result<Vec<u8>, Refusal> {
+        let mut r = BodyReader::new(body, self.timeouts.io_stall);
+        r.read_to_end(max).await.map_err(Refusal::bad_request)
+    }
+
+    /// Run store work on a blocking thread.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, Refusal> {
+        let store = self.store.clone();
+        match tokio::task::spawn_blocking(move || f(&store)).await {
+            Ok(Ok(t)) => Ok(t),
+            Ok(Err(e)) => Err(self.refused(e)),
+            Err(e) => Err(self.refused(StoreError::Bug(format!("store task failed: {e}")))),
+        }
+    }
+
+    /// Run an install (commit or inbox); record and answer its outcome.
+    async fn install(
+        &self,
+        f: impl FnOnce(&Store) -> Result<Installed, StoreError> + Send + 'static,
+    ) -> Answer {
+        let t = std::time::Instant::now();
+        let i = self.blocking(f).await?;
+        tracing::info!(
+            "installed generation {} ({} bytes, {} chains) in {:?}",
+            i.manifest.generation,
+            i.manifest.bytes,
+            i.manifest.positions.len(),
+            t.elapsed()
+        );
+        self.status.installed(&i);
+        Ok(serde_json::json!({"generation": i.manifest.generation, "bytes": i.manifest.bytes}))
+    }
+
+    /// Read frames from `body` and hand them, a batch at a time, to a writer on a blocking
+    /// thread, which checks and stores them. A refused frame ends the request.
+    async fn receive(&self, body: Incoming, kind: Frames) -> Answer {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Frame>>(WRITE_QUEUE);
+        let store = self.store.clone();
+        let metrics = self.metrics.clone();
+        let writer = tokio::task::spawn_blocking(move || -> Result<u64, StoreError> {
+            let mut n = 0;
+            while let Some(batch) = rx.blocking_recv() {
+                for f in batch {
+                    let bytes = f.data.len() as u64;
+                    match (kind, f.body) {
+                        (Frames::Chunks { generation }, FrameBody::Bytes) => {
+                            store.put_chunk(generation, f.at as u32, &f.data)?
+                        }
+                        (Frames::Stream { generation }, FrameBody::Bytes) => {
+                            store.put_streamed(generation, f.at, &f.data)?
+                        }
+                        (Frames::Stream { generation }, FrameBody::Zeros(len)) => {
+                            store.put_streamed_zeros(generation, f.at, len)?
+                        }
+                        (Frames::Chunks { .. }, FrameBody::Zeros(_)) => {
+                            return Err(StoreError::Bug(
+                                "a frame of zeros reached the chunk writer".into(),
+                            ))
+                        }
+                    }
+                    metrics.chunk_received(bytes);
+                    n += 1;
+                }
+            }
+            Ok(n)
+        });
+        let read = read_frames(body, kind, self.timeouts.io_stall, &tx).await;
+        drop(tx);
+        let written = match writer.await {
+            Ok(Ok(n)) => Ok(n),
+            Ok(Err(e)) => Err(self.refused(e)),
+            Err(e) => Err(self.refused(StoreError::Bug(format!("writer task failed: {e}")))),
+        };
+        // A refused frame says more than the read it cut short.
+        let n = written?;
+        read.map_err(Refusal::bad_request)?;
+        Ok(serde_json::json!({ "stored": n }))
+    }
+}
+
+/// Which request's frames.
+#[derive(Clone, Copy)]
+enum Frames {
+    /// `index u32 LE ‖ len u32 LE ‖ bytes` of an offered generation.
+    Chunks { generation: u64 },
+    /// `offset u64 LE ‖ len u32 LE ‖ bytes` of a streamed generation.
+    Stream { generation: u64 },
+}
+
+enum FrameBody {
+    Bytes,
+    /// [`ZEROS`]: this many zero bytes, none sent.
+    Zeros(u32),
+}
+
+struct Frame {
+    /// Chunk index or offset.
+    at: u64,
+    body: FrameBody,
+    data: Vec<u8>,
+}
+
+/// Read frames until the body ends (at a frame boundary), sending batches to `tx`. Stops
+/// early when the writer is gone (it refused a frame).
+async fn read_frames(
+    body: Incoming,
+    kind: Frames,
+    stall: Duration,
+    tx: &tokio::sync::mpsc::Sender<Vec<Frame>>,
+) -> Result<(), String> {
+    let mut r = BodyReader::new(body, stall);
+    let h = match kind {
+        Frames::Chunks { .. } => 8,
+        Frames::Stream { .. } => 12,
+    };
+    let mut batch = Vec::new();
+    let mut size = 0usize;
+    let mut hdr = [0u8; 12];
+    loop {
+        if !r.read_exact_or_end(&mut hdr[..h]).await? {
+            break;
+        }
+        let at = match kind {
+            Frames::Chunks { .. } => u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]) as u64,
+            Frames::Stream { .. } => u64::from_le_bytes([
+                hdr[0], hdr[1], hdr[2], hdr[3], hdr[4], hdr[5], hdr[6], hdr[7],
+            ]),
+        };
+        let n = u32::from_le_bytes([hdr[h - 4], hdr[h - 3], hdr[h - 2], hdr[h - 1]]);
+        let frame = if n & ZEROS != 0 {
+            if matches!(kind, Frames::Chunks { .. }) {
+                return Err("a frame of zeros is only for a stream".into());
+            }
+            Frame {
+                at,
+                body: FrameBody::Zeros(n & !ZEROS),
+                data: Vec::new(),
+            }
+        } else {
+            if n > MAX_FRAME {
+                return Err(format!(
+                    "chunk frame of {n} bytes is over the {MAX_FRAME} accepted"
+                ));
+            }
+            let mut data = vec![0u8; n as usize];
+            if !r.read_exact_or_end(&mut data).await? && n > 0 {
+                return Err("chunk frame cut short".into());
+            }
+            Frame {
+                at,
+                body: FrameBody::Bytes,
+                data,
+            }
+        };
+        size += h + frame.data.len();
+        batch.push(frame);
+        if size >= WRITE_BATCH {
+            if tx.send(std::mem::take(&mut batch)).await.is_err() {
+                return Ok(());
+            }
+            size = 0;
+        }
+    }
+    if !batch.is_empty() {
+        let _ = tx.send(batch).await;
+    }
     Ok(())
 }
 
-/// Read the frames filling a `len`-byte body: an `H`-byte header ending in the frame's
-/// length (u32 LE), then that many bytes; each goes to `each`. Returns how many.
-async fn read_frames<const H: usize, R: tokio::io::AsyncBufRead + Unpin>(
-    r: &mut R,
-    len: u64,
-    io_timeout: Duration,
-    mut each: impl FnMut(&[u8; H], Body) -> Result<(), (u16, String)>,
-) -> Result<u64, (u16, String)> {
-    let mut left = len;
-    let mut frames = 0u64;
-    let mut buf = Vec::new();
-    let read = |e: std::io::Error| (400, format!("reading chunks: {e}"));
-    while left > 0 {
-        if left < H as u64 {
-            return Err((400, "chunk frame cut short".into()));
-        }
-        let mut hdr = [0u8; H];
-        match tokio::time::timeout(io_timeout, r.read_exact(&mut hdr)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(read(e)),
-            Err(_) => return Err((400, format!("no chunk data for {io_timeout:?}"))),
-        }
-        let n = u32::from_le_bytes(hdr[H - 4..].try_into().expect("4"));
-        if n & ZEROS != 0 {
-            left -= H as u64;
-            each(&hdr, Body::Zeros(n & !ZEROS))?;
-            frames += 1;
-            continue;
-        }
-        if n > MAX_FRAME || (H + n as usize) as u64 > left {
-            return Err((
-                400,
-                format!("chunk frame of {n} bytes does not fit the request"),
-            ));
-        }
-        buf.resize(n as usize, 0);
-        match tokio::time::timeout(io_timeout, r.read_exact(&mut buf)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(read(e)),
-            Err(_) => return Err((400, format!("no chunk data for {io_timeout:?}"))),
-        }
-        left -= (H + n as usize) as u64;
-        each(&hdr, Body::Bytes(&buf))?;
-        frames += 1;
-    }
-    Ok(frames)
+/// Reads a hyper request body as bytes, each wait for data bounded by `stall`.
+struct BodyReader {
+    body: Incoming,
+    cur: Bytes,
+    stall: Duration,
+    ended: bool,
 }
 
-/// Store one chunk frame's outcome: counted when stored, refused (409) with its reason.
-fn stored(shared: &Shared, r: Result<(), String>, n: usize) -> Result<(), (u16, String)> {
-    match r {
-        Ok(()) => {
-            shared.chunk_received(n as u64);
-            Ok(())
-        }
-        Err(e) => {
-            shared.refused(&e);
-            Err((409, e))
+impl BodyReader {
+    fn new(body: Incoming, stall: Duration) -> BodyReader {
+        BodyReader {
+            body,
+            cur: Bytes::new(),
+            stall,
+            ended: false,
         }
     }
-}
 
-/// Frames of `index u32 LE ‖ len u32 LE ‖ bytes` of offered generation `generation`.
-async fn receive_chunks<R: tokio::io::AsyncBufRead + Unpin>(
-    r: &mut R,
-    len: u64,
-    generation: u64,
-    shared: &Arc<Shared>,
-) -> Result<serde_json::Value, (u16, String)> {
-    let n = read_frames(r, len, shared.io_timeout, |hdr: &[u8; 8], body| {
-        let index = u32::from_le_bytes(hdr[..4].try_into().expect("4"));
-        let Body::Bytes(data) = body else {
-            return Err((400, "a frame of zeros is only for a stream".into()));
-        };
-        let r = shared.store.put_chunk(generation, index, data);
-        stored(shared, r, data.len())
-    })
-    .await?;
-    Ok(serde_json::json!({ "stored": n }))
-}
-
-/// Frames of `offset u64 LE ‖ len u32 LE ‖ bytes` of generation `generation` (`bytes` long),
-/// streamed before its manifest.
-async fn receive_stream<R: tokio::io::AsyncBufRead + Unpin>(
-    r: &mut R,
-    len: u64,
-    generation: u64,
-    bytes: u64,
-    shared: &Arc<Shared>,
-) -> Result<serde_json::Value, (u16, String)> {
-    let store = shared.store.clone();
-    let begun = tokio::task::spawn_blocking(move || store.begin_stream(generation, bytes))
-        .await
-        .map_err(|e| (500, format!("stream failed: {e}")))?;
-    begun.map_err(|e| {
-        shared.refused(&e);
-        (409, e)
-    })?;
-    let n = read_frames(r, len, shared.io_timeout, |hdr: &[u8; 12], body| {
-        let offset = u64::from_le_bytes(hdr[..8].try_into().expect("8"));
-        match body {
-            Body::Bytes(data) => {
-                let r = shared.store.put_streamed(generation, offset, data);
-                stored(shared, r, data.len())
+    /// Make `cur` non-empty; false at the end of the body.
+    async fn fill(&mut self) -> Result<bool, String> {
+        while self.cur.is_empty() {
+            if self.ended {
+                return Ok(false);
             }
-            Body::Zeros(n) => {
-                let r = shared.store.put_streamed_zeros(generation, offset, n);
-                stored(shared, r, 0)
+            match tokio::time::timeout(self.stall, self.body.frame()).await {
+                Err(_) => return Err(format!("no data for {:?}", self.stall)),
+                Ok(None) => self.ended = true,
+                Ok(Some(Err(e))) => return Err(format!("reading the request: {e}")),
+                Ok(Some(Ok(f))) => {
+                    if let Ok(d) = f.into_data() {
+                        self.cur = d;
+                    }
+                }
             }
         }
-    })
-    .await?;
-    Ok(serde_json::json!({ "stored": n }))
+        Ok(true)
+    }
+
+    /// Fill `out`; `Ok(false)` if the body ended before its first byte, an error if it
+    /// ended in the middle.
+    async fn read_exact_or_end(&mut self, out: &mut [u8]) -> Result<bool, String> {
+        let mut got = 0;
+        while got < out.len() {
+            if !self.fill().await? {
+                if got == 0 {
+                    return Ok(false);
+                }
+                return Err("chunk frame cut short".into());
+            }
+            let n = (out.len() - got).min(self.cur.len());
+            out[got..got + n].copy_from_slice(&self.cur[..n]);
+            self.cur = self.cur.slice(n..);
+            got += n;
+        }
+        Ok(true)
+    }
+
+    /// The rest of the body, at most `max` bytes.
+    async fn read_to_end(&mut self, max: u64) -> Result<Vec<u8>, String> {
+        let mut out = Vec::new();
+        while self.fill().await? {
+            if (out.len() + self.cur.len()) as u64 > max {
+                return Err(format!("a body of more than {max} bytes"));
+            }
+            out.extend_from_slice(&self.cur);
+            self.cur = Bytes::new();
+        }
+        Ok(out)
+    }
 }
 
-/// Run an install (commit or inbox) on a blocking thread; record and answer its outcome.
-async fn install(
-    shared: &Arc<Shared>,
-    f: impl FnOnce(&crate::standby::Store) -> Result<crate::standby::Installed, String> + Send + 'static,
-) -> Result<serde_json::Value, (u16, String)> {
-    let store = shared.store.clone();
-    let t = std::time::Instant::now();
-    match tokio::task::spawn_blocking(move || f(&store)).await {
-        Ok(Ok(i)) => {
-            shared.installed(&i, t.elapsed());
-            Ok(serde_json::json!({"generation": i.manifest.generation, "bytes": i.manifest.bytes}))
-        }
+/// Accept the TLS handshake of one connection to the peer port, then serve it.
+pub async fn accept(server: Arc<PeerServer>, acceptor: TlsAcceptor, tcp: TcpStream, from: String) {
+    let _ = tcp.set_nodelay(true);
+    match tokio::time::timeout(server.timeouts.connect, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => server.serve_connection(tls, from).await,
         Ok(Err(e)) => {
-            shared.refused(&e);
-            Err((409, e))
+            tracing::warn!("peer port: refused {from}: {e}");
+            server.metrics.failure(Cause::Unauthenticated);
         }
-        Err(e) => Err((500, format!("install failed: {e}"))),
+        Err(_) => tracing::warn!("peer port: {from} did not finish the TLS handshake"),
     }
 }

@@ -50,8 +50,9 @@ use std::sync::Mutex;
 use conode::db::ChainPosition;
 
 use crate::config::Transport;
+pub use crate::error::StoreError;
 use crate::manifest::Manifest;
-use crate::state::now_ms;
+use conode::db::unix_ms as now_ms;
 
 /// One installed generation.
 #[derive(Debug, Clone)]
@@ -136,6 +137,17 @@ pub struct Store {
     conode: [u8; 32],
     inner: Mutex<Inner>,
     spares: std::sync::Arc<Spares>,
+    /// What is installed, published after every change for status, metrics and the peer:
+    /// read without waiting for `inner`, which an offer or a write may hold for long.
+    view: Mutex<std::sync::Arc<View>>,
+}
+
+/// The installed generations as last published ([`Store::view`]).
+#[derive(Debug, Default)]
+pub struct View {
+    pub held: Vec<Held>,
+    /// The newest installed generation.
+    pub newest: Option<Installed>,
 }
 
 /// The spare copy of the newest generation (see the module doc), made by a thread of its
@@ -189,7 +201,7 @@ impl Spares {
 
 /// Copy the data extents of `src` (`bytes` long) into the new file `dst`, whose space is
 /// reserved first: a hole stays a hole (reserved, reading as zeros).
-fn copy_extents(src: &Path, dst: &Path, bytes: u64) -> Result<(), String> {
+fn copy_extents(src: &Path, dst: &Path, bytes: u64) -> Result<(), StoreError> {
     let from = File::open(src).map_err(|e| io("cannot open", src, e))?;
     let to = OpenOptions::new()
         .write(true)
@@ -267,11 +279,11 @@ impl Streamed {
 
 impl Inner {
     /// The stream of `generation`, if it is the one being streamed.
-    fn streaming(&mut self, generation: u64) -> Result<&mut Streamed, String> {
+    fn streaming(&mut self, generation: u64) -> Result<&mut Streamed, StoreError> {
         self.stream
             .as_mut()
             .filter(|s| s.generation == generation)
-            .ok_or_else(|| format!("generation {generation} is not being streamed"))
+            .ok_or(StoreError::NotStreaming { generation })
     }
 
     /// Drop the generation being received, streamed or offered, and its staging file.
@@ -281,6 +293,26 @@ impl Inner {
         }
         if let Some(old) = self.stream.take() {
             let _ = std::fs::remove_file(&old.path);
+        }
+    }
+}
+
+impl View {
+    fn of(installed: &[Installed]) -> View {
+        View {
+            held: installed
+                .iter()
+                .map(|i| Held {
+                    generation: i.manifest.generation,
+                    bytes: i.manifest.bytes,
+                    taken_unix_ms: i.manifest.taken_unix_ms,
+                    created_unix_ms: i.manifest.created_unix_ms,
+                    installed_unix_ms: i.installed_unix_ms,
+                    chains: i.manifest.positions.len(),
+                    transport: i.manifest.transport,
+                })
+                .collect(),
+            newest: installed.last().cloned(),
         }
     }
 }
@@ -297,15 +329,8 @@ fn fsync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-fn io(what: &str, path: &Path, e: std::io::Error) -> String {
-    if e.raw_os_error() == Some(libc::ENOSPC) {
-        format!(
-            "{what} {}: no space left on the standby's disk: free space or lower snapshot.keep; the previous generations are kept",
-            path.display()
-        )
-    } else {
-        format!("{what} {}: {e}", path.display())
-    }
+fn io(what: &str, path: &Path, e: std::io::Error) -> StoreError {
+    StoreError::io(what, path, e)
 }
 
 fn gen_name(g: u64) -> String {
@@ -319,7 +344,7 @@ impl Store {
         keep: usize,
         peer_key: [u8; 32],
         conode: [u8; 32],
-    ) -> Result<Store, String> {
+    ) -> Result<Store, StoreError> {
         let gens = state_dir.join("generations");
         let staging = state_dir.join("staging");
         let inbox = state_dir.join("inbox");
@@ -355,21 +380,21 @@ impl Store {
                     continue;
                 }
             };
-            let m = Manifest::open(&env, &peer_key).map_err(|e| {
-                format!(
-                    "{}: {e} (was the peer key changed? move the generations directory aside)",
-                    mpath.display()
-                )
+            let m = Manifest::open(&env, &peer_key).map_err(|e| StoreError::Installed {
+                path: mpath.clone(),
+                reason: format!(
+                    "{e} (was the peer key changed? move the generations directory aside)"
+                ),
             })?;
             let len = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
             if len != m.bytes || gen_name(m.generation) != stem {
-                return Err(format!(
-                    "{}: does not match its manifest ({} bytes, manifest says generation {} of {} bytes): move it aside",
-                    p.display(),
-                    len,
-                    m.generation,
-                    m.bytes
-                ));
+                return Err(StoreError::Installed {
+                    path: p.clone(),
+                    reason: format!(
+                        "does not match its manifest ({len} bytes, manifest says generation {} of {} bytes): move it aside",
+                        m.generation, m.bytes
+                    ),
+                });
             }
             let installed_unix_ms = std::fs::metadata(&mpath)
                 .and_then(|m| m.modified())
@@ -384,6 +409,7 @@ impl Store {
             });
         }
         installed.sort_by_key(|i| i.manifest.generation);
+        let view = Mutex::new(std::sync::Arc::new(View::of(&installed)));
         Ok(Store {
             gens,
             staging,
@@ -397,6 +423,7 @@ impl Store {
                 stream: None,
             }),
             spares: Default::default(),
+            view,
         })
     }
 
@@ -477,24 +504,42 @@ impl Store {
     }
 
     /// What each installed generation is, without its chunk list (for status and metrics).
+    /// Never waits for an offer, a write or an install in progress.
     pub fn held(&self) -> Vec<Held> {
-        self.lock()
-            .installed
-            .iter()
-            .map(|i| Held {
-                generation: i.manifest.generation,
-                bytes: i.manifest.bytes,
-                taken_unix_ms: i.manifest.taken_unix_ms,
-                created_unix_ms: i.manifest.created_unix_ms,
-                installed_unix_ms: i.installed_unix_ms,
-                chains: i.manifest.positions.len(),
-                transport: i.manifest.transport,
-            })
-            .collect()
+        self.view().held.clone()
     }
 
+    /// The newest installed generation. Never waits for work in progress.
     pub fn newest(&self) -> Option<Installed> {
-        self.lock().installed.last().cloned()
+        self.view().newest.clone()
+    }
+
+    /// The installed generations as last published. Never waits for work in progress.
+    pub fn view(&self) -> std::sync::Arc<View> {
+        self.view.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Publish what `inner` holds installed (after every change to it).
+    fn publish(&self, inner: &Inner) {
+        let v = std::sync::Arc::new(View::of(&inner.installed));
+        *self.view.lock().unwrap_or_else(|p| p.into_inner()) = v;
+    }
+
+    /// Hold the store's lock for `d` on another thread (tests: status must not wait).
+    #[doc(hidden)]
+    pub fn hold_lock_for(
+        self: &std::sync::Arc<Self>,
+        d: std::time::Duration,
+    ) -> std::thread::JoinHandle<()> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let me = self.clone();
+        let t = std::thread::spawn(move || {
+            let _g = me.lock();
+            let _ = tx.send(());
+            std::thread::sleep(d);
+        });
+        let _ = rx.recv();
+        t
     }
 
     pub fn inbox(&self) -> &Path {
@@ -506,21 +551,20 @@ impl Store {
     }
 
     /// Is `m` acceptable as the next generation? (Signature already checked.)
-    fn admissible(&self, inner: &Inner, m: &Manifest) -> Result<(), String> {
+    fn admissible(&self, inner: &Inner, m: &Manifest) -> Result<(), StoreError> {
         if m.conode != self.conode {
-            return Err(format!(
-                "snapshot is of conode {} but this host's conode is {}: refusing",
-                hex::encode(m.conode),
-                hex::encode(self.conode)
-            ));
+            return Err(StoreError::OtherConode {
+                got: m.conode,
+                ours: self.conode,
+            });
         }
         if let Some(newest) = inner.installed.last() {
             let have = newest.manifest.generation;
             if m.generation <= have {
-                return Err(format!(
-                    "generation {} is not newer than generation {have} already installed: refusing an old or replayed snapshot",
-                    m.generation
-                ));
+                return Err(StoreError::NotNewer {
+                    offered: m.generation,
+                    installed: have,
+                });
             }
             behind(&newest.manifest.positions, &m.positions)?;
         }
@@ -528,7 +572,7 @@ impl Store {
     }
 
     /// Start (or resume) receiving the generation described by `envelope`.
-    pub fn offer(&self, envelope: &[u8]) -> Result<Offer, String> {
+    pub fn offer(&self, envelope: &[u8]) -> Result<Offer, StoreError> {
         let m = Manifest::open(envelope, &self.peer_key)?;
         // A spare being made is waited for here, not under the lock (status and the other
         // requests go on meanwhile).
@@ -583,7 +627,7 @@ impl Store {
 
     /// Start (or go on) receiving generation `generation`, `bytes` long, before its
     /// manifest: the live host streams a whole image while it takes it.
-    pub fn begin_stream(&self, generation: u64, bytes: u64) -> Result<(), String> {
+    pub fn begin_stream(&self, generation: u64, bytes: u64) -> Result<(), StoreError> {
         drop(self.spares.wait());
         let mut inner = self.lock();
         if inner
@@ -596,16 +640,15 @@ impl Store {
         if let Some(newest) = inner.installed.last() {
             let have = newest.manifest.generation;
             if generation <= have {
-                return Err(format!(
-                    "generation {generation} is not newer than generation {have} already installed: refusing an old or replayed snapshot"
-                ));
+                return Err(StoreError::NotNewer {
+                    offered: generation,
+                    installed: have,
+                });
             }
         }
         if let Some(p) = &inner.pending {
             if p.manifest.generation == generation {
-                return Err(format!(
-                    "generation {generation}'s manifest is offered already: send the chunks it lacks instead"
-                ));
+                return Err(StoreError::AlreadyOffered { generation });
             }
         }
         inner.drop_partial();
@@ -625,19 +668,29 @@ impl Store {
 
     /// Write `data` at `offset` of the streamed generation `generation`. It is hashed and
     /// remembered, and trusted only once the signed manifest names that hash there.
-    pub fn put_streamed(&self, generation: u64, offset: u64, data: &[u8]) -> Result<(), String> {
+    pub fn put_streamed(
+        &self,
+        generation: u64,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), StoreError> {
         let hash = *blake3::hash(data).as_bytes();
         let mut inner = self.lock();
         let s = inner.streaming(generation)?;
-        let len = u32::try_from(data.len()).map_err(|_| "streamed frame too long".to_string())?;
+        let out_of_range = StoreError::FrameOutOfRange {
+            generation,
+            offset,
+            len: data.len() as u64,
+            size: s.bytes,
+        };
+        let Ok(len) = u32::try_from(data.len()) else {
+            return Err(out_of_range);
+        };
         if offset
             .checked_add(len as u64)
             .is_none_or(|end| end > s.bytes)
         {
-            return Err(format!(
-                "a streamed frame of {len} bytes at offset {offset} ends past the {} bytes of generation {generation}",
-                s.bytes
-            ));
+            return Err(out_of_range);
         }
         s.file
             .write_all_at(data, offset)
@@ -651,15 +704,22 @@ impl Store {
     /// written they are zeros already (reserved, never written: redb's check finds a hole
     /// there and reads nothing, see `conode::db::Overlay`); elsewhere the range is zeroed
     /// (`zero_range`).
-    pub fn put_streamed_zeros(&self, generation: u64, offset: u64, len: u32) -> Result<(), String> {
+    pub fn put_streamed_zeros(
+        &self,
+        generation: u64,
+        offset: u64,
+        len: u32,
+    ) -> Result<(), StoreError> {
         let mut inner = self.lock();
         let s = inner.streaming(generation)?;
         let end = offset.checked_add(len as u64).filter(|&e| e <= s.bytes);
         let Some(end) = end.filter(|_| len > 0) else {
-            return Err(format!(
-                "a streamed frame of {len} zeros at offset {offset} is empty or ends past the {} bytes of generation {generation}",
-                s.bytes
-            ));
+            return Err(StoreError::FrameOutOfRange {
+                generation,
+                offset,
+                len: len as u64,
+                size: s.bytes,
+            });
         };
         let unwritten = s
             .written
@@ -683,7 +743,7 @@ impl Store {
     /// When `keep` generations are installed (at least two), move the oldest, which this
     /// install would prune, to be the new generation's staging file; its manifest says what
     /// it holds where.
-    fn recycle(&self, inner: &mut Inner, generation: u64) -> Result<Option<Manifest>, String> {
+    fn recycle(&self, inner: &mut Inner, generation: u64) -> Result<Option<Manifest>, StoreError> {
         if inner.installed.len() < self.keep.max(2) {
             // A spare copy of the newest generation, if there is one.
             let Some((path, manifest)) = self.spares.take() else {
@@ -699,6 +759,7 @@ impl Store {
             return Ok(Some(manifest));
         }
         let old = inner.installed.remove(0);
+        self.publish(inner);
         let name = gen_name(old.manifest.generation);
         let mpath = self.gens.join(format!("{name}.manifest"));
         // Manifest first: a `.db` without one is an interrupted install, removed at start.
@@ -715,7 +776,7 @@ impl Store {
         generation: u64,
         bytes: u64,
         recycled: bool,
-    ) -> Result<(File, PathBuf), String> {
+    ) -> Result<(File, PathBuf), StoreError> {
         let path = self.part_path(generation);
         if !recycled {
             let _ = std::fs::remove_file(&path);
@@ -748,7 +809,7 @@ impl Store {
     }
 
     /// Store chunk `index` of generation `generation`, after checking its hash.
-    pub fn put_chunk(&self, generation: u64, index: u32, data: &[u8]) -> Result<(), String> {
+    pub fn put_chunk(&self, generation: u64, index: u32, data: &[u8]) -> Result<(), StoreError> {
         let mut inner = self.lock();
         let p = pending_for(&mut inner, generation)?;
         let c = p
@@ -756,17 +817,17 @@ impl Store {
             .chunks
             .get(index as usize)
             .copied()
-            .ok_or_else(|| {
-                format!(
-                    "chunk {index} of generation {generation} does not exist (the manifest has {})",
-                    p.manifest.chunks.len()
-                )
+            .ok_or(StoreError::NoSuchChunk {
+                generation,
+                index,
+                count: p.manifest.chunks.len(),
             })?;
         if data.len() != c.len as usize || *blake3::hash(data).as_bytes() != c.hash {
-            return Err(format!(
-                "chunk {index} of generation {generation} (offset {}) does not match its hash in the signed manifest: damaged in transit; not stored",
-                c.offset
-            ));
+            return Err(StoreError::ChunkHash {
+                generation,
+                index: index as usize,
+                offset: c.offset,
+            });
         }
         p.file
             .write_all_at(data, c.offset)
@@ -784,28 +845,28 @@ impl Store {
     }
 
     /// Finish generation `generation`: everything received, verify, install, prune.
-    pub fn commit(&self, generation: u64) -> Result<Installed, String> {
+    pub fn commit(&self, generation: u64) -> Result<Installed, StoreError> {
         let pending = {
             let mut inner = self.lock();
             let p = pending_for(&mut inner, generation)?;
             let n = p.have.iter().filter(|h| !**h).count();
             if n > 0 {
-                return Err(format!(
-                    "generation {generation} is missing {n} chunks: send them first"
-                ));
+                return Err(StoreError::Incomplete {
+                    generation,
+                    missing: n,
+                });
             }
-            inner.pending.take().expect("checked above")
+            inner.pending.take().ok_or(StoreError::Bug(format!(
+                "generation {generation} vanished while committed"
+            )))?
         };
         self.install(pending)
     }
 
     /// Verify the file `envelope` names in the inbox (landed by rsync or scp) and install it.
-    pub fn install_inbox(&self, envelope: &[u8]) -> Result<Installed, String> {
+    pub fn install_inbox(&self, envelope: &[u8]) -> Result<Installed, StoreError> {
         let m = Manifest::open(envelope, &self.peer_key)?;
-        let name = m
-            .file
-            .clone()
-            .ok_or("manifest names no inbox file: send chunks over HTTPS instead")?;
+        let name = m.file.clone().ok_or(StoreError::NoInboxFile)?;
         crate::manifest::check_file_name(&name)?;
         let src = self.inbox.join(&name);
         let mut pending = {
@@ -819,12 +880,12 @@ impl Store {
         let len = f.metadata().map_err(|e| io("cannot stat", &src, e))?.len();
         if len != m.bytes {
             let _ = std::fs::remove_file(&pending.path);
-            return Err(format!(
-                "{} is {len} bytes but the manifest says {}: truncated or not the snapshot of generation {}",
-                src.display(),
-                m.bytes,
-                m.generation
-            ));
+            return Err(StoreError::WrongSize {
+                path: src,
+                len,
+                expected: m.bytes,
+                generation: m.generation,
+            });
         }
         let r = copy_verified(&f, &src, &mut pending);
         if let Err(e) = r {
@@ -834,7 +895,7 @@ impl Store {
         self.install(pending)
     }
 
-    fn install(&self, p: Pending) -> Result<Installed, String> {
+    fn install(&self, p: Pending) -> Result<Installed, StoreError> {
         let r = self.install_inner(&p);
         if r.is_err() {
             let _ = std::fs::remove_file(&p.path);
@@ -842,7 +903,7 @@ impl Store {
         r
     }
 
-    fn install_inner(&self, p: &Pending) -> Result<Installed, String> {
+    fn install_inner(&self, p: &Pending) -> Result<Installed, StoreError> {
         let m = &p.manifest;
         let t = std::time::Instant::now();
         // The fsync waits for the disk while the two checks read the same bytes from
@@ -855,10 +916,15 @@ impl Store {
                     .map(|()| t.elapsed())
             });
             let hash = s.spawn(|| check_in_place(p).map(|()| t.elapsed()));
-            let checked = conode::db::verify_snapshot(&p.path, &self.conode);
+            let checked = conode::db::verify_snapshot(&p.path, &self.conode).map_err(|reason| {
+                StoreError::Integrity {
+                    generation: m.generation,
+                    reason,
+                }
+            });
             let checked_at = t.elapsed();
-            let join = |r: std::thread::Result<Result<std::time::Duration, String>>, what| {
-                r.unwrap_or_else(|_| Err(format!("the {what} thread panicked: this is a bug")))
+            let join = |r: std::thread::Result<Result<std::time::Duration, StoreError>>, what| {
+                r.unwrap_or_else(|_| Err(StoreError::Bug(format!("the {what} thread panicked"))))
             };
             (
                 join(sync.join(), "fsync"),
@@ -879,10 +945,9 @@ impl Store {
         let mut found = positions.clone();
         found.sort_by_key(|c| c.chain);
         if claimed != found {
-            return Err(format!(
-                "generation {}: the chains in the file differ from the signed manifest's positions: refusing",
-                m.generation
-            ));
+            return Err(StoreError::ChainsDiffer {
+                generation: m.generation,
+            });
         }
         let name = gen_name(m.generation);
         let db = self.gens.join(format!("{name}.db"));
@@ -908,42 +973,44 @@ impl Store {
             let _ = std::fs::remove_file(&old.path);
         }
         let _ = fsync_dir(&self.gens);
+        self.publish(&inner);
         self.make_spare(&inner);
         Ok(inst)
     }
 }
 
-fn pending_for(inner: &mut Inner, generation: u64) -> Result<&mut Pending, String> {
+fn pending_for(inner: &mut Inner, generation: u64) -> Result<&mut Pending, StoreError> {
     match inner.pending.as_ref().map(|p| p.manifest.generation) {
-        Some(g) if g == generation => Ok(inner.pending.as_mut().expect("checked")),
-        Some(g) => Err(format!(
-            "generation {generation} is not being received (generation {g} is): offer its manifest first"
-        )),
-        None => Err(format!(
-            "generation {generation} is not being received: offer its manifest first"
-        )),
+        Some(g) if g == generation => inner
+            .pending
+            .as_mut()
+            .ok_or(StoreError::Bug("the pending generation vanished".into())),
+        receiving => Err(StoreError::NotReceiving {
+            generation,
+            receiving,
+        }),
     }
 }
 
 /// A chain that `new` has behind where `old` has it (or lacks) is data the live host lost:
 /// refuse rather than replace newer data with older.
-fn behind(old: &[ChainPosition], new: &[ChainPosition]) -> Result<(), String> {
+fn behind(old: &[ChainPosition], new: &[ChainPosition]) -> Result<(), StoreError> {
     let by_chain: HashMap<[u8; 32], u32> = new.iter().map(|p| (p.chain, p.index)).collect();
     for o in old {
         match by_chain.get(&o.chain) {
             None => {
-                return Err(format!(
-                    "the snapshot lacks chain {} that the installed generation holds at index {}: refusing to go back",
-                    hex::encode(o.chain),
-                    o.index
-                ))
+                return Err(StoreError::Behind {
+                    chain: o.chain,
+                    offered: None,
+                    installed: o.index,
+                })
             }
             Some(&i) if i < o.index => {
-                return Err(format!(
-                    "the snapshot has chain {} at index {i}, behind index {} in the installed generation: refusing to go back",
-                    hex::encode(o.chain),
-                    o.index
-                ))
+                return Err(StoreError::Behind {
+                    chain: o.chain,
+                    offered: Some(i),
+                    installed: o.index,
+                })
             }
             _ => {}
         }
@@ -982,7 +1049,7 @@ fn in_place(old: &Manifest, written: &BTreeSet<u64>, p: &mut Pending) -> u64 {
 /// A chunk of zeros that lies in a hole of the file (a free page never written: the live
 /// host does not send them) is zeros by the filesystem's word, and is not read: reading a
 /// hole would fill the page cache with zeros (680 MB of a 1.36 GB benchmark image).
-fn check_in_place(p: &Pending) -> Result<(), String> {
+fn check_in_place(p: &Pending) -> Result<(), StoreError> {
     let mut buf = vec![0u8; p.manifest.params.size as usize];
     let zeros = crate::chunk::zeros_hash(p.manifest.params.size);
     // A range of the file known to be a hole.
@@ -1005,11 +1072,11 @@ fn check_in_place(p: &Pending) -> Result<(), String> {
             .read_exact_at(b, c.offset)
             .map_err(|e| io("cannot read", &p.path, e))?;
         if *blake3::hash(b).as_bytes() != c.hash {
-            return Err(format!(
-                "{}: chunk {i} at offset {} kept from an older generation no longer matches its hash: that file changed on this disk since it was installed; not installed",
-                p.path.display(),
-                c.offset
-            ));
+            return Err(StoreError::DiskCorruption {
+                path: p.path.clone(),
+                index: i,
+                offset: c.offset,
+            });
         }
     }
     Ok(())
@@ -1017,7 +1084,7 @@ fn check_in_place(p: &Pending) -> Result<(), String> {
 
 /// Reserve the first `bytes` of `file` (at `path`): a full disk is an error now, not in the
 /// middle of a transfer.
-fn reserve(file: &File, path: &Path, bytes: u64) -> Result<(), String> {
+fn reserve(file: &File, path: &Path, bytes: u64) -> Result<(), StoreError> {
     use std::os::fd::AsRawFd;
     if bytes == 0 {
         return Ok(());
@@ -1048,7 +1115,7 @@ fn hole_end(file: &File, at: u64) -> u64 {
 /// in its file, without a byte sent: `fallocate(FALLOC_FL_ZERO_RANGE)` on each run (its
 /// space stays reserved), or written zeros where the filesystem cannot. Returns their
 /// bytes. The live host never sends these chunks.
-fn zeros(p: &mut Pending) -> Result<u64, String> {
+fn zeros(p: &mut Pending) -> Result<u64, StoreError> {
     let size = p.manifest.params.size;
     let full = crate::chunk::zeros_hash(size);
     let mut bytes = 0;
@@ -1081,14 +1148,14 @@ fn zeros(p: &mut Pending) -> Result<u64, String> {
     Ok(bytes)
 }
 
-fn zero_range(file: &File, path: &Path, start: u64, len: u64) -> Result<(), String> {
+fn zero_range(file: &File, path: &Path, start: u64, len: u64) -> Result<(), StoreError> {
     crate::chunk::fallocate_zeros(file, libc::FALLOC_FL_ZERO_RANGE, start, len)
         .map_err(|e| io("cannot zero a range of", path, e))
 }
 
 /// Copy into `p` every chunk whose hash the previous generation holds, checking each
 /// copied chunk's hash. Returns the bytes reused.
-fn reuse(prev_path: &Path, prev: &Manifest, p: &mut Pending) -> Result<u64, String> {
+fn reuse(prev_path: &Path, prev: &Manifest, p: &mut Pending) -> Result<u64, StoreError> {
     let index: HashMap<[u8; 32], (u64, u32)> = prev
         .chunks
         .iter()
@@ -1123,18 +1190,18 @@ fn reuse(prev_path: &Path, prev: &Manifest, p: &mut Pending) -> Result<u64, Stri
 }
 
 /// Copy `src` into `p` chunk by chunk, checking every chunk's hash on the way.
-fn copy_verified(src: &File, src_path: &Path, p: &mut Pending) -> Result<(), String> {
+fn copy_verified(src: &File, src_path: &Path, p: &mut Pending) -> Result<(), StoreError> {
     let mut buf = vec![0u8; p.manifest.params.size as usize];
     for (i, c) in p.manifest.chunks.iter().enumerate() {
         let b = &mut buf[..c.len as usize];
         src.read_exact_at(b, c.offset)
             .map_err(|e| io("cannot read", src_path, e))?;
         if *blake3::hash(b).as_bytes() != c.hash {
-            return Err(format!(
-                "{}: chunk {i} at offset {} does not match its hash in the signed manifest: the file was damaged in transit; not installed",
-                src_path.display(),
-                c.offset
-            ));
+            return Err(StoreError::FileHash {
+                path: src_path.to_path_buf(),
+                index: i,
+                offset: c.offset,
+            });
         }
         p.file
             .write_all_at(b, c.offset)

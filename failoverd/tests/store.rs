@@ -10,6 +10,7 @@ use failoverd::chunk::{self, Params};
 use failoverd::config::Transport;
 use failoverd::manifest::Manifest;
 use failoverd::standby::Store;
+use failoverd::standby::StoreError;
 
 struct Live {
     db: Db,
@@ -85,7 +86,7 @@ fn manifest(
 }
 
 /// Offer, send every missing chunk, commit. Returns the bytes sent.
-fn ship(store: &Store, key: &KeyPair, m: &Manifest, file: &Path) -> Result<u64, String> {
+fn ship(store: &Store, key: &KeyPair, m: &Manifest, file: &Path) -> Result<u64, StoreError> {
     let data = std::fs::read(file).unwrap();
     let offer = store.offer(&m.seal(key))?;
     let mut sent = 0;
@@ -206,7 +207,7 @@ impl Setup {
         g: u64,
         file: &Path,
         positions: Vec<ChainPosition>,
-    ) -> Result<u64, String> {
+    ) -> Result<u64, StoreError> {
         ship(
             store,
             &self.key,
@@ -216,14 +217,19 @@ impl Setup {
     }
 }
 
-fn refused_keeps_previous(bad: impl FnOnce(&mut Setup, &Store) -> Result<(), String>, want: &str) {
+fn refused_keeps_previous(
+    bad: impl FnOnce(&mut Setup, &Store) -> Result<(), StoreError>,
+    want: &str,
+) {
     let mut s = setup();
     s.live.append(50, 4000);
     let (f1, p1) = s.live.image("s1.db");
     let store = Store::open(&s.state, 3, s.key.public_bytes(), s.live.public).unwrap();
     s.ship(&store, 1, &f1, p1).unwrap();
     s.live.append(5, 4000);
-    let e = bad(&mut s, &store).expect_err("must be refused");
+    let e = bad(&mut s, &store)
+        .expect_err("must be refused")
+        .to_string();
     assert!(e.contains(want), "expected {want:?} in: {e}");
     assert_eq!(store.installed().len(), 1);
     assert_installable(&store, &s.live.public, 1);
@@ -448,7 +454,10 @@ fn a_full_disk_is_refused_and_the_previous_generation_kept() {
             break;
         }
     }
-    let e = r.and_then(|_| store.commit(2).map(|_| ())).unwrap_err();
+    let e = r
+        .and_then(|_| store.commit(2).map(|_| ()))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("no space left"), "{e}");
     assert_installable(&store, &s.live.public, 1);
     // Space freed: the same generation ships.
@@ -460,7 +469,7 @@ fn a_full_disk_is_refused_and_the_previous_generation_kept() {
     s.live.append(400, 8000);
     let (f3, p3) = s.live.snapshot("s3.db");
     let m3 = manifest(&s.key, s.live.public, 3, &f3, p3);
-    let e = store.offer(&m3.seal(&s.key)).unwrap_err();
+    let e = store.offer(&m3.seal(&s.key)).unwrap_err().to_string();
     assert!(e.contains("no space left on the standby's disk"), "{e}");
     assert_installable(&store, &s.live.public, 2);
 }
@@ -526,7 +535,7 @@ fn page_images_recycle_the_oldest_generation_and_send_only_what_changed() {
     s.live.append(2, 4096);
     let (f, pos) = s.live.image("img5.db");
     let m = manifest(&s.key, s.live.public, 5, &f, pos);
-    let e = ship(&store, &s.key, &m, &f).unwrap_err();
+    let e = ship(&store, &s.key, &m, &f).unwrap_err().to_string();
     assert!(e.contains("no longer matches its hash"), "{e}");
     assert_installable(&store, &s.live.public, 4);
     // The next generation ships (from an empty file: one generation is left).
@@ -552,12 +561,15 @@ fn a_streamed_image_counts_only_the_frames_its_manifest_names() {
     let data = std::fs::read(&f2).unwrap();
     let bytes = |c: &chunk::Chunk| &data[c.offset as usize..(c.offset + c.len as u64) as usize];
 
-    let e = store.begin_stream(1, m2.bytes).unwrap_err();
+    let e = store.begin_stream(1, m2.bytes).unwrap_err().to_string();
     assert!(e.contains("not newer"), "{e}");
     store.begin_stream(2, m2.bytes).unwrap();
-    let e = store.put_streamed(3, 0, b"x").unwrap_err();
+    let e = store.put_streamed(3, 0, b"x").unwrap_err().to_string();
     assert!(e.contains("not being streamed"), "{e}");
-    let e = store.put_streamed(2, m2.bytes - 1, b"xy").unwrap_err();
+    let e = store
+        .put_streamed(2, m2.bytes - 1, b"xy")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("ends past"), "{e}");
     let mut bad = std::collections::BTreeSet::new();
     for (i, c) in m2.chunks.iter().enumerate() {
@@ -798,7 +810,7 @@ fn zero_frames_give_zeros_in_new_and_recycled_files() {
         (4, m4.bytes - 10, 16384, "ends past"),
         (5, 0, 16384, "not being streamed"),
     ] {
-        let e = store.put_streamed_zeros(g, at, n).unwrap_err();
+        let e = store.put_streamed_zeros(g, at, n).unwrap_err().to_string();
         assert!(e.contains(why), "{e}");
     }
 }
@@ -819,7 +831,7 @@ fn the_next_generation_is_written_over_a_spare_copy_of_the_newest() {
             .filter(|n| n.starts_with("spare-"))
             .collect()
     };
-    let ship_image = |s: &mut Setup, g: u64| -> (Result<u64, String>, Manifest, PathBuf) {
+    let ship_image = |s: &mut Setup, g: u64| -> (Result<u64, StoreError>, Manifest, PathBuf) {
         let (f, pos) = s.live.image(&format!("sp{g}.db"));
         let m = manifest(&s.key, s.live.public, g, &f, pos);
         (ship(&store, &s.key, &m, &f), m, f)
@@ -864,6 +876,9 @@ fn the_next_generation_is_written_over_a_spare_copy_of_the_newest() {
     s.live.append(1, 8000);
     let (r, m3, f3) = ship_image(&mut s, 3);
     let e = r.unwrap_err();
+    // Disk corruption, counted as such (not as "other").
+    assert_eq!(e.cause(), failoverd::error::Cause::Corruption, "{e}");
+    let e = e.to_string();
     assert!(e.contains("no longer matches its hash"), "{e}");
     assert_installable(&store, &s.live.public, 2);
     assert!(spares(&s.state).is_empty(), "the damaged spare is gone");

@@ -1,0 +1,178 @@
+//! Prometheus metrics of failoverd, through `prometheus-client` (OpenMetrics text at
+//! `/metrics`). Counters move as things happen; gauges are set from the status view at
+//! each scrape ([`Metrics::encode`]). Names are stable: dashboards and alerts use them.
+//!
+//! Never blocks: counters are atomics, and the scrape reads the status view, which never
+//! waits for the store.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::error::Cause;
+use crate::status::{Role, StatusView};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CauseLabel {
+    cause: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RoleLabel {
+    role: &'static str,
+}
+
+/// The metrics registry and the metrics in it.
+pub struct Metrics {
+    registry: Registry,
+    snapshots: Counter,
+    bytes_sent: Counter,
+    chunks_received: Counter,
+    chunk_bytes_received: Counter,
+    failures: Family<CauseLabel, Counter>,
+    role: Family<RoleLabel, Gauge>,
+    epoch: Gauge,
+    generation: Gauge,
+    age_seconds: Gauge<f64, AtomicU64>,
+    bytes: Gauge,
+    duration_seconds: Gauge<f64, AtomicU64>,
+    generations_held: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            snapshots: Counter::default(),
+            bytes_sent: Counter::default(),
+            chunks_received: Counter::default(),
+            chunk_bytes_received: Counter::default(),
+            failures: Family::default(),
+            role: Family::default(),
+            epoch: Gauge::default(),
+            generation: Gauge::default(),
+            age_seconds: Gauge::default(),
+            bytes: Gauge::default(),
+            duration_seconds: Gauge::default(),
+            generations_held: Gauge::default(),
+            registry: Registry::default(),
+        };
+        // Counters get `_total` appended by the encoder.
+        registry.register(
+            "failoverd_snapshots",
+            "Snapshots shipped and installed by the peer",
+            m.snapshots.clone(),
+        );
+        registry.register(
+            "failoverd_snapshot_bytes_sent",
+            "Snapshot bytes sent to the peer (chunks, or what rsync/scp reported)",
+            m.bytes_sent.clone(),
+        );
+        registry.register(
+            "failoverd_chunks_received",
+            "Verified chunks received from the peer",
+            m.chunks_received.clone(),
+        );
+        registry.register(
+            "failoverd_chunk_bytes_received",
+            "Bytes of verified chunks received from the peer",
+            m.chunk_bytes_received.clone(),
+        );
+        registry.register(
+            "failoverd_snapshot_failures",
+            "Snapshots that failed or were refused, and refused peer connections, by cause",
+            m.failures.clone(),
+        );
+        registry.register(
+            "failoverd_role",
+            "1 for the role this host has now (live: its conode answers)",
+            m.role.clone(),
+        );
+        registry.register(
+            "failoverd_epoch",
+            "Epoch of this host (0 until claims exist)",
+            m.epoch.clone(),
+        );
+        registry.register(
+            "failoverd_snapshot_generation",
+            "Generation of the last snapshot shipped (live) or installed (standby)",
+            m.generation.clone(),
+        );
+        registry.register(
+            "failoverd_snapshot_age_seconds",
+            "Seconds since the last snapshot's read transaction began on the live conode",
+            m.age_seconds.clone(),
+        );
+        registry.register(
+            "failoverd_snapshot_bytes",
+            "Size of the last snapshot",
+            m.bytes.clone(),
+        );
+        registry.register(
+            "failoverd_snapshot_duration_seconds",
+            "Time to take, ship, verify and install the last snapshot",
+            m.duration_seconds.clone(),
+        );
+        registry.register(
+            "failoverd_generations_held",
+            "Verified generations held on this host",
+            m.generations_held.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    pub fn snapshot_shipped(&self) {
+        self.snapshots.inc();
+    }
+
+    pub fn bytes_sent(&self, n: u64) {
+        self.bytes_sent.inc_by(n);
+    }
+
+    pub fn chunk_received(&self, bytes: u64) {
+        self.chunks_received.inc();
+        self.chunk_bytes_received.inc_by(bytes);
+    }
+
+    pub fn failure(&self, cause: Cause) {
+        self.failures
+            .get_or_create(&CauseLabel {
+                cause: cause.label(),
+            })
+            .inc();
+    }
+
+    /// The exposition text, with the gauges set from `st`.
+    pub fn encode(&self, st: &StatusView) -> String {
+        for r in [Role::Live, Role::Standby] {
+            self.role
+                .get_or_create(&RoleLabel { role: r.name() })
+                .set(i64::from(st.role == Some(r)));
+        }
+        self.epoch.set(st.epoch as i64);
+        if let Some(l) = &st.last {
+            self.generation.set(l.generation as i64);
+            self.age_seconds.set(st.age_seconds.unwrap_or(0.0));
+            self.bytes.set(l.bytes as i64);
+            self.duration_seconds.set(l.duration_ms as f64 / 1000.0);
+        }
+        self.generations_held.set(st.generations_held.len() as i64);
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// The content type of [`Metrics::encode`]'s text.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";

@@ -1,0 +1,258 @@
+//! What the daemon knows about itself: its role, the last snapshot it shipped or
+//! installed, its last error. Read by `failoverd status`, the peer's `/v1/status` and
+//! `/metrics`.
+//!
+//! Must never wait for the store: the generations held come from the store's published
+//! view ([`Store::view`]), never from its lock, so status answers while an install runs.
+
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+
+use crate::standby::{Installed, Store};
+
+pub use conode::db::unix_ms as now_ms;
+
+/// Which side of the pair this host is on now. Until the virtual-IP work adds claims and
+/// epochs, the live host is the one whose conode answers on its admin socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Live,
+    Standby,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Live => "live",
+            Role::Standby => "standby",
+        }
+    }
+}
+
+/// The last snapshot this host shipped (live) or installed (standby).
+#[derive(Debug, Clone, Serialize)]
+pub struct LastSnapshot {
+    pub generation: u64,
+    pub taken_unix_ms: u64,
+    pub finished_unix_ms: u64,
+    pub bytes: u64,
+    pub duration_ms: u64,
+    pub transport: String,
+    pub bytes_sent: u64,
+    pub reused_bytes: u64,
+    pub chains: usize,
+}
+
+#[derive(Default)]
+struct Inner {
+    role: Option<Role>,
+    last: Option<LastSnapshot>,
+    last_error: Option<String>,
+}
+
+/// The status of this host. Cheap to read; never waits for the store.
+pub struct Status {
+    store: Arc<Store>,
+    inner: Mutex<Inner>,
+}
+
+/// A copy of the status at one moment.
+#[derive(Debug, Clone)]
+pub struct StatusView {
+    pub role: Option<Role>,
+    pub epoch: u64,
+    pub last: Option<LastSnapshot>,
+    pub age_seconds: Option<f64>,
+    pub generations_held: Vec<u64>,
+    pub error: Option<String>,
+}
+
+impl Status {
+    pub fn new(store: Arc<Store>) -> Status {
+        Status {
+            store,
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_role(&self, r: Role) {
+        let mut i = self.lock();
+        if i.role != Some(r) {
+            tracing::info!(
+                "this host is now {} (its conode {})",
+                r.name(),
+                if r == Role::Live {
+                    "answers"
+                } else {
+                    "does not answer"
+                }
+            );
+        }
+        i.role = Some(r);
+    }
+
+    pub fn role(&self) -> Option<Role> {
+        self.lock().role
+    }
+
+    /// Remember a refused request or a failed snapshot (logging and counting are the
+    /// caller's, who knows its cause).
+    pub fn set_error(&self, e: String) {
+        self.lock().last_error = Some(e);
+    }
+
+    pub fn installed(&self, inst: &Installed) {
+        let mut i = self.lock();
+        i.last_error = None;
+        i.last = Some(LastSnapshot {
+            generation: inst.manifest.generation,
+            taken_unix_ms: inst.manifest.taken_unix_ms,
+            finished_unix_ms: now_ms(),
+            bytes: inst.manifest.bytes,
+            duration_ms: now_ms().saturating_sub(inst.manifest.created_unix_ms),
+            transport: inst.manifest.transport.name().to_string(),
+            bytes_sent: 0,
+            reused_bytes: 0,
+            chains: inst.manifest.positions.len(),
+        });
+    }
+
+    pub fn shipped(&self, s: LastSnapshot) {
+        let mut i = self.lock();
+        i.last_error = None;
+        i.last = Some(s);
+    }
+
+    /// The status now.
+    pub fn view(&self) -> StatusView {
+        let held = self.store.view();
+        let i = self.lock();
+        let last = i.last.clone().or_else(|| {
+            held.held.last().map(|n| LastSnapshot {
+                generation: n.generation,
+                taken_unix_ms: n.taken_unix_ms,
+                finished_unix_ms: n.installed_unix_ms,
+                bytes: n.bytes,
+                duration_ms: n.installed_unix_ms.saturating_sub(n.created_unix_ms),
+                transport: n.transport.name().to_string(),
+                bytes_sent: 0,
+                reused_bytes: 0,
+                chains: n.chains,
+            })
+        });
+        StatusView {
+            role: i.role,
+            epoch: 0,
+            age_seconds: last
+                .as_ref()
+                .map(|l| now_ms().saturating_sub(l.taken_unix_ms) as f64 / 1000.0),
+            last,
+            generations_held: held.held.iter().map(|g| g.generation).collect(),
+            error: i.last_error.clone(),
+        }
+    }
+
+    /// `/v1/status` for the peer: what this host holds.
+    pub fn peer_json(&self) -> serde_json::Value {
+        let held = self.store.view();
+        let gens: Vec<_> = held
+            .held
+            .iter()
+            .map(|h| {
+                serde_json::json!({
+                    "generation": h.generation,
+                    "bytes": h.bytes,
+                    "taken_unix_ms": h.taken_unix_ms,
+                    "chains": h.chains,
+                })
+            })
+            .collect();
+        serde_json::json!({ "role": self.role(), "epoch": 0, "generations": gens })
+    }
+}
+
+impl StatusView {
+    /// `failoverd status --json`.
+    pub fn json(&self) -> serde_json::Value {
+        let last = self.last.as_ref();
+        serde_json::json!({
+            "role": self.role,
+            "epoch": self.epoch,
+            "generation": last.map(|l| l.generation),
+            "age_seconds": self.age_seconds,
+            "bytes": last.map(|l| l.bytes),
+            "duration_ms": last.map(|l| l.duration_ms),
+            "transport": last.map(|l| l.transport.clone()),
+            "bytes_sent": last.map(|l| l.bytes_sent),
+            "reused_bytes": last.map(|l| l.reused_bytes),
+            "chains": last.map(|l| l.chains),
+            "generations_held": self.generations_held,
+            "error": self.error,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// An install (or an offer) holds the store's lock for as long as its IO takes;
+    /// status, `/v1/status` and `/metrics` must answer meanwhile.
+    #[test]
+    fn status_answers_while_the_store_is_locked() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(d.path(), 1, [1; 32], [2; 32]).unwrap());
+        let st = Status::new(store.clone());
+        let metrics = crate::metrics::Metrics::new();
+        let held = store.hold_lock_for(Duration::from_secs(3));
+        let t = Instant::now();
+        let v = st.view();
+        let _ = st.peer_json();
+        let _ = metrics.encode(&v);
+        let took = t.elapsed();
+        held.join().unwrap();
+        assert!(
+            took < Duration::from_secs(1),
+            "status waited {took:?} for the store's lock"
+        );
+        assert_eq!(v.generations_held, Vec::<u64>::new());
+    }
+
+    #[test]
+    fn bytes_sent_are_counted_once() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(d.path(), 1, [1; 32], [2; 32]).unwrap());
+        let st = Status::new(store);
+        let metrics = crate::metrics::Metrics::new();
+        metrics.bytes_sent(700);
+        metrics.snapshot_shipped();
+        st.shipped(LastSnapshot {
+            generation: 1,
+            taken_unix_ms: 1,
+            finished_unix_ms: 2,
+            bytes: 1000,
+            duration_ms: 1,
+            transport: "https".into(),
+            bytes_sent: 700,
+            reused_bytes: 300,
+            chains: 1,
+        });
+        st.set_role(Role::Live);
+        let m = metrics.encode(&st.view());
+        assert!(
+            m.contains("failoverd_snapshot_bytes_sent_total 700\n"),
+            "{m}"
+        );
+        assert!(m.contains("failoverd_snapshots_total 1\n"), "{m}");
+        assert!(m.contains("failoverd_role{role=\"live\"} 1\n"), "{m}");
+        assert!(m.contains("failoverd_role{role=\"standby\"} 0\n"), "{m}");
+        assert_eq!(st.view().json()["bytes_sent"], 700);
+    }
+}
