@@ -93,20 +93,30 @@ impl StateLock {
 /// Run until `shutdown` completes (SIGINT or SIGTERM in the binary), or until a task
 /// fails: then the error names it.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), String> {
-    // Before anything else: a second daemon on this state directory stops here.
-    let _lock = StateLock::acquire(&cfg.state_dir)?;
-    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    // The start-up's file work runs off the runtime's threads, the lock first: a second
+    // daemon on this state directory stops there, before it touches anything.
+    let c = cfg.clone();
+    let (_lock, key, paths, store) = tokio::task::spawn_blocking(move || {
+        let lock = StateLock::acquire(&c.state_dir)?;
+        nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+        let key = config::load_key(&c.key_file)?;
+        if c.peer.public_key == key.public_bytes() {
+            return Err("peer.public_key is this host's own key: pin the other host's key".into());
+        }
+        let paths = c.conode_paths()?;
+        let store = Store::open(
+            &c.state_dir,
+            c.snapshot.keep,
+            c.peer.public_key,
+            paths.public,
+        )
+        .map_err(|e| e.to_string())?;
+        Ok::<_, String>((lock, key, paths, Arc::new(store)))
+    })
+    .await
+    .map_err(|e| format!("start-up task failed: {e}: this is a bug"))??;
     conode::tls::install_provider();
-    let key = config::load_key(&cfg.key_file)?;
     let peer_key = cfg.peer.public_key;
-    if peer_key == key.public_bytes() {
-        return Err("peer.public_key is this host's own key: pin the other host's key".into());
-    }
-    let paths = cfg.conode_paths()?;
-    let store = Arc::new(
-        Store::open(&cfg.state_dir, cfg.snapshot.keep, peer_key, paths.public)
-            .map_err(|e| e.to_string())?,
-    );
     let status = Arc::new(Status::new(store.clone()));
     let metrics = Arc::new(Metrics::new());
     let tls = conode::peer::PeerTls::new(&key)?;
@@ -446,6 +456,13 @@ mod tests {
     /// `error`.
     #[tokio::test]
     async fn a_panicking_task_stops_the_daemon_with_an_error() {
+        let log = Captured::default();
+        let l = log.clone();
+        let sub = tracing_subscriber::fmt()
+            .with_writer(move || l.clone())
+            .with_ansi(false)
+            .finish();
+        let _g = tracing::subscriber::set_default(sub);
         let mut tasks: JoinSet<Result<(), String>> = JoinSet::new();
         let mut names = HashMap::new();
         let h = tasks.spawn(async {
@@ -470,6 +487,20 @@ mod tests {
                 && e.contains("this is a bug"),
             "{e}"
         );
+    }
+
+    /// Log lines written by a test's subscriber.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
     }
 
     #[tokio::test]

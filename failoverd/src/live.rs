@@ -371,8 +371,16 @@ impl Shipper {
     pub async fn snapshot(&self) -> Result<LastSnapshot, ShipError> {
         let t0 = Instant::now();
         let out = self.cfg.outgoing_dir();
-        std::fs::create_dir_all(&out).map_err(|e| ShipError::io("cannot create", &out, e))?;
-        let generation = next_generation(&self.cfg.state_dir, self.peer_newest().await)?;
+        let peer_newest = self.peer_newest().await;
+        let state_dir = self.cfg.state_dir.clone();
+        let o = out.clone();
+        // File work (and the counter's fsync) off the runtime's threads.
+        let generation = tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&o).map_err(|e| ShipError::io("cannot create", &o, e))?;
+            next_generation(&state_dir, peer_newest)
+        })
+        .await
+        .map_err(|e| ShipError::Bug(format!("the generation counter's task failed: {e}")))??;
         let file = out.join(MIRROR_FILE);
         // From here until the image is complete the mirror is not what it was.
         let old = self.mirror_lock().take();
@@ -483,7 +491,7 @@ impl Shipper {
         };
         let env = m.seal(&self.key);
         let (sent, reused, phases) = match transport {
-            Transport::Https => self.ship_https(&m, env, file).await?,
+            Transport::Https => ship_https(&self.peer, &self.metrics, &m, env, file).await?,
             Transport::Rsync | Transport::Scp => {
                 let sent = self.ship_ssh(transport, file).await?;
                 self.peer
@@ -527,113 +535,6 @@ impl Shipper {
             }
         );
         Ok(s)
-    }
-
-    /// Offer, send what is missing, commit; after a broken connection, offer again (the
-    /// standby answers only what it still lacks) up to [`RESUME_ATTEMPTS`] times. A
-    /// refusal, a key the peer does not trust, or a malformed answer ends it at once.
-    async fn ship_https(
-        &self,
-        m: &Manifest,
-        env: Vec<u8>,
-        file: &Path,
-    ) -> Result<(u64, u64, String), ShipError> {
-        let mut sent = 0u64;
-        let mut reused = None;
-        let mut last: Option<PeerError> = None;
-        for attempt in 0..RESUME_ATTEMPTS {
-            if let Some(e) = &last {
-                tracing::warn!(
-                    "generation {}: transfer interrupted ({e}); resuming (attempt {}/{RESUME_ATTEMPTS})",
-                    m.generation,
-                    attempt + 1
-                );
-                tokio::time::sleep(Duration::from_millis(500 * (1 << attempt.min(4)))).await;
-            }
-            let t = Instant::now();
-            let r = async {
-                let offer = self
-                    .peer
-                    .request(Method::POST, "/v1/offer", env.clone(), "offer")
-                    .await?;
-                let (missing, reused_now) = parse_offer(&offer, m.chunks.len())?;
-                if reused.is_none() {
-                    reused = reused_now;
-                }
-                let offered = t.elapsed();
-                self.send_chunks(m, file, &missing, &mut sent).await?;
-                let chunks_sent = t.elapsed();
-                self.peer
-                    .request(
-                        Method::POST,
-                        &format!("/v1/commit/{}", m.generation),
-                        "",
-                        "commit",
-                    )
-                    .await?;
-                Ok::<_, ShipError>(format!(
-                    "; offer answered after {offered:?}, {} chunks sent after {chunks_sent:?}, installed after {:?}",
-                    missing.len(),
-                    t.elapsed()
-                ))
-            }
-            .await;
-            match r {
-                Ok(phases) => return Ok((sent, reused.unwrap_or(0), phases)),
-                Err(ShipError::Peer(e)) if !e.is_permanent() => last = Some(e),
-                Err(e) => return Err(e),
-            }
-        }
-        Err(ShipError::GaveUp {
-            address: self.peer.address().to_string(),
-            generation: m.generation,
-            attempts: RESUME_ATTEMPTS,
-            last: last.unwrap_or(PeerError::Malformed {
-                what: "offer".into(),
-                reason: "no attempt was made".into(),
-            }),
-        })
-    }
-
-    /// Send chunks `missing` (indices checked against the manifest already) in batches of
-    /// about [`BATCH_BYTES`].
-    async fn send_chunks(
-        &self,
-        m: &Manifest,
-        file: &Path,
-        missing: &[u32],
-        sent: &mut u64,
-    ) -> Result<(), ShipError> {
-        let mut i = 0;
-        while i < missing.len() {
-            let mut j = i;
-            let mut len = 0usize;
-            while j < missing.len() && (len == 0 || len < BATCH_BYTES) {
-                len += 8 + m.chunks[missing[j] as usize].len as usize;
-                j += 1;
-            }
-            let batch: Vec<(u32, Chunk)> = missing[i..j]
-                .iter()
-                .map(|&idx| (idx, m.chunks[idx as usize]))
-                .collect();
-            let path = file.to_path_buf();
-            let body = tokio::task::spawn_blocking(move || frame_chunks(&path, &batch, len))
-                .await
-                .map_err(|e| ShipError::Bug(format!("the task reading chunks failed: {e}")))??;
-            let n = body.len() as u64;
-            self.peer
-                .request(
-                    Method::PUT,
-                    &format!("/v1/chunks/{}", m.generation),
-                    body,
-                    "sending chunks",
-                )
-                .await?;
-            *sent += n;
-            self.metrics.bytes_sent(n);
-            i = j;
-        }
-        Ok(())
     }
 
     /// rsync or scp the snapshot into the standby's inbox; the bytes sent as reported.
@@ -692,7 +593,10 @@ impl Shipper {
                 err.trim().lines().last().unwrap_or("no message")
             )));
         }
-        let size = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+        let size = tokio::fs::metadata(file)
+            .await
+            .map(|m| m.len())
+            .unwrap_or(0);
         let sent = match t {
             Transport::Rsync => {
                 rsync_bytes_sent(&String::from_utf8_lossy(&out.stdout)).unwrap_or(size)
@@ -702,6 +606,114 @@ impl Shipper {
         self.metrics.bytes_sent(sent);
         Ok(sent)
     }
+}
+
+/// Ship generation `m` (signed as `env`, its bytes in `file`) over HTTPS: offer, send
+/// what is missing, commit; after a broken connection, offer again (the
+/// standby answers only what it still lacks) up to [`RESUME_ATTEMPTS`] times. A
+/// refusal, a key the peer does not trust, or a malformed answer ends it at once.
+pub async fn ship_https(
+    peer: &PeerClient,
+    metrics: &Metrics,
+    m: &Manifest,
+    env: Vec<u8>,
+    file: &Path,
+) -> Result<(u64, u64, String), ShipError> {
+    let mut sent = 0u64;
+    let mut reused = None;
+    let mut last: Option<PeerError> = None;
+    for attempt in 0..RESUME_ATTEMPTS {
+        if let Some(e) = &last {
+            tracing::warn!(
+                "generation {}: transfer interrupted ({e}); resuming (attempt {}/{RESUME_ATTEMPTS})",
+                m.generation,
+                attempt + 1
+            );
+            tokio::time::sleep(Duration::from_millis(500 * (1 << attempt.min(4)))).await;
+        }
+        let t = Instant::now();
+        let r = async {
+            let offer = peer
+                .request(Method::POST, "/v1/offer", env.clone(), "offer")
+                .await?;
+            let (missing, reused_now) = parse_offer(&offer, m.chunks.len())?;
+            if reused.is_none() {
+                reused = reused_now;
+            }
+            let offered = t.elapsed();
+            send_chunks(peer, metrics, m, file, &missing, &mut sent).await?;
+            let chunks_sent = t.elapsed();
+            peer
+                .request(
+                    Method::POST,
+                    &format!("/v1/commit/{}", m.generation),
+                    "",
+                    "commit",
+                )
+                .await?;
+            Ok::<_, ShipError>(format!(
+                "; offer answered after {offered:?}, {} chunks sent after {chunks_sent:?}, installed after {:?}",
+                missing.len(),
+                t.elapsed()
+            ))
+        }
+        .await;
+        match r {
+            Ok(phases) => return Ok((sent, reused.unwrap_or(0), phases)),
+            Err(ShipError::Peer(e)) if !e.is_permanent() => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(ShipError::GaveUp {
+        address: peer.address().to_string(),
+        generation: m.generation,
+        attempts: RESUME_ATTEMPTS,
+        last: last.unwrap_or(PeerError::Malformed {
+            what: "offer".into(),
+            reason: "no attempt was made".into(),
+        }),
+    })
+}
+
+/// Send chunks `missing` (indices checked against the manifest already) in batches of
+/// about [`BATCH_BYTES`].
+async fn send_chunks(
+    peer: &PeerClient,
+    metrics: &Metrics,
+    m: &Manifest,
+    file: &Path,
+    missing: &[u32],
+    sent: &mut u64,
+) -> Result<(), ShipError> {
+    let mut i = 0;
+    while i < missing.len() {
+        let mut j = i;
+        let mut len = 0usize;
+        while j < missing.len() && (len == 0 || len < BATCH_BYTES) {
+            len += 8 + m.chunks[missing[j] as usize].len as usize;
+            j += 1;
+        }
+        let batch: Vec<(u32, Chunk)> = missing[i..j]
+            .iter()
+            .map(|&idx| (idx, m.chunks[idx as usize]))
+            .collect();
+        let path = file.to_path_buf();
+        let body = tokio::task::spawn_blocking(move || frame_chunks(&path, &batch, len))
+            .await
+            .map_err(|e| ShipError::Bug(format!("the task reading chunks failed: {e}")))??;
+        let n = body.len() as u64;
+        peer.request(
+            Method::PUT,
+            &format!("/v1/chunks/{}", m.generation),
+            body,
+            "sending chunks",
+        )
+        .await?;
+        *sent += n;
+        metrics.bytes_sent(n);
+        i = j;
+    }
+    Ok(())
 }
 
 /// The standby's answer to an offer, checked: every index names a chunk of the manifest

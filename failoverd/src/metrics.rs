@@ -176,3 +176,65 @@ impl Metrics {
 
 /// The content type of [`Metrics::encode`]'s text.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::standby::Store;
+    use crate::status::{LastSnapshot, Role, Status};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    /// An install (or an offer) holds the store's lock for as long as its IO takes;
+    /// status, `/v1/status` and `/metrics` must answer meanwhile.
+    #[test]
+    fn status_answers_while_the_store_is_locked() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(d.path(), 1, [1; 32], [2; 32]).unwrap());
+        let st = Status::new(store.clone());
+        let metrics = Metrics::new();
+        let held = store.hold_lock_for(Duration::from_secs(3));
+        let t = Instant::now();
+        let v = st.view();
+        let _ = st.peer_json();
+        let _ = metrics.encode(&v);
+        let took = t.elapsed();
+        held.join().unwrap();
+        assert!(
+            took < Duration::from_secs(1),
+            "status waited {took:?} for the store's lock"
+        );
+        assert_eq!(v.generations_held, Vec::<u64>::new());
+    }
+
+    #[test]
+    fn bytes_sent_are_counted_once() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(d.path(), 1, [1; 32], [2; 32]).unwrap());
+        let st = Status::new(store);
+        let metrics = Metrics::new();
+        metrics.bytes_sent(700);
+        metrics.snapshot_shipped();
+        st.shipped(LastSnapshot {
+            generation: 1,
+            taken_unix_ms: 1,
+            finished_unix_ms: 2,
+            bytes: 1000,
+            duration_ms: 1,
+            transport: "https".into(),
+            bytes_sent: 700,
+            reused_bytes: 300,
+            chains: 1,
+        });
+        st.set_role(Role::Live);
+        let m = metrics.encode(&st.view());
+        assert!(
+            m.contains("failoverd_snapshot_bytes_sent_total 700\n"),
+            "{m}"
+        );
+        assert!(m.contains("failoverd_snapshots_total 1\n"), "{m}");
+        assert!(m.contains("failoverd_role{role=\"live\"} 1\n"), "{m}");
+        assert!(m.contains("failoverd_role{role=\"standby\"} 0\n"), "{m}");
+        assert_eq!(st.view().json()["bytes_sent"], 700);
+    }
+}

@@ -291,7 +291,8 @@ impl PeerServer {
         }
     }
 
-    async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    /// Answer one request.
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         let (method, path) = (req.method().clone(), req.uri().path().to_string());
         let answer = self.route(&method, &path, req.into_body()).await;
         let (status, body) = match answer {
