@@ -15,6 +15,7 @@
 //! used for a file that is read while it is written: nothing is there until
 //! [`DirectWriter::finish`] returns.
 
+use nix::errno::Errno;
 use std::fs::File;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
@@ -75,7 +76,7 @@ impl DirectWriter {
         let buffered = file.try_clone()?;
         let direct = std::fs::OpenOptions::new()
             .write(true)
-            .custom_flags(libc::O_DIRECT)
+            .custom_flags(nix::fcntl::OFlag::O_DIRECT.bits())
             .open(path)
             .ok();
         let (to_writer, jobs) = mpsc::sync_channel::<(u64, Aligned)>(BUFFERS);
@@ -179,7 +180,7 @@ fn write_loop(
     for (offset, mut buf) in jobs {
         let bytes = buf.bytes();
         let r = match direct.as_ref().map(|d| d.write_all_at(bytes, offset)) {
-            Some(Err(e)) if e.raw_os_error() == Some(libc::EINVAL) => {
+            Some(Err(e)) if e.raw_os_error() == Some(Errno::EINVAL as i32) => {
                 // The filesystem takes O_DIRECT opens but not the writes: page cache from
                 // now on.
                 direct = None;

@@ -1082,8 +1082,13 @@ fn zeros(p: &mut Pending) -> Result<u64, String> {
 }
 
 fn zero_range(file: &File, path: &Path, start: u64, len: u64) -> Result<(), String> {
-    crate::chunk::fallocate_zeros(file, libc::FALLOC_FL_ZERO_RANGE, start, len)
-        .map_err(|e| io("cannot zero a range of", path, e))
+    crate::chunk::fallocate_zeros(
+        file,
+        nix::fcntl::FallocateFlags::FALLOC_FL_ZERO_RANGE,
+        start,
+        len,
+    )
+    .map_err(|e| io("cannot zero a range of", path, e))
 }
 
 /// Copy into `p` every chunk whose hash the previous generation holds, checking each

@@ -71,12 +71,16 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 
 use crate::{wait_bounded, Run};
 
@@ -137,10 +141,9 @@ impl Lab {
     /// Create the two namespaces and the cable. Panics (failing the test) if not root,
     /// if `ip` is missing, or if any step fails; what was created is then removed.
     pub fn new(name: &str) -> Lab {
-        // SAFETY: geteuid(2) has no preconditions and cannot fail.
-        let euid = unsafe { libc::geteuid() };
+        let euid = nix::unistd::geteuid();
         assert!(
-            euid == 0,
+            euid.is_root(),
             "netns lab {name:?}: running as uid {euid}, network namespaces need root: \
              run the system tests as root"
         );
@@ -408,15 +411,10 @@ impl Host {
             let t = s.spawn(|| {
                 let file = File::open(&path)
                     .unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
-                // SAFETY: setns(2) changes the network namespace of this thread only, with
-                // a descriptor that stays open for the duration of the call.
-                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert!(
-                    rc == 0,
-                    "setns into {}: {}",
-                    path.display(),
-                    io::Error::last_os_error()
-                );
+                // setns(2) changes the network namespace of this thread only.
+                if let Err(e) = nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET) {
+                    panic!("setns into {}: {e}", path.display());
+                }
                 f()
             });
             t.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
@@ -743,10 +741,8 @@ fn delete_ns(ns: &str) -> Result<(), String> {
         .filter_map(|p| p.parse::<u32>().ok())
     {
         if pid != me {
-            // SAFETY: kill(2) has no memory effects; the pid was inside our namespace.
-            unsafe {
-                libc::kill(pid as libc::pid_t, libc::SIGKILL);
-            }
+            // The pid was inside our namespace.
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
         }
     }
     let out = Command::new("ip")
@@ -776,13 +772,12 @@ fn sweep_leftovers() {
         let Some(pid) = name
             .strip_prefix(PREFIX)
             .and_then(|rest| rest.split('-').next())
-            .and_then(|p| p.parse::<libc::pid_t>().ok())
+            .and_then(|p| p.parse::<i32>().ok())
         else {
             continue;
         };
-        // SAFETY: kill(2) with signal 0 only checks whether the pid exists.
-        let gone = unsafe { libc::kill(pid, 0) } == -1
-            && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        // kill(2) with no signal only checks whether the pid exists.
+        let gone = kill(Pid::from_raw(pid), None) == Err(Errno::ESRCH);
         if gone {
             match delete_ns(&name) {
                 Ok(()) => eprintln!("netns lab: deleted {name}, left over by pid {pid}"),
@@ -793,7 +788,9 @@ fn sweep_leftovers() {
 }
 
 /// An exclusive `flock` on [`LOCK_FILE`], released on drop; waits at most 30 s.
-struct NetnsLock(File);
+struct NetnsLock {
+    _held: Flock<File>,
+}
 
 impl NetnsLock {
     fn take() -> NetnsLock {
@@ -801,7 +798,7 @@ impl NetnsLock {
         if let Some(d) = path.parent() {
             let _ = std::fs::create_dir_all(d);
         }
-        let f = File::options()
+        let mut f = File::options()
             .create(true)
             .truncate(false)
             .write(true)
@@ -809,9 +806,9 @@ impl NetnsLock {
             .unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            // SAFETY: flock(2) on a descriptor we own.
-            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-                return NetnsLock(f);
+            match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+                Ok(held) => return NetnsLock { _held: held },
+                Err((back, _)) => f = back,
             }
             assert!(
                 Instant::now() < deadline,
@@ -820,15 +817,6 @@ impl NetnsLock {
                 path.display()
             );
             std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for NetnsLock {
-    fn drop(&mut self) {
-        // SAFETY: flock(2) on a descriptor we own (closing it would release it too).
-        unsafe {
-            libc::flock(self.0.as_raw_fd(), libc::LOCK_UN);
         }
     }
 }
