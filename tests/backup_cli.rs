@@ -470,8 +470,7 @@ fn restore_keeps_the_old_db_and_the_restarted_conode_serves_the_restored_one() {
 #[test]
 fn the_admin_socket_serves_no_other_user_even_if_its_mode_is_widened() {
     use std::os::unix::process::CommandExt;
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
+    let root = nix::unistd::geteuid().is_root();
     assert!(
         root,
         "this test runs a client as uid 65534 (nobody) and must run as root (CI does)"

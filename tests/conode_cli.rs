@@ -140,8 +140,7 @@ fn malformed_private_toml_gives_one_line_with_file_line_key_and_changes_nothing(
 
 #[test]
 fn server_refuses_root_without_allow_root() {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
+    let root = nix::unistd::geteuid().is_root();
     assert!(
         root,
         "this test checks the refusal and must run as root (CI does)"

@@ -41,10 +41,8 @@ use system_tests::netns::{Host, Sshd};
 const BLOCK: usize = 64 << 10;
 
 fn main() {
-    // SAFETY: geteuid takes no arguments and cannot fail.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
+    assert!(
+        nix::unistd::geteuid().is_root(),
         "the failover benchmark needs root (network namespaces)"
     );
     let mib: u64 = std::env::var("FAILOVER_BENCH_MIB")

@@ -208,8 +208,11 @@ impl Pair {
                 .take(2)
                 .map(|v| v.parse().unwrap())
                 .collect();
-            // SAFETY: sysconf only reads its integer argument.
-            let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+            let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+                .ok()
+                .flatten()
+                .unwrap_or(1)
+                .max(1) as u64;
             (f[0] + f[1]) * 1000 / hz
         };
         [

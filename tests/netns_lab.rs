@@ -1,8 +1,9 @@
 //! The network-namespace lab (`system_tests::netns`) that failoverd's system tests stand
 //! on: two hosts joined by a veth cable, a real sshd, rsync and scp between them, and
-//! the faults (link down, silent partition) those tests will inject. Runs as root.
+//! the faults (link down, silent partition, packet loss, delay) those tests will inject.
+//! Each fault is shown to take effect on this machine's kernel. Runs as root.
 use std::io::{ErrorKind, Read, Seek, SeekFrom, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -327,47 +328,165 @@ fn two_labs_at_once_have_their_own_namespaces_and_sshds() {
     assert_ne!(s1.pid(), s2.pid());
 }
 
+/// Send `n` numbered datagrams from `from` to `to` (a socket bound in the other host),
+/// 100 µs apart so no queue overflows, and return how many distinct ones arrived.
+fn datagrams_through(
+    from: &system_tests::netns::Host,
+    to: &system_tests::netns::Host,
+    n: u32,
+) -> u32 {
+    let rx = to
+        .in_ns(|| UdpSocket::bind((to.addr(), 0)))
+        .expect("bind a UDP socket");
+    let dest = rx.local_addr().unwrap();
+    // Nothing more arrives once 300 ms pass without a datagram.
+    rx.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    std::thread::scope(|s| {
+        let counter = s.spawn(|| {
+            let mut seen = std::collections::HashSet::new();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut buf = [0u8; 64];
+            while Instant::now() < deadline {
+                match rx.recv(&mut buf) {
+                    Ok(4) => {
+                        seen.insert(u32::from_le_bytes(buf[..4].try_into().unwrap()));
+                    }
+                    Ok(len) => panic!("a datagram of {len} bytes, not ours"),
+                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                        break
+                    }
+                    Err(e) => panic!("recv: {e}"),
+                }
+            }
+            seen.len() as u32
+        });
+        from.in_ns(|| {
+            let tx = UdpSocket::bind((from.addr(), 0)).expect("bind the sender");
+            for i in 0..n {
+                tx.send_to(&i.to_le_bytes(), dest).expect("send_to");
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        });
+        counter.join().unwrap()
+    })
+}
+
 #[test]
-fn netem_delays_packets_or_names_the_missing_kernel_option() {
-    let lab = Lab::new("netem");
+fn loss_drops_about_that_share_of_packets_each_way_and_clear_loss_none() {
+    let lab = Lab::new("loss");
+    let (a, b) = (lab.a(), lab.b());
+    // Neighbours resolved, so the first datagrams do not wait for ARP.
+    assert_eq!(datagrams_through(a, b, 20), 20, "no loss before lab.loss");
+
+    lab.loss(50);
+    // 400 packets at 50 %: 200 expected, standard deviation 10.
+    for (from, to, way) in [(a, b, "a to b"), (b, a, "b to a")] {
+        let got = datagrams_through(from, to, 400);
+        assert!(
+            (130..=270).contains(&got),
+            "with 50 % loss {got} of 400 datagrams arrived {way}: the nftables rule did \
+             not take effect as it should"
+        );
+    }
+    lab.loss(100);
+    assert_eq!(
+        datagrams_through(a, b, 50),
+        0,
+        "100 % loss lets nothing through"
+    );
+    lab.loss(0);
+    assert_eq!(datagrams_through(a, b, 50), 50, "0 % loss loses nothing");
+    lab.loss(50);
+
+    lab.clear_loss();
+    lab.clear_loss(); // harmless twice
+    for (from, to, way) in [(a, b, "a to b"), (b, a, "b to a")] {
+        assert_eq!(
+            datagrams_through(from, to, 200),
+            200,
+            "no loss after clear_loss, {way}"
+        );
+    }
+}
+
+/// Connect from a to `to`, send `ping\n`, and read the answer; with how long it took.
+fn ping(a: &system_tests::netns::Host, to: SocketAddr) -> (String, Duration) {
+    a.in_ns(|| {
+        let t0 = Instant::now();
+        let mut s = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("connect to {to}: {e}"));
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"ping\n").unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer)
+            .unwrap_or_else(|e| panic!("answer from {to}: {e}"));
+        (answer, t0.elapsed())
+    })
+}
+
+/// Answer `count` connections on `listener` (in b) with `pong\n` after reading `ping\n`.
+fn serve_pongs(listener: &TcpListener, count: usize) {
+    listener.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for _ in 0..count {
+        let mut conn = loop {
+            match listener.accept() {
+                Ok((c, _)) => break c,
+                Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Err(e) => panic!("no connection within 20 s: {e}"),
+            }
+        };
+        conn.set_nonblocking(false).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut req = String::new();
+        conn.read_to_string(&mut req).unwrap();
+        assert_eq!(req, "ping\n");
+        conn.write_all(b"pong\n").unwrap();
+    }
+}
+
+#[test]
+fn a_delayed_relay_holds_each_way_for_its_delay_and_the_direct_path_stays_fast() {
+    let lab = Lab::new("delay");
     let (a, b) = (lab.a(), lab.b());
     let listener = b
         .in_ns(|| TcpListener::bind((b.addr(), 0)))
         .expect("bind in b");
     let to = listener.local_addr().unwrap();
-    let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        lab.netem(&["delay", "200ms"])
-    }));
-    match applied {
-        Ok(()) => {
-            // The SYN leaves a 200 ms late; the answer comes straight back.
-            let t0 = Instant::now();
-            a.connect(to, Duration::from_secs(5))
-                .expect("connect through netem");
+    let delay = Duration::from_millis(300);
+    std::thread::scope(|s| {
+        let server = s.spawn(|| serve_pongs(&listener, 3));
+        let (answer, direct) = ping(a, to);
+        assert_eq!(answer, "pong\n");
+        assert!(
+            direct < Duration::from_millis(100),
+            "without the relay a request and its answer take {direct:?}"
+        );
+
+        let relay = lab.delayed_relay(to, delay);
+        assert_eq!(relay.to(), to);
+        for _ in 0..2 {
+            let (answer, through) = ping(a, relay.addr());
+            assert_eq!(answer, "pong\n", "the relay passes the bytes unchanged");
+            // The request is held once on its way to b, the answer once on its way back.
             assert!(
-                t0.elapsed() >= Duration::from_millis(180),
-                "{:?}",
-                t0.elapsed()
+                through >= 2 * delay && through < 2 * delay + Duration::from_secs(2),
+                "through a relay of {delay:?} each way a request and its answer took \
+                 {through:?}"
             );
         }
-        Err(p) => {
-            let msg = p
-                .downcast_ref::<String>()
-                .cloned()
-                .unwrap_or_else(|| format!("{p:?}"));
-            assert!(
-                msg.contains("CONFIG_NET_SCH_NETEM"),
-                "netem failed for another reason than a kernel without it: {msg}"
-            );
-        }
-    }
-    lab.clear_netem();
-    let t0 = Instant::now();
-    a.connect(to, Duration::from_secs(5))
-        .expect("connect without netem");
-    assert!(
-        t0.elapsed() < Duration::from_millis(150),
-        "{:?}",
-        t0.elapsed()
-    );
+        let t0 = Instant::now();
+        drop(relay);
+        assert!(
+            t0.elapsed() < delay + Duration::from_secs(1),
+            "the relay took {:?} to stop",
+            t0.elapsed()
+        );
+        server.join().unwrap();
+    });
 }

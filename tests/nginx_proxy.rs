@@ -137,10 +137,11 @@ http {{
     /// SIGTERM to the master (it stops its workers), SIGKILL after 10 s.
     fn stop(&mut self) -> Option<std::process::ExitStatus> {
         let mut c = self.child.take()?;
-        // SAFETY: kill(2) on the pid of our own child, not yet reaped.
-        unsafe {
-            libc::kill(c.id() as i32, libc::SIGTERM);
-        }
+        // The pid of our own child, not yet reaped.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Ok(Some(st)) = c.try_wait() {

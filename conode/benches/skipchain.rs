@@ -230,16 +230,13 @@ impl Lat {
 
 /// User + system CPU time of this process so far.
 fn cpu_time() -> Duration {
-    // SAFETY: rusage is plain integers and timevals; all zeroes is a valid value.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: getrusage writes into the local struct it is given a pointer to.
-    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+    use nix::sys::resource::{getrusage, UsageWho};
+    use nix::sys::time::TimeValLike;
+    let Ok(ru) = getrusage(UsageWho::RUSAGE_SELF) else {
         return Duration::ZERO;
-    }
-    let tv = |t: libc::timeval| {
-        Duration::from_secs(t.tv_sec.max(0) as u64) + Duration::from_micros(t.tv_usec.max(0) as u64)
     };
-    tv(ru.ru_utime) + tv(ru.ru_stime)
+    let us = |t: nix::sys::time::TimeVal| Duration::from_micros(t.num_microseconds().max(0) as u64);
+    us(ru.user_time()) + us(ru.system_time())
 }
 
 // ---------------------------------------------------------------------------------

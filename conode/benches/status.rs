@@ -181,14 +181,14 @@ impl Drop for Proc {
         if let Ok(Some(_)) = self.child.try_wait() {
             return;
         }
-        let Ok(pid) = libc::pid_t::try_from(self.child.id()) else {
+        let Ok(pid) = i32::try_from(self.child.id()) else {
             let _ = self.child.kill();
             let _ = self.child.wait();
             return;
         };
-        // SAFETY: kill(2) with the pid of our own child, not yet reaped (try_wait above
-        // said it still runs), so the pid cannot belong to another process.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
+        // The pid of our own child, not yet reaped (try_wait above said it still runs),
+        // so it cannot belong to another process.
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -254,26 +254,20 @@ fn free_port_pair() -> Result<u16, String> {
 }
 
 /// Raise the soft open-files limit so 1,000 idle connections (plus the load) fit.
-fn raise_nofile(need: libc::rlim_t) -> Result<(), String> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
+fn raise_nofile(need: u64) -> Result<(), String> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let limit = || {
+        getrlimit(Resource::RLIMIT_NOFILE)
+            .map_err(|e| format!("getrlimit(RLIMIT_NOFILE) failed: {e}"))
     };
-    // SAFETY: getrlimit/setrlimit get a valid pointer to a local rlimit struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return Err("getrlimit(RLIMIT_NOFILE) failed".into());
-        }
-        if lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-            libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
-        }
+    let (mut soft, hard) = limit()?;
+    if soft < hard {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        soft = limit()?.0;
     }
-    if lim.rlim_cur < need {
+    if soft < need {
         return Err(format!(
-            "open-files limit is {} but the bench needs {need}: raise the hard limit (ulimit -Hn)",
-            lim.rlim_cur
+            "open-files limit is {soft} but the bench needs {need}: raise the hard limit (ulimit -Hn)"
         ));
     }
     Ok(())
@@ -855,7 +849,7 @@ fn print_table(rows: &[Row], notes: &[String]) {
 }
 
 fn run() -> Result<(), String> {
-    raise_nofile((IDLE_CONNS + 2 * CLIENTS + 64) as libc::rlim_t)?;
+    raise_nofile((IDLE_CONNS + 2 * CLIENTS + 64) as u64)?;
     let dir = tempfile::Builder::new()
         .prefix("conode-bench-")
         .tempdir()

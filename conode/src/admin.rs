@@ -368,8 +368,7 @@ pub async fn serve(
     };
     let ctx = Arc::new(Ctx {
         db,
-        // SAFETY: geteuid takes no arguments, cannot fail and touches no memory of ours.
-        euid: unsafe { libc::geteuid() },
+        euid: nix::unistd::geteuid().as_raw(),
         snapshots: Semaphore::new(MAX_SNAPSHOTS),
     });
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));

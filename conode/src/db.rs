@@ -779,29 +779,25 @@ mod tests {
 /// says (`SEEK_DATA`, `SEEK_HOLE`): `(false, end)` for a hole (it reads as zeros). `len` is
 /// the answer's end when the filesystem cannot tell, which then counts as data (read it).
 pub fn extent_at(file: &std::fs::File, pos: u64, len: u64) -> (bool, u64) {
-    use std::os::fd::AsRawFd;
-    let fd = file.as_raw_fd();
-    let Ok(off) = libc::off_t::try_from(pos) else {
+    use nix::errno::Errno;
+    use nix::unistd::{lseek, Whence};
+    let Ok(off) = nix::libc::off_t::try_from(pos) else {
         return (true, len);
     };
-    // SAFETY: lseek only reads its integer arguments and acts on the descriptor, which
-    // `file` owns and keeps open for the call; callers read and write at positions only,
-    // so the file offset it moves is never used.
-    let data = unsafe { libc::lseek(fd, off, libc::SEEK_DATA) };
-    if data < 0 {
+    // Callers read and write at positions only, so the file offset lseek moves is never
+    // used.
+    let data = match lseek(file, off, Whence::SeekData) {
+        Ok(data) => data,
         // ENXIO: no data from here to the end. Anything else (no support): data.
-        let e = std::io::Error::last_os_error();
-        return (e.raw_os_error() != Some(libc::ENXIO), len);
-    }
+        Err(e) => return (e != Errno::ENXIO, len),
+    };
     if data as u64 > pos {
         return (false, data as u64);
     }
-    // SAFETY: as above.
-    let hole = unsafe { libc::lseek(fd, off, libc::SEEK_HOLE) };
-    if hole <= off {
-        return (true, len);
+    match lseek(file, off, Whence::SeekHole) {
+        Ok(hole) if hole > off => (true, hole as u64),
+        _ => (true, len),
     }
-    (true, hole as u64)
 }
 
 /// A redb storage backend that reads a file and keeps every write in memory: redb can run

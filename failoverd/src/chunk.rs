@@ -11,6 +11,10 @@
 //! Boundaries depend only on the file's length and [`Params`], never on how the bytes
 //! were read: the same file always gives the same chunks, on any host.
 
+use nix::errno::Errno;
+use nix::fcntl::FallocateFlags;
+use nix::libc::off_t;
+
 /// The chunk size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -176,7 +180,7 @@ fn emit<E>(
 pub fn punch_zeros(file: &std::fs::File, offset: u64, len: u64) -> std::io::Result<()> {
     fallocate_zeros(
         file,
-        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
         offset,
         len,
     )
@@ -186,29 +190,20 @@ pub fn punch_zeros(file: &std::fs::File, offset: u64, len: u64) -> std::io::Resu
 /// zeros where the filesystem does not support the mode.
 pub fn fallocate_zeros(
     file: &std::fs::File,
-    mode: libc::c_int,
+    mode: FallocateFlags,
     offset: u64,
     len: u64,
 ) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: fallocate only reads its integer arguments and acts on the descriptor, which
-    // `file` owns and keeps open for the call.
-    let r = unsafe {
-        libc::fallocate(
-            file.as_raw_fd(),
-            mode,
-            offset as libc::off_t,
-            len as libc::off_t,
-        )
+    let (Ok(at), Ok(n)) = (off_t::try_from(offset), off_t::try_from(len)) else {
+        return Err(std::io::Error::other(format!(
+            "fallocate of {len} bytes at {offset}: past the largest file offset"
+        )));
     };
-    if r == 0 {
-        return Ok(());
+    match nix::fcntl::fallocate(file, mode, at, n) {
+        Ok(()) => Ok(()),
+        Err(Errno::EOPNOTSUPP) => write_zeros(file, offset, len),
+        Err(e) => Err(e.into()),
     }
-    let e = std::io::Error::last_os_error();
-    if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
-        return Err(e);
-    }
-    write_zeros(file, offset, len)
 }
 
 /// Write `len` zero bytes at `offset`.

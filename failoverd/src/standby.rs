@@ -1085,20 +1085,23 @@ fn check_in_place(p: &Pending) -> Result<(), StoreError> {
 /// Reserve the first `bytes` of `file` (at `path`): a full disk is an error now, not in the
 /// middle of a transfer.
 fn reserve(file: &File, path: &Path, bytes: u64) -> Result<(), StoreError> {
-    use std::os::fd::AsRawFd;
     if bytes == 0 {
         return Ok(());
     }
-    // SAFETY: posix_fallocate only reads its integer arguments and acts on the descriptor,
-    // which `file` owns and keeps open for the call.
-    let r = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, bytes as libc::off_t) };
-    if r != 0 {
-        return Err(io(
+    let len = nix::libc::off_t::try_from(bytes).map_err(|_| {
+        io(
             &format!("cannot reserve {bytes} bytes for"),
             path,
-            std::io::Error::from_raw_os_error(r),
-        ));
-    }
+            std::io::Error::from(std::io::ErrorKind::FileTooLarge),
+        )
+    })?;
+    nix::fcntl::posix_fallocate(file, 0, len).map_err(|e| {
+        io(
+            &format!("cannot reserve {bytes} bytes for"),
+            path,
+            std::io::Error::from(e),
+        )
+    })?;
     Ok(())
 }
 
@@ -1149,8 +1152,13 @@ fn zeros(p: &mut Pending) -> Result<u64, StoreError> {
 }
 
 fn zero_range(file: &File, path: &Path, start: u64, len: u64) -> Result<(), StoreError> {
-    crate::chunk::fallocate_zeros(file, libc::FALLOC_FL_ZERO_RANGE, start, len)
-        .map_err(|e| io("cannot zero a range of", path, e))
+    crate::chunk::fallocate_zeros(
+        file,
+        nix::fcntl::FallocateFlags::FALLOC_FL_ZERO_RANGE,
+        start,
+        len,
+    )
+    .map_err(|e| io("cannot zero a range of", path, e))
 }
 
 /// Copy into `p` every chunk whose hash the previous generation holds, checking each

@@ -328,7 +328,7 @@ struct Tmpfs(PathBuf);
 impl Tmpfs {
     fn mount(dir: &Path, size: &str) -> Tmpfs {
         assert!(
-            unsafe { libc::geteuid() } == 0,
+            nix::unistd::geteuid().is_root(),
             "this test mounts a small tmpfs to fill the standby's disk: run it as root"
         );
         std::fs::create_dir_all(dir).unwrap();

@@ -5,6 +5,8 @@
 //! A test that cannot get what it needs panics with the reason: it never skips.
 pub mod netns;
 
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -178,10 +180,8 @@ impl Node {
     /// SIGTERM and wait (at most 40 s).
     pub fn stop(&mut self) -> ExitStatus {
         let mut c = self.child.take().expect("running");
-        // SAFETY: kill(2) with the pid of a child we spawned and have not reaped yet.
-        unsafe {
-            libc::kill(c.id() as i32, libc::SIGTERM);
-        }
+        // The pid of a child we spawned and have not reaped yet.
+        let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(40);
         loop {
             if let Some(st) = c.try_wait().expect("wait") {
@@ -540,10 +540,8 @@ impl Node {
     /// graceful stop, as a power cut or the OOM killer would do.
     pub fn kill9(&mut self) -> ExitStatus {
         let mut c = self.child.take().expect("running");
-        // SAFETY: kill(2) with the pid of a child we spawned and have not reaped yet.
-        unsafe {
-            libc::kill(c.id() as i32, libc::SIGKILL);
-        }
+        // The pid of a child we spawned and have not reaped yet.
+        let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGKILL);
         c.wait().expect("wait for the killed conode")
     }
 }

@@ -27,6 +27,7 @@
 //! let lab = Lab::new("snap");                     // panics unless root and `ip` exists
 //! let dir = tempfile::tempdir().unwrap();
 //! let sshd = Sshd::start(lab.b(), dir.path());    // /usr/sbin/sshd inside host b
+//! let sshd_addr = std::net::SocketAddr::from((sshd.addr(), 22));
 //! let run = lab.a().sh(&format!("ssh {} {} true", sshd.ssh_args().join(" "), sshd.target()),
 //!                      Duration::from_secs(20));
 //! assert_eq!(run.code, Some(0), "{}", run.stderr);
@@ -34,6 +35,11 @@
 //! lab.link_up();
 //! lab.partition();                                // frames silently lost: timeouts
 //! lab.heal();
+//! lab.loss(30);                                   // 30 % of packets lost, each way
+//! lab.clear_loss();
+//! let slow = lab.delayed_relay(sshd_addr, Duration::from_millis(200));
+//! // connect (from a) to slow.addr() instead of sshd_addr: 200 ms each way
+//! drop(slow);
 //! // Drop (also while a test panics): children killed by pid, namespaces deleted.
 //! ```
 //!
@@ -44,23 +50,46 @@
 //!   [`Host::sh`]`(script, timeout) -> Run` (bash, bounded);
 //!   [`Host::in_ns`]`(closure)` runs Rust code on a thread inside the namespace (sockets
 //!   it creates stay in that namespace wherever they are used); [`Host::connect`].
-//! * Faults: [`Lab::link_down`] / [`Lab::link_up`] (connections fail at once: no route),
-//!   [`Lab::partition`] / [`Lab::heal`] (frames dropped both ways: connections time out),
-//!   [`Lab::netem`] / [`Lab::clear_netem`] (`tc qdisc ... netem` on a's egress; needs a
-//!   kernel with `CONFIG_NET_SCH_NETEM`, which some test VMs lack: it panics saying so).
+//! * Faults (see below): [`Lab::link_down`] / [`Lab::link_up`], [`Lab::partition`] /
+//!   [`Lab::heal`], [`Lab::loss`]`(percent)` / [`Lab::clear_loss`],
+//!   [`Lab::delayed_relay`]`(to, delay) -> Relay` ([`Relay::addr`]).
 //! * [`Sshd::start`]`(&Host, dir) -> Sshd`: keys, `authorized_keys`, `known_hosts` and an
 //!   `sshd_config` in `dir`; [`Sshd::ssh_args`], [`Sshd::ssh_command`] (for `rsync -e`),
 //!   [`Sshd::target`] (`root@ADDR`), [`Sshd::client_key`], [`Sshd::known_hosts`].
 //!
+//! # Faults
+//!
+//! * **Link down** ([`Lab::link_down`]): a's end of the cable goes down; connections fail
+//!   at once ("network is unreachable").
+//! * **Partition** ([`Lab::partition`]): both links stay up but every frame between the
+//!   hosts is lost, both ways (neighbour entries point at a MAC nobody has); connections
+//!   and packets in flight time out, as behind a dead switch.
+//! * **Loss** ([`Lab::loss`]): a random share of the IP packets crossing the cable is
+//!   dropped, each way, by an nftables table of the lab's own ([`NFT_TABLE`]) in host a:
+//!   `numgen random mod 100 < N drop` in netdev chains on the egress and ingress of a's
+//!   `eth0`, below the sockets, so senders are not told (as with a lossy link). Rules in
+//!   the output hook would not do: a UDP or ICMP send they drop fails with EPERM.
+//! * **Delay** ([`Lab::delayed_relay`]): a TCP relay in host a that holds every piece of
+//!   bytes for the delay, each way, before passing it on. Only TCP connections made to
+//!   the relay are slowed, which is what the failover tests need (HTTPS and ssh).
+//!
+//! netem (`tc qdisc ... netem`) is not used: the kernels of this project's machines and
+//! CI are built without `CONFIG_NET_SCH_NETEM` (tc answers "Specified qdisc kind is
+//! unknown"), while nftables (`CONFIG_NF_TABLES_NETDEV`, `CONFIG_NETFILTER_EGRESS`,
+//! `CONFIG_NFT_NUMGEN`) is built in. A fault the lab offers must work here, or the tests
+//! that need it could never run.
+//!
 //! # Limits and guarantees
 //!
-//! * Root only (namespaces need `CAP_SYS_ADMIN`), and the tools of `scripts/install-deps`:
-//!   a missing one fails the test with the command to run; nothing is ever skipped.
+//! * Root only (namespaces need `CAP_SYS_ADMIN`), and the tools of `scripts/install-deps`
+//!   (`ip`, `nft`, sshd, ssh, rsync): a missing one fails the test with the command to
+//!   run; nothing is ever skipped.
 //! * Every wait is bounded; a command that overruns is killed and fails the test.
 //! * On drop the lab sends SIGKILL to the children it recorded (by pid, through their
 //!   `Child`, so a reaped pid is never signalled), then to any process still inside one
 //!   of its two namespaces (descendants of those children, e.g. sshd sessions), then
-//!   deletes both namespaces; the veth pair goes with them.
+//!   deletes both namespaces; the veth pair and the nftables table go with them. A
+//!   [`Relay`] borrows its lab, so it is dropped (its threads stopped) before the lab.
 //! * Namespaces named `stl-PID-...` whose PID no longer runs are left-overs of a run
 //!   that was killed: [`Lab::new`] deletes them (and kills what still runs in them).
 //! * Names carry the pid and a per-process counter, so test binaries and test threads
@@ -69,14 +98,19 @@
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 
 use crate::{wait_bounded, Run};
 
@@ -89,11 +123,18 @@ const NETNS_DIR: &str = "/run/netns";
 const LOCK_FILE: &str = "/run/lock/system-tests-netns.lock";
 /// The interface name of the cable's end in each host.
 const IFACE: &str = "eth0";
-/// The longest a single `ip`/`tc` command may take.
+/// The longest a single `ip` or `nft` command may take.
 const IP_TIMEOUT: Duration = Duration::from_secs(10);
 /// A locally administered MAC nobody has: [`Lab::partition`] points each host's
 /// neighbour entry for the other host at it, so frames leave and are dropped on arrival.
 const NOWHERE_MAC: &str = "02:00:00:00:00:00";
+
+/// The nftables table [`Lab::loss`] keeps its rules in, inside host a.
+pub const NFT_TABLE: &str = "lab_fault";
+/// Most connections a [`Relay`] carries at once; more are closed on arrival.
+pub const RELAY_CONNECTIONS: usize = 16;
+/// The longest delay a [`Relay`] takes: its threads stop within it once dropped.
+pub const RELAY_MAX_DELAY: Duration = Duration::from_secs(10);
 
 const SSHD: &str = "/usr/sbin/sshd";
 const SFTP_SERVER: &str = "/usr/lib/openssh/sftp-server";
@@ -137,10 +178,9 @@ impl Lab {
     /// Create the two namespaces and the cable. Panics (failing the test) if not root,
     /// if `ip` is missing, or if any step fails; what was created is then removed.
     pub fn new(name: &str) -> Lab {
-        // SAFETY: geteuid(2) has no preconditions and cannot fail.
-        let euid = unsafe { libc::geteuid() };
+        let euid = nix::unistd::geteuid();
         assert!(
-            euid == 0,
+            euid.is_root(),
             "netns lab {name:?}: running as uid {euid}, network namespaces need root: \
              run the system tests as root"
         );
@@ -257,50 +297,123 @@ impl Lab {
         }
     }
 
-    /// `tc qdisc replace dev eth0 root netem ARGS` on a's end (a's egress only; e.g.
-    /// `["delay", "100ms", "loss", "5%"]`). Panics if `tc` is missing or the kernel has no
-    /// netem (`CONFIG_NET_SCH_NETEM`); [`Lab::partition`] and [`Lab::link_down`] work
-    /// without it.
-    pub fn netem(&self, args: &[&str]) {
-        let mut cmd = self.a.command("tc");
-        cmd.args(["qdisc", "replace", "dev", IFACE, "root", "netem"])
-            .args(args);
-        let r = run_bounded(cmd, &format!("tc netem {args:?} in {}", self.a.ns));
+    /// Lose `percent` % of the IP packets that cross the cable, each way, chosen at
+    /// random packet by packet, as a bad link would: an nftables table of the lab's own
+    /// ([`NFT_TABLE`], family netdev) on host a's `eth0` drops them at the device, on
+    /// egress and on ingress, below the sockets (a sender is not told; ARP is untouched,
+    /// so the hosts still find each other). Replaces an earlier loss at once. TCP
+    /// retransmits what is lost, so connections slow down rather than fail, unless
+    /// `percent` is 100. Panics if `nft` is missing or the kernel lacks what it needs.
+    pub fn loss(&self, percent: u8) {
+        assert!(percent <= 100, "lab.loss({percent}): a share of 0 to 100 %");
+        // nft takes `mod 100 < N` for N of 1 to 99 only.
+        let rule = match percent {
+            0 => String::new(),
+            100 => "meta protocol { ip, ip6 } drop;".to_string(),
+            n => format!("meta protocol {{ ip, ip6 }} numgen random mod 100 < {n} drop;"),
+        };
+        let drop_on = |hook: &str| {
+            format!(
+                "chain {hook} {{ type filter hook {hook} device \"{IFACE}\" priority 0; \
+                 policy accept; {rule} }}"
+            )
+        };
+        // One transaction: create (so that the delete cannot fail), delete, create anew.
+        let script = format!(
+            "table netdev {NFT_TABLE} {{}}\ndelete table netdev {NFT_TABLE}\n\
+             table netdev {NFT_TABLE} {{\n{}\n{}\n}}\n",
+            drop_on("egress"),
+            drop_on("ingress"),
+        );
+        self.nft(&script, &format!("loss({percent})"));
+    }
+
+    /// Undo [`Lab::loss`] (harmless without one): the lab's nftables table goes.
+    pub fn clear_loss(&self) {
+        let script = format!("table netdev {NFT_TABLE} {{}}\ndelete table netdev {NFT_TABLE}\n");
+        self.nft(&script, "clear_loss()");
+    }
+
+    /// `nft -f -` with `script` in host a; panics with nft's message and what to do.
+    fn nft(&self, script: &str, what: &str) {
+        let mut cmd = self.a.command("nft");
+        cmd.args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let what = format!("nft for lab.{what} in {}", self.a.ns);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+        let r = wait_bounded(child, script.as_bytes(), IP_TIMEOUT, &what);
         if r.code != Some(0) {
-            let hint = if r.stderr.contains("qdisc kind is unknown") {
-                ": this kernel has no netem (CONFIG_NET_SCH_NETEM is not set); use \
-                 lab.partition() or lab.link_down() for faults, or a kernel with netem"
-            } else if r.stderr.contains("exec of") {
-                ": is tc installed? (iproute2: run scripts/install-deps)"
+            let hint = if r.stderr.contains("exec of") {
+                "is nft installed? (Debian's nftables: run scripts/install-deps)"
             } else {
-                ""
+                "the kernel needs nftables: CONFIG_NF_TABLES_NETDEV, CONFIG_NETFILTER_INGRESS, \
+                 CONFIG_NETFILTER_EGRESS and CONFIG_NFT_NUMGEN"
             };
             panic!(
-                "netns lab {:?}: tc qdisc replace dev {IFACE} root netem {} in {} failed \
-                 ({:?}): {}{hint}",
+                "netns lab {:?}: {what} failed ({:?}): {}; {hint}",
                 self.name,
-                args.join(" "),
-                self.a.ns,
                 r.code,
-                r.stderr.trim().trim_end_matches('.')
+                r.stderr.trim()
             );
         }
     }
 
-    /// Remove a qdisc set by [`Lab::netem`] (harmless without one).
-    pub fn clear_netem(&self) {
-        let mut cmd = self.a.command("tc");
-        cmd.args(["qdisc", "del", "dev", IFACE, "root"]);
-        let r = run_bounded(cmd, &format!("tc qdisc del in {}", self.a.ns));
-        // Without a root qdisc of ours, tc refuses to delete the default one.
-        if r.code != Some(0) && !r.stderr.contains("handle of zero") {
-            panic!(
-                "netns lab {:?}: tc qdisc del dev {IFACE} root in {} failed ({:?}): {}",
-                self.name,
-                self.a.ns,
-                r.code,
-                r.stderr.trim()
-            );
+    /// A TCP relay in host a, on a's address, that forwards each connection to `to`
+    /// (usually a server in b) and holds every piece of bytes for `delay`, each way,
+    /// before passing it on: a link with that latency, which netem would give on a
+    /// kernel that has it. The bytes are not changed, reordered or lost. At most
+    /// [`RELAY_CONNECTIONS`] connections at once (more are closed on arrival); `delay`
+    /// at most [`RELAY_MAX_DELAY`]. Dropping the relay closes every connection and
+    /// stops its threads (within `delay`); it cannot outlive the lab.
+    pub fn delayed_relay(&self, to: SocketAddr, delay: Duration) -> Relay<'_> {
+        assert!(
+            delay <= RELAY_MAX_DELAY,
+            "lab.delayed_relay: a delay of {delay:?} is over the {RELAY_MAX_DELAY:?} a \
+             relay allows (its threads must stop within the delay)"
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let streams: Streams = Arc::default();
+        let (tx, rx) = mpsc::channel();
+        let (ns, bind) = (self.a.ns.clone(), SocketAddr::from((self.a.addr, 0)));
+        let (stop2, streams2) = (Arc::clone(&stop), Arc::clone(&streams));
+        let accept = std::thread::Builder::new()
+            .name("lab-relay".into())
+            .spawn(move || {
+                // Every thread the relay starts from here inherits a's namespace.
+                let listener = enter_ns(&ns).and_then(|()| {
+                    let l = TcpListener::bind(bind).map_err(|e| format!("bind {bind}: {e}"))?;
+                    l.set_nonblocking(true)
+                        .map_err(|e| format!("listener of {bind}: {e}"))?;
+                    Ok(l)
+                });
+                let listener = match listener {
+                    Ok(l) => {
+                        let _ = tx.send(l.local_addr().map_err(|e| e.to_string()));
+                        l
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                };
+                relay_accept(listener, to, delay, &stop2, &streams2);
+            })
+            .unwrap_or_else(|e| panic!("cannot start the relay's thread: {e}"));
+        let addr = rx
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("the relay in {} did not start: {e}", self.a.ns))
+            .unwrap_or_else(|e| panic!("the relay in {} did not start: {e}", self.a.ns));
+        Relay {
+            addr,
+            to,
+            stop,
+            streams,
+            accept: Some(accept),
+            _lab: std::marker::PhantomData,
         }
     }
 
@@ -403,20 +516,9 @@ impl Host {
     /// (e.g. bind a `TcpListener` in b, accept on the test's thread). A panic in `f` is
     /// the caller's panic.
     pub fn in_ns<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = Path::new(NETNS_DIR).join(&self.ns);
         std::thread::scope(|s| {
             let t = s.spawn(|| {
-                let file = File::open(&path)
-                    .unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
-                // SAFETY: setns(2) changes the network namespace of this thread only, with
-                // a descriptor that stays open for the duration of the call.
-                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert!(
-                    rc == 0,
-                    "setns into {}: {}",
-                    path.display(),
-                    io::Error::last_os_error()
-                );
+                enter_ns(&self.ns).unwrap_or_else(|e| panic!("{e}"));
                 f()
             });
             t.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
@@ -461,6 +563,196 @@ impl Spawned {
         let _ = c.kill();
         c.wait()
             .unwrap_or_else(|e| panic!("wait for killed pid {}: {e}", self.pid))
+    }
+}
+
+/// A TCP relay with a delay, from [`Lab::delayed_relay`]; stopped when dropped.
+pub struct Relay<'lab> {
+    addr: SocketAddr,
+    to: SocketAddr,
+    stop: Arc<AtomicBool>,
+    /// Both sockets of every open connection, by connection, to shut them down on drop.
+    streams: Streams,
+    accept: Option<JoinHandle<()>>,
+    _lab: std::marker::PhantomData<&'lab Lab>,
+}
+
+impl Relay<'_> {
+    /// Where to connect (in host a) instead of the relay's target.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The address each connection is forwarded to.
+    pub fn to(&self) -> SocketAddr {
+        self.to
+    }
+}
+
+impl Drop for Relay<'_> {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for (_, s) in lock(&self.streams).iter() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        if let Some(t) = self.accept.take() {
+            if t.join().is_err() {
+                eprintln!("netns lab: the relay to {} panicked", self.to);
+            }
+        }
+    }
+}
+
+/// The sockets of a relay's open connections, each with its connection's number.
+type Streams = Arc<Mutex<Vec<(u64, TcpStream)>>>;
+
+/// Join the network namespace `ns` with this thread (and the threads it starts later).
+fn enter_ns(ns: &str) -> Result<(), String> {
+    let path = Path::new(NETNS_DIR).join(ns);
+    let file = File::open(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    // setns(2) changes the network namespace of the calling thread only.
+    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+        .map_err(|e| format!("setns into {}: {e}", path.display()))
+}
+
+/// The relay's accept loop: polls `listener` (non-blocking) until `stop`, then waits for
+/// its connections to end.
+fn relay_accept(
+    listener: TcpListener,
+    to: SocketAddr,
+    delay: Duration,
+    stop: &Arc<AtomicBool>,
+    streams: &Streams,
+) {
+    let active = Arc::new(AtomicUsize::new(0));
+    let mut next_id = 0u64;
+    let mut conns: Vec<JoinHandle<()>> = Vec::new();
+    while !stop.load(Ordering::SeqCst) {
+        let client = match listener.accept() {
+            Ok((c, _)) => c,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+            Err(e) => {
+                eprintln!("netns lab: the relay to {to} cannot accept: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        conns.retain(|t| !t.is_finished());
+        if active.load(Ordering::SeqCst) >= RELAY_CONNECTIONS {
+            eprintln!(
+                "netns lab: the relay to {to} carries {RELAY_CONNECTIONS} connections \
+                 already; closing a new one"
+            );
+            continue;
+        }
+        active.fetch_add(1, Ordering::SeqCst);
+        next_id += 1;
+        let id = next_id;
+        let (stop, streams, left) = (Arc::clone(stop), Arc::clone(streams), Arc::clone(&active));
+        let t = std::thread::Builder::new()
+            .name("lab-relay-conn".into())
+            .spawn(move || {
+                relay_one(id, client, to, delay, &stop, &streams);
+                lock(&streams).retain(|(i, _)| *i != id);
+                left.fetch_sub(1, Ordering::SeqCst);
+            });
+        match t {
+            Ok(t) => conns.push(t),
+            Err(e) => {
+                active.fetch_sub(1, Ordering::SeqCst);
+                eprintln!("netns lab: the relay to {to} cannot start a thread: {e}");
+            }
+        }
+    }
+    for t in conns {
+        let _ = t.join();
+    }
+}
+
+/// Carry one connection: connect to `to`, then pump each way with `delay`.
+fn relay_one(
+    id: u64,
+    client: TcpStream,
+    to: SocketAddr,
+    delay: Duration,
+    stop: &AtomicBool,
+    streams: &Mutex<Vec<(u64, TcpStream)>>,
+) {
+    let server = match TcpStream::connect_timeout(&to, Duration::from_secs(5)) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("netns lab: the relay cannot connect to {to}: {e}; closing the client");
+            return;
+        }
+    };
+    let _ = client.set_nonblocking(false);
+    let clones = (client.try_clone(), server.try_clone());
+    let (Ok(client2), Ok(server2)) = clones else {
+        eprintln!("netns lab: the relay to {to} cannot clone its sockets; closing");
+        return;
+    };
+    {
+        let mut all = lock(streams);
+        for s in [&client, &server] {
+            if let Ok(c) = s.try_clone() {
+                all.push((id, c));
+            }
+        }
+        // Drop of the relay sets `stop` before it shuts the registered sockets down.
+        if stop.load(Ordering::SeqCst) {
+            let _ = client.shutdown(Shutdown::Both);
+            let _ = server.shutdown(Shutdown::Both);
+        }
+    }
+    let back = std::thread::Builder::new()
+        .name("lab-relay-back".into())
+        .spawn(move || relay_pump(server2, client2, delay));
+    if let Err(e) = &back {
+        eprintln!("netns lab: the relay to {to} cannot start a thread for answers: {e}");
+        let _ = client.shutdown(Shutdown::Both);
+    }
+    relay_pump(client, server, delay);
+    if let Ok(t) = back {
+        let _ = t.join();
+    }
+}
+
+/// Copy `from` to `to`, each piece written `delay` after it was read (a reader and a
+/// writer thread, so pieces in flight do not add up their delays); then half-close `to`.
+fn relay_pump(mut from: TcpStream, mut to: TcpStream, delay: Duration) {
+    let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>)>();
+    let writer = std::thread::Builder::new()
+        .name("lab-relay-write".into())
+        .spawn(move || {
+            for (read_at, bytes) in rx {
+                let due = read_at + delay;
+                let now = Instant::now();
+                if due > now {
+                    std::thread::sleep(due - now);
+                }
+                if to.write_all(&bytes).is_err() {
+                    break;
+                }
+            }
+            let _ = to.shutdown(Shutdown::Write);
+        });
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if tx.send((Instant::now(), buf[..n].to_vec())).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    drop(tx);
+    if let Ok(w) = writer {
+        let _ = w.join();
     }
 }
 
@@ -743,10 +1035,8 @@ fn delete_ns(ns: &str) -> Result<(), String> {
         .filter_map(|p| p.parse::<u32>().ok())
     {
         if pid != me {
-            // SAFETY: kill(2) has no memory effects; the pid was inside our namespace.
-            unsafe {
-                libc::kill(pid as libc::pid_t, libc::SIGKILL);
-            }
+            // The pid was inside our namespace.
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
         }
     }
     let out = Command::new("ip")
@@ -776,13 +1066,12 @@ fn sweep_leftovers() {
         let Some(pid) = name
             .strip_prefix(PREFIX)
             .and_then(|rest| rest.split('-').next())
-            .and_then(|p| p.parse::<libc::pid_t>().ok())
+            .and_then(|p| p.parse::<i32>().ok())
         else {
             continue;
         };
-        // SAFETY: kill(2) with signal 0 only checks whether the pid exists.
-        let gone = unsafe { libc::kill(pid, 0) } == -1
-            && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        // kill(2) with no signal only checks whether the pid exists.
+        let gone = kill(Pid::from_raw(pid), None) == Err(Errno::ESRCH);
         if gone {
             match delete_ns(&name) {
                 Ok(()) => eprintln!("netns lab: deleted {name}, left over by pid {pid}"),
@@ -793,7 +1082,9 @@ fn sweep_leftovers() {
 }
 
 /// An exclusive `flock` on [`LOCK_FILE`], released on drop; waits at most 30 s.
-struct NetnsLock(File);
+struct NetnsLock {
+    _held: Flock<File>,
+}
 
 impl NetnsLock {
     fn take() -> NetnsLock {
@@ -801,7 +1092,7 @@ impl NetnsLock {
         if let Some(d) = path.parent() {
             let _ = std::fs::create_dir_all(d);
         }
-        let f = File::options()
+        let mut f = File::options()
             .create(true)
             .truncate(false)
             .write(true)
@@ -809,9 +1100,9 @@ impl NetnsLock {
             .unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            // SAFETY: flock(2) on a descriptor we own.
-            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-                return NetnsLock(f);
+            match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+                Ok(held) => return NetnsLock { _held: held },
+                Err((back, _)) => f = back,
             }
             assert!(
                 Instant::now() < deadline,
@@ -820,15 +1111,6 @@ impl NetnsLock {
                 path.display()
             );
             std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for NetnsLock {
-    fn drop(&mut self) {
-        // SAFETY: flock(2) on a descriptor we own (closing it would release it too).
-        unsafe {
-            libc::flock(self.0.as_raw_fd(), libc::LOCK_UN);
         }
     }
 }
