@@ -804,6 +804,7 @@ pub fn run_seed(seed: u64, chaos: u32, trace: bool) -> (Result<(), String>, Worl
 
 fn run_world(w: &mut World, chaos: u32) -> Result<(), String> {
     // Start with a live host most of the time, then let chaos loose.
+    w.run_for(300)?;
     w.command(0, Command::Promote { force: false });
     w.unleash(chaos);
     while w.chaos_left > 0 {

@@ -1,0 +1,604 @@
+//! The safety rules of `DESIGN.md`, one test per claim, driving one core by hand (or the
+//! simulated world with faults off where two hosts are needed).
+//!
+//! These tests must never reach into the core's internals: only inputs, actions and the
+//! status view, as the daemon will.
+
+mod world;
+
+use failoverd_core::{
+    Action, Body, Check, Command, CommandId, Config, ConfigError, Core, Effect, Input, Mac, Millis,
+    OpId, Outcome, PeerMessage, Refusal, Role,
+};
+use world::{sim_config, Faults, World};
+
+const IMPOSTOR: Mac = Mac([0x52, 0x54, 0, 0xaa, 0xbb, 0xcc]);
+
+/// One core driven by hand, with a clock in milliseconds.
+struct One {
+    core: Core,
+    now: u64,
+    pending: Option<(OpId, Effect)>,
+}
+
+impl One {
+    fn start(leftover: bool, epoch: u64, generation: Option<u64>) -> One {
+        let mut one = One {
+            core: Core::new(sim_config()).expect("valid config"),
+            now: 1_000,
+            pending: None,
+        };
+        one.feed(Input::Started {
+            leftover_address: leftover,
+            persisted_epoch: epoch,
+            newest_generation: generation,
+        });
+        one
+    }
+
+    /// A live core under `epoch`: started with a leftover the peer confirms.
+    fn live(epoch: u64) -> One {
+        let mut one = One::start(true, epoch, Some(7));
+        one.peer(epoch, false, false, Body::Heartbeat);
+        one.ok(Outcome::Announced);
+        one.ok(Outcome::ConodeStarted);
+        assert_eq!(one.core.status().role, Role::Live);
+        one
+    }
+
+    fn feed(&mut self, input: Input) -> Vec<Action> {
+        self.core.handle(Millis(self.now), input);
+        self.drain()
+    }
+
+    fn drain(&mut self) -> Vec<Action> {
+        let mut out = Vec::new();
+        while let Some(a) = self.core.poll_action() {
+            if let Action::Do { op, effect } = a {
+                self.pending = Some((op, effect));
+            }
+            out.push(a);
+        }
+        out
+    }
+
+    /// Advances the clock by `ms`, firing timers on the way.
+    fn wait(&mut self, ms: u64) -> Vec<Action> {
+        let end = self.now + ms;
+        let mut out = Vec::new();
+        while let Some(at) = self.core.poll_timeout().filter(|t| t.0 <= end) {
+            self.now = self.now.max(at.0);
+            self.core.handle_timeout(at);
+            out.extend(self.drain());
+        }
+        self.now = end;
+        out
+    }
+
+    fn answer(&mut self, result: Result<Outcome, String>) -> Vec<Action> {
+        let (op, _) = self.pending.take().expect("an effect is pending");
+        self.feed(Input::Outcome { op, result })
+    }
+
+    fn ok(&mut self, outcome: Outcome) -> Vec<Action> {
+        self.answer(Ok(outcome))
+    }
+
+    fn peer(&mut self, epoch: u64, live: bool, may_hold: bool, body: Body) -> Vec<Action> {
+        self.feed(Input::Peer(PeerMessage {
+            epoch,
+            live,
+            may_hold,
+            newest_generation: Some(1),
+            body,
+        }))
+    }
+
+    fn command(&mut self, id: u64, command: Command) -> Vec<Action> {
+        self.feed(Input::Command {
+            id: CommandId(id),
+            command,
+        })
+    }
+}
+
+fn effects(actions: &[Action]) -> Vec<Effect> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Do { effect, .. } => Some(*effect),
+            _ => None,
+        })
+        .collect()
+}
+
+fn replies(actions: &[Action]) -> Vec<Result<String, String>> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Reply { result, .. } => Some(result.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn refusals(actions: &[Action]) -> Vec<(Refusal, String)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send(PeerMessage {
+                body: Body::Refused { of, reason, .. },
+                ..
+            }) => Some((*of, reason.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn refused(actions: &[Action]) -> String {
+    match replies(actions).as_slice() {
+        [Err(reason)] => reason.clone(),
+        other => panic!("expected one refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn never_claims_at_boot() {
+    for leftover in [false, true] {
+        let mut one = One::start(leftover, 4, Some(9));
+        let mut all = Vec::new();
+        for _ in 0..50 {
+            all.extend(one.peer(4, false, false, Body::Heartbeat));
+            all.extend(one.wait(100));
+        }
+        all.extend(one.wait(10_000));
+        let claimed = effects(&all).into_iter().any(|e| {
+            matches!(
+                e,
+                Effect::ProbeAddress | Effect::AddAddress | Effect::PersistEpoch(_)
+            )
+        });
+        assert!(!claimed, "leftover {leftover}: {all:?}");
+    }
+}
+
+#[test]
+fn leftover_address_is_removed_unless_peer_confirms_current_epoch() {
+    // Confirmed: the peer is at our epoch or below and has no copy.
+    let mut one = One::start(true, 5, Some(9));
+    let out = one.peer(5, false, false, Body::Heartbeat);
+    assert_eq!(effects(&out), [Effect::Announce]);
+    one.ok(Outcome::Announced);
+    assert_eq!(effects(&one.ok(Outcome::ConodeStarted)), []);
+    assert_eq!(one.core.status().role, Role::Live);
+
+    // The peer reports a higher epoch, or says it may hold the address.
+    for (epoch, may_hold) in [(6, false), (4, true)] {
+        let mut one = One::start(true, 5, Some(9));
+        let out = one.peer(epoch, false, may_hold, Body::Heartbeat);
+        assert_eq!(
+            effects(&out),
+            [Effect::RemoveAddress],
+            "peer {epoch} {may_hold}"
+        );
+        assert!(one.core.may_hold());
+        one.ok(Outcome::AddressRemoved);
+        one.ok(Outcome::ConodeStopped);
+        assert!(!one.core.may_hold());
+    }
+
+    // The peer stays silent: removed after the grace (a safe default).
+    let mut one = One::start(true, 5, Some(9));
+    assert_eq!(effects(&one.wait(sim_config().leftover_grace.0 - 1)), []);
+    assert_eq!(effects(&one.wait(1)), [Effect::RemoveAddress]);
+}
+
+#[test]
+fn higher_epoch_drops_the_address_at_once() {
+    let mut one = One::live(5);
+    let out = one.peer(6, false, false, Body::Heartbeat);
+    assert_eq!(
+        effects(&out),
+        [Effect::RemoveAddress],
+        "in the same call: {out:?}"
+    );
+    assert_eq!(one.core.status().role, Role::Standby);
+    assert!(
+        one.core.status().vip_held,
+        "still may hold until the removal is confirmed"
+    );
+    assert_eq!(
+        effects(&one.ok(Outcome::AddressRemoved)),
+        [Effect::StopConode]
+    );
+    one.ok(Outcome::ConodeStopped);
+    assert!(!one.core.may_hold() && one.core.is_settled());
+}
+
+#[test]
+fn a_host_whose_link_comes_back_drops_at_once_when_it_hears_the_higher_epoch() {
+    // Outside the model's guarantee (DESIGN.md): `a` held the address under 3 with its
+    // link down; `b` was force-promoted under 4. The link returns: both see the conflict.
+    let mut a = One::live(3);
+    let mut b = One::live(4);
+    let from_a = a.feed(Input::ConflictSeen {
+        mac: Mac([2, 0, 0, 0, 0, 0xb]),
+    });
+    let from_b = b.feed(Input::ConflictSeen {
+        mac: Mac([2, 0, 0, 0, 0, 0xa]),
+    });
+    // Each tells the other its epoch right away.
+    let sent = |out: &[Action]| {
+        out.iter()
+            .find_map(|x| match x {
+                Action::Send(m) => Some(m.clone()),
+                _ => None,
+            })
+            .expect("a message to the peer")
+    };
+    let (to_b, to_a) = (sent(&from_a), sent(&from_b));
+    assert_eq!(effects(&b.feed(Input::Peer(to_b))), []);
+    assert_eq!(effects(&a.feed(Input::Peer(to_a))), [Effect::RemoveAddress]);
+    assert_eq!(b.core.status().role, Role::Live);
+    assert_eq!(a.core.status().conflicts, 1);
+}
+
+#[test]
+fn conflict_is_resolved_by_epoch_and_always_counted() {
+    // The peer is at a lower epoch: keep the address, announce again.
+    let mut one = One::live(5);
+    one.peer(4, false, false, Body::Heartbeat);
+    let out = one.feed(Input::ConflictSeen { mac: IMPOSTOR });
+    assert_eq!(effects(&out), [Effect::Announce]);
+    assert!(out
+        .iter()
+        .any(|a| matches!(a, Action::Log { text, .. } if text.contains("52:54:00:aa:bb:cc"))));
+    assert_eq!(one.core.status().conflicts, 1);
+    // The peer may hold it under the same epoch: we cannot tell who is right; drop.
+    one.ok(Outcome::Announced);
+    one.peer(5, false, true, Body::Heartbeat);
+    let out = one.feed(Input::ConflictSeen { mac: IMPOSTOR });
+    assert_eq!(effects(&out), [Effect::RemoveAddress]);
+    assert_eq!(one.core.status().conflicts, 2);
+}
+
+#[test]
+fn stale_epoch_handover_is_refused() {
+    let mut one = One::start(false, 5, Some(9));
+    let out = one.peer(4, false, false, Body::Handover { generation: 3 });
+    assert_eq!(effects(&out), []);
+    let r = refusals(&out);
+    assert!(
+        matches!(r.as_slice(), [(Refusal::Handover, why)] if why.contains("stale epoch")),
+        "{r:?}"
+    );
+    assert_eq!(one.core.status().role, Role::Standby);
+}
+
+#[test]
+fn stale_epoch_handover_request_is_refused() {
+    let mut one = One::live(5);
+    let out = one.peer(4, false, false, Body::HandoverRequest { ask: 1 });
+    assert_eq!(effects(&out), [], "nothing stopped");
+    assert!(
+        matches!(refusals(&out).as_slice(), [(Refusal::HandoverRequest, why)] if why.contains("stale epoch"))
+    );
+    assert_eq!(one.core.status().role, Role::Live);
+}
+
+#[test]
+fn handover_onto_an_older_generation_is_refused() {
+    let mut one = One::start(false, 5, Some(3));
+    let out = one.peer(5, false, false, Body::Handover { generation: 4 });
+    assert_eq!(effects(&out), []);
+    assert!(
+        matches!(refusals(&out).as_slice(), [(Refusal::Handover, why)] if why.contains("older than the final generation 4"))
+    );
+}
+
+#[test]
+fn switchover_installs_the_final_generation_before_claiming() {
+    let mut w = World::new(1, Faults::NONE, false);
+    w.run_for(500).unwrap(); // the hosts hear each other
+    w.command(0, Command::Promote { force: false });
+    w.run_for(1_000).unwrap();
+    assert_eq!(w.live_host(), Some(0));
+    let before = w.epoch(0);
+    w.hosts[1].applied.clear();
+    let id = w.command(0, Command::Switchover);
+    w.run_for(3_000).unwrap();
+    assert!(
+        matches!(w.reply_to(id), Some(Ok(_))),
+        "{:?}",
+        w.reply_to(id)
+    );
+    assert_eq!(w.live_host(), Some(1));
+    assert!(w.hosts[1].addr && !w.hosts[0].addr);
+    assert!(w.epoch(1) > before);
+    let steps: Vec<_> = w.hosts[1]
+        .applied
+        .iter()
+        .copied()
+        .filter(|e| *e != Effect::Announce)
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            Effect::InstallGeneration(w.floor),
+            Effect::PersistEpoch(before + 1),
+            Effect::ProbeAddress,
+            Effect::AddAddress,
+            Effect::StartConode
+        ]
+    );
+}
+
+#[test]
+fn switchover_asked_on_either_host_moves_the_address_and_grows_the_epoch() {
+    let mut w = World::new(2, Faults::NONE, false);
+    w.run_for(500).unwrap();
+    w.command(0, Command::Promote { force: false });
+    w.run_for(1_000).unwrap();
+    // (asked on the live host?, command): each moves the address to the other host.
+    for (on_live, command) in [
+        (true, Command::Switchover),
+        (false, Command::Switchover),
+        (false, Command::Promote { force: false }),
+        (true, Command::Switchover),
+    ] {
+        let from = w.live_host().expect("a live host");
+        let before = w.epoch(from);
+        let id = w.command(if on_live { from } else { 1 - from }, command);
+        w.run_for(3_000).unwrap();
+        assert!(
+            matches!(w.reply_to(id), Some(Ok(_))),
+            "{command:?}: {:?}",
+            w.reply_to(id)
+        );
+        assert_eq!(w.live_host(), Some(1 - from));
+        assert!(w.hosts[1 - from].addr && !w.hosts[from].addr);
+        assert!(w.epoch(1 - from) > before);
+    }
+}
+
+#[test]
+fn forced_promote_refuses_without_a_verified_generation() {
+    let mut one = One::start(false, 2, None);
+    one.wait(1_000);
+    let out = one.command(1, Command::Promote { force: true });
+    assert_eq!(effects(&out), []);
+    assert!(refused(&out).contains("no verified generation"));
+}
+
+#[test]
+fn promote_without_force_refuses_when_the_peer_is_unreachable() {
+    let mut one = One::start(false, 2, Some(4));
+    one.peer(2, true, true, Body::Heartbeat);
+    one.wait(1_000);
+    let out = one.command(1, Command::Promote { force: false });
+    assert_eq!(effects(&out), []);
+    assert!(refused(&out).contains("--force"));
+}
+
+#[test]
+fn promote_refuses_when_probe_sees_holder() {
+    let mut one = One::start(false, 2, Some(4));
+    one.wait(1_000);
+    let out = one.command(1, Command::Promote { force: true });
+    assert_eq!(
+        effects(&out),
+        [Effect::ProbeAddress],
+        "the probe comes first"
+    );
+    let out = one.ok(Outcome::ProbeResult {
+        holder: Some(IMPOSTOR),
+    });
+    assert_eq!(effects(&out), [], "no install, no epoch, no add");
+    assert!(refused(&out).contains("52:54:00:aa:bb:cc"));
+    assert_eq!(one.core.status().epoch, 2);
+
+    // A holder that appears between the first probe and the add is caught by the second.
+    one.command(2, Command::Promote { force: true });
+    one.ok(Outcome::ProbeResult { holder: None });
+    one.ok(Outcome::GenerationInstalled(4));
+    one.ok(Outcome::EpochPersisted(3));
+    let out = one.ok(Outcome::ProbeResult {
+        holder: Some(IMPOSTOR),
+    });
+    assert_eq!(effects(&out), []);
+    assert!(refused(&out).contains("52:54:00:aa:bb:cc"));
+}
+
+#[test]
+fn forced_promote_installs_persists_then_claims() {
+    let mut one = One::start(false, 2, Some(4));
+    one.wait(1_000);
+    let mut seen = effects(&one.command(1, Command::Promote { force: true }));
+    for outcome in [
+        Outcome::ProbeResult { holder: None },
+        Outcome::GenerationInstalled(4),
+        Outcome::EpochPersisted(3),
+        Outcome::ProbeResult { holder: None },
+        Outcome::AddressAdded,
+        Outcome::Announced,
+    ] {
+        seen.extend(effects(&one.ok(outcome)));
+    }
+    let out = one.ok(Outcome::ConodeStarted);
+    assert_eq!(
+        seen,
+        [
+            Effect::ProbeAddress,
+            Effect::InstallGeneration(4),
+            Effect::PersistEpoch(3),
+            Effect::ProbeAddress,
+            Effect::AddAddress,
+            Effect::Announce,
+            Effect::StartConode
+        ]
+    );
+    assert!(matches!(replies(&out).as_slice(), [Ok(text)] if text.contains("live under epoch 3")));
+    assert_eq!(one.core.status().epoch, 3);
+}
+
+#[test]
+fn no_epoch_is_used_before_it_is_persisted() {
+    let mut one = One::start(false, 2, Some(4));
+    one.wait(1_000);
+    one.command(1, Command::Promote { force: true });
+    one.ok(Outcome::ProbeResult { holder: None });
+    one.ok(Outcome::GenerationInstalled(4));
+    // PersistEpoch(3) is pending: every message still carries 2.
+    let out = one.wait(200);
+    let epochs: Vec<u64> = out
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send(m) => Some(m.epoch),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        !epochs.is_empty() && epochs.iter().all(|e| *e == 2),
+        "{epochs:?}"
+    );
+    // Persisting fails: no claim under 3.
+    let out = one.answer(Err("disk full".into()));
+    assert_eq!(effects(&out), []);
+    assert!(refused(&out).contains("disk full"));
+}
+
+#[test]
+fn an_add_without_outcome_counts_as_held_and_is_removed() {
+    let mut one = One::start(false, 2, Some(4));
+    one.wait(1_000);
+    one.command(1, Command::Promote { force: true });
+    for outcome in [
+        Outcome::ProbeResult { holder: None },
+        Outcome::GenerationInstalled(4),
+        Outcome::EpochPersisted(3),
+    ] {
+        one.ok(outcome);
+    }
+    let out = one.ok(Outcome::ProbeResult { holder: None });
+    assert_eq!(effects(&out), [Effect::AddAddress]);
+    let out = one.wait(sim_config().action_timeout.0);
+    assert_eq!(effects(&out), [Effect::RemoveAddress]);
+    assert!(one.core.may_hold());
+    assert!(refused(&out).contains("no outcome within"));
+    one.ok(Outcome::AddressRemoved);
+    assert!(!one.core.may_hold());
+}
+
+#[test]
+fn a_failed_removal_is_retried_and_still_counts_as_held() {
+    let mut one = One::live(5);
+    assert_eq!(
+        effects(&one.command(1, Command::Demote)),
+        [Effect::StopConode]
+    );
+    assert_eq!(
+        effects(&one.ok(Outcome::ConodeStopped)),
+        [Effect::RemoveAddress]
+    );
+    let mut answered = Vec::new();
+    for attempt in 1..=3 {
+        answered.extend(replies(&one.answer(Err("netlink: device busy".into()))));
+        assert!(one.core.status().vip_held);
+        assert!(one
+            .core
+            .status()
+            .doing
+            .contains(&format!("attempt {attempt} failed")));
+        assert_eq!(
+            effects(&one.wait(sim_config().remove_retry.0)),
+            [Effect::RemoveAddress]
+        );
+    }
+    answered.extend(replies(&one.ok(Outcome::AddressRemoved)));
+    assert!(!one.core.may_hold());
+    assert!(
+        matches!(answered.as_slice(), [Ok(text)] if text.starts_with("demoted")),
+        "{answered:?}"
+    );
+}
+
+#[test]
+fn every_action_without_an_outcome_times_out() {
+    let mut one = One::live(5);
+    one.peer(5, false, false, Body::Heartbeat);
+    // Switchover: the conode never reports stopped; the live host stays live.
+    assert_eq!(
+        effects(&one.command(1, Command::Switchover)),
+        [Effect::StopConode]
+    );
+    let out = one.wait(sim_config().action_timeout.0);
+    assert_eq!(effects(&out), [Effect::StartConode]);
+    assert!(refused(&out).contains("switchover aborted"));
+    assert_eq!(one.core.status().role, Role::Live);
+}
+
+#[test]
+fn commands_are_refused_where_they_make_no_sense() {
+    let mut standby = One::start(false, 3, Some(4));
+    standby.peer(3, false, false, Body::Heartbeat);
+    assert!(refused(&standby.command(1, Command::Demote)).contains("nothing to demote"));
+    assert!(refused(&standby.command(2, Command::Switchover)).contains("not live"));
+    let mut live = One::live(3);
+    live.wait(1_000); // the peer falls silent
+    assert!(refused(&live.command(3, Command::Promote { force: true })).contains("already live"));
+    assert!(refused(&live.command(4, Command::Switchover)).contains("peer has not been heard"));
+    let mut starting = One::start(true, 3, Some(4));
+    assert!(refused(&starting.command(5, Command::Demote)).contains("busy"));
+}
+
+#[test]
+fn health_verdicts_alert_but_never_promote() {
+    let mut one = One::start(false, 3, Some(4));
+    one.peer(3, true, true, Body::Heartbeat);
+    let mut out = Vec::new();
+    for check in [Check::LiveConode, Check::LivePeer] {
+        out.extend(one.feed(Input::Health {
+            check,
+            ok: false,
+            reason: "no answer within 2 s".into(),
+        }));
+    }
+    out.extend(one.wait(5_000));
+    assert_eq!(effects(&out), []);
+    let status = one.core.status();
+    assert_eq!(status.role, Role::Standby);
+    assert_eq!(status.health.len(), 2);
+    assert!(status
+        .health
+        .iter()
+        .all(|h| !h.ok && h.reason == "no answer within 2 s"));
+}
+
+#[test]
+fn config_validation_names_the_values() {
+    let cfg = Config {
+        peer_timeout: Millis(100),
+        ..sim_config()
+    };
+    let err = Core::new(cfg).expect_err("peer_timeout below 2 heartbeats");
+    assert!(matches!(
+        err,
+        ConfigError::TooShort {
+            name: "peer_timeout",
+            ..
+        }
+    ));
+    assert_eq!(
+        err.to_string(),
+        "peer_timeout is 100 ms, below 200 ms: it must cover 2 × heartbeat_interval, or one lost heartbeat makes the peer unreachable"
+    );
+    let cfg = Config {
+        remove_retry: Millis(0),
+        ..sim_config()
+    };
+    assert_eq!(
+        Core::new(cfg).expect_err("zero").to_string(),
+        "remove_retry is 0 ms: it must be positive"
+    );
+    assert!(Config::default().validate().is_ok());
+}
