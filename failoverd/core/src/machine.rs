@@ -451,7 +451,6 @@ impl Core {
         }
         match self.phase {
             Phase::Live { epoch: held } => {
-                self.served_request = Some((epoch, ask));
                 if epoch < held {
                     self.send_refusal(Refusal::HandoverRequest, epoch, format!("stale epoch: the request carries epoch {epoch}, the current epoch is {held}; ask again"));
                 } else if may_hold {
@@ -461,6 +460,8 @@ impl Core {
                         "the requester says it may hold the address".into(),
                     );
                 } else {
+                    // Copies of a request we acted on must not start a second handover.
+                    self.served_request = Some((epoch, ask));
                     self.log(
                         Level::Info,
                         format!("the peer asks for a switchover: handing over epoch {held}"),
@@ -474,7 +475,6 @@ impl Core {
                 ..
             }) => {}
             _ => {
-                self.served_request = Some((epoch, ask));
                 let reason = format!("this host is not live ({})", self.doing());
                 self.send_refusal(Refusal::HandoverRequest, epoch, reason);
             }
