@@ -42,6 +42,8 @@ enum ClaimStep {
     FinalProbe,
     Add,
     Announce,
+    /// Install again if a newer generation was verified during the claim.
+    CatchUp,
     StartConode,
 }
 
@@ -49,7 +51,10 @@ enum ClaimStep {
 struct Claim {
     why: Why,
     step: ClaimStep,
-    install: Option<u64>,
+    /// Brings the newest verified generation into service (promote, takeover).
+    installs: bool,
+    /// The generation installed so far.
+    installed: Option<u64>,
     /// The claim's epoch, once persisted.
     epoch: Option<u64>,
     cmd: Option<CommandId>,
@@ -402,7 +407,8 @@ impl Core {
                 let claim = Claim {
                     why: Why::Leftover,
                     step: ClaimStep::Announce,
-                    install: None,
+                    installs: false,
+                    installed: None,
                     epoch: Some(self.epoch),
                     cmd: None,
                 };
@@ -533,7 +539,8 @@ impl Core {
         let claim = Claim {
             why: Why::Takeover { from_epoch: epoch },
             step: ClaimStep::Install,
-            install: self.generation,
+            installs: true,
+            installed: None,
             epoch: None,
             cmd,
         };
@@ -563,7 +570,8 @@ impl Core {
                 let claim = Claim {
                     why: Why::Reclaim { refusal: reason },
                     step: ClaimStep::Persist,
-                    install: None,
+                    installs: false,
+                    installed: None,
                     epoch: None,
                     cmd,
                 };
@@ -639,7 +647,7 @@ impl Core {
             Phase::Standby => {}
             _ => return Err(self.busy()),
         }
-        let (why, install) = if self.peer_reachable() {
+        let why = if self.peer_reachable() {
             if self.peer.live {
                 return self.ask_live(id);
             }
@@ -649,18 +657,19 @@ impl Core {
             if self.peer.newest_generation > self.generation {
                 return Err(format!("the peer holds a newer verified generation ({:?} > {:?}): promote the peer instead", self.peer.newest_generation, self.generation));
             }
-            (Why::Promote, self.generation)
+            Why::Promote
         } else if !force {
             return Err(format!("the peer has not been heard for {}: refusing without --force; if the live host is down, run `failoverd promote --force` (the ARP probe still checks that no host answers for the address)", self.silence()));
         } else if self.generation.is_none() {
             return Err("refusing a forced promote: this host holds no verified generation; ship one from the live host or restore by hand".into());
         } else {
-            (Why::Forced, self.generation)
+            Why::Forced
         };
         let claim = Claim {
             why,
             step: ClaimStep::FirstProbe,
-            install,
+            installs: true,
+            installed: None,
             epoch: None,
             cmd: Some(id),
         };
@@ -812,10 +821,15 @@ impl Core {
     fn run_claim(&mut self, mut c: Claim) {
         let effect = match c.step {
             ClaimStep::FirstProbe | ClaimStep::FinalProbe => Effect::ProbeAddress,
-            ClaimStep::Install => match c.install {
-                Some(g) => Effect::InstallGeneration(g),
-                None => {
-                    c.step = ClaimStep::Persist;
+            // The newest verified generation at the time of the step, not of the command.
+            ClaimStep::Install | ClaimStep::CatchUp => match self.generation {
+                Some(g) if c.installs && Some(g) > c.installed => Effect::InstallGeneration(g),
+                _ => {
+                    c.step = if c.step == ClaimStep::Install {
+                        ClaimStep::Persist
+                    } else {
+                        ClaimStep::StartConode
+                    };
                     return self.run_claim(c);
                 }
             },
@@ -852,8 +866,16 @@ impl Core {
                                 "announcing the address failed: {e}; clients may reach it late"
                             ),
                         );
-                        c.step = ClaimStep::StartConode;
+                        c.step = ClaimStep::CatchUp;
                         self.run_claim(c)
+                    }
+                    ClaimStep::CatchUp => {
+                        let why = format!(
+                            "{} failed: {e}; it was not started on the older generation {:?}",
+                            what(effect),
+                            c.installed
+                        );
+                        self.become_live(c, Some(why))
                     }
                     ClaimStep::StartConode => self.become_live(c, Some(e)),
                     ClaimStep::Add => {
@@ -865,7 +887,16 @@ impl Core {
         };
         c.step = match c.step {
             ClaimStep::FirstProbe => ClaimStep::Install,
-            ClaimStep::Install => ClaimStep::Persist,
+            ClaimStep::Install | ClaimStep::CatchUp => {
+                if let Outcome::GenerationInstalled(g) = outcome {
+                    c.installed = Some(g);
+                }
+                if c.step == ClaimStep::Install {
+                    ClaimStep::Persist
+                } else {
+                    ClaimStep::CatchUp // again, in case an even newer one arrived
+                }
+            }
             ClaimStep::Persist => {
                 if let Outcome::EpochPersisted(e) = outcome {
                     self.epoch = self.epoch.max(e);
@@ -878,7 +909,7 @@ impl Core {
             }
             ClaimStep::FinalProbe => ClaimStep::Add,
             ClaimStep::Add => ClaimStep::Announce,
-            ClaimStep::Announce => ClaimStep::StartConode,
+            ClaimStep::Announce => ClaimStep::CatchUp,
             ClaimStep::StartConode => return self.become_live(c, None),
         };
         self.run_claim(c);

@@ -442,6 +442,41 @@ fn forced_promote_installs_persists_then_claims() {
 }
 
 #[test]
+fn a_generation_verified_during_a_claim_is_installed_before_the_conode_starts() {
+    let mut one = One::start(false, 2, Some(4));
+    one.wait(1_000);
+    one.command(1, Command::Promote { force: true });
+    one.ok(Outcome::ProbeResult { holder: None });
+    one.ok(Outcome::GenerationInstalled(4));
+    one.feed(Input::GenerationVerified { generation: 6 });
+    one.ok(Outcome::EpochPersisted(3));
+    one.ok(Outcome::ProbeResult { holder: None });
+    one.ok(Outcome::AddressAdded);
+    assert_eq!(
+        effects(&one.ok(Outcome::Announced)),
+        [Effect::InstallGeneration(6)]
+    );
+    assert_eq!(
+        effects(&one.ok(Outcome::GenerationInstalled(6))),
+        [Effect::StartConode]
+    );
+    // If that install fails, the conode is not started on the older generation.
+    let mut one = One::start(false, 2, Some(4));
+    one.wait(1_000);
+    one.command(1, Command::Promote { force: true });
+    one.ok(Outcome::ProbeResult { holder: None });
+    one.ok(Outcome::GenerationInstalled(4));
+    one.ok(Outcome::EpochPersisted(3));
+    one.ok(Outcome::ProbeResult { holder: None });
+    one.ok(Outcome::AddressAdded);
+    one.feed(Input::GenerationVerified { generation: 6 });
+    one.ok(Outcome::Announced);
+    let out = one.answer(Err("disk full".into()));
+    assert_eq!(effects(&out), []);
+    assert!(refused(&out).contains("not started on the older generation"));
+}
+
+#[test]
 fn no_epoch_is_used_before_it_is_persisted() {
     let mut one = One::start(false, 2, Some(4));
     one.wait(1_000);
