@@ -569,8 +569,10 @@ impl Core {
                 );
                 let claim = Claim {
                     why: Why::Reclaim { refusal: reason },
-                    step: ClaimStep::Persist,
-                    installs: false,
+                    // The peer may have been live since and shipped us a newer final
+                    // generation than our own data: bring the newest into service.
+                    step: ClaimStep::Install,
+                    installs: true,
                     installed: None,
                     epoch: None,
                     cmd,

@@ -362,6 +362,52 @@ fn switchover_asked_on_either_host_moves_the_address_and_grows_the_epoch() {
 }
 
 #[test]
+fn a_refused_handover_is_taken_back_onto_the_newest_generation() {
+    let mut one = One::live(5);
+    one.peer(5, false, false, Body::Heartbeat);
+    assert_eq!(
+        effects(&one.command(1, Command::Switchover)),
+        [Effect::StopConode]
+    );
+    assert_eq!(
+        effects(&one.ok(Outcome::ConodeStopped)),
+        [Effect::ShipFinalSnapshot]
+    );
+    let out = one.ok(Outcome::FinalSnapshotShipped { generation: 9 });
+    assert_eq!(effects(&out), [Effect::RemoveAddress]);
+    let out = one.ok(Outcome::AddressRemoved);
+    assert!(out
+        .iter()
+        .any(|a| matches!(a, Action::Send(m) if m.body == Body::Handover { generation: 9 })));
+    // Since then the peer was live and shipped us a newer final snapshot (seed 69195).
+    one.feed(Input::GenerationVerified { generation: 10 });
+    let refusal = Body::Refused {
+        of: Refusal::Handover,
+        request_epoch: 5,
+        reason: "busy".into(),
+    };
+    let out = one.peer(6, false, false, refusal);
+    assert_eq!(effects(&out), [Effect::InstallGeneration(10)]);
+    assert_eq!(
+        effects(&one.ok(Outcome::GenerationInstalled(10))),
+        [Effect::PersistEpoch(7)]
+    );
+    // A refusal while the peer may hold the address is not a refusal to act on.
+    let mut other = One::live(5);
+    other.peer(5, false, false, Body::Heartbeat);
+    other.command(1, Command::Switchover);
+    other.ok(Outcome::ConodeStopped);
+    other.ok(Outcome::FinalSnapshotShipped { generation: 9 });
+    other.ok(Outcome::AddressRemoved);
+    let refusal = Body::Refused {
+        of: Refusal::Handover,
+        request_epoch: 5,
+        reason: "stale".into(),
+    };
+    assert_eq!(effects(&other.peer(6, true, true, refusal)), []);
+}
+
+#[test]
 fn forced_promote_refuses_without_a_verified_generation() {
     let mut one = One::start(false, 2, None);
     one.wait(1_000);

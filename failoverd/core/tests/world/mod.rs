@@ -759,7 +759,7 @@ impl World {
         self.cut = false;
         self.one_way = [false; 2];
         self.note(|| "SETTLE: faults off, network healed".into());
-        self.run_for(8_000)?;
+        self.run_for(6_000)?;
         if let Some((id, (h, _, c))) = self.owed.iter().next() {
             return Err(format!(
                 "command {id} ({c:?}) on host {} got no reply",
@@ -822,7 +822,7 @@ fn run_world(w: &mut World, chaos: u32) -> Result<(), String> {
                 0
             };
             let id = w.command(h, Command::Promote { force: false });
-            w.run_for(3_000)?;
+            w.run_for(2_000)?;
             match w.live_host() {
                 Some(l) => l,
                 None => {
@@ -837,7 +837,7 @@ fn run_world(w: &mut World, chaos: u32) -> Result<(), String> {
     };
     let before = w.epoch(live);
     let id = w.command(live, Command::Switchover);
-    w.run_for(6_000)?;
+    w.run_for(4_000)?;
     let other = 1 - live;
     let moved = w.hosts[other].addr && !w.hosts[live].addr && w.live_host() == Some(other);
     if !moved || w.epoch(other) <= before || !matches!(w.reply_to(id), Some(Ok(_))) {
