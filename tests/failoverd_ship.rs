@@ -443,13 +443,32 @@ fn https_ships_verified_generations_that_restore_on_the_standby() {
     p.grow(1, 200_000);
     p.grow(20, 100_000);
     p.snapshot();
-    let a1 = p.status("a").unwrap();
-    let b1 = p.status("b").unwrap();
-    assert_eq!(a1.str_at(&["role"]), "live");
-    assert_eq!(b1.str_at(&["role"]), "standby");
-    assert_eq!(num(&a1, "epoch"), 0);
-    let g1 = num(&b1, "generation");
+    let a0 = p.status("a").unwrap();
+    assert_eq!(
+        a0.str_at(&["role"]),
+        "standby",
+        "never live before a promote"
+    );
+    assert_eq!(num(&a0, "epoch"), 0);
     let fo = failoverd_bin().display().to_string();
+    // Bring-up: a's conode runs and shipped the newest generation, so a promote there
+    // makes it live under epoch 1 (no address managed in this pair); b stays standby.
+    let promoted = ok(
+        p.lab.a(),
+        &format!("{fo} -c {} promote", p.p("a/failoverd.toml")),
+    );
+    assert!(promoted.contains("epoch 1"), "{promoted}");
+    let a1 = p.status("a").unwrap();
+    assert_eq!(a1.str_at(&["role"]), "live");
+    assert_eq!(num(&a1, "epoch"), 1);
+    wait("b hears epoch 1", || {
+        p.status("b")
+            .map(|b| b.at(&["peer", "epoch"]).and_then(|v| v.as_u64()) == Some(1))
+            .unwrap_or(false)
+    });
+    let b1 = p.status("b").unwrap();
+    assert_eq!(b1.str_at(&["role"]), "standby");
+    let g1 = num(&b1, "generation");
 
     // A second daemon on a's state directory is refused at once, naming the first; the
     // first keeps its control socket and keeps shipping.

@@ -152,7 +152,7 @@ pub async fn check(config_path: &Path) -> Result<(), String> {
         }
         Err(e) => err(e),
     }
-    match config::conode_paths(&raw.conode) {
+    match config::conode_paths(&raw.conode.config, &raw.conode.data_dir) {
         Ok(p) => {
             println!(
                 "ok: conode.config {} (conode {})",
@@ -259,6 +259,32 @@ pub async fn status(config_path: &Path, json: bool) -> Result<(), String> {
     };
     println!("role:       {}", s("role"));
     println!("epoch:      {}", s("epoch"));
+    println!("vip held:   {}", s("vip_held"));
+    println!("doing:      {}", s("doing"));
+    if let Some(p) = v.get("peer").filter(|p| !p.is_null()) {
+        println!(
+            "peer:       {} (epoch {}, {}, newest generation {})",
+            if p["reachable"] == true {
+                "reachable"
+            } else {
+                "unreachable"
+            },
+            p["epoch"],
+            if p["live"] == true { "live" } else { "standby" },
+            p["newest_generation"]
+        );
+    }
+    if let Some(hs) = v.get("health").and_then(|h| h.as_array()) {
+        for h in hs {
+            println!(
+                "health:     {} {}: {}",
+                h["check"].as_str().unwrap_or("-"),
+                if h["ok"] == true { "ok" } else { "FAILING" },
+                h["reason"].as_str().unwrap_or("-")
+            );
+        }
+    }
+    println!("newest verified generation: {}", s("newest_generation"));
     println!("generation: {}", s("generation"));
     println!("age:        {} s", s("age_seconds"));
     println!("size:       {} bytes", s("bytes"));
@@ -280,5 +306,13 @@ pub async fn snapshot(config_path: &Path) -> Result<(), String> {
         v["transport"].as_str().unwrap_or("-"),
         v["duration_ms"]
     );
+    Ok(())
+}
+
+/// `switchover`, `promote [--force]`, `demote`: ask the daemon, print what it did.
+pub async fn command(config_path: &Path, line: &str) -> Result<(), String> {
+    let raw = RawConfig::load(config_path).map_err(|e| e.to_string())?;
+    let v = control_request(&config::control_socket(&raw.state_dir), line).await?;
+    println!("{}", v["message"].as_str().unwrap_or("done"));
     Ok(())
 }

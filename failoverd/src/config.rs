@@ -41,27 +41,85 @@ pub struct RawConfig {
     pub key_file: PathBuf,
     /// generations/, staging/, inbox/, state and the control socket.
     pub state_dir: PathBuf,
-    pub conode: ConodeSection,
+    pub conode: RawConode,
     pub peer: RawPeer,
     #[serde(default)]
     pub listen: RawListen,
     #[serde(default)]
-    pub vip: VipSection,
+    pub vip: RawVip,
     #[serde(default)]
     pub snapshot: RawSnapshot,
     #[serde(default)]
     pub ssh: RawSsh,
     #[serde(default)]
     pub timeouts: RawTimeouts,
+    #[serde(default)]
+    pub failover: RawFailover,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct RawConode {
+    pub config: PathBuf,
+    pub data_dir: PathBuf,
+    #[serde(default = "defaults::control")]
+    pub control: String,
+    #[serde(default = "defaults::unit")]
+    pub unit: String,
+    #[serde(default = "defaults::binary")]
+    pub binary: PathBuf,
+    #[serde(default = "defaults::user")]
+    pub user: String,
+}
+
+/// The conode of this host.
+#[derive(Debug, Clone)]
 pub struct ConodeSection {
     /// The conode's `private.toml` (the same identity on both hosts).
     pub config: PathBuf,
     /// The conode's data directory: `<Public hex>.db` and its admin socket.
     pub data_dir: PathBuf,
+    /// How failoverd starts and stops it.
+    pub control: ConodeControl,
+}
+
+/// How failoverd starts and stops the conode (`[conode] control`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConodeControl {
+    /// `systemctl start|stop unit`.
+    Systemd { unit: String },
+    /// A child process of failoverd running `binary` as `user` (not root).
+    Child { binary: PathBuf, user: String },
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawVip {
+    #[serde(default)]
+    pub interface: String,
+    #[serde(default)]
+    pub address: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFailover {
+    #[serde(default = "defaults::heartbeat")]
+    pub heartbeat: String,
+    #[serde(default = "defaults::peer_timeout")]
+    pub peer_timeout: String,
+    #[serde(default = "defaults::handover_timeout")]
+    pub handover_timeout: String,
+}
+
+impl Default for RawFailover {
+    fn default() -> Self {
+        RawFailover {
+            heartbeat: defaults::heartbeat(),
+            peer_timeout: defaults::peer_timeout(),
+            handover_timeout: defaults::handover_timeout(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -89,12 +147,43 @@ impl Default for RawListen {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// The virtual IP.
+#[derive(Debug, Clone)]
 pub struct VipSection {
-    /// The interface that will carry the virtual IP (checked to exist).
-    #[serde(default)]
+    /// The interface that carries it.
     pub interface: String,
+    /// `address/prefix`; `None` when `[vip] address` is empty (no address is managed:
+    /// a claim then only starts the conode).
+    pub address: Option<(std::net::IpAddr, u8)>,
+}
+
+/// The failover core's timers (`[failover]`).
+#[derive(Debug, Clone, Copy)]
+pub struct Failover {
+    /// How often this host tells the peer its state.
+    pub heartbeat: Duration,
+    /// The peer is unreachable after this long without a word.
+    pub peer_timeout: Duration,
+    /// How long either side of a switchover waits for the other.
+    pub handover_timeout: Duration,
+}
+
+/// Parse `"10.0.0.1/24"` or `"fd00::1/64"`.
+pub fn parse_cidr(s: &str) -> Result<(std::net::IpAddr, u8), String> {
+    let (a, p) = s
+        .trim()
+        .split_once('/')
+        .ok_or_else(|| format!("{s:?} has no prefix length: write e.g. \"10.0.0.1/24\""))?;
+    let addr: std::net::IpAddr = a
+        .parse()
+        .map_err(|e| format!("{a:?} is not an IP address ({e})"))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let prefix: u8 = p
+        .parse()
+        .ok()
+        .filter(|&n| n <= max)
+        .ok_or_else(|| format!("{p:?} is not a prefix length of 0 to {max}"))?;
+    Ok((addr, prefix))
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -199,6 +288,27 @@ mod defaults {
     pub fn conode() -> String {
         "5s".into()
     }
+    pub fn control() -> String {
+        "systemd".into()
+    }
+    pub fn unit() -> String {
+        "conode.service".into()
+    }
+    pub fn binary() -> std::path::PathBuf {
+        "/usr/bin/conode".into()
+    }
+    pub fn user() -> String {
+        "conode".into()
+    }
+    pub fn heartbeat() -> String {
+        "500ms".into()
+    }
+    pub fn peer_timeout() -> String {
+        "2s".into()
+    }
+    pub fn handover_timeout() -> String {
+        "150s".into()
+    }
 }
 
 /// The environment variable that overrides `timeouts.io_stall` (milliseconds).
@@ -218,6 +328,7 @@ pub struct Config {
     pub snapshot: Snapshot,
     pub ssh: Ssh,
     pub timeouts: Timeouts,
+    pub failover: Failover,
 }
 
 #[derive(Debug, Clone)]
@@ -403,6 +514,80 @@ impl RawConfig {
         let connect = duration("timeouts.connect", &self.timeouts.connect, &mut bad);
         let answer = duration("timeouts.answer", &self.timeouts.answer, &mut bad);
         let conode_t = duration("timeouts.conode", &self.timeouts.conode, &mut bad);
+        let heartbeat = duration("failover.heartbeat", &self.failover.heartbeat, &mut bad);
+        let peer_timeout = duration(
+            "failover.peer_timeout",
+            &self.failover.peer_timeout,
+            &mut bad,
+        );
+        let handover_timeout = duration(
+            "failover.handover_timeout",
+            &self.failover.handover_timeout,
+            &mut bad,
+        );
+        if !heartbeat.is_zero() && peer_timeout < heartbeat * 3 {
+            bad(
+                "failover.peer_timeout",
+                format!(
+                    "{peer_timeout:?} is shorter than 3 heartbeats ({:?}): one lost heartbeat would make the peer look gone",
+                    heartbeat * 3
+                ),
+            );
+        }
+        let control = match self.conode.control.as_str() {
+            "systemd" => {
+                if self.conode.unit.trim().is_empty() {
+                    bad(
+                        "conode.unit",
+                        "empty: name the conode's systemd unit".into(),
+                    );
+                }
+                ConodeControl::Systemd {
+                    unit: self.conode.unit.clone(),
+                }
+            }
+            "child" => {
+                if self.conode.user.trim().is_empty() || self.conode.user == "root" {
+                    bad(
+                        "conode.user",
+                        format!(
+                            "{:?}: the conode runs as a non-root user (e.g. \"conode\")",
+                            self.conode.user
+                        ),
+                    );
+                }
+                ConodeControl::Child {
+                    binary: self.conode.binary.clone(),
+                    user: self.conode.user.clone(),
+                }
+            }
+            other => {
+                bad(
+                    "conode.control",
+                    format!("{other:?}: write \"systemd\" or \"child\""),
+                );
+                ConodeControl::Systemd {
+                    unit: String::new(),
+                }
+            }
+        };
+        let vip_address = if self.vip.address.trim().is_empty() {
+            None
+        } else {
+            match parse_cidr(&self.vip.address) {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    bad("vip.address", e);
+                    None
+                }
+            }
+        };
+        if vip_address.is_some() && self.vip.interface.trim().is_empty() {
+            bad(
+                "vip.interface",
+                "empty, but vip.address is set: name the interface that carries it".into(),
+            );
+        }
         if let Some(v) = env(IO_TIMEOUT_ENV) {
             match v.trim().parse::<u64>() {
                 Ok(ms) if ms > 0 => io_stall = Duration::from_millis(ms),
@@ -503,7 +688,11 @@ impl RawConfig {
             path: path.to_path_buf(),
             key_file: self.key_file,
             state_dir: self.state_dir,
-            conode: self.conode,
+            conode: ConodeSection {
+                config: self.conode.config,
+                data_dir: self.conode.data_dir,
+                control,
+            },
             peer: Peer {
                 address,
                 public_key,
@@ -512,7 +701,10 @@ impl RawConfig {
                 peer: listen_peer,
                 metrics,
             },
-            vip: self.vip,
+            vip: VipSection {
+                interface: self.vip.interface,
+                address: vip_address,
+            },
             snapshot: Snapshot {
                 interval,
                 transport: self.snapshot.transport,
@@ -529,6 +721,11 @@ impl RawConfig {
                 connect,
                 answer,
                 conode: conode_t,
+            },
+            failover: Failover {
+                heartbeat,
+                peer_timeout,
+                handover_timeout,
             },
         })
     }
@@ -568,7 +765,7 @@ impl Config {
 
     /// The conode's identity, database path and admin socket.
     pub fn conode_paths(&self) -> Result<ConodePaths, String> {
-        conode_paths(&self.conode)
+        conode_paths(&self.conode.config, &self.conode.data_dir)
     }
 }
 
@@ -578,11 +775,11 @@ pub fn control_socket(state_dir: &Path) -> PathBuf {
 }
 
 /// The conode's identity, database path and admin socket.
-pub fn conode_paths(c: &ConodeSection) -> Result<ConodePaths, String> {
-    let pc = conode::config::PrivateConfig::load(&c.config)
-        .map_err(|e| format!("conode.config: {e}"))?;
+pub fn conode_paths(config: &Path, data_dir: &Path) -> Result<ConodePaths, String> {
+    let pc =
+        conode::config::PrivateConfig::load(config).map_err(|e| format!("conode.config: {e}"))?;
     let public = pc.keys.public_bytes();
-    let db = c.data_dir.join(conode::config::db_file_name(&public));
+    let db = data_dir.join(conode::config::db_file_name(&public));
     let admin = conode::admin::admin_socket_path(&db, &public);
     Ok(ConodePaths { public, db, admin })
 }
@@ -668,6 +865,12 @@ state_dir = {state_dir}
 config = {conode_config}
 # The conode's data directory: <Public hex>.db and its admin socket live there.
 data_dir = {conode_data_dir}
+# How failoverd starts and stops the conode: "systemd" (systemctl start|stop unit) or
+# "child" (failoverd runs `binary -c config server` as `user`, never root).
+control = "systemd"
+unit = "conode.service"
+# binary = "/usr/bin/conode"
+# user = "conode"
 
 [peer]
 # The other host's failoverd peer port, host:port.
@@ -683,8 +886,19 @@ peer = {listen_peer}
 metrics = {listen_metrics}
 
 [vip]
-# The interface that will carry the virtual IP.
+# The interface that carries the virtual IP, and the address with its prefix length
+# (e.g. "10.0.0.1/24"; IPv6 too). Only the live host holds it; failoverd tags it so it
+# never removes an address it did not add.
 interface = {interface}
+address = ""
+
+[failover]
+# How often each host tells the other its state, and how long without a word before
+# the peer counts as unreachable (then `promote` needs --force).
+heartbeat = "500ms"
+peer_timeout = "2s"
+# How long either side of a switchover waits for the other.
+handover_timeout = "150s"
 
 [snapshot]
 # How often the live host looks for new commits; a snapshot is shipped when the

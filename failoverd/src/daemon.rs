@@ -27,12 +27,16 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
 use crate::config::{self, Config};
+use crate::conode_ctl::Conode;
 use crate::error::{Cause, ShipError};
+use crate::event::Handle;
+use crate::failover::{Address, Effects};
 use crate::live::Shipper;
 use crate::metrics::Metrics;
 use crate::peer::{PeerClient, PeerServer};
 use crate::standby::Store;
-use crate::status::{Role, Status};
+use crate::status::Status;
+use failoverd_core::Command;
 
 type Reply = oneshot::Sender<Result<serde_json::Value, String>>;
 
@@ -42,6 +46,8 @@ const CONTROL_CONNECTIONS: usize = 16;
 const METRICS_CONNECTIONS: usize = 8;
 /// How long a control client may take to send its request line.
 const CONTROL_READ: Duration = Duration::from_secs(10);
+/// How often the health checks run.
+const HEALTH_EVERY: Duration = Duration::from_secs(2);
 /// How long the tasks get to stop at shutdown.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
@@ -126,6 +132,89 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     let mut tasks = JoinSet::new();
     let mut names: HashMap<tokio::task::Id, &'static str> = HashMap::new();
 
+    // The failover core and what carries out its effects.
+    let shipper = Arc::new(Shipper {
+        cfg: cfg.clone(),
+        key,
+        admin: paths.admin.clone(),
+        peer: client.clone(),
+        status: status.clone(),
+        metrics: metrics.clone(),
+        mirror: std::sync::Mutex::new(None),
+        busy: tokio::sync::Mutex::new(()),
+    });
+    let conode_ctl = Arc::new(Conode::new(
+        cfg.conode.clone(),
+        paths.admin.clone(),
+        paths.db.clone(),
+    ));
+    let address = match cfg.vip.address {
+        None => Address::Unmanaged,
+        Some((a, p)) => {
+            return Err(format!(
+                "vip.address {a}/{p}: this build does not manage a virtual address yet; leave vip.address empty"
+            ))
+        }
+    };
+    let core_cfg = failoverd_core::Config {
+        heartbeat_interval: millis(cfg.failover.heartbeat),
+        peer_timeout: millis(cfg.failover.peer_timeout),
+        handover_timeout: millis(cfg.failover.handover_timeout),
+        ..failoverd_core::Config::default()
+    };
+    let core = failoverd_core::Core::new(core_cfg)
+        .map_err(|e| format!("{}: [failover] {e}", cfg.path.display()))?;
+    let started = failoverd_core::Input::Started {
+        leftover_address: address.leftover().await?,
+        persisted_epoch: {
+            let dir = cfg.state_dir.clone();
+            tokio::task::spawn_blocking(move || crate::epoch::read(&dir))
+                .await
+                .map_err(|e| format!("start-up task failed: {e}: this is a bug"))??
+        },
+        newest_generation: store.newest().map(|i| i.manifest.generation),
+    };
+    let effects = Arc::new(Effects {
+        state_dir: cfg.state_dir.clone(),
+        public: paths.public,
+        store: store.clone(),
+        conode: conode_ctl.clone(),
+        shipper: shipper.clone(),
+        address,
+        conode_timeout: cfg.timeouts.conode.max(Duration::from_secs(30)),
+        origin: std::sync::atomic::AtomicU64::new(0),
+    });
+    let (events_tx, events_rx) = mpsc::channel(256);
+    let (core_status_tx, core_status_rx) = watch::channel(None);
+    status.attach_core(core_status_rx.clone());
+    let handle = Handle {
+        events: events_tx.clone(),
+        status: core_status_rx,
+    };
+    let h = tasks.spawn(crate::failover::drive(
+        core,
+        started,
+        events_rx,
+        events_tx.clone(),
+        effects.clone(),
+        client.clone(),
+        core_status_tx,
+        stop_rx.clone(),
+    ));
+    names.insert(h.id(), "failover driver");
+    let server_toml = conode::config::PrivateConfig::load(&cfg.conode.config)
+        .map_err(|e| format!("conode.config: {e}"))?
+        .server_toml();
+    let h = tasks.spawn(crate::failover::health_checks(
+        handle.clone(),
+        conode_ctl.clone(),
+        client.clone(),
+        server_toml,
+        HEALTH_EVERY,
+        stop_rx.clone(),
+    ));
+    names.insert(h.id(), "health checks");
+
     let listener = tokio::net::TcpListener::bind(cfg.listen.peer)
         .await
         .map_err(|e| format!("listen.peer {}: {e}", cfg.listen.peer))?;
@@ -136,6 +225,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         metrics: metrics.clone(),
         timeouts: cfg.timeouts,
         admin: paths.admin.clone(),
+        events: Some(events_tx.clone()),
     });
     let h = tasks.spawn(crate::accept::serve(
         "peer port",
@@ -168,26 +258,20 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         .map_err(|e| format!("control socket {}: {e}", sock.display()))?;
     let (trigger_tx, trigger_rx) = mpsc::channel::<Reply>(8);
     let st = status.clone();
+    let hd = handle.clone();
     let h = tasks.spawn(crate::accept::serve(
         "control socket",
         control,
         CONTROL_CONNECTIONS,
         stop_rx.clone(),
-        move |s, _| control_one(s, st.clone(), trigger_tx.clone()),
+        move |s, _| control_one(s, st.clone(), trigger_tx.clone(), hd.clone()),
     ));
     names.insert(h.id(), "control socket");
 
-    let shipper = Shipper {
-        cfg: cfg.clone(),
-        key,
-        admin: paths.admin.clone(),
-        peer: client,
-        status: status.clone(),
-        metrics: metrics.clone(),
-        mirror: std::sync::Mutex::new(None),
-    };
     let h = tasks.spawn(snapshot_loop(
         shipper,
+        handle.clone(),
+        effects.clone(),
         cfg.snapshot.interval,
         cfg.timeouts.conode,
         trigger_rx,
@@ -239,6 +323,10 @@ pub async fn supervise(
     }
 }
 
+fn millis(d: Duration) -> failoverd_core::Millis {
+    failoverd_core::Millis(d.as_millis() as u64)
+}
+
 fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
     p.downcast_ref::<&str>()
         .map(|s| s.to_string())
@@ -247,7 +335,9 @@ fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
 }
 
 async fn snapshot_loop(
-    shipper: Shipper,
+    shipper: Arc<Shipper>,
+    handle: Handle,
+    effects: Arc<Effects>,
     interval: Duration,
     conode_timeout: Duration,
     mut triggers: mpsc::Receiver<Reply>,
@@ -273,12 +363,8 @@ async fn snapshot_loop(
         )
         .await;
         let positions = match position {
-            Ok(Ok(p)) => {
-                status.set_role(Role::Live);
-                p.positions
-            }
+            Ok(Ok(p)) => p.positions,
             other => {
-                status.set_role(Role::Standby);
                 if let Some(r) = reply {
                     let reason = match other {
                         Ok(Err(e)) => e,
@@ -301,6 +387,14 @@ async fn snapshot_loop(
                 failed = false;
                 metrics.snapshot_shipped();
                 status.shipped(s.clone());
+                // This host's database holds at least what it shipped.
+                effects
+                    .origin
+                    .fetch_max(s.generation, std::sync::atomic::Ordering::SeqCst);
+                let _ = handle
+                    .events
+                    .send(crate::event::Event::GenerationVerified(s.generation))
+                    .await;
             }
             Err(e) => {
                 failed = true;
@@ -323,7 +417,12 @@ async fn snapshot_loop(
     }
 }
 
-async fn control_one(s: UnixStream, status: Arc<Status>, triggers: mpsc::Sender<Reply>) {
+async fn control_one(
+    s: UnixStream,
+    status: Arc<Status>,
+    triggers: mpsc::Sender<Reply>,
+    handle: Handle,
+) {
     let mut r = BufReader::new(s);
     let mut line = String::new();
     let _ = tokio::time::timeout(CONTROL_READ, (&mut r).take(256).read_line(&mut line)).await;
@@ -347,8 +446,20 @@ async fn control_one(s: UnixStream, status: Arc<Status>, triggers: mpsc::Sender<
                 },
             }
         }
+        line @ ("switchover" | "promote" | "promote --force" | "demote") => {
+            let command = match line {
+                "switchover" => Command::Switchover,
+                "promote" => Command::Promote { force: false },
+                "promote --force" => Command::Promote { force: true },
+                _ => Command::Demote,
+            };
+            match handle.command(command).await {
+                Ok(done) => serde_json::json!({"ok": true, "message": done}),
+                Err(e) => serde_json::json!({"ok": false, "error": e}),
+            }
+        }
         other => {
-            serde_json::json!({"ok": false, "error": format!("unknown request {:?}: expected \"status\" or \"snapshot\"", other.chars().take(64).collect::<String>())})
+            serde_json::json!({"ok": false, "error": format!("unknown request {:?}: expected status, snapshot, switchover, promote, promote --force or demote", other.chars().take(64).collect::<String>())})
         }
     };
     let mut s = r.into_inner();

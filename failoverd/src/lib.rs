@@ -11,13 +11,20 @@
 //! - [`error`]: one `#[non_exhaustive]` error enum per layer, and the metrics' causes.
 //! - [`chunk`]: fixed, page-aligned chunks and their BLAKE3 hashes.
 //! - [`manifest`]: the signed snapshot manifest (wire form documented there).
+//! - [`epoch`]: the epoch on disk, written durably before the core uses it.
+//! - [`wire`]: the failover core's peer messages as JSON.
 //! - [`direct`]: the live host's mirror written with `O_DIRECT`, beside the take.
 //! - [`standby`]: receive, verify, install atomically, keep N generations.
 //! - [`status`]: role, last snapshot, last error; never waits for the store.
 //! - [`metrics`]: Prometheus metrics (`prometheus-client`).
+//! - [`event`]: what the failover driver is told, and its handle.
 //! - [`peer`]: the HTTPS peer port (reqwest client, hyper server), pinned to the peer's
 //!   key (API documented there).
 //! - [`live`]: take a snapshot through the conode's admin socket and ship it.
+//! - [`conode_ctl`]: start and stop the conode (a child process or systemd), and bring
+//!   a verified generation into its data directory.
+//! - [`failover`]: the driver around the failover core (`failoverd-core`): feeds it
+//!   events with the time, carries out its effects one at a time, health checks.
 //! - [`accept`]: the one accept loop (connection limit, back-off on errors).
 //! - [`daemon`]: `failoverd run`: supervised tasks, the state-directory lock, the
 //!   control socket, `/metrics`.
@@ -27,12 +34,17 @@ pub mod accept;
 pub mod chunk;
 pub mod cli;
 pub mod config;
+pub mod conode_ctl;
 pub mod daemon;
 pub mod direct;
+pub mod epoch;
 pub mod error;
+pub mod event;
+pub mod failover;
 pub mod live;
 pub mod manifest;
 pub mod metrics;
 pub mod peer;
 pub mod standby;
 pub mod status;
+pub mod wire;

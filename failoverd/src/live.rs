@@ -50,6 +50,8 @@ pub struct Shipper {
     pub metrics: Arc<Metrics>,
     /// What the mirror file holds, when it is known.
     pub mirror: std::sync::Mutex<Option<Mirror>>,
+    /// One snapshot at a time (the periodic ones and a switchover's final one).
+    pub busy: tokio::sync::Mutex<()>,
 }
 
 /// Where a whole image's chunks are framed while it is taken, a batch at a time, for the
@@ -158,8 +160,67 @@ struct Taken {
 /// hashed again. Otherwise the whole image streams
 /// through the chunker and only chunks that differ are written, and the chunks `outbox`'s
 /// standby lacks are queued for it.
+/// Where an image comes from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// The running conode's admin socket (`image`, or `image since=TOKEN`).
+    Admin(PathBuf),
+    /// The database file of a stopped conode (a switchover's final snapshot): always the
+    /// whole file, integrity-checked first.
+    File { db: PathBuf, public: [u8; 32] },
+}
+
+impl Source {
+    fn path(&self) -> &Path {
+        match self {
+            Source::Admin(p) => p,
+            Source::File { db, .. } => db,
+        }
+    }
+
+    /// Hand the image's bytes to `sink`, as `conode::admin::fetch_image_blocking` does.
+    fn fetch(
+        &self,
+        since: Option<&str>,
+        mut sink: impl FnMut(&conode::admin::ImageHeader, u64, &[u8]) -> Result<(), String>,
+    ) -> Result<conode::admin::ImageHeader, String> {
+        match self {
+            Source::Admin(admin) => conode::admin::fetch_image_blocking(admin, since, sink),
+            Source::File { db, public } => {
+                use std::os::unix::fs::FileExt;
+                let positions = conode::db::verify_snapshot(db, public)?;
+                let f = std::fs::File::open(db)
+                    .map_err(|e| format!("cannot open {}: {e}", db.display()))?;
+                let bytes = f
+                    .metadata()
+                    .map_err(|e| format!("cannot stat {}: {e}", db.display()))?
+                    .len();
+                let taken = now_ms();
+                let h = conode::admin::ImageHeader {
+                    bytes,
+                    public: *public,
+                    positions,
+                    taken_unix_ms: taken,
+                    token: format!("file-{taken}"),
+                    changed_only: false,
+                };
+                let mut buf = vec![0u8; 1 << 20];
+                let mut at = 0u64;
+                while at < bytes {
+                    let n = ((bytes - at) as usize).min(buf.len());
+                    f.read_exact_at(&mut buf[..n], at)
+                        .map_err(|e| format!("cannot read {}: {e}", db.display()))?;
+                    sink(&h, at, &buf[..n])?;
+                    at += n as u64;
+                }
+                Ok(h)
+            }
+        }
+    }
+}
+
 fn take_image(
-    admin: &Path,
+    source: &Source,
     mirror: &Path,
     old: Option<Mirror>,
     params: Params,
@@ -225,28 +286,30 @@ fn take_image(
         written.set(written.get() + b.len() as u64);
         Ok(())
     };
-    let header = conode::admin::fetch_image_blocking(admin, since.as_deref(), |h, at, b| {
-        if !h.changed_only {
-            if let Some(o) = outbox.borrow_mut().as_mut() {
-                o.size = h.bytes;
-                if o.holds.is_none() {
-                    let held = old.as_ref().map_or(&[][..], |m| &m.chunks);
-                    o.holds = Some(held.iter().map(|c| c.hash).collect());
+    let admin = source.path();
+    let header = source
+        .fetch(since.as_deref(), |h, at, b| {
+            if !h.changed_only {
+                if let Some(o) = outbox.borrow_mut().as_mut() {
+                    o.size = h.bytes;
+                    if o.holds.is_none() {
+                        let held = old.as_ref().map_or(&[][..], |m| &m.chunks);
+                        o.holds = Some(held.iter().map(|c| c.hash).collect());
+                    }
                 }
+                return chunker.push(b, &mut on_chunk);
             }
-            return chunker.push(b, &mut on_chunk);
-        }
-        // Changed pages only: straight into the mirror.
-        file.write_all_at(b, at)
-            .map_err(|e| format!("cannot write {}: {e}", mirror.display()))?;
-        written.set(written.get() + b.len() as u64);
-        touched.extend(at / max..=(at + b.len() as u64 - 1) / max);
-        Ok(())
-    })
-    .map_err(|reason| ShipError::Conode {
-        path: admin.to_path_buf(),
-        reason,
-    })?;
+            // Changed pages only: straight into the mirror.
+            file.write_all_at(b, at)
+                .map_err(|e| format!("cannot write {}: {e}", mirror.display()))?;
+            written.set(written.get() + b.len() as u64);
+            touched.extend(at / max..=(at + b.len() as u64 - 1) / max);
+            Ok(())
+        })
+        .map_err(|reason| ShipError::Conode {
+            path: admin.to_path_buf(),
+            reason,
+        })?;
     let chunks = if !header.changed_only {
         Some(
             chunker
@@ -369,6 +432,25 @@ impl Shipper {
 
     /// Take, ship and have the standby install one snapshot.
     pub async fn snapshot(&self) -> Result<LastSnapshot, ShipError> {
+        self.snapshot_of(Source::Admin(self.admin.clone())).await
+    }
+
+    /// Take, ship and have the standby install a snapshot of the stopped conode's
+    /// database file `db` (a switchover's final snapshot).
+    pub async fn final_snapshot(
+        &self,
+        db: &Path,
+        public: [u8; 32],
+    ) -> Result<LastSnapshot, ShipError> {
+        self.snapshot_of(Source::File {
+            db: db.to_path_buf(),
+            public,
+        })
+        .await
+    }
+
+    async fn snapshot_of(&self, source: Source) -> Result<LastSnapshot, ShipError> {
+        let _one = self.busy.lock().await;
         let t0 = Instant::now();
         let out = self.cfg.outgoing_dir();
         let peer_newest = self.peer_newest().await;
@@ -400,9 +482,9 @@ impl Shipper {
             },
             _ => (None, None),
         };
-        let (admin, f, params) = (self.admin.clone(), file.clone(), Params::DEFAULT);
+        let (f, params) = (file.clone(), Params::DEFAULT);
         let taken =
-            tokio::task::spawn_blocking(move || take_image(&admin, &f, old, params, outbox))
+            tokio::task::spawn_blocking(move || take_image(&source, &f, old, params, outbox))
                 .await
                 .map_err(|e| ShipError::Bug(format!("the task taking the image failed: {e}")));
         // The outbox is gone with the take: the stream task sends what is queued and ends.
@@ -639,6 +721,13 @@ pub async fn ship_https(
             let (missing, reused_now) = parse_offer(&offer, m.chunks.len())?;
             if reused.is_none() {
                 reused = reused_now;
+            }
+            if offer.get("installed").and_then(|v| v.as_bool()) == Some(true) {
+                // The commit of an earlier attempt landed; its answer was lost.
+                return Ok::<_, ShipError>(format!(
+                    "; installed already (an earlier attempt's answer was lost), found after {:?}",
+                    t.elapsed()
+                ));
             }
             let offered = t.elapsed();
             send_chunks(peer, metrics, m, file, &missing, &mut sent).await?;

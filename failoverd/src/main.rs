@@ -41,6 +41,20 @@ enum Cmd {
     },
     /// Take and ship a snapshot now (on the live host); waits until the standby installed it.
     Snapshot,
+    /// The planned move of the address and the conode to the other host (on either host):
+    /// the live host stops its conode, ships a final snapshot and drops the address; the
+    /// other installs it, claims the address under a new epoch and starts its conode.
+    Switchover,
+    /// Make this standby live: a switchover when the live peer answers; with the peer
+    /// unreachable only with --force, and even then only when no host answers the ARP
+    /// probe for the address and a verified generation is held.
+    Promote {
+        /// Go ahead although the peer is unreachable (the live host is down).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Stop this live host's conode, drop the address, become standby.
+    Demote,
 }
 
 /// SIGINT or SIGTERM (or, if SIGTERM cannot be watched, SIGINT alone).
@@ -87,6 +101,12 @@ fn main() -> ExitCode {
         },
         Cmd::Status { json } => rt.block_on(cli::status(&cli.config, json)),
         Cmd::Snapshot => rt.block_on(cli::snapshot(&cli.config)),
+        Cmd::Switchover => rt.block_on(cli::command(&cli.config, "switchover")),
+        Cmd::Promote { force } => rt.block_on(cli::command(
+            &cli.config,
+            if force { "promote --force" } else { "promote" },
+        )),
+        Cmd::Demote => rt.block_on(cli::command(&cli.config, "demote")),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

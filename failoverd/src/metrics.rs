@@ -22,6 +22,11 @@ struct CauseLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CheckLabel {
+    check: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RoleLabel {
     role: &'static str,
 }
@@ -41,6 +46,9 @@ pub struct Metrics {
     bytes: Gauge,
     duration_seconds: Gauge<f64, AtomicU64>,
     generations_held: Gauge,
+    vip_held: Gauge,
+    health: Family<CheckLabel, Gauge>,
+    conflicts: Gauge,
 }
 
 impl Default for Metrics {
@@ -65,6 +73,9 @@ impl Metrics {
             bytes: Gauge::default(),
             duration_seconds: Gauge::default(),
             generations_held: Gauge::default(),
+            vip_held: Gauge::default(),
+            health: Family::default(),
+            conflicts: Gauge::default(),
             registry: Registry::default(),
         };
         // Counters get `_total` appended by the encoder.
@@ -128,6 +139,21 @@ impl Metrics {
             "Verified generations held on this host",
             m.generations_held.clone(),
         );
+        registry.register(
+            "failoverd_vip_held",
+            "1 while the failover core counts the virtual IP as possibly on this host",
+            m.vip_held.clone(),
+        );
+        registry.register(
+            "failoverd_health",
+            "1 when a health check passes, 0 when it fails (alerts only; never promotes)",
+            m.health.clone(),
+        );
+        registry.register(
+            "failoverd_address_conflicts",
+            "Times another MAC answered ARP for the address while this host held it",
+            m.conflicts.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -167,6 +193,17 @@ impl Metrics {
             self.duration_seconds.set(l.duration_ms as f64 / 1000.0);
         }
         self.generations_held.set(st.generations_held.len() as i64);
+        if let Some(c) = &st.core {
+            self.vip_held.set(i64::from(c.vip_held));
+            self.conflicts.set(c.conflicts as i64);
+            for h in &c.health {
+                self.health
+                    .get_or_create(&CheckLabel {
+                        check: crate::status::check_name(h.check),
+                    })
+                    .set(i64::from(h.ok));
+            }
+        }
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

@@ -9,8 +9,10 @@
 //! status 4xx/5xx, the cause being a [`Cause`] label)
 //! - `GET /v1/status`: the generations this host holds.
 //! - `POST /v1/offer` (body: a signed manifest envelope): start or resume receiving that
-//!   generation; answers `{"missing":[chunk indices],"reused_bytes":N}` (one index per
-//!   distinct chunk content: the standby writes the same bytes wherever they recur).
+//!   generation; answers `{"missing":[chunk indices],"reused_bytes":N,"installed":false}`
+//!   (one index per distinct chunk content: the standby writes the same bytes wherever
+//!   they recur). `"installed":true` when this very generation is installed already (a
+//!   commit whose answer was lost): nothing more to send.
 //! - `PUT /v1/chunks/<generation>` (body: frames of `index u32 LE ‖ len u32 LE ‖ bytes`):
 //!   each chunk is checked against the manifest's hash before it is written; answers
 //!   `{"stored":N}`. A bad chunk ends the request with 409 and its reason.
@@ -26,6 +28,8 @@
 //! - `POST /v1/commit/<generation>`: verify and install; answers the installed generation.
 //! - `POST /v1/inbox` (body: a signed envelope naming a file in the inbox): verify the file
 //!   that rsync or scp delivered, and install it.
+//! - `POST /v1/core` (body: a failover core message, see [`crate::wire`]): handed to this
+//!   host's failover core; answers `{}`.
 //!
 //! The server never does file IO on the runtime's threads: frames go to a writer on a
 //! blocking thread, installs and offers run through `spawn_blocking`.
@@ -221,6 +225,9 @@ pub struct PeerServer {
     /// This host's conode admin socket: a host whose conode runs is live and takes no
     /// snapshots from its peer.
     pub admin: PathBuf,
+    /// The failover driver: peer messages (`POST /v1/core`) and verified generations
+    /// go there. `None` in tests of the snapshot protocol alone.
+    pub events: Option<tokio::sync::mpsc::Sender<crate::event::Event>>,
 }
 
 /// An answer: the JSON body, or a status and a refusal.
@@ -332,7 +339,9 @@ impl PeerServer {
                 let env = self.read_body(body, MAX_ENVELOPE).await?;
                 self.refuse_if_live().await?;
                 let o = self.blocking(move |st| st.offer(&env)).await?;
-                Ok(serde_json::json!({"missing": o.missing, "reused_bytes": o.reused_bytes}))
+                Ok(
+                    serde_json::json!({"missing": o.missing, "reused_bytes": o.reused_bytes, "installed": o.installed}),
+                )
             }
             ("PUT", p) if p.starts_with("/v1/chunks/") => {
                 let generation = number(&p["/v1/chunks/".len()..])?;
@@ -351,6 +360,25 @@ impl PeerServer {
             ("POST", p) if p.starts_with("/v1/commit/") => {
                 let generation = number(&p["/v1/commit/".len()..])?;
                 self.install(move |st| st.commit(generation)).await
+            }
+            ("POST", "/v1/core") => {
+                let body = self.read_body(body, crate::wire::MAX_MESSAGE).await?;
+                let m = crate::wire::decode(&body).map_err(|e| {
+                    tracing::warn!("peer port: {e}");
+                    Refusal::bad_request(e)
+                })?;
+                let Some(events) = &self.events else {
+                    return Err(Refusal::not_found("no failover core here".into()));
+                };
+                events
+                    .send(crate::event::Event::Peer(m))
+                    .await
+                    .map_err(|_| Refusal {
+                        status: StatusCode::SERVICE_UNAVAILABLE,
+                        reason: "failoverd is stopping".into(),
+                        cause: Cause::Peer,
+                    })?;
+                Ok(serde_json::json!({}))
             }
             ("POST", "/v1/inbox") => {
                 let env = self.read_body(body, MAX_ENVELOPE).await?;
@@ -412,6 +440,14 @@ impl PeerServer {
             t.elapsed()
         );
         self.status.installed(&i);
+        // The core hears of it before the live host does (it hands over only after).
+        if let Some(events) = &self.events {
+            let _ = events
+                .send(crate::event::Event::GenerationVerified(
+                    i.manifest.generation,
+                ))
+                .await;
+        }
         Ok(serde_json::json!({"generation": i.manifest.generation, "bytes": i.manifest.bytes}))
     }
 

@@ -56,6 +56,8 @@ struct Inner {
 pub struct Status {
     store: Arc<Store>,
     inner: Mutex<Inner>,
+    /// The failover core's view, published by its driver after every step.
+    core: Mutex<Option<tokio::sync::watch::Receiver<Option<failoverd_core::Status>>>>,
 }
 
 /// A copy of the status at one moment.
@@ -67,6 +69,8 @@ pub struct StatusView {
     pub age_seconds: Option<f64>,
     pub generations_held: Vec<u64>,
     pub error: Option<String>,
+    /// The failover core's view (role, epoch, address, peer, health), once it runs.
+    pub core: Option<failoverd_core::Status>,
 }
 
 impl Status {
@@ -74,7 +78,21 @@ impl Status {
         Status {
             store,
             inner: Mutex::new(Inner::default()),
+            core: Mutex::new(None),
         }
+    }
+
+    /// Show the failover core's view from now on.
+    pub fn attach_core(&self, rx: tokio::sync::watch::Receiver<Option<failoverd_core::Status>>) {
+        *self.core.lock().unwrap_or_else(|p| p.into_inner()) = Some(rx);
+    }
+
+    fn core(&self) -> Option<failoverd_core::Status> {
+        self.core
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .and_then(|rx| rx.borrow().clone())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -146,9 +164,15 @@ impl Status {
                 chains: n.chains,
             })
         });
+        let core = self.core();
         StatusView {
-            role: i.role,
-            epoch: 0,
+            role: match &core {
+                Some(c) if c.role == failoverd_core::Role::Live => Some(Role::Live),
+                Some(_) => Some(Role::Standby),
+                None => i.role,
+            },
+            epoch: core.as_ref().map_or(0, |c| c.epoch),
+            core,
             age_seconds: last
                 .as_ref()
                 .map(|l| now_ms().saturating_sub(l.taken_unix_ms) as f64 / 1000.0),
@@ -173,7 +197,17 @@ impl Status {
                 })
             })
             .collect();
-        serde_json::json!({ "role": self.role(), "epoch": 0, "generations": gens })
+        let core = self.core();
+        let role = match &core {
+            Some(c) if c.role == failoverd_core::Role::Live => Some(Role::Live),
+            Some(_) => Some(Role::Standby),
+            None => self.role(),
+        };
+        serde_json::json!({
+            "role": role,
+            "epoch": core.as_ref().map_or(0, |c| c.epoch),
+            "generations": gens,
+        })
     }
 }
 
@@ -194,6 +228,31 @@ impl StatusView {
             "chains": last.map(|l| l.chains),
             "generations_held": self.generations_held,
             "error": self.error,
+            "vip_held": self.core.as_ref().map(|c| c.vip_held),
+            "doing": self.core.as_ref().map(|c| c.doing.clone()),
+            "newest_generation": self.core.as_ref().and_then(|c| c.newest_generation),
+            "conflicts": self.core.as_ref().map(|c| c.conflicts),
+            "peer": self.core.as_ref().map(|c| serde_json::json!({
+                "reachable": c.peer.reachable,
+                "epoch": c.peer.epoch,
+                "live": c.peer.live,
+                "may_hold": c.peer.may_hold,
+                "newest_generation": c.peer.newest_generation,
+            })),
+            "health": self.core.as_ref().map(|c| c.health.iter().map(|h| serde_json::json!({
+                "check": check_name(h.check),
+                "ok": h.ok,
+                "reason": h.reason,
+            })).collect::<Vec<_>>()),
         })
+    }
+}
+
+/// A health check's name in status and metrics.
+pub fn check_name(c: failoverd_core::Check) -> &'static str {
+    match c {
+        failoverd_core::Check::OwnConode => "own_conode",
+        failoverd_core::Check::LiveConode => "live_conode",
+        failoverd_core::Check::LivePeer => "live_peer",
     }
 }

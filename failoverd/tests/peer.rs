@@ -102,6 +102,7 @@ async fn an_offer_naming_a_chunk_out_of_range_is_a_clear_error_and_shipping_goes
         metrics: Arc::new(Metrics::new()),
         timeouts: timeouts(),
         admin: d.path().join("no-conode.sock"),
+        events: None,
     });
     let standby_tls = PeerTls::new(&standby_key).unwrap();
     let (addr, offers) = forging_standby(server, &standby_tls, live_key.public_bytes()).await;

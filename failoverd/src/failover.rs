@@ -1,0 +1,340 @@
+//! The failover shell: one driver task around the sans-IO core
+//! ([`failoverd_core::Core`]), in the manner of quinn's driver: it feeds the core every
+//! [`Event`] with the monotonic time, drains its actions, and re-arms one timer at
+//! `poll_timeout`. Effects (epoch, address, conode, generations, final snapshot) are
+//! carried out one at a time, in the order asked, by a worker of their own, and each
+//! outcome comes back as an event: the core never assumes a side effect happened.
+//!
+//! This module decides nothing: every decision is the core's.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use failoverd_core::{
+    Action, Check, CommandId, Core, Effect, Input, Level, Mac, Millis, OpId, Outcome,
+};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::conode_ctl::Conode;
+use crate::live::Shipper;
+use crate::peer::PeerClient;
+use crate::standby::Store;
+
+pub use crate::event::{Event, Handle};
+
+/// The address as the shell manages it.
+pub enum Address {
+    /// `[vip] address` is empty: no address is managed (probes find no holder, adds and
+    /// removes do nothing); roles, epochs and the conode are still managed.
+    Unmanaged,
+}
+
+impl Address {
+    /// Our tagged address is on the interface now.
+    pub async fn leftover(&self) -> Result<bool, String> {
+        match self {
+            Address::Unmanaged => Ok(false),
+        }
+    }
+
+    async fn probe(&self) -> Result<Option<Mac>, String> {
+        match self {
+            Address::Unmanaged => Ok(None),
+        }
+    }
+
+    async fn add(&self) -> Result<(), String> {
+        match self {
+            Address::Unmanaged => Ok(()),
+        }
+    }
+
+    async fn remove(&self) -> Result<(), String> {
+        match self {
+            Address::Unmanaged => Ok(()),
+        }
+    }
+
+    async fn announce(&self) -> Result<(), String> {
+        match self {
+            Address::Unmanaged => Ok(()),
+        }
+    }
+}
+
+/// What carries out the core's effects.
+pub struct Effects {
+    pub state_dir: PathBuf,
+    pub public: [u8; 32],
+    pub store: Arc<Store>,
+    pub conode: Arc<Conode>,
+    pub shipper: Arc<Shipper>,
+    pub address: Address,
+    /// How long starting or stopping the conode may take.
+    pub conode_timeout: Duration,
+    /// The newest generation this host's conode database is known to hold at least
+    /// (shipped from it, or installed into it); 0 when none.
+    pub origin: AtomicU64,
+}
+
+impl Effects {
+    async fn run(&self, effect: Effect) -> Result<Outcome, String> {
+        match effect {
+            Effect::PersistEpoch(e) => {
+                let dir = self.state_dir.clone();
+                tokio::task::spawn_blocking(move || crate::epoch::write(&dir, e))
+                    .await
+                    .map_err(|e| format!("the epoch task failed: {e}"))??;
+                Ok(Outcome::EpochPersisted(e))
+            }
+            Effect::ProbeAddress => Ok(Outcome::ProbeResult {
+                holder: self.address.probe().await?,
+            }),
+            Effect::AddAddress => self.address.add().await.map(|()| Outcome::AddressAdded),
+            Effect::RemoveAddress => self
+                .address
+                .remove()
+                .await
+                .map(|()| Outcome::AddressRemoved),
+            Effect::Announce => self.address.announce().await.map(|()| Outcome::Announced),
+            Effect::StartConode => self
+                .conode
+                .start(self.conode_timeout)
+                .await
+                .map(|()| Outcome::ConodeStarted),
+            Effect::StopConode => self
+                .conode
+                .stop(self.conode_timeout)
+                .await
+                .map(|()| Outcome::ConodeStopped),
+            Effect::InstallGeneration(g) => {
+                if g <= self.origin.load(Ordering::SeqCst) {
+                    // This host's database is where generation g came from (or g was
+                    // installed here already): it holds at least that data.
+                    return Ok(Outcome::GenerationInstalled(g));
+                }
+                let gen = self
+                    .store
+                    .installed()
+                    .into_iter()
+                    .find(|i| i.manifest.generation == g)
+                    .ok_or_else(|| format!("generation {g} is not held on this host"))?;
+                let (conode, dir) = (self.conode.clone(), self.state_dir.clone());
+                tokio::task::spawn_blocking(move || conode.install(g, &gen.path, &dir))
+                    .await
+                    .map_err(|e| format!("the install task failed: {e}"))??;
+                self.origin.fetch_max(g, Ordering::SeqCst);
+                Ok(Outcome::GenerationInstalled(g))
+            }
+            Effect::ShipFinalSnapshot => {
+                let s = self
+                    .shipper
+                    .final_snapshot(self.conode.db(), self.public)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                self.origin.fetch_max(s.generation, Ordering::SeqCst);
+                Ok(Outcome::FinalSnapshotShipped {
+                    generation: s.generation,
+                })
+            }
+        }
+    }
+}
+
+/// How long the effect worker lets one effect run before it reports a failure (the core
+/// has its own, shorter timeouts; this keeps a hung effect from blocking the ones after).
+fn worker_limit(e: &Effect) -> Duration {
+    match e {
+        Effect::InstallGeneration(_) | Effect::ShipFinalSnapshot => Duration::from_secs(900),
+        Effect::StartConode | Effect::StopConode => Duration::from_secs(120),
+        _ => Duration::from_secs(60),
+    }
+}
+
+/// Run the core until `stop`: the driver loop. `started` is the first input.
+#[allow(clippy::too_many_arguments)]
+pub async fn drive(
+    mut core: Core,
+    started: Input,
+    mut events: mpsc::Receiver<Event>,
+    to_self: mpsc::Sender<Event>,
+    effects: Arc<Effects>,
+    peer: PeerClient,
+    status: watch::Sender<Option<failoverd_core::Status>>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), String> {
+    let t0 = Instant::now();
+    let now = move || Millis(t0.elapsed().as_millis() as u64);
+    // The effect worker: one at a time, in order.
+    let (work_tx, mut work_rx) = mpsc::unbounded_channel::<(OpId, Effect)>();
+    let worker_events = to_self.clone();
+    let worker = tokio::spawn(async move {
+        while let Some((op, effect)) = work_rx.recv().await {
+            let limit = worker_limit(&effect);
+            let result = match tokio::time::timeout(limit, effects.run(effect)).await {
+                Ok(r) => r,
+                Err(_) => Err(format!("{effect:?} did not finish within {limit:?}")),
+            };
+            if worker_events
+                .send(Event::Outcome { op, result })
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    let _worker = AbortOnDrop(worker);
+    let mut replies: HashMap<CommandId, oneshot::Sender<Result<String, String>>> = HashMap::new();
+    let mut next_command = 1u64;
+    core.handle(now(), started);
+    loop {
+        while let Some(a) = core.poll_action() {
+            match a {
+                Action::Do { op, effect } => {
+                    tracing::debug!("effect {op:?}: {effect:?}");
+                    if work_tx.send((op, effect)).is_err() {
+                        return Err("the effect worker is gone: this is a bug".into());
+                    }
+                }
+                Action::Send(m) => {
+                    let peer = peer.clone();
+                    tokio::spawn(async move {
+                        let body = crate::wire::encode(&m);
+                        if let Err(e) = peer
+                            .request(hyper::Method::POST, "/v1/core", body, "peer message")
+                            .await
+                        {
+                            tracing::debug!("peer message not delivered: {e}");
+                        }
+                    });
+                }
+                Action::Reply { id, result } => {
+                    if let Some(r) = replies.remove(&id) {
+                        let _ = r.send(result);
+                    }
+                }
+                Action::Log { level, text } => match level {
+                    Level::Debug => tracing::debug!("{text}"),
+                    Level::Info => tracing::info!("{text}"),
+                    Level::Warn => tracing::warn!("{text}"),
+                    Level::Error => tracing::error!("{text}"),
+                },
+            }
+        }
+        let _ = status.send(Some(core.status()));
+        let deadline = core
+            .poll_timeout()
+            .map(|Millis(ms)| tokio::time::Instant::from_std(t0) + Duration::from_millis(ms));
+        let sleep = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            ev = events.recv() => {
+                let Some(ev) = ev else { return Ok(()) };
+                let input = match ev {
+                    Event::Peer(m) => Input::Peer(m),
+                    Event::Command { command, reply } => {
+                        let id = CommandId(next_command);
+                        next_command += 1;
+                        replies.insert(id, reply);
+                        Input::Command { id, command }
+                    }
+                    Event::Health { check, ok, reason } => Input::Health { check, ok, reason },
+                    Event::GenerationVerified(generation) => Input::GenerationVerified { generation },
+                    Event::Conflict(mac) => Input::ConflictSeen { mac },
+                    Event::Outcome { op, result } => Input::Outcome { op, result },
+                };
+                core.handle(now(), input);
+            }
+            _ = sleep => core.handle_timeout(now()),
+            _ = stop.wait_for(|s| *s) => return Ok(()),
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The health checks, every `every`: while live, this host's own conode (its admin
+/// socket); while standby, the live failoverd (the peer port's status) and the live
+/// conode through the address (Status over WebSocket at the conode's public address).
+/// Verdicts alert only; the core never promotes on them.
+pub async fn health_checks(
+    handle: Handle,
+    conode: Arc<Conode>,
+    peer: PeerClient,
+    server: conode::config::ServerToml,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), String> {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return Ok(()),
+        }
+        let live = handle
+            .status
+            .borrow()
+            .as_ref()
+            .is_some_and(|s| s.role == failoverd_core::Role::Live);
+        let mut verdicts = Vec::new();
+        if live {
+            let ok = conode.answers().await;
+            let exited = conode.reap().await;
+            verdicts.push((
+                Check::OwnConode,
+                ok,
+                match (ok, exited) {
+                    (true, _) => "its admin socket answers".to_string(),
+                    (false, Some(st)) => format!("the conode exited ({st})"),
+                    (false, None) => "its admin socket does not answer".to_string(),
+                },
+            ));
+        } else {
+            let r = peer
+                .request(hyper::Method::GET, "/v1/status", "", "status")
+                .await;
+            verdicts.push(match r {
+                Ok(_) => (Check::LivePeer, true, "the peer port answers".to_string()),
+                Err(e) => (Check::LivePeer, false, e.to_string()),
+            });
+            let r = conode::client::status(&server, Duration::from_secs(2)).await;
+            verdicts.push(match r {
+                Ok(_) => (
+                    Check::LiveConode,
+                    true,
+                    format!("Status answers at {}", server.address.host_port()),
+                ),
+                Err(e) => (
+                    Check::LiveConode,
+                    false,
+                    format!("Status at {}: {e}", server.address.host_port()),
+                ),
+            });
+        }
+        for (check, ok, reason) in verdicts {
+            if handle
+                .events
+                .send(Event::Health { check, ok, reason })
+                .await
+                .is_err()
+            {
+                return Ok(());
+            }
+        }
+    }
+}
