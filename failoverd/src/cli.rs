@@ -25,9 +25,10 @@ pub struct SetupArgs {
     /// The other host's failoverd public key (hex), if already known.
     #[arg(long, default_value = "")]
     pub peer_key: String,
-    #[arg(long, default_value = "0.0.0.0:7770")]
+    /// This host's address and failoverd's peer port (not the conode's 7770/7771).
+    #[arg(long, default_value = "0.0.0.0:7780")]
     pub listen: String,
-    #[arg(long, default_value = "127.0.0.1:7771")]
+    #[arg(long, default_value = "127.0.0.1:7781")]
     pub metrics: String,
     #[arg(long, default_value = "eth0")]
     pub interface: String,

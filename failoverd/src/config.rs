@@ -259,10 +259,10 @@ impl Default for RawTimeouts {
 mod defaults {
     use super::Transport;
     pub fn listen_peer() -> String {
-        "0.0.0.0:7770".into()
+        "0.0.0.0:7780".into()
     }
     pub fn listen_metrics() -> String {
-        "127.0.0.1:7771".into()
+        "127.0.0.1:7781".into()
     }
     pub fn interval() -> String {
         "2s".into()
@@ -628,7 +628,7 @@ impl RawConfig {
         {
             bad(
                 "peer.address",
-                format!("{address:?} is not host:port (e.g. \"10.0.0.2:7770\")"),
+                format!("{address:?} is not host:port (e.g. \"10.0.0.2:7780\")"),
             );
         }
         let listen_peer = self.listen.peer.parse::<SocketAddr>().unwrap_or_else(|e| {
@@ -955,10 +955,10 @@ mod tests {
             state_dir: Path::new("/var/lib/failoverd"),
             conode_config: Path::new("/etc/conode/private.toml"),
             conode_data_dir: Path::new("/var/lib/conode"),
-            peer_address: "10.0.0.2:7770",
+            peer_address: "10.0.0.2:7780",
             peer_key: "",
-            listen_peer: "0.0.0.0:7770",
-            listen_metrics: "127.0.0.1:7771",
+            listen_peer: "0.0.0.0:7780",
+            listen_metrics: "127.0.0.1:7781",
             interface: "eth0",
             transport: Transport::Https,
             ssh_target: "",
@@ -990,8 +990,17 @@ mod tests {
         assert_eq!(c.snapshot.transport, Transport::Https);
         assert_eq!(c.snapshot.interval, Duration::from_secs(2));
         assert_eq!(c.peer.public_key, [1; 32]);
-        assert_eq!(c.listen.peer, "0.0.0.0:7770".parse().unwrap());
-        assert_eq!(c.listen.metrics, Some("127.0.0.1:7771".parse().unwrap()));
+        assert_eq!(c.listen.peer, "0.0.0.0:7780".parse().unwrap());
+        assert_eq!(c.listen.metrics, Some("127.0.0.1:7781".parse().unwrap()));
+        // A file without [listen] gets ports that are not the conode's (7770, 7771).
+        let bare = Config::parse(
+            Path::new("f.toml"),
+            &format!("key_file = \"/k\"\nstate_dir = \"/s\"\n[conode]\nconfig = \"/c\"\ndata_dir = \"/d\"\n[peer]\naddress = \"h:1\"\npublic_key = \"{KEY}\"\n"),
+            no_env,
+        )
+        .unwrap();
+        assert_eq!(bare.listen.peer.port(), 7780);
+        assert_eq!(bare.listen.metrics.map(|m| m.port()), Some(7781));
         assert_eq!(c.timeouts.io_stall, Duration::from_secs(30));
         assert_eq!(c.timeouts.answer, Duration::from_secs(600));
         assert_eq!(c.ssh.timeout, Duration::from_secs(3600));
