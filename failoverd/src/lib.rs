@@ -18,12 +18,17 @@
 //! - [`peer`]: the HTTPS peer port (reqwest client, hyper server), pinned to the peer's
 //!   key (API documented there).
 //! - [`live`]: take a snapshot through the conode's admin socket and ship it.
+//! - [`arp`]: ARP and IPv6 neighbour discovery messages (built and parsed, pure) and
+//!   the raw `AF_PACKET` socket that carries them.
+//! - [`vip`]: the virtual IP's IO shell: add/remove/look (rtnetlink, tagged with
+//!   `IFA_PROTO`), probe, announce, watch for conflicts, `check`; decides nothing.
 //! - [`accept`]: the one accept loop (connection limit, back-off on errors).
 //! - [`daemon`]: `failoverd run`: supervised tasks, the state-directory lock, the
 //!   control socket, `/metrics`.
 //! - [`cli`]: `setup`, `check`, `status`, `snapshot`.
 
 pub mod accept;
+pub mod arp;
 pub mod chunk;
 pub mod cli;
 pub mod config;
@@ -36,3 +41,4 @@ pub mod metrics;
 pub mod peer;
 pub mod standby;
 pub mod status;
+pub mod vip;
