@@ -21,6 +21,10 @@
 //! - [`peer`]: the HTTPS peer port (reqwest client, hyper server), pinned to the peer's
 //!   key (API documented there).
 //! - [`live`]: take a snapshot through the conode's admin socket and ship it.
+//! - [`arp`]: ARP and IPv6 neighbour discovery messages (built and parsed, pure) and
+//!   the raw `AF_PACKET` socket that carries them.
+//! - [`vip`]: the virtual IP's IO shell: add/remove/look (rtnetlink, tagged with
+//!   `IFA_PROTO`), probe, announce, watch for conflicts, `check`; decides nothing.
 //! - [`conode_ctl`]: start and stop the conode (a child process or systemd), and bring
 //!   a verified generation into its data directory.
 //! - [`failover`]: the driver around the failover core (`failoverd-core`): feeds it
@@ -31,6 +35,7 @@
 //! - [`cli`]: `setup`, `check`, `status`, `snapshot`.
 
 pub mod accept;
+pub mod arp;
 pub mod chunk;
 pub mod cli;
 pub mod config;
@@ -47,4 +52,5 @@ pub mod metrics;
 pub mod peer;
 pub mod standby;
 pub mod status;
+pub mod vip;
 pub mod wire;

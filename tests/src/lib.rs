@@ -3,6 +3,10 @@
 //!
 //! The binaries must be built first (`cargo build --workspace`; `scripts/test` does it).
 //! A test that cannot get what it needs panics with the reason: it never skips.
+//!
+//! Modules: [`netns`] (the lab of hosts in network namespaces) and [`addrwatch`] (the
+//! checker of record for "at most one holder of the virtual IP").
+pub mod addrwatch;
 pub mod netns;
 
 use nix::sys::signal::{kill, Signal};

@@ -44,7 +44,7 @@
 //! ```
 //!
 //! * [`Lab::new`]`(name) -> Lab`; [`Lab::a`], [`Lab::b`]` -> &Host`; [`Lab::name`].
-//! * [`Host::ns`], [`Host::addr`]` -> Ipv4Addr`, [`Host::iface`];
+//! * [`Host::ns`], [`Host::addr`]` -> Ipv4Addr`, [`Host::iface`], [`Host::mac`];
 //!   [`Host::command`]`(program) -> Command` (`ip netns exec NS program`);
 //!   [`Host::spawn`]`(Command) -> Spawned` (killed by the lab on drop);
 //!   [`Host::sh`]`(script, timeout) -> Run` (bash, bounded);
@@ -525,6 +525,17 @@ impl Host {
         })
     }
 
+    /// The Ethernet address of this host's end of the cable (`52:54:00:aa:bb:cc`), read
+    /// with `ip -o link show`.
+    pub fn mac(&self) -> String {
+        let out = ip(&["-n", &self.ns, "-o", "link", "show", IFACE]);
+        out.split_whitespace()
+            .skip_while(|w| *w != "link/ether")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no link/ether in `ip -o link show {IFACE}`: {out}"))
+            .to_string()
+    }
+
     /// A TCP connection from this host to `to`, given up after `timeout`.
     pub fn connect(&self, to: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
         self.in_ns(|| TcpStream::connect_timeout(&to, timeout))
@@ -607,7 +618,7 @@ impl Drop for Relay<'_> {
 type Streams = Arc<Mutex<Vec<(u64, TcpStream)>>>;
 
 /// Join the network namespace `ns` with this thread (and the threads it starts later).
-fn enter_ns(ns: &str) -> Result<(), String> {
+pub(crate) fn enter_ns(ns: &str) -> Result<(), String> {
     let path = Path::new(NETNS_DIR).join(ns);
     let file = File::open(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
     // setns(2) changes the network namespace of the calling thread only.

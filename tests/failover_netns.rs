@@ -1,0 +1,471 @@
+//! failoverd failing over between two hosts in network namespaces: the virtual IP, the
+//! epochs, switchover and forced promote, with real conodes (run by failoverd as
+//! `nobody`), a skipchain whose leader's address is the virtual IP, and the checker of
+//! record (`system_tests::addrwatch`, the kernel's own address events) asserting that
+//! the two hosts never held the address at the same instant.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use system_tests::addrwatch::AddrWatch;
+use system_tests::netns::{Host, Lab, Spawned};
+use system_tests::{bin, conode_bin, Json};
+
+const T: Duration = Duration::from_secs(60);
+
+fn fo() -> String {
+    bin("failoverd").display().to_string()
+}
+
+fn ok(host: &Host, script: &str) -> String {
+    let r = host.sh(script, T);
+    assert_eq!(
+        r.code,
+        Some(0),
+        "{script}\nstdout: {}\nstderr: {}",
+        r.stdout,
+        r.stderr
+    );
+    r.stdout
+}
+
+fn refused(host: &Host, script: &str) -> String {
+    let r = host.sh(script, T);
+    assert_eq!(
+        r.code,
+        Some(1),
+        "{script} must be refused\nstdout: {}\nstderr: {}",
+        r.stdout,
+        r.stderr
+    );
+    r.stderr
+}
+
+fn wait(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !f() {
+        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Two hosts, each with failoverd (which starts and stops the conode as `nobody`), one
+/// conode identity whose `Address` is the virtual IP.
+struct Pair {
+    lab: Lab,
+    dir: tempfile::TempDir,
+    vip: Ipv4Addr,
+    failoverd: [Option<Spawned>; 2],
+    chain: String,
+    index: u64,
+}
+
+impl Pair {
+    fn p(&self, rel: &str) -> String {
+        self.dir.path().join(rel).display().to_string()
+    }
+
+    fn host(&self, h: &str) -> &Host {
+        if h == "a" {
+            self.lab.a()
+        } else {
+            self.lab.b()
+        }
+    }
+
+    fn start(name: &str) -> Pair {
+        let lab = Lab::new(name);
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (lab.a(), lab.b());
+        let o = a.addr().octets();
+        let vip = Ipv4Addr::new(o[0], o[1], o[2], 100);
+        let d = |p: &str| dir.path().join(p).display().to_string();
+        let conode = conode_bin().display().to_string();
+        ok(
+            a,
+            &format!(
+                "{conode} -c {} setup --non-interactive --host {vip} --port 7000 --description failover-lab",
+                d("a/co/private.toml")
+            ),
+        );
+        // Both hosts run the same identity; it listens on all addresses of its host.
+        let private = std::fs::read_to_string(dir.path().join("a/co/private.toml")).unwrap();
+        let private = private
+            .lines()
+            .filter(|l| !l.starts_with("ListenAddress"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let private = format!("ListenAddress = \"0.0.0.0\"\n{private}\n");
+        for h in ["a", "b"] {
+            std::fs::create_dir_all(dir.path().join(format!("{h}/co"))).unwrap();
+            std::fs::write(dir.path().join(format!("{h}/co/private.toml")), &private).unwrap();
+            std::fs::create_dir_all(dir.path().join(format!("{h}/data"))).unwrap();
+        }
+        // The conodes run as nobody: their files must be theirs.
+        ok(
+            a,
+            &format!(
+                "chmod 755 {root} && chown -R nobody:nogroup {a} {b}",
+                root = dir.path().display(),
+                a = d("a/co") + " " + &d("a/data"),
+                b = d("b/co") + " " + &d("b/data"),
+            ),
+        );
+        let mut keys = Vec::new();
+        for (h, host, peer) in [("a", a, b), ("b", b, a)] {
+            let out = ok(host, &format!(
+                "{fo} -c {cfg} setup --state-dir {state} --conode-config {co} --conode-data-dir {data} --peer {peer}:7780 --listen {me}:7780 --metrics 127.0.0.1:7781 --interface eth0",
+                fo = fo(),
+                cfg = d(&format!("{h}/failoverd.toml")),
+                state = d(&format!("{h}/state")),
+                co = d(&format!("{h}/co/private.toml")),
+                data = d(&format!("{h}/data")),
+                peer = peer.addr(),
+                me = host.addr(),
+            ));
+            keys.push(out.lines().last().unwrap().trim().to_string());
+        }
+        for (h, peer_key) in [("a", &keys[1]), ("b", &keys[0])] {
+            let p = dir.path().join(format!("{h}/failoverd.toml"));
+            let cfg = std::fs::read_to_string(&p)
+                .unwrap()
+                .replace("public_key = \"\"", &format!("public_key = \"{peer_key}\""))
+                .replace("interval = \"2s\"", "interval = \"1s\"")
+                .replace("control = \"systemd\"", "control = \"child\"")
+                .replace(
+                    "# binary = \"/usr/bin/conode\"",
+                    &format!("binary = \"{}\"", conode_bin().display()),
+                )
+                .replace("# user = \"conode\"", "user = \"nobody\"")
+                .replace("address = \"\"", &format!("address = \"{vip}/24\""));
+            std::fs::write(&p, cfg).unwrap();
+        }
+        let mut p = Pair {
+            lab,
+            dir,
+            vip,
+            failoverd: [None, None],
+            chain: String::new(),
+            index: 0,
+        };
+        p.spawn_failoverd("b");
+        p.spawn_failoverd("a");
+        p
+    }
+
+    fn spawn_failoverd(&mut self, h: &str) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("failoverd-{h}.log")))
+            .unwrap();
+        let mut cmd = self.host(h).command(bin("failoverd"));
+        cmd.arg("-c")
+            .arg(self.p(&format!("{h}/failoverd.toml")))
+            .arg("run")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        let s = self.host(h).spawn(cmd);
+        self.failoverd[usize::from(h == "b")] = Some(s);
+        let (host, cfg) = (self.host(h), self.p(&format!("{h}/failoverd.toml")));
+        wait(&format!("failoverd on {h}"), T, || {
+            host.sh(&format!("{} -c {cfg} status", fo()), T).code == Some(0)
+        });
+    }
+
+    fn failoverd(&self, h: &str, args: &str) -> String {
+        format!("{} -c {} {args}", fo(), self.p(&format!("{h}/failoverd.toml")))
+    }
+
+    fn status(&self, h: &str) -> Json {
+        Json::parse(&ok(self.host(h), &self.failoverd(h, "status --json"))).unwrap()
+    }
+
+    fn ns(&self, h: &str) -> String {
+        self.host(h).ns().to_string()
+    }
+
+    /// Create the chain or append `n` blocks, as a client in namespace `from` talking to
+    /// the virtual IP.
+    fn grow(&mut self, from: &str, n: u64) {
+        for i in 0..n {
+            let data = self.p("blockdata");
+            std::fs::write(&data, format!("block {i} from {from} {}", self.index)).unwrap();
+            let conode = conode_bin().display().to_string();
+            let cmd = if self.chain.is_empty() {
+                format!(
+                    "{conode} -c {} chain create {} --data {data} --json",
+                    self.p(&format!("{from}/co/private.toml")),
+                    self.p("a/co/public.toml")
+                )
+            } else {
+                format!(
+                    "{conode} -c {} chain add {} --data {data} --json",
+                    self.p(&format!("{from}/co/private.toml")),
+                    self.chain
+                )
+            };
+            let j = Json::parse(&ok(self.host(from), &cmd)).unwrap();
+            if self.chain.is_empty() {
+                self.chain = j.str_at(&["chain"]).to_string();
+            }
+            self.index = j.at(&["index"]).and_then(|v| v.as_u64()).unwrap();
+        }
+    }
+
+    /// Every block 0..=index is served through the virtual IP (asked from `from`).
+    fn assert_all_blocks(&self, from: &str) {
+        let conode = conode_bin().display().to_string();
+        for i in 0..=self.index {
+            ok(
+                self.host(from),
+                &format!(
+                    "{conode} -c {} chain get {} --index {i}",
+                    self.p(&format!("{from}/co/private.toml")),
+                    self.chain
+                ),
+            );
+        }
+    }
+
+    fn log(&self, h: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("failoverd-{h}.log")))
+            .unwrap_or_default()
+    }
+
+    /// The pid of the conode failoverd started on `h` (its config names the host).
+    fn conode_pid(&self, h: &str) -> Option<u32> {
+        let needle = self.p(&format!("{h}/co/private.toml"));
+        std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd);
+            (cmd.contains(&needle) && cmd.contains("server")).then_some(pid)
+        })
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        // The conodes are children of failoverd, which is killed by the lab: stop them
+        // (they were started by this test's failoverds).
+        for h in ["a", "b"] {
+            if let Some(pid) = self.conode_pid(h) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        if std::thread::panicking() {
+            for h in ["a", "b"] {
+                eprintln!("----- failoverd-{h}.log\n{}", self.log(h));
+            }
+        }
+    }
+}
+
+#[test]
+fn switchover_moves_the_address_and_the_chain_with_no_block_lost_and_never_two_holders() {
+    let mut p = Pair::start("switchover");
+    let watch = AddrWatch::start(IpAddr::V4(p.vip), &[p.lab.a(), p.lab.b()]);
+    // Never claimed at start.
+    assert_eq!(p.status("a").str_at(&["role"]), "standby");
+    assert!(watch.holders().is_empty());
+
+    let out = ok(p.lab.a(), &p.failoverd("a", "promote"));
+    assert!(out.contains("live under epoch 1"), "{out}");
+    assert!(watch.wait_holders(&[&p.ns("a")], Duration::from_secs(5)));
+    assert_eq!(p.status("a").str_at(&["role"]), "live");
+    assert_eq!(p.status("a").at(&["vip_held"]).and_then(|v| v.as_bool()), Some(true));
+
+    // A client on b appends through the virtual IP.
+    p.grow("b", 6);
+    let before = p.index;
+
+    let t = Instant::now();
+    let out = ok(p.lab.b(), &p.failoverd("b", "switchover"));
+    assert!(out.contains("switchover"), "{out}");
+    let took = t.elapsed();
+    assert!(watch.wait_holders(&[&p.ns("b")], Duration::from_secs(5)));
+    let (sa, sb) = (p.status("a"), p.status("b"));
+    assert_eq!(sa.str_at(&["role"]), "standby");
+    assert_eq!(sb.str_at(&["role"]), "live");
+    let epoch_b = sb.at(&["epoch"]).and_then(|v| v.as_u64()).unwrap();
+    assert!(epoch_b >= 2, "a switchover claims under a new epoch: {epoch_b}");
+    // Every acknowledged block is on the new live conode; a client on a goes on.
+    p.assert_all_blocks("a");
+    p.grow("a", 3);
+    assert_eq!(p.index, before + 3);
+    p.assert_all_blocks("a");
+
+    // And back.
+    let out = ok(p.lab.a(), &p.failoverd("a", "switchover"));
+    assert!(out.contains("switchover"), "{out}");
+    assert!(watch.wait_holders(&[&p.ns("a")], Duration::from_secs(5)));
+    p.assert_all_blocks("b");
+    assert!(
+        p.status("a").at(&["epoch"]).and_then(|v| v.as_u64()).unwrap() > epoch_b
+    );
+    watch.assert_no_overlap();
+    eprintln!("switchover a -> b answered in {took:?}");
+}
+
+#[test]
+fn a_forced_promote_after_the_live_host_dies_keeps_every_shipped_block_and_the_old_host_stays_standby(
+) {
+    let mut p = Pair::start("forced");
+    let watch = AddrWatch::start(IpAddr::V4(p.vip), &[p.lab.a(), p.lab.b()]);
+    ok(p.lab.a(), &p.failoverd("a", "promote"));
+    assert!(watch.wait_holders(&[&p.ns("a")], Duration::from_secs(5)));
+    p.grow("b", 5);
+    // Shipped and installed on b before a dies (this chain's roster is one conode: the
+    // blocks after the last snapshot would live on a's disk alone).
+    ok(p.lab.a(), &p.failoverd("a", "snapshot"));
+
+    // a's failoverd and conode are killed; the address stays on a's interface.
+    let conode_a = p.conode_pid("a").expect("a's conode runs");
+    if let Some(f) = p.failoverd[0].take() {
+        f.kill();
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(conode_a as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(3)); // past failover.peer_timeout (2 s)
+
+    // Without --force: refused, the peer is unreachable.
+    let e = refused(p.lab.b(), &p.failoverd("b", "promote"));
+    assert!(e.contains("--force"), "{e}");
+    // With --force, while a still answers ARP for the address: refused, naming a's MAC.
+    let e = refused(p.lab.b(), &p.failoverd("b", "promote --force"));
+    assert!(
+        e.to_lowercase().contains(&p.lab.a().mac().to_lowercase()),
+        "the refusal names the holder's MAC {}: {e}",
+        p.lab.a().mac()
+    );
+    assert_eq!(p.status("b").str_at(&["role"]), "standby");
+
+    // Now a is gone for good: a power cut takes its address with it.
+    ok(p.lab.a(), &format!("ip addr del {}/24 dev eth0", p.vip));
+    let out = ok(p.lab.b(), &p.failoverd("b", "promote --force"));
+    assert!(out.contains("live under epoch"), "{out}");
+    assert!(watch.wait_holders(&[&p.ns("b")], Duration::from_secs(5)));
+
+    // The old host comes back (rebooted: no address) and starts failoverd: it stays
+    // standby and does not take the address back.
+    p.spawn_failoverd("a");
+    wait("a hears b's epoch", Duration::from_secs(10), || {
+        p.status("a")
+            .at(&["peer", "live"])
+            .and_then(|v| v.as_bool())
+            == Some(true)
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(p.status("a").str_at(&["role"]), "standby");
+    assert_eq!(watch.holders(), vec![p.ns("b")]);
+    // Every block shipped before the death is served by b, to a client on a.
+    p.assert_all_blocks("a");
+    p.grow("a", 2);
+    watch.assert_no_overlap();
+}
+
+#[test]
+fn a_leftover_address_is_removed_at_start_when_the_peer_is_live_under_a_higher_epoch() {
+    let mut p = Pair::start("leftover");
+    let watch = AddrWatch::start(IpAddr::V4(p.vip), &[p.lab.a(), p.lab.b()]);
+    ok(p.lab.a(), &p.failoverd("a", "promote"));
+    assert!(watch.wait_holders(&[&p.ns("a")], Duration::from_secs(5)));
+    p.grow("b", 2);
+    ok(p.lab.b(), &p.failoverd("b", "switchover"));
+    assert!(watch.wait_holders(&[&p.ns("b")], Duration::from_secs(5)));
+
+    // a's failoverd dies; its link goes down and a tagged copy of the address is on
+    // its interface (as a crash in the middle of a claim would leave it), and failoverd
+    // starts again, cut from its peer: it never claims at start, and removes the
+    // leftover once the peer has not confirmed it within the grace.
+    if let Some(f) = p.failoverd[0].take() {
+        f.kill();
+    }
+    p.lab.link_down();
+    ok(
+        p.lab.a(),
+        &format!("ip addr add {}/24 dev eth0 proto 250", p.vip),
+    );
+    p.spawn_failoverd("a");
+    wait("a removes its leftover", Duration::from_secs(15), || {
+        !ok(p.lab.a(), "ip -4 addr show dev eth0").contains(&format!("{}/", p.vip))
+    });
+    assert_eq!(p.status("a").str_at(&["role"]), "standby");
+    p.lab.link_up();
+    assert!(watch.wait_holders(&[&p.ns("b")], Duration::from_secs(5)));
+    assert!(p.log("a").contains("leftover"), "{}", p.log("a"));
+    watch.assert_no_overlap();
+}
+
+#[test]
+fn a_message_with_a_stale_epoch_is_refused_and_changes_nothing() {
+    let p = Pair::start("stale");
+    ok(p.lab.a(), &p.failoverd("a", "promote"));
+    // A handover under epoch 0, sent by a host that has b's pinned key (a itself),
+    // while b has seen epoch 1: refused, b stays standby.
+    let stale = r#"{"epoch":0,"live":false,"may_hold":false,"newest_generation":null,"body":{"kind":"handover","generation":1}}"#;
+    wait("b hears epoch 1", Duration::from_secs(10), || {
+        p.status("b")
+            .at(&["peer", "epoch"])
+            .and_then(|v| v.as_u64())
+            == Some(1)
+    });
+    let conf = failoverd::config::Config::load(std::path::Path::new(&p.p("a/failoverd.toml")))
+        .unwrap();
+    let key = failoverd::config::load_key(&conf.key_file).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let answer = p.lab.a().in_ns(|| {
+        rt.block_on(async {
+            conode::tls::install_provider();
+            let tls = conode::peer::PeerTls::new(&key).unwrap();
+            let client = failoverd::peer::PeerClient::new(
+                &tls,
+                &conf.peer.address,
+                conf.peer.public_key,
+                &conf.timeouts,
+            )
+            .unwrap();
+            client
+                .request(reqwest::Method::POST, "/v1/core", stale.as_bytes().to_vec(), "stale")
+                .await
+        })
+    });
+    assert!(answer.is_ok(), "the message is delivered: {answer:?}");
+    std::thread::sleep(Duration::from_secs(1));
+    let b = p.status("b");
+    assert_eq!(b.str_at(&["role"]), "standby");
+    assert!(
+        p.log("b").contains("stale epoch"),
+        "b logs the refusal:\n{}",
+        p.log("b")
+    );
+    // Garbage is refused at the door.
+    let garbage = p.lab.a().in_ns(|| {
+        rt.block_on(async {
+            let tls = conode::peer::PeerTls::new(&key).unwrap();
+            let client = failoverd::peer::PeerClient::new(
+                &tls,
+                &conf.peer.address,
+                conf.peer.public_key,
+                &conf.timeouts,
+            )
+            .unwrap();
+            client
+                .request(reqwest::Method::POST, "/v1/core", b"{\"epoch\":\"x\"}".to_vec(), "garbage")
+                .await
+        })
+    });
+    assert!(garbage.is_err(), "{garbage:?}");
+}
