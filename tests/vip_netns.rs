@@ -572,3 +572,37 @@ fn ipv6_announce_moves_a_client_neighbour_entry() {
     );
     assert!(!shown.contains(wrong), "{shown}");
 }
+
+#[test]
+fn ipv6_watch_conflicts_reports_an_impostors_advertisement() {
+    let lab = Lab::new("vip6-watch");
+    let vip = vip6(&lab);
+    let (a, b) = (lab.a(), lab.b());
+    let own = mac(a);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        let watcher = s.spawn(|| {
+            on(a, || async {
+                vip.add().await.expect("a holds the VIP");
+                let mut conflicts = Box::pin(vip.watch_conflicts(own).expect("watch"));
+                ready_tx.send(()).expect("the test waits");
+                // Our own advertisement is not a conflict.
+                vip.announce(1, Duration::ZERO).await.expect("announce");
+                tokio::time::timeout(Duration::from_secs(3), conflicts.next()).await
+            })
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the watch started");
+        on(b, || async {
+            vip.announce(2, Duration::from_millis(20))
+                .await
+                .expect("the impostor advertises")
+        });
+        let got = watcher.join().expect("the watcher");
+        let got = got
+            .expect("a conflict within 3 s")
+            .expect("the stream goes on");
+        assert_eq!(got.expect("no socket error"), mac(b));
+    });
+}

@@ -31,6 +31,22 @@
 //!
 //! Every socket is made in the network namespace of the calling thread, at the call:
 //! tests run these functions on a thread that has joined a namespace.
+//!
+//! # Wiring (for the daemon)
+//!
+//! Build one [`Vip`] from the validated `[vip]` section ([`Vip::parse`]) and run the
+//! core's actions as tasks, each outcome fed back as an input:
+//! - at start (safety rule 1): [`Vip::present`]; a tagged leftover is removed with
+//!   [`Vip::remove`] unless the core says we hold the current epoch; an untagged copy
+//!   is reported, never touched;
+//! - claim: [`Vip::probe`] (`Some(mac)` → refuse, with [`VipError::Held`] as the line),
+//!   then [`Vip::add`], then [`Vip::announce`] (e.g. 3 rounds 50 ms apart), repeated
+//!   later for the refresh; for IPv6, [`Vip::present`] until [`Dad::Done`] (or
+//!   [`Dad::Failed`]: another holder, remove ours);
+//! - while holding: one task draining [`Vip::watch_conflicts`] (own MAC from
+//!   [`Vip::mac`]); each MAC is an input the core resolves by epoch;
+//! - release: [`Vip::remove`];
+//! - `failoverd check`: [`check`], one line per problem.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
