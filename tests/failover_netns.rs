@@ -4,6 +4,7 @@
 //! record (`system_tests::addrwatch`, the kernel's own address events) asserting that
 //! the two hosts never held the address at the same instant.
 
+use std::cell::{Cell, RefCell};
 use std::net::{IpAddr, Ipv4Addr};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -56,9 +57,9 @@ struct Pair {
     lab: Lab,
     dir: tempfile::TempDir,
     vip: Ipv4Addr,
-    failoverd: [Option<Spawned>; 2],
-    chain: String,
-    index: u64,
+    failoverd: RefCell<[Option<Spawned>; 2]>,
+    chain: RefCell<String>,
+    index: Cell<u64>,
 }
 
 impl Pair {
@@ -106,7 +107,7 @@ impl Pair {
         ok(
             a,
             &format!(
-                "chmod 755 {root} && chown -R nobody:nogroup {a} {b}",
+                "chmod 755 {root} {root}/a {root}/b && chown -R nobody:nogroup {a} {b}",
                 root = dir.path().display(),
                 a = d("a/co") + " " + &d("a/data"),
                 b = d("b/co") + " " + &d("b/data"),
@@ -141,20 +142,28 @@ impl Pair {
                 .replace("address = \"\"", &format!("address = \"{vip}/24\""));
             std::fs::write(&p, cfg).unwrap();
         }
-        let mut p = Pair {
+        let p = Pair {
             lab,
             dir,
             vip,
-            failoverd: [None, None],
-            chain: String::new(),
-            index: 0,
+            failoverd: RefCell::new([None, None]),
+            chain: RefCell::new(String::new()),
+            index: Cell::new(0),
         };
         p.spawn_failoverd("b");
         p.spawn_failoverd("a");
+        for h in ["a", "b"] {
+            wait(&format!("{h} hears its peer"), T, || {
+                p.status(h)
+                    .at(&["peer", "reachable"])
+                    .and_then(|v| v.as_bool())
+                    == Some(true)
+            });
+        }
         p
     }
 
-    fn spawn_failoverd(&mut self, h: &str) {
+    fn spawn_failoverd(&self, h: &str) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -168,15 +177,29 @@ impl Pair {
             .stdout(Stdio::null())
             .stderr(log);
         let s = self.host(h).spawn(cmd);
-        self.failoverd[usize::from(h == "b")] = Some(s);
+        self.failoverd.borrow_mut()[usize::from(h == "b")] = Some(s);
         let (host, cfg) = (self.host(h), self.p(&format!("{h}/failoverd.toml")));
         wait(&format!("failoverd on {h}"), T, || {
             host.sh(&format!("{} -c {cfg} status", fo()), T).code == Some(0)
         });
     }
 
+    /// Wait until `h` heard that its peer is live.
+    fn wait_peer_live(&self, h: &str) {
+        wait(&format!("{h} hears its peer is live"), T, || {
+            self.status(h)
+                .at(&["peer", "live"])
+                .and_then(|v| v.as_bool())
+                == Some(true)
+        });
+    }
+
     fn failoverd(&self, h: &str, args: &str) -> String {
-        format!("{} -c {} {args}", fo(), self.p(&format!("{h}/failoverd.toml")))
+        format!(
+            "{} -c {} {args}",
+            fo(),
+            self.p(&format!("{h}/failoverd.toml"))
+        )
     }
 
     fn status(&self, h: &str) -> Json {
@@ -189,12 +212,13 @@ impl Pair {
 
     /// Create the chain or append `n` blocks, as a client in namespace `from` talking to
     /// the virtual IP.
-    fn grow(&mut self, from: &str, n: u64) {
+    fn grow(&self, from: &str, n: u64) {
         for i in 0..n {
             let data = self.p("blockdata");
-            std::fs::write(&data, format!("block {i} from {from} {}", self.index)).unwrap();
+            std::fs::write(&data, format!("block {i} from {from} {}", self.index.get())).unwrap();
             let conode = conode_bin().display().to_string();
-            let cmd = if self.chain.is_empty() {
+            let chain = self.chain.borrow().clone();
+            let cmd = if chain.is_empty() {
                 format!(
                     "{conode} -c {} chain create {} --data {data} --json",
                     self.p(&format!("{from}/co/private.toml")),
@@ -202,29 +226,29 @@ impl Pair {
                 )
             } else {
                 format!(
-                    "{conode} -c {} chain add {} --data {data} --json",
+                    "{conode} -c {} chain add {chain} --data {data} --json",
                     self.p(&format!("{from}/co/private.toml")),
-                    self.chain
                 )
             };
             let j = Json::parse(&ok(self.host(from), &cmd)).unwrap();
-            if self.chain.is_empty() {
-                self.chain = j.str_at(&["chain"]).to_string();
+            if chain.is_empty() {
+                *self.chain.borrow_mut() = j.str_at(&["chain"]).to_string();
             }
-            self.index = j.at(&["index"]).and_then(|v| v.as_u64()).unwrap();
+            self.index
+                .set(j.at(&["index"]).and_then(|v| v.as_u64()).unwrap());
         }
     }
 
     /// Every block 0..=index is served through the virtual IP (asked from `from`).
     fn assert_all_blocks(&self, from: &str) {
         let conode = conode_bin().display().to_string();
-        for i in 0..=self.index {
+        let chain = self.chain.borrow().clone();
+        for i in 0..=self.index.get() {
             ok(
                 self.host(from),
                 &format!(
-                    "{conode} -c {} chain get {} --index {i}",
+                    "{conode} -c {} chain get {chain} --index {i}",
                     self.p(&format!("{from}/co/private.toml")),
-                    self.chain
                 ),
             );
         }
@@ -269,7 +293,7 @@ impl Drop for Pair {
 
 #[test]
 fn switchover_moves_the_address_and_the_chain_with_no_block_lost_and_never_two_holders() {
-    let mut p = Pair::start("switchover");
+    let p = Pair::start("switchover");
     let watch = AddrWatch::start(IpAddr::V4(p.vip), &[p.lab.a(), p.lab.b()]);
     // Never claimed at start.
     assert_eq!(p.status("a").str_at(&["role"]), "standby");
@@ -279,35 +303,47 @@ fn switchover_moves_the_address_and_the_chain_with_no_block_lost_and_never_two_h
     assert!(out.contains("live under epoch 1"), "{out}");
     assert!(watch.wait_holders(&[&p.ns("a")], Duration::from_secs(5)));
     assert_eq!(p.status("a").str_at(&["role"]), "live");
-    assert_eq!(p.status("a").at(&["vip_held"]).and_then(|v| v.as_bool()), Some(true));
+    assert_eq!(
+        p.status("a").at(&["vip_held"]).and_then(|v| v.as_bool()),
+        Some(true)
+    );
 
     // A client on b appends through the virtual IP.
     p.grow("b", 6);
-    let before = p.index;
+    let before = p.index.get();
 
+    p.wait_peer_live("b");
     let t = Instant::now();
     let out = ok(p.lab.b(), &p.failoverd("b", "switchover"));
-    assert!(out.contains("switchover"), "{out}");
+    assert!(out.contains("live under epoch"), "{out}");
     let took = t.elapsed();
     assert!(watch.wait_holders(&[&p.ns("b")], Duration::from_secs(5)));
     let (sa, sb) = (p.status("a"), p.status("b"));
     assert_eq!(sa.str_at(&["role"]), "standby");
     assert_eq!(sb.str_at(&["role"]), "live");
     let epoch_b = sb.at(&["epoch"]).and_then(|v| v.as_u64()).unwrap();
-    assert!(epoch_b >= 2, "a switchover claims under a new epoch: {epoch_b}");
+    assert!(
+        epoch_b >= 2,
+        "a switchover claims under a new epoch: {epoch_b}"
+    );
     // Every acknowledged block is on the new live conode; a client on a goes on.
     p.assert_all_blocks("a");
     p.grow("a", 3);
-    assert_eq!(p.index, before + 3);
+    assert_eq!(p.index.get(), before + 3);
     p.assert_all_blocks("a");
 
     // And back.
+    p.wait_peer_live("a");
     let out = ok(p.lab.a(), &p.failoverd("a", "switchover"));
-    assert!(out.contains("switchover"), "{out}");
+    assert!(out.contains("live under epoch"), "{out}");
     assert!(watch.wait_holders(&[&p.ns("a")], Duration::from_secs(5)));
     p.assert_all_blocks("b");
     assert!(
-        p.status("a").at(&["epoch"]).and_then(|v| v.as_u64()).unwrap() > epoch_b
+        p.status("a")
+            .at(&["epoch"])
+            .and_then(|v| v.as_u64())
+            .unwrap()
+            > epoch_b
     );
     watch.assert_no_overlap();
     eprintln!("switchover a -> b answered in {took:?}");
@@ -316,7 +352,7 @@ fn switchover_moves_the_address_and_the_chain_with_no_block_lost_and_never_two_h
 #[test]
 fn a_forced_promote_after_the_live_host_dies_keeps_every_shipped_block_and_the_old_host_stays_standby(
 ) {
-    let mut p = Pair::start("forced");
+    let p = Pair::start("forced");
     let watch = AddrWatch::start(IpAddr::V4(p.vip), &[p.lab.a(), p.lab.b()]);
     ok(p.lab.a(), &p.failoverd("a", "promote"));
     assert!(watch.wait_holders(&[&p.ns("a")], Duration::from_secs(5)));
@@ -327,7 +363,7 @@ fn a_forced_promote_after_the_live_host_dies_keeps_every_shipped_block_and_the_o
 
     // a's failoverd and conode are killed; the address stays on a's interface.
     let conode_a = p.conode_pid("a").expect("a's conode runs");
-    if let Some(f) = p.failoverd[0].take() {
+    if let Some(f) = p.failoverd.borrow_mut()[0].take() {
         f.kill();
     }
     nix::sys::signal::kill(
@@ -374,12 +410,13 @@ fn a_forced_promote_after_the_live_host_dies_keeps_every_shipped_block_and_the_o
 }
 
 #[test]
-fn a_leftover_address_is_removed_at_start_when_the_peer_is_live_under_a_higher_epoch() {
-    let mut p = Pair::start("leftover");
+fn a_leftover_address_is_removed_at_start_unless_the_peer_confirms_it() {
+    let p = Pair::start("leftover");
     let watch = AddrWatch::start(IpAddr::V4(p.vip), &[p.lab.a(), p.lab.b()]);
     ok(p.lab.a(), &p.failoverd("a", "promote"));
     assert!(watch.wait_holders(&[&p.ns("a")], Duration::from_secs(5)));
     p.grow("b", 2);
+    p.wait_peer_live("b");
     ok(p.lab.b(), &p.failoverd("b", "switchover"));
     assert!(watch.wait_holders(&[&p.ns("b")], Duration::from_secs(5)));
 
@@ -387,14 +424,22 @@ fn a_leftover_address_is_removed_at_start_when_the_peer_is_live_under_a_higher_e
     // its interface (as a crash in the middle of a claim would leave it), and failoverd
     // starts again, cut from its peer: it never claims at start, and removes the
     // leftover once the peer has not confirmed it within the grace.
-    if let Some(f) = p.failoverd[0].take() {
+    if let Some(f) = p.failoverd.borrow_mut()[0].take() {
         f.kill();
     }
     p.lab.link_down();
-    ok(
-        p.lab.a(),
-        &format!("ip addr add {}/24 dev eth0 proto 250", p.vip),
-    );
+    // Tagged as failoverd tags it (iproute2 6.1 cannot set IFA_PROTO): added through
+    // failoverd's own VIP shell, inside a's namespace.
+    let vip = failoverd::vip::Vip::parse("eth0", &format!("{}/24", p.vip)).unwrap();
+    p.lab.a().in_ns(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(vip.add())
+            .unwrap()
+    });
+    assert!(ok(p.lab.a(), "ip -4 addr show dev eth0").contains(&format!("{}/", p.vip)));
     p.spawn_failoverd("a");
     wait("a removes its leftover", Duration::from_secs(15), || {
         !ok(p.lab.a(), "ip -4 addr show dev eth0").contains(&format!("{}/", p.vip))
@@ -419,8 +464,8 @@ fn a_message_with_a_stale_epoch_is_refused_and_changes_nothing() {
             .and_then(|v| v.as_u64())
             == Some(1)
     });
-    let conf = failoverd::config::Config::load(std::path::Path::new(&p.p("a/failoverd.toml")))
-        .unwrap();
+    let conf =
+        failoverd::config::Config::load(std::path::Path::new(&p.p("a/failoverd.toml"))).unwrap();
     let key = failoverd::config::load_key(&conf.key_file).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -438,7 +483,12 @@ fn a_message_with_a_stale_epoch_is_refused_and_changes_nothing() {
             )
             .unwrap();
             client
-                .request(reqwest::Method::POST, "/v1/core", stale.as_bytes().to_vec(), "stale")
+                .request(
+                    reqwest::Method::POST,
+                    "/v1/core",
+                    stale.as_bytes().to_vec(),
+                    "stale",
+                )
                 .await
         })
     });
@@ -463,7 +513,12 @@ fn a_message_with_a_stale_epoch_is_refused_and_changes_nothing() {
             )
             .unwrap();
             client
-                .request(reqwest::Method::POST, "/v1/core", b"{\"epoch\":\"x\"}".to_vec(), "garbage")
+                .request(
+                    reqwest::Method::POST,
+                    "/v1/core",
+                    b"{\"epoch\":\"x\"}".to_vec(),
+                    "garbage",
+                )
                 .await
         })
     });

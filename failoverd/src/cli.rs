@@ -187,7 +187,23 @@ pub async fn check(config_path: &Path) -> Result<(), String> {
         }
         Err(e) => err(e),
     }
-    if raw.vip.interface.is_empty() {
+    if !raw.vip.address.trim().is_empty() && !raw.vip.interface.is_empty() {
+        match crate::vip::Vip::parse(&raw.vip.interface, &raw.vip.address) {
+            Err(e) => err(format!("vip.address: {e}")),
+            Ok(v) => match crate::vip::check(&v).await {
+                Ok(()) => println!(
+                    "ok: vip {} on {} (in one of its subnets; CAP_NET_ADMIN and CAP_NET_RAW held)",
+                    v.cidr(),
+                    v.interface
+                ),
+                Err(problems) => {
+                    for p in problems {
+                        err(p);
+                    }
+                }
+            },
+        }
+    } else if raw.vip.interface.is_empty() {
         println!(
             "warning: vip.interface is empty: name the interface that will carry the virtual IP"
         );

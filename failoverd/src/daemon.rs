@@ -150,11 +150,14 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     ));
     let address = match cfg.vip.address {
         None => Address::Unmanaged,
-        Some((a, p)) => {
-            return Err(format!(
-                "vip.address {a}/{p}: this build does not manage a virtual address yet; leave vip.address empty"
-            ))
-        }
+        Some((a, p)) => Address::Vip(
+            crate::vip::Vip::parse(&cfg.vip.interface, &format!("{a}/{p}"))
+                .map_err(|e| e.to_string())?,
+        ),
+    };
+    let conflict_vip = match &address {
+        Address::Vip(v) => Some(v.clone()),
+        Address::Unmanaged => None,
     };
     let core_cfg = failoverd_core::Config {
         heartbeat_interval: millis(cfg.failover.heartbeat),
@@ -214,6 +217,14 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         stop_rx.clone(),
     ));
     names.insert(h.id(), "health checks");
+    if let Some(v) = conflict_vip {
+        let h = tasks.spawn(crate::failover::conflict_watch(
+            v,
+            handle.clone(),
+            stop_rx.clone(),
+        ));
+        names.insert(h.id(), "address conflict watch");
+    }
 
     let listener = tokio::net::TcpListener::bind(cfg.listen.peer)
         .await

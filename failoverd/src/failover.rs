@@ -30,6 +30,18 @@ pub enum Address {
     /// `[vip] address` is empty: no address is managed (probes find no holder, adds and
     /// removes do nothing); roles, epochs and the conode are still managed.
     Unmanaged,
+    /// The virtual IP on `[vip] interface` (see [`crate::vip`]).
+    Vip(crate::vip::Vip),
+}
+
+/// Gratuitous ARP (or unsolicited NA) bursts: this many, this far apart.
+const ANNOUNCE_COUNT: u32 = 3;
+const ANNOUNCE_INTERVAL: Duration = Duration::from_millis(50);
+/// How long an IPv6 address may stay tentative (the kernel's DAD) after the add.
+const DAD_WAIT: Duration = Duration::from_secs(5);
+
+fn core_mac(m: crate::vip::Mac) -> Mac {
+    Mac(m.0)
 }
 
 impl Address {
@@ -37,31 +49,141 @@ impl Address {
     pub async fn leftover(&self) -> Result<bool, String> {
         match self {
             Address::Unmanaged => Ok(false),
+            Address::Vip(v) => {
+                let p = v.present().await.map_err(|e| e.to_string())?;
+                if p.is_present() && !p.is_ours() {
+                    tracing::warn!(
+                        "{} is on {} but was not added by failoverd (no IFA_PROTO tag): it is left alone; remove it by hand if it should not be there",
+                        v.cidr(),
+                        v.interface
+                    );
+                }
+                Ok(p.is_ours())
+            }
         }
     }
 
     async fn probe(&self) -> Result<Option<Mac>, String> {
         match self {
             Address::Unmanaged => Ok(None),
+            Address::Vip(v) => v
+                .probe(crate::vip::ProbeTimers::default())
+                .await
+                .map(|m| m.map(core_mac))
+                .map_err(|e| e.to_string()),
         }
     }
 
     async fn add(&self) -> Result<(), String> {
         match self {
             Address::Unmanaged => Ok(()),
+            Address::Vip(v) => {
+                v.add().await.map_err(|e| e.to_string())?;
+                if v.addr.is_ipv6() {
+                    // The kernel's duplicate address detection decides whether the
+                    // address is ours to answer for.
+                    let t = Instant::now();
+                    loop {
+                        match v.present().await.map_err(|e| e.to_string())? {
+                            crate::vip::Presence::Present {
+                                dad: crate::vip::Dad::Done,
+                                ..
+                            } => break,
+                            crate::vip::Presence::Present {
+                                dad: crate::vip::Dad::Failed,
+                                ..
+                            } => {
+                                let _ = v.remove().await;
+                                return Err(format!(
+                                    "{}: duplicate address detection failed: another host holds it",
+                                    v.cidr()
+                                ));
+                            }
+                            _ if t.elapsed() > DAD_WAIT => {
+                                return Err(format!(
+                                    "{}: still tentative after {DAD_WAIT:?}",
+                                    v.cidr()
+                                ))
+                            }
+                            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+                        }
+                    }
+                }
+                Ok(())
+            }
         }
     }
 
     async fn remove(&self) -> Result<(), String> {
         match self {
             Address::Unmanaged => Ok(()),
+            Address::Vip(v) => v.remove().await.map_err(|e| e.to_string()),
         }
     }
 
     async fn announce(&self) -> Result<(), String> {
         match self {
             Address::Unmanaged => Ok(()),
+            Address::Vip(v) => v
+                .announce(ANNOUNCE_COUNT, ANNOUNCE_INTERVAL)
+                .await
+                .map_err(|e| e.to_string()),
         }
+    }
+}
+
+/// Watch for other MACs answering for the address while the core counts it as possibly
+/// ours, and tell the driver (the core resolves it by epoch). A watch that fails is
+/// started again after a pause.
+pub async fn conflict_watch(
+    vip: crate::vip::Vip,
+    handle: Handle,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), String> {
+    use futures_util::StreamExt;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let started = async {
+            let own = vip.mac().await?;
+            vip.watch_conflicts(own)
+        };
+        match started.await {
+            Err(e) => tracing::warn!("address conflict watch on {}: {e}", vip.interface),
+            Ok(stream) => {
+                let mut stream = std::pin::pin!(stream);
+                loop {
+                    let next = tokio::select! {
+                        n = stream.next() => n,
+                        _ = stop.wait_for(|s| *s) => return Ok(()),
+                    };
+                    match next {
+                        Some(Ok(mac)) => {
+                            pause = Duration::from_millis(100);
+                            let mine = handle.status.borrow().as_ref().is_some_and(|s| s.vip_held);
+                            if mine
+                                && handle
+                                    .events
+                                    .send(Event::Conflict(core_mac(mac)))
+                                    .await
+                                    .is_err()
+                            {
+                                return Ok(());
+                            }
+                        }
+                        Some(Err(e)) => {
+                            tracing::warn!("address conflict watch on {}: {e}", vip.interface);
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = stop.wait_for(|s| *s) => return Ok(()),
+        }
+        pause = (pause * 2).min(Duration::from_secs(5));
     }
 }
 
