@@ -15,11 +15,11 @@ use system_tests::{bin, conode_bin, Json};
 
 const T: Duration = Duration::from_secs(60);
 
-fn fo() -> String {
+pub(crate) fn fo() -> String {
     bin("failoverd").display().to_string()
 }
 
-fn ok(host: &Host, script: &str) -> String {
+pub(crate) fn ok(host: &Host, script: &str) -> String {
     let r = host.sh(script, T);
     assert_eq!(
         r.code,
@@ -43,7 +43,7 @@ fn refused(host: &Host, script: &str) -> String {
     r.stderr
 }
 
-fn wait(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+pub(crate) fn wait(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + within;
     while !f() {
         assert!(Instant::now() < deadline, "{what}: not within {within:?}");
@@ -53,30 +53,34 @@ fn wait(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
 
 /// Two hosts, each with failoverd (which starts and stops the conode as `nobody`), one
 /// conode identity whose `Address` is the virtual IP.
-struct Pair {
-    lab: Lab,
-    dir: tempfile::TempDir,
-    vip: Ipv4Addr,
-    failoverd: RefCell<[Option<Spawned>; 2]>,
-    chain: RefCell<String>,
-    index: Cell<u64>,
+pub(crate) struct Pair {
+    pub(crate) lab: Lab,
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) vip: Ipv4Addr,
+    pub(crate) failoverd: RefCell<[Option<Spawned>; 2]>,
+    pub(crate) chain: RefCell<String>,
+    pub(crate) index: Cell<u64>,
 }
 
 impl Pair {
-    fn p(&self, rel: &str) -> String {
+    pub(crate) fn p(&self, rel: &str) -> String {
         self.dir.path().join(rel).display().to_string()
     }
 
-    fn host(&self, h: &str) -> &Host {
-        if h == "a" {
-            self.lab.a()
-        } else {
-            self.lab.b()
+    pub(crate) fn host(&self, h: &str) -> &Host {
+        match h {
+            "a" => self.lab.a(),
+            "c" => self.lab.client(),
+            _ => self.lab.b(),
         }
     }
 
     fn start(name: &str) -> Pair {
-        let lab = Lab::new(name);
+        Pair::start_in(Lab::new(name))
+    }
+
+    /// The pair in `lab` (a and b; a client host if the lab has one).
+    pub(crate) fn start_in(lab: Lab) -> Pair {
         let dir = tempfile::tempdir().unwrap();
         let (a, b) = (lab.a(), lab.b());
         let o = a.addr().octets();
@@ -163,7 +167,7 @@ impl Pair {
         p
     }
 
-    fn spawn_failoverd(&self, h: &str) {
+    pub(crate) fn spawn_failoverd(&self, h: &str) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -185,7 +189,7 @@ impl Pair {
     }
 
     /// Wait until `h` heard that its peer is live.
-    fn wait_peer_live(&self, h: &str) {
+    pub(crate) fn wait_peer_live(&self, h: &str) {
         wait(&format!("{h} hears its peer is live"), T, || {
             self.status(h)
                 .at(&["peer", "live"])
@@ -194,7 +198,7 @@ impl Pair {
         });
     }
 
-    fn failoverd(&self, h: &str, args: &str) -> String {
+    pub(crate) fn failoverd(&self, h: &str, args: &str) -> String {
         format!(
             "{} -c {} {args}",
             fo(),
@@ -202,32 +206,44 @@ impl Pair {
         )
     }
 
-    fn status(&self, h: &str) -> Json {
+    pub(crate) fn status(&self, h: &str) -> Json {
         Json::parse(&ok(self.host(h), &self.failoverd(h, "status --json"))).unwrap()
     }
 
-    fn ns(&self, h: &str) -> String {
+    pub(crate) fn ns(&self, h: &str) -> String {
         self.host(h).ns().to_string()
     }
 
     /// Create the chain or append `n` blocks, as a client in namespace `from` talking to
     /// the virtual IP.
-    fn grow(&self, from: &str, n: u64) {
+    pub(crate) fn grow(&self, from: &str, n: u64) {
+        self.grow_sized(from, n, 0)
+    }
+
+    /// [`Pair::grow`] with blocks of `size` random bytes (a short text when 0).
+    pub(crate) fn grow_sized(&self, from: &str, n: u64, size: usize) {
         for i in 0..n {
             let data = self.p("blockdata");
-            std::fs::write(&data, format!("block {i} from {from} {}", self.index.get())).unwrap();
+            if size == 0 {
+                std::fs::write(&data, format!("block {i} from {from} {}", self.index.get()))
+                    .unwrap();
+            } else {
+                ok(self.host(from), &format!("head -c {size} /dev/urandom > {data}"));
+            }
             let conode = conode_bin().display().to_string();
             let chain = self.chain.borrow().clone();
+            // A client host has no conode files: any copy of the identity names the VIP.
+            let from_files = if from == "c" { "a" } else { from };
             let cmd = if chain.is_empty() {
                 format!(
                     "{conode} -c {} chain create {} --data {data} --json",
-                    self.p(&format!("{from}/co/private.toml")),
+                    self.p(&format!("{from_files}/co/private.toml")),
                     self.p("a/co/public.toml")
                 )
             } else {
                 format!(
                     "{conode} -c {} chain add {chain} --data {data} --json",
-                    self.p(&format!("{from}/co/private.toml")),
+                    self.p(&format!("{from_files}/co/private.toml")),
                 )
             };
             let j = Json::parse(&ok(self.host(from), &cmd)).unwrap();
@@ -240,7 +256,7 @@ impl Pair {
     }
 
     /// Every block 0..=index is served through the virtual IP (asked from `from`).
-    fn assert_all_blocks(&self, from: &str) {
+    pub(crate) fn assert_all_blocks(&self, from: &str) {
         let conode = conode_bin().display().to_string();
         let chain = self.chain.borrow().clone();
         for i in 0..=self.index.get() {
@@ -254,13 +270,13 @@ impl Pair {
         }
     }
 
-    fn log(&self, h: &str) -> String {
+    pub(crate) fn log(&self, h: &str) -> String {
         std::fs::read_to_string(self.dir.path().join(format!("failoverd-{h}.log")))
             .unwrap_or_default()
     }
 
     /// The pid of the conode failoverd started on `h` (its config names the host).
-    fn conode_pid(&self, h: &str) -> Option<u32> {
+    pub(crate) fn conode_pid(&self, h: &str) -> Option<u32> {
         let needle = self.p(&format!("{h}/co/private.toml"));
         std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
             let pid: u32 = e.file_name().to_str()?.parse().ok()?;

@@ -152,6 +152,10 @@ pub struct Lab {
     name: String,
     a: Host,
     b: Host,
+    /// [`Lab::with_client`]: a third host, and the namespace of the bridge that joins
+    /// the three.
+    client: Option<Host>,
+    switch: Option<String>,
     children: Children,
 }
 
@@ -219,6 +223,8 @@ impl Lab {
             name: name.to_string(),
             a: host(ns("a"), addr_a, addr_b),
             b: host(ns("b"), addr_b, addr_a),
+            client: None,
+            switch: None,
             children: Arc::clone(&children),
         };
         let (na, nb) = (lab.a.ns.as_str(), lab.b.ns.as_str());
@@ -235,6 +241,62 @@ impl Lab {
         }
         lab.wait_link_state("UP");
         lab
+    }
+
+    /// Three hosts on one link: a, b and a client `c` (`10.X.Y.3`), each with a veth to
+    /// a bridge in a namespace of its own (no address there). [`Lab::link_down`] takes
+    /// a's cable down (b and the client keep theirs); the other faults act between a and
+    /// b as in [`Lab::new`].
+    pub fn with_client(name: &str) -> Lab {
+        let two = Lab::new(name);
+        let (na, nb) = (two.a.ns.clone(), two.b.ns.clone());
+        let base = na.strip_suffix("-a").unwrap_or(&na).to_string();
+        let (nc, nsw) = (format!("{base}-c"), format!("{base}-sw"));
+        let o = two.a.addr.octets();
+        let addr_c = Ipv4Addr::new(o[0], o[1], o[2], 3);
+        let _lock = NetnsLock::take();
+        let mut lab = two;
+        lab.client = Some(Host {
+            ns: nc.clone(),
+            addr: addr_c,
+            peer: lab.a.addr,
+            children: Arc::clone(&lab.children),
+        });
+        lab.switch = Some(nsw.clone());
+        // From here a panic drops `lab`, which deletes all four namespaces.
+        ip(&["netns", "add", &nc]);
+        ip(&["netns", "add", &nsw]);
+        // Replace the a–b cable by one cable per host to the bridge.
+        ip(&["-n", &na, "link", "del", IFACE]);
+        ip(&["-n", &nsw, "link", "add", "br0", "type", "bridge"]);
+        for (ns, port, h) in [(&na, "pa", &lab.a), (&nb, "pb", &lab.b)]
+            .into_iter()
+            .chain([(&nc, "pc", lab.client.as_ref().unwrap_or(&lab.a))])
+        {
+            ip(&[
+                "-n", &nsw, "link", "add", port, "type", "veth", "peer", "name", IFACE, "netns",
+                ns,
+            ]);
+            ip(&["-n", &nsw, "link", "set", port, "master", "br0"]);
+            ip(&["-n", &nsw, "link", "set", port, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+            ip(&["-n", ns, "addr", "add", &format!("{}/24", h.addr), "dev", IFACE]);
+            ip(&["-n", ns, "link", "set", IFACE, "up"]);
+        }
+        ip(&["-n", &nsw, "link", "set", "br0", "up"]);
+        lab.wait_link_state("UP");
+        lab
+    }
+
+    /// The client of [`Lab::with_client`].
+    pub fn client(&self) -> &Host {
+        match &self.client {
+            Some(c) => c,
+            None => panic!(
+                "netns lab {:?} has no client: make it with Lab::with_client",
+                self.name
+            ),
+        }
     }
 
     /// The name given to [`Lab::new`].
@@ -423,7 +485,13 @@ impl Lab {
         let want = format!("state {state} ");
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let shown: Vec<String> = [&self.a, &self.b]
+            // Bridged, a's cable is its own: only a's end changes.
+            let ends: Vec<&Host> = match &self.client {
+                Some(_) if state == "DOWN" => vec![&self.a],
+                Some(c) => vec![&self.a, &self.b, c],
+                None => vec![&self.a, &self.b],
+            };
+            let shown: Vec<String> = ends
                 .iter()
                 .map(|h| ip(&["-n", &h.ns, "-o", "link", "show", IFACE]))
                 .collect();
@@ -450,7 +518,14 @@ impl Drop for Lab {
             let _ = c.kill();
             let _ = c.wait();
         }
-        for ns in [&self.a.ns, &self.b.ns] {
+        let extra: Vec<&String> = self
+            .client
+            .as_ref()
+            .map(|c| &c.ns)
+            .into_iter()
+            .chain(self.switch.as_ref())
+            .collect();
+        for ns in [&self.a.ns, &self.b.ns].into_iter().chain(extra) {
             if let Err(e) = delete_ns(ns) {
                 eprintln!("netns lab {:?}: {e}", self.name);
             }
