@@ -854,7 +854,7 @@ impl Skipchain {
         );
         // The close reason a client sees is at most 123 bytes.
         Err(format!(
-            "block {} is durable on {durable} of {n} members, {need} needed: not acknowledged; the leader keeps it and completes it when they are back",
+            "block {} is durable on {durable} of {n} members, {need} needed: not acknowledged; kept by the leader, completed when they are back",
             b.index
         ))
     }
