@@ -17,7 +17,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::admin;
 use crate::config::{cert_path, PrivateConfig};
 use crate::db::Db;
-use crate::peer::{self, BuiltinPeerHandler, Counters, PeerRouter, PeerTls};
+use crate::peer::{self, BuiltinPeerHandler, Counters, PeerHandler, PeerRouter, PeerTls};
 use crate::skipchain::Skipchain;
 use crate::status::StatusService;
 use crate::tls::{self, CertReloader};
@@ -47,6 +47,25 @@ impl Server {
         cfg: PrivateConfig,
         db_path: PathBuf,
         extra: Vec<Arc<dyn ws::Service>>,
+    ) -> Result<Server, String> {
+        Self::start_inner(cfg, db_path, extra, |h| h).await
+    }
+
+    /// As [`Server::start`], with `wrap` put in front of the conode-to-conode port's
+    /// handler: tests use it to lose or hold messages a member receives.
+    pub async fn start_wrapped(
+        cfg: PrivateConfig,
+        db_path: PathBuf,
+        wrap: impl FnOnce(Arc<dyn PeerHandler>) -> Arc<dyn PeerHandler>,
+    ) -> Result<Server, String> {
+        Self::start_inner(cfg, db_path, Vec::new(), wrap).await
+    }
+
+    async fn start_inner(
+        cfg: PrivateConfig,
+        db_path: PathBuf,
+        extra: Vec<Arc<dyn ws::Service>>,
+        wrap: impl FnOnce(Arc<dyn PeerHandler>) -> Arc<dyn PeerHandler>,
     ) -> Result<Server, String> {
         tls::install_provider();
         tune_malloc();
@@ -127,7 +146,7 @@ impl Server {
             }),
         );
         router.0.insert("Skipchain", skipchain.clone());
-        let handler = Arc::new(router);
+        let handler = wrap(Arc::new(router));
         tasks.push(tokio::spawn(peer::serve(
             peer_listener,
             peer_tls,

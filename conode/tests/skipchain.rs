@@ -1,21 +1,66 @@
 //! The skipchain service across a roster of in-process conodes on loopback addresses
-//! 127.0.0.x: chains, followers, catch-up, and bad input on both ports.
+//! 127.0.0.x: chains, followers, catch-up, durability of acknowledged blocks, and bad
+//! input on both ports.
 
 mod common;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::TestNode;
 use conode::config::{Roster, ServerToml};
+use conode::peer::PeerHandler;
 use conode::server::Server;
 use conode::skipchain::block::{self, SkipBlock};
 use conode::skipchain::client;
+use conode::skipchain::store::View;
+use conode::ws::BoxFuture;
 use prost::Message;
+
+/// In front of a member's conode-to-conode port: while `lose_stores` is set, the
+/// `StoreSigned` messages it receives are answered with an error and not handled, as if
+/// they never arrived (the member went down after signing, or the leader died before
+/// sending them).
+#[derive(Default)]
+struct Gate {
+    lose_stores: AtomicBool,
+}
+
+struct Gated {
+    inner: Arc<dyn PeerHandler>,
+    gate: Arc<Gate>,
+}
+
+impl PeerHandler for Gated {
+    fn call<'a>(
+        &'a self,
+        from: [u8; 32],
+        service: &'a str,
+        method: &'a str,
+        payload: &'a [u8],
+    ) -> BoxFuture<'a, Result<Vec<u8>, String>> {
+        if method == "StoreSigned" && self.gate.lose_stores.load(Ordering::SeqCst) {
+            return Box::pin(async { Err("test: StoreSigned lost".to_string()) });
+        }
+        self.inner.call(from, service, method, payload)
+    }
+}
 
 struct Cluster {
     nodes: Vec<TestNode>,
     servers: Vec<Option<Server>>,
+    gates: Vec<Arc<Gate>>,
     roster: Roster,
+}
+
+async fn start_gated(t: &TestNode, gate: &Arc<Gate>) -> Server {
+    let gate = gate.clone();
+    Server::start_wrapped(t.cfg.clone(), t.db_path(), move |inner| {
+        Arc::new(Gated { inner, gate })
+    })
+    .await
+    .expect("server starts")
 }
 
 impl Cluster {
@@ -31,15 +76,44 @@ impl Cluster {
         let roster = Roster {
             servers: nodes.iter().map(|t| t.cfg.server_toml()).collect(),
         };
+        let gates: Vec<Arc<Gate>> = nodes.iter().map(|_| Arc::default()).collect();
         let mut servers = Vec::new();
-        for t in &nodes {
-            servers.push(Some(t.start().await));
+        for (t, g) in nodes.iter().zip(&gates) {
+            servers.push(Some(start_gated(t, g).await));
         }
         Cluster {
             nodes,
             servers,
+            gates,
             roster,
         }
+    }
+
+    /// Lose (or stop losing) the `StoreSigned` messages that reach member `i`.
+    fn lose_stores(&self, i: usize, lose: bool) {
+        self.gates[i].lose_stores.store(lose, Ordering::SeqCst);
+    }
+
+    /// The hash of block `index` of `genesis` in member `i`'s database now (a running
+    /// member: only durable blocks are visible in it).
+    fn held(&self, i: usize, genesis: &[u8], index: u32) -> Option<Vec<u8>> {
+        let s = self.servers[i].as_ref()?;
+        let v = View::new(&s.database().db).expect("read transaction");
+        v.hash_at(genesis, index)
+            .expect("database read")
+            .map(|h| h.to_vec())
+    }
+
+    /// The running members whose database holds block `b` now.
+    fn holders(&self, b: &SkipBlock) -> Vec<usize> {
+        let genesis = if b.genesis.is_empty() {
+            &b.hash
+        } else {
+            &b.genesis
+        };
+        (0..self.nodes.len())
+            .filter(|&i| self.held(i, genesis, b.index as u32).as_ref() == Some(&b.hash))
+            .collect()
     }
 
     fn server(&self, i: usize) -> &ServerToml {
@@ -54,7 +128,7 @@ impl Cluster {
 
     async fn restart(&mut self, i: usize) {
         self.stop(i).await;
-        self.servers[i] = Some(self.nodes[i].start().await);
+        self.servers[i] = Some(start_gated(&self.nodes[i], &self.gates[i]).await);
     }
 
     async fn create(&self, data: &[u8]) -> SkipBlock {
@@ -252,19 +326,216 @@ async fn a_leader_restored_from_an_older_copy_fetches_the_newer_blocks_and_does_
     c.stop(0).await;
     std::fs::rename(&old, c.nodes[0].db_path()).unwrap();
     c.restart(0).await;
-    // It fetches blocks 4..=6 from the members (at start, or when they refuse to sign an
-    // index they hold) and block 7 extends the real chain. (The client names the chain by
-    // its genesis: this leader may not know block 6 yet.)
-    let mut r = client::append(c.server(0), &g.hash, vec![7]).await;
-    if let Err(e) = &r {
-        assert!(e.contains("send the block again"), "{e}");
-        r = client::append(c.server(0), &g.hash, vec![7]).await;
-    }
+    // It fetches blocks 4..=6 from the members before it accepts a block, and block 7
+    // extends the real chain. (The client names the chain by its genesis: it cannot
+    // know whether this leader holds block 6 yet.)
+    let r = client::append(c.server(0), &g.hash, vec![7]).await;
     let b7 = r.expect("block 7").latest.unwrap();
     assert_eq!(b7.index, 7);
     assert_eq!(b7.backlinks[0], target);
     for m in 1..4 {
         assert_eq!(c.wait_for(m, &g.hash, 7).await, b7.hash);
+    }
+    for i in 0..4 {
+        c.stop(i).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_acknowledged_block_is_durable_on_a_threshold_before_the_client_hears_of_it() {
+    let mut c = Cluster::start(4).await;
+    let g = c.create(b"genesis").await;
+    // Read right after each reply, with no waiting: the leader and at least 2 of the 3
+    // followers hold the block durably.
+    let holders = c.holders(&g);
+    assert!(
+        holders.len() >= 3 && holders.contains(&0),
+        "genesis acknowledged, held by {holders:?} only"
+    );
+    let mut target = g.hash.clone();
+    for i in 1..=20 {
+        let b = client::append(c.server(0), &target, vec![i as u8; 1000])
+            .await
+            .expect("append")
+            .latest
+            .unwrap();
+        let holders = c.holders(&b);
+        assert!(
+            holders.len() >= 3 && holders.contains(&0),
+            "block {i} acknowledged, held by {holders:?} only"
+        );
+        target = b.hash;
+    }
+
+    // Followers 2 and 3 sign block 21 but never store it (their `StoreSigned` is lost, as
+    // if they went down right after signing): not acknowledged, with the count.
+    c.lose_stores(2, true);
+    c.lose_stores(3, true);
+    let e = match client::append(c.server(0), &target, b"21".to_vec()).await {
+        Ok(r) => panic!(
+            "block {} acknowledged while on 2 of 4 members only",
+            r.latest.unwrap().index
+        ),
+        Err(e) => e,
+    };
+    assert!(
+        e.contains("block 21 is durable on 2 of 4 members, 3 needed: not acknowledged"),
+        "{e}"
+    );
+    // It is committed on the leader and on follower 1, nowhere else.
+    let b21 = client::get_by_index(c.server(0), &g.hash, 21)
+        .await
+        .expect("block 21 is on the leader");
+    assert_eq!(c.holders(&b21), vec![0, 1]);
+    // Followers 2 and 3 go down, and come back: at start-up they fetch block 21 from the
+    // leader, and the chain goes on after it.
+    c.stop(2).await;
+    c.stop(3).await;
+    c.lose_stores(2, false);
+    c.lose_stores(3, false);
+    c.restart(2).await;
+    c.restart(3).await;
+    assert_eq!(c.wait_for(2, &g.hash, 21).await, b21.hash);
+    assert_eq!(c.wait_for(3, &g.hash, 21).await, b21.hash);
+    let b22 = client::append(c.server(0), &b21.hash, b"22".to_vec())
+        .await
+        .expect("block 22 once they are back")
+        .latest
+        .unwrap();
+    assert_eq!((b22.index, &b22.backlinks[0]), (22, &b21.hash));
+    assert!(c.holders(&b22).len() >= 3);
+
+    // Followers 2 and 3 down before the block: too few signatures, nothing stored.
+    c.stop(2).await;
+    c.stop(3).await;
+    let e = client::append(c.server(0), &b22.hash, b"23".to_vec())
+        .await
+        .unwrap_err();
+    assert!(
+        e.contains("only 2 of 4 members signed block 23 (3 needed)"),
+        "{e}"
+    );
+    assert_eq!(c.held(0, &g.hash, 23), None);
+    // Back: the next block is 23, once the leader's back-off after the failed dials
+    // (at most 5 s) lets it dial them again.
+    c.restart(2).await;
+    c.restart(3).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let b23 = loop {
+        match client::append(c.server(0), &b22.hash, b"23".to_vec()).await {
+            Ok(r) => break r.latest.unwrap(),
+            Err(e) if e.contains("only 2 of 4") && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(e) => panic!("block 23 once they are back: {e}"),
+        }
+    };
+    assert_eq!(b23.index, 23);
+    assert!(c.holders(&b23).len() >= 3);
+    for i in 0..4 {
+        c.stop(i).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_acknowledged_block_survives_the_loss_of_the_leaders_disk() {
+    let mut c = Cluster::start(4).await;
+    let g = c.create(b"genesis").await;
+    // Every block acknowledged to the client: (index, hash).
+    let mut acked: Vec<(i32, Vec<u8>)> = vec![(0, g.hash.clone())];
+    let append = |c: &Cluster, data: Vec<u8>| {
+        let leader = c.server(0).clone();
+        let genesis = g.hash.clone();
+        async move { client::append(&leader, &genesis, data).await }
+    };
+    for i in 1..=3 {
+        let b = append(&c, vec![i]).await.expect("append").latest.unwrap();
+        acked.push((b.index, b.hash));
+    }
+    // An online snapshot of the leader's database, seconds old when it is brought back.
+    let old = c.nodes[0].dir.path().join("old.db");
+    let info = c.servers[0]
+        .as_ref()
+        .unwrap()
+        .database()
+        .snapshot_to(&old)
+        .unwrap();
+    assert_eq!(info.positions[0].index, 3);
+
+    // Three rounds: blocks acknowledged after the snapshot, then the leader killed right
+    // after an acknowledgement (whatever it would have sent afterwards is lost with it) and
+    // its database replaced by the old snapshot, then started again. In the last round
+    // the followers lose the leader's `StoreSigned` from the start, so the last block can
+    // be durable on the leader alone: it must not have been acknowledged.
+    for round in 0..3 {
+        let lose_all = round == 2;
+        if lose_all {
+            for f in 1..4 {
+                c.lose_stores(f, true);
+            }
+        }
+        for k in 0..3 {
+            let data = format!("round {round} block {k}").into_bytes();
+            match append(&c, data).await {
+                Ok(r) => {
+                    let b = r.latest.unwrap();
+                    acked.push((b.index, b.hash));
+                }
+                Err(e) => {
+                    assert!(lose_all, "round {round}: {e}");
+                    assert!(
+                        e.contains("is durable on 1 of 4 members, 3 needed: not acknowledged"),
+                        "{e}"
+                    );
+                    break;
+                }
+            }
+        }
+        // Killed: nothing it sends from now on arrives.
+        for f in 1..4 {
+            c.lose_stores(f, true);
+        }
+        c.stop(0).await;
+        for f in 1..4 {
+            c.lose_stores(f, false);
+        }
+        let db = c.nodes[0].db_path();
+        std::fs::remove_file(&db).unwrap();
+        std::fs::copy(&old, &db).unwrap();
+        c.restart(0).await;
+        // The first block the restarted leader accepts comes after every acknowledged one,
+        // and every acknowledged block is on the leader, unchanged.
+        let (last, last_hash) = acked.last().unwrap().clone();
+        let b = append(&c, format!("after round {round}").into_bytes())
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: first block after the restart: {e}"))
+            .latest
+            .unwrap();
+        assert_eq!(
+            (b.index, &b.backlinks[0]),
+            (last + 1, &last_hash),
+            "round {round}: the new block does not follow the last acknowledged block"
+        );
+        for (i, h) in &acked {
+            assert_eq!(
+                c.held(0, &g.hash, *i as u32).as_ref(),
+                Some(h),
+                "round {round}: acknowledged block {i} missing or changed on the leader"
+            );
+        }
+        acked.push((b.index, b.hash));
+    }
+    // No fork: every member holds the same chain.
+    let (last, _) = acked.last().unwrap().clone();
+    for m in 1..4 {
+        c.wait_for(m, &g.hash, last).await;
+        for (i, h) in &acked {
+            assert_eq!(
+                c.held(m, &g.hash, *i as u32).as_ref(),
+                Some(h),
+                "member {m} block {i}"
+            );
+        }
     }
     for i in 0..4 {
         c.stop(i).await;

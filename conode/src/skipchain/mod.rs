@@ -6,10 +6,21 @@
 //! to it (`Skipchain/StoreSkipBlock` on the WebSocket). The leader builds the block, asks
 //! every other member to sign the forward links that will point to it (`Skipchain/Sign`
 //! on the conode-to-conode port), and once it holds the threshold of valid signatures it
-//! commits block and links in **one durable redb transaction** (one commit, one fsync on
-//! the acknowledgement path) and answers the client. Then it sends the block's hash and
-//! its links to every other member (`Skipchain/StoreSigned`), without waiting: each was
-//! asked to sign that block, and kept it.
+//! commits block and links in **one durable redb transaction**. Then it sends the block's
+//! hash and its links to every other member (`Skipchain/StoreSigned`: each was asked to
+//! sign that block, and kept it), and answers the client once the **same threshold of
+//! members hold the block durably**, itself included: a member answers `StoreSigned` only
+//! once the block is durable on its disk. Members beyond the threshold are not waited
+//! for. Without the threshold within [`STORE_TIMEOUT`] (or once every member answered),
+//! the client gets an error saying on how many members the block is durable; the block
+//! stays committed here, and the members that lack it fetch it at their start-up or with
+//! the next block. So an acknowledged block survives the loss of the leader's disk. A
+//! genesis block (`Genesis`) is acknowledged by the same rule.
+//!
+//! A leader accepts no block on a chain before it has asked the other members, since it
+//! started, for the blocks they hold beyond its own (at start-up, or at the first block
+//! proposed), and enough of them answered that one holds every acknowledged block: a
+//! leader restored from an older snapshot completes the chain instead of forking it.
 //!
 //! **Followers** check everything before they sign or store: the sender is the leader
 //! (for `Sign`), index, heights and backlinks against their own copy of the chain, the
@@ -28,9 +39,9 @@
 //! only durable blocks are visible in its database. Between its check of the links and
 //! the end of its commit, the block is *checked*: the `Sign` of the next block may be
 //! checked and signed on top of it meanwhile, but is answered only once it is durable.
-//! So, as when `Sign` queued behind `StoreSigned` on one connection, once block k+1 is
-//! acknowledged, block k is on the disks of the followers that signed k+1; but a
-//! follower's work on k+1 no longer waits for its fsync of k. A `Sign` that arrives
+//! So once block k+1 is signed, block k is on the disks of the followers that signed
+//! k+1; but a follower's work on k+1 does not wait for its fsync of k (the leader's
+//! next block may be proposed while it waits for the stores of k). A `Sign` that arrives
 //! before the `StoreSigned` of the block it follows waits for it (at most 1 s,
 //! `STORE_WAIT`), then fetches that block instead.
 //!
@@ -49,6 +60,7 @@ pub mod client;
 pub mod store;
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -74,6 +86,10 @@ use store::{Put, View};
 pub const MAX_REPLY_BYTES: usize = 8 << 20;
 /// How long the leader waits for the followers' signatures.
 pub const SIGN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the leader, its own commit durable, waits for enough members to answer that
+/// they hold the block durably too before it tells the client the block is not
+/// acknowledged.
+pub const STORE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Messages queued for one member at most; propagation beyond it is dropped (the member
 /// catches up later).
 const QUEUE: usize = 1024;
@@ -81,6 +97,9 @@ const QUEUE: usize = 1024;
 const BYTES_TTL: Duration = Duration::from_secs(10);
 /// How a follower says it holds the proposed index already.
 const ALREADY_EXISTS: &str = "already exists";
+/// How a member answers a store of a block (or genesis) it holds already: durably, as
+/// only durable blocks are visible in its database.
+const ALREADY_HELD: &str = "already hold ";
 /// After a failed dial, requests to that member fail at once for this long (doubling up
 /// to [`MAX_BACKOFF`]), so one dead member does not slow every block.
 const MIN_BACKOFF: Duration = Duration::from_millis(200);
@@ -185,6 +204,9 @@ enum Lane {
     Other,
 }
 
+/// A member's answer to a queued request.
+type Answer = oneshot::Receiver<Result<Vec<u8>, String>>;
+
 /// The queue of each member and lane.
 type Queues = HashMap<([u8; 32], Lane), mpsc::Sender<Job>>;
 
@@ -282,6 +304,9 @@ pub struct Skipchain {
 #[derive(Default)]
 struct Chain {
     lock: tokio::sync::Mutex<Option<Committing>>,
+    /// Set (under `lock`) once this conode asked enough members for the blocks they hold
+    /// beyond its own since it started: the leader accepts no block before.
+    synced: std::sync::atomic::AtomicBool,
     /// Woken when `StoreSigned` has checked a block and starts committing it.
     checked: tokio::sync::Notify,
     /// Woken when that commit is over (durable, or failed).
@@ -520,17 +545,20 @@ impl Skipchain {
         g.hash = block::block_hash(&g).to_vec();
         block::check_genesis(&g)?;
         let stored = g.clone();
+        // Nothing newer than a chain just made can exist elsewhere.
+        let chain = self.chain(&block::hash32(&g.hash, "genesis hash")?);
+        let guard = chain.lock.lock().await;
         self.blocking(move |db| store::commit(&db.db, &[Put::Block(stored)]))
             .await?;
+        chain.synced.store(true, Ordering::Release);
+        drop(guard);
         let msg = PeerStore {
             block: Some(g.clone()),
             links: Vec::new(),
         }
         .encode_to_vec();
-        for s in &roster.list[1..] {
-            let (k, a) = member_addr(s)?;
-            self.send(k, a, "Genesis", msg.clone(), false);
-        }
+        let replies = self.send_to_others(&roster, "Genesis", &msg)?;
+        self.until_durable(&g, &roster, replies).await?;
         tracing::info!(
             "skipchain: created chain {} with {} members",
             hex::encode(&g.hash),
@@ -548,7 +576,13 @@ impl Skipchain {
         let genesis = block::chain_id(&tb)?;
         drop(view);
         let chain = self.chain(&genesis);
-        let _guard = chain.lock.lock().await;
+        let guard = chain.lock.lock().await;
+        if !chain.synced.load(Ordering::Acquire) {
+            // Since this conode started, no member was asked yet for the blocks it holds
+            // beyond ours (the start-up sync has not reached this chain, or not enough
+            // members answered it): ask them now, before building on our latest block.
+            self.sync_chain_locked(&chain, &genesis).await?;
+        }
         let view = self.view()?;
         let (latest_index, latest_hash) = view
             .latest(&genesis)?
@@ -726,19 +760,20 @@ impl Skipchain {
         }
         self.blocking(move |db| store::commit(&db.db, &puts))
             .await?;
-        // Durable and signed: acknowledge, then propagate. Every follower was asked to
-        // sign this block, so it is named by its hash; on each connection the `Sign`
-        // went first.
+        // Durable here and signed: propagate, and acknowledge once a threshold of members
+        // (this one included) hold it durably. Every follower was asked to sign this
+        // block, so it is named by its hash; on each connection the `Sign` went first.
+        // The next block may be proposed meanwhile: a follower signs it only once this
+        // one is durable there.
         let msg = PeerStoreSigned {
             genesis: genesis.to_vec(),
             hash: hash.to_vec(),
             links: links.clone(),
         }
         .encode_to_vec();
-        for s in &roster.list[1..] {
-            let (k, a) = member_addr(s)?;
-            self.send(k, a, "StoreSigned", msg.clone(), false);
-        }
+        let replies = self.send_to_others(&roster, "StoreSigned", &msg)?;
+        drop(guard);
+        self.until_durable(&b, &roster, replies).await?;
         if latest.forward.is_empty() {
             latest.forward.push(links[0].clone());
         }
@@ -746,6 +781,136 @@ impl Skipchain {
             previous: Some(latest),
             latest: Some(b),
         })
+    }
+
+    /// Queue `msg` (a store of a block durable here) for every member of `roster` but
+    /// this one (the first), each with a channel for its answer.
+    fn send_to_others(
+        &self,
+        roster: &block::Roster,
+        method: &'static str,
+        msg: &[u8],
+    ) -> Result<Vec<(usize, Answer)>, String> {
+        let mut out = Vec::with_capacity(roster.list.len());
+        for (i, s) in roster.list.iter().enumerate().skip(1) {
+            let (k, a) = member_addr(s)?;
+            if let Some(rx) = self.send(k, a, method, msg.to_vec(), true) {
+                out.push((i, rx));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Wait until block `b`, durable here, is durable on the threshold of `roster`'s
+    /// members, this one included: a member answers a store once the block is durable on
+    /// its disk, or says it holds it already. Members that answer later are not waited
+    /// for. When the others' `answers` are all in, or [`STORE_TIMEOUT`] has passed, with
+    /// fewer, the block is not acknowledged: it stays here, and the members that lack it
+    /// fetch it when they start or when the next block is proposed.
+    async fn until_durable(
+        &self,
+        b: &SkipBlock,
+        roster: &block::Roster,
+        answers: Vec<(usize, Answer)>,
+    ) -> Result<(), String> {
+        let n = roster.list.len();
+        let need = block::threshold(n);
+        let mut durable = 1;
+        let mut errors = Vec::new();
+        let mut pending: FuturesUnordered<_> = answers
+            .into_iter()
+            .map(|(i, rx)| async move { (i, rx.await) })
+            .collect();
+        let deadline = tokio::time::sleep(STORE_TIMEOUT);
+        tokio::pin!(deadline);
+        while durable < need {
+            let (i, r) = tokio::select! {
+                r = pending.next() => match r { Some(r) => r, None => break },
+                _ = &mut deadline => {
+                    errors.push(format!("{} did not answer within {STORE_TIMEOUT:?}", pending.len()));
+                    break;
+                }
+            };
+            let addr = &roster.list[i].address;
+            match r {
+                Ok(Ok(_)) => durable += 1,
+                Ok(Err(e)) if e.contains(ALREADY_HELD) => durable += 1,
+                Ok(Err(e)) => errors.push(format!("{addr}: {e}")),
+                Err(_) => errors.push(format!("{addr}: no answer (queue closed)")),
+            }
+        }
+        if durable >= need {
+            return Ok(());
+        }
+        let chain = block::short(if b.genesis.is_empty() {
+            &b.hash
+        } else {
+            &b.genesis
+        });
+        tracing::warn!(
+            "skipchain: block {} of {chain} is durable on {durable} of {n} members ({need} needed), not acknowledged; it stays here and the others fetch it later: {}",
+            b.index,
+            errors.join("; ")
+        );
+        // The close reason a client sees is at most 123 bytes.
+        Err(format!(
+            "block {} is durable on {durable} of {n} members, {need} needed: not acknowledged; kept by the leader, completed when they are back",
+            b.index
+        ))
+    }
+
+    /// Ask every other member of the chain, in roster order, for the blocks it holds
+    /// beyond ours, and apply them; then mark the chain synced. The caller holds the
+    /// chain's lock. An acknowledged block is durable on the threshold `t` of the `n`
+    /// members, so on at least `t − 1` others, and any `n − t + 1` of the others include
+    /// one that holds it: with fewer answers than that, fail (the chain stays unsynced).
+    async fn sync_chain_locked(&self, chain: &Chain, genesis: &[u8; 32]) -> Result<(), String> {
+        let roster = {
+            let view = self.view()?;
+            let (_, latest) = view.latest(genesis)?.ok_or("unknown chain")?;
+            view.block_bare(&latest)?
+                .ok_or("database: the latest block is missing")?
+                .roster
+                .ok_or("latest block has no roster")?
+        };
+        let n = roster.list.len();
+        let enough = (n - block::threshold(n) + 1).min(n - 1);
+        let mut answered = 0;
+        let mut fetched = 0;
+        let mut errors = Vec::new();
+        for m in &roster.list {
+            if untag_point(&m.public) == Some(self.keys.public_bytes()) {
+                continue;
+            }
+            match self.catch_up_locked(genesis, m).await {
+                Ok(k) => {
+                    answered += 1;
+                    fetched += k;
+                }
+                Err(e) => errors.push(format!("{}: {e}", m.address)),
+            }
+        }
+        if answered < enough {
+            tracing::warn!(
+                "skipchain: chain {}: only {answered} of {} other members answered for newer blocks ({enough} needed): {}",
+                block::short(genesis),
+                n - 1,
+                errors.join("; ")
+            );
+            return Err(format!(
+                "chain {}: only {answered} of {} other members said which blocks they hold ({enough} needed); no block accepted until they do",
+                block::short(genesis),
+                n - 1
+            ));
+        }
+        if fetched > 0 {
+            tracing::info!(
+                "skipchain: chain {}: fetched {fetched} newer blocks from the members",
+                block::short(genesis)
+            );
+        }
+        chain.synced.store(true, Ordering::Release);
+        Ok(())
     }
 
     fn get_single_block(&self, req: GetSingleBlock) -> Result<SkipBlock, String> {
@@ -1274,30 +1439,15 @@ impl Skipchain {
                 return;
             }
         };
-        for crate::db::ChainPosition {
-            chain: genesis,
-            hash: latest,
-            ..
-        } in chains
-        {
-            let roster = match self.view().and_then(|v| v.block_bare(&latest)) {
-                Ok(Some(b)) => b.roster.unwrap_or_default(),
-                _ => continue,
-            };
+        for crate::db::ChainPosition { chain: genesis, .. } in chains {
             let chain = self.chain(&genesis);
             let _guard = chain.lock.lock().await;
-            for m in &roster.list {
-                if untag_point(&m.public) == Some(self.keys.public_bytes()) {
-                    continue;
-                }
-                match self.catch_up_locked(&genesis, m).await {
-                    Ok(_) => break,
-                    Err(e) => tracing::info!(
-                        "skipchain: start-up sync of {} with {}: {e}",
-                        block::short(&genesis),
-                        m.address
-                    ),
-                }
+            if chain.synced.load(Ordering::Acquire) {
+                continue;
+            }
+            // Errors are logged; a leader retries at the next block proposed.
+            if let Err(e) = self.sync_chain_locked(&chain, &genesis).await {
+                tracing::info!("skipchain: start-up sync: {e}");
             }
         }
     }
