@@ -228,7 +228,10 @@ impl Pair {
                 std::fs::write(&data, format!("block {i} from {from} {}", self.index.get()))
                     .unwrap();
             } else {
-                ok(self.host(from), &format!("head -c {size} /dev/urandom > {data}"));
+                ok(
+                    self.host(from),
+                    &format!("head -c {size} /dev/urandom > {data}"),
+                );
             }
             let conode = conode_bin().display().to_string();
             let chain = self.chain.borrow().clone();
@@ -259,12 +262,13 @@ impl Pair {
     pub(crate) fn assert_all_blocks(&self, from: &str) {
         let conode = conode_bin().display().to_string();
         let chain = self.chain.borrow().clone();
+        let from_files = if from == "c" { "a" } else { from };
         for i in 0..=self.index.get() {
             ok(
                 self.host(from),
                 &format!(
                     "{conode} -c {} chain get {chain} --index {i}",
-                    self.p(&format!("{from}/co/private.toml")),
+                    self.p(&format!("{from_files}/co/private.toml")),
                 ),
             );
         }
@@ -539,4 +543,92 @@ fn a_message_with_a_stale_epoch_is_refused_and_changes_nothing() {
         })
     });
     assert!(garbage.is_err(), "{garbage:?}");
+}
+
+/// Start follower conode `name` on the client host (port `port`, as nobody); returns
+/// its public.toml.
+fn follower(p: &Pair, name: &str, port: u16) -> String {
+    let c = p.lab.client();
+    let conode = conode_bin().display().to_string();
+    let dir = p.p(name);
+    ok(
+        c,
+        &format!(
+            "{conode} -c {dir}/private.toml setup --non-interactive --host {} --port {port} --description {name} && mkdir -p {dir}/data && chown -R nobody:nogroup {dir}",
+            c.addr()
+        ),
+    );
+    let mut cmd = c.command("setpriv");
+    cmd.args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"])
+        .arg(conode_bin())
+        .arg("-c")
+        .arg(format!("{dir}/private.toml"))
+        .arg("server")
+        .env("CONODE_SERVICE_PATH", format!("{dir}/data"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let _ = c.spawn(cmd);
+    std::fs::read_to_string(format!("{dir}/public.toml")).unwrap()
+}
+
+/// The blocks acknowledged after the standby's last generation are on the followers: a
+/// forced promote after the live host died brings them back before the first new block.
+#[test]
+fn a_forced_promote_loses_no_acknowledged_block_while_the_followers_are_up() {
+    let p = Pair::start_in(Lab::with_client("nolost"));
+    let watch = AddrWatch::start(IpAddr::V4(p.vip), &[p.lab.a(), p.lab.b()]);
+    // A roster of the VIP conode (leader) and two followers on the client host.
+    let mut roster = std::fs::read_to_string(p.p("a/co/public.toml")).unwrap();
+    roster.push_str(&follower(&p, "f1", 7010));
+    roster.push_str(&follower(&p, "f2", 7020));
+    std::fs::write(p.dir.path().join("roster.toml"), roster).unwrap();
+    ok(p.lab.a(), &p.failoverd("a", "promote"));
+    assert!(watch.wait_holders(&[&p.ns("a")], Duration::from_secs(5)));
+    let conode = conode_bin().display().to_string();
+    let j = Json::parse(&ok(
+        p.lab.client(),
+        &format!(
+            "echo genesis | {conode} -c {} chain create {} --data - --json",
+            p.p("a/co/private.toml"),
+            p.p("roster.toml")
+        ),
+    ))
+    .unwrap();
+    *p.chain.borrow_mut() = j.str_at(&["chain"]).to_string();
+    p.grow("c", 4);
+    // Shipped: b holds the chain up to here.
+    ok(p.lab.a(), &p.failoverd("a", "snapshot"));
+    let shipped = p.index.get();
+    // Acknowledged after the last snapshot: on a and the followers only.
+    p.grow("c", 5);
+    let acknowledged = p.index.get();
+    assert!(acknowledged > shipped);
+
+    // a dies at once (failoverd and conode killed, its address gone with the power).
+    let conode_a = p.conode_pid("a").expect("a's conode runs");
+    if let Some(f) = p.failoverd.borrow_mut()[0].take() {
+        f.kill();
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(conode_a as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    ok(p.lab.a(), &format!("ip addr del {}/24 dev eth0", p.vip));
+    wait("b counts its peer gone", T, || {
+        p.status("b")
+            .at(&["peer", "reachable"])
+            .and_then(|v| v.as_bool())
+            == Some(false)
+    });
+    let out = ok(p.lab.b(), &p.failoverd("b", "promote --force"));
+    assert!(out.contains("live under epoch"), "{out}");
+    assert!(watch.wait_holders(&[&p.ns("b")], Duration::from_secs(5)));
+    // Every acknowledged block, those after the shipped generation included, is served
+    // by the new leader; the next block follows them.
+    p.assert_all_blocks("c");
+    p.grow("c", 2);
+    assert_eq!(p.index.get(), acknowledged + 2);
+    watch.assert_no_overlap();
 }

@@ -216,7 +216,9 @@ fn main() {
             );
             ok(p.host(live), &format!("ip addr del {}/24 dev eth0", p.vip));
             wait("the peer counted gone", Duration::from_secs(10), || {
-                p.status(next).at(&["peer", "reachable"]).and_then(|v| v.as_bool())
+                p.status(next)
+                    .at(&["peer", "reachable"])
+                    .and_then(|v| v.as_bool())
                     == Some(false)
             });
             let t = Instant::now();
@@ -235,7 +237,10 @@ fn main() {
             // The old host comes back as standby.
             p.spawn_failoverd(live);
             wait("both hear each other", Duration::from_secs(20), || {
-                p.status(live).at(&["peer", "live"]).and_then(|v| v.as_bool()) == Some(true)
+                p.status(live)
+                    .at(&["peer", "live"])
+                    .and_then(|v| v.as_bool())
+                    == Some(true)
             });
             live = next;
         }
@@ -247,7 +252,11 @@ fn main() {
         println!();
         println!("| measure | runs | p50 | p99 | max | target |");
         println!("|---|---|---|---|---|---|");
-        report("switchover: client-visible outage", &mut outage, "≤ 500 ms p50, ≤ 1 s p99");
+        report(
+            "switchover: client-visible outage",
+            &mut outage,
+            "≤ 500 ms p50, ≤ 1 s p99",
+        );
         report(
             "promote --force → client's first reply (live host killed)",
             &mut promote,

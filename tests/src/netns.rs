@@ -274,13 +274,20 @@ impl Lab {
             .chain([(&nc, "pc", lab.client.as_ref().unwrap_or(&lab.a))])
         {
             ip(&[
-                "-n", &nsw, "link", "add", port, "type", "veth", "peer", "name", IFACE, "netns",
-                ns,
+                "-n", &nsw, "link", "add", port, "type", "veth", "peer", "name", IFACE, "netns", ns,
             ]);
             ip(&["-n", &nsw, "link", "set", port, "master", "br0"]);
             ip(&["-n", &nsw, "link", "set", port, "up"]);
             ip(&["-n", ns, "link", "set", "lo", "up"]);
-            ip(&["-n", ns, "addr", "add", &format!("{}/24", h.addr), "dev", IFACE]);
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{}/24", h.addr),
+                "dev",
+                IFACE,
+            ]);
             ip(&["-n", ns, "link", "set", IFACE, "up"]);
         }
         ip(&["-n", &nsw, "link", "set", "br0", "up"]);
