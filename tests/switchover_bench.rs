@@ -134,7 +134,7 @@ fn pct(v: &mut [f64], q: f64) -> f64 {
     v[i.min(v.len() - 1)]
 }
 
-fn report(what: &str, ms: &mut Vec<f64>, target: &str) {
+fn report(what: &str, ms: &mut [f64], target: &str) {
     let (p50, p99) = (pct(ms, 0.5), pct(ms, 0.99));
     let max = ms.iter().copied().fold(f64::NAN, f64::max);
     println!(
