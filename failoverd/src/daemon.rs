@@ -611,6 +611,57 @@ mod tests {
         );
     }
 
+    /// Garbage on the control socket gets a clear refusal and changes nothing; a
+    /// command reaches the core and its answer comes back.
+    #[tokio::test]
+    async fn garbage_on_the_control_socket_is_refused_in_words() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(d.path(), 1, [1; 32], [2; 32]).unwrap());
+        let status = Arc::new(Status::new(store));
+        let (triggers, _t) = mpsc::channel(1);
+        let (events, mut inbox) = mpsc::channel(4);
+        let (_s, status_rx) = watch::channel(None);
+        let handle = Handle {
+            events,
+            status: status_rx,
+        };
+        let ask = |line: &'static [u8]| {
+            let (status, triggers, handle) = (status.clone(), triggers.clone(), handle.clone());
+            async move {
+                let (mut ours, theirs) = UnixStream::pair().unwrap();
+                let served = tokio::spawn(control_one(theirs, status, triggers, handle));
+                ours.write_all(line).await.unwrap();
+                let mut answer = String::new();
+                BufReader::new(&mut ours)
+                    .read_line(&mut answer)
+                    .await
+                    .unwrap();
+                served.await.unwrap();
+                serde_json::from_str::<serde_json::Value>(&answer).unwrap()
+            }
+        };
+        for garbage in [&b"\x16\x03\x01\x02\x00\n"[..], b"promote --now\n", b"\n"] {
+            let v = ask(garbage).await;
+            assert_eq!(v["ok"], false, "{v}");
+            assert!(
+                v["error"].as_str().unwrap().contains("unknown request"),
+                "{v}"
+            );
+        }
+        assert!(inbox.try_recv().is_err(), "nothing reached the core");
+        // A real command is handed to the core with a reply channel.
+        let asked = tokio::spawn(ask(b"demote\n"));
+        match inbox.recv().await {
+            Some(crate::event::Event::Command { command, reply }) => {
+                assert_eq!(command, Command::Demote);
+                reply.send(Err("this host is standby".into())).unwrap();
+            }
+            _ => panic!("no command reached the core"),
+        }
+        let v = asked.await.unwrap();
+        assert_eq!(v["error"], "this host is standby", "{v}");
+    }
+
     /// Log lines written by a test's subscriber.
     #[derive(Clone, Default)]
     struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
