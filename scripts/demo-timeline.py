@@ -158,13 +158,23 @@ def summary(run, svg_path):
     for t, label, outage, nfail, first, nxt, gap in run.outages():
         head = "  %-32s at %6.1f s: " % (label, r(t))
         if outage is not None:
-            print(head + "%s  (%d failed requests, %6.1f s → %6.1f s)"
-                  % (fmt_s(outage), nfail, r(first[0]), r(nxt[1])))
+            print(head + "%s  (%d failed request%s, %.1f s → %.1f s)"
+                  % (fmt_s(outage), nfail, "" if nfail == 1 else "s", r(first[0]), r(nxt[1])))
         elif nfail:
             print(head + "%d failed requests, no success after them" % nfail)
         else:
             g = (", longest wait between blocks %s" % fmt_s(gap)) if gap is not None else ""
             print(head + "no failed request%s" % g)
+    force = [e[0] for e in run.events if e[1] == "cmd" and e[3] == "promote --force"]
+    kill = [e[0] for e in run.events if e[1] == "fault" and e[3].startswith("kill")]
+    if force:
+        after = [c for c in run.client if c[2] and c[0] >= force[0]]
+        if after:
+            line = "  promote --force → next block acknowledged: %s" % fmt_s(after[0][1] - force[0])
+            if kill:
+                line += "; kill → next block: %s (%s of it before promote --force)" % (
+                    fmt_s(after[0][1] - kill[0]), fmt_s(force[0] - kill[0]))
+            print(line)
     print("holders  (the VIP %s on an interface that is up; epochs from failoverd status)"
           % run.meta.get("vip", "?"))
     spans = []
@@ -185,8 +195,8 @@ def summary(run, svg_path):
             print("  TWO HOLDERS: live and standby both held the VIP from %.3f s to %.3f s"
                   % (r(a), r(b)))
     else:
-        print("  never two holders at once (%d changes in the holder log, polled every %s s)"
-              % (n, os.environ.get("DEMO_POLL", "0.1")))
+        print("  never two holders at once (%d changes in the holder log: ip monitor events"
+              " and a poll every %s s)" % (n, os.environ.get("DEMO_POLL", "0.1")))
     print("timeline %s" % svg_path)
     return 3 if ov else 0
 
@@ -195,6 +205,9 @@ def summary(run, svg_path):
 # SVG
 
 C_HELD = "#2e9e4f"
+BAR_H = 24
+# A white outline under text drawn over lines.
+HALO = 'stroke="white" stroke-width="3" paint-order="stroke" stroke-linejoin="round"'
 C_DOWNLINK = "#b0b0b0"
 C_DEAD = "#f6d3d0"
 C_OK = "#2e9e4f"
@@ -266,8 +279,8 @@ def svg(run, path):
     lane_y = {name: lanes_top + i * (lane_h + lane_gap) for i, name in enumerate(lanes)}
     lanes_bottom = lanes_top + len(lanes) * (lane_h + lane_gap) - lane_gap
     axis_y = lanes_bottom + 8
-    legend_y = axis_y + 44
-    H = legend_y + 70
+    legend_y = axis_y + 58
+    H = legend_y + 40
 
     out.append('<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" '
                'viewBox="0 0 %d %d" font-family="DejaVu Sans, Helvetica, Arial, sans-serif">'
@@ -283,8 +296,9 @@ def svg(run, path):
     out.append('<text x="%d" y="24" font-size="18" font-weight="bold">failoverd demo: who held '
                'the virtual IP %s, and what the client saw</text>'
                % (left - 140, esc(run.meta.get("vip", "?"))))
-    sub = "%s · %d blocks acknowledged, %d requests failed · %s" % (
+    sub = "%s · %d blocks acknowledged, %d failed request%s · %s" % (
         time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.t0)), acked, failed,
+        "" if failed == 1 else "s",
         "TWO HOLDERS AT ONCE" if ov else "never two holders at once")
     out.append('<text x="%d" y="44" font-size="12" fill="#444">%s</text>' % (left - 140, esc(sub)))
 
@@ -308,25 +322,25 @@ def svg(run, path):
         y = lane_y[h]
         out.append('<rect x="%.1f" y="%d" width="%.1f" height="%d" fill="%s"/>'
                    % (x(k[0]), y, x(end) - x(k[0]), lane_h, C_DEAD))
-        out.append('<text x="%.1f" y="%d" font-size="11" fill="#a33">host down '
-                   '(processes killed, link down)</text>' % (x(k[0]) + 4, y + lane_h - 5))
+        out.append('<text x="%.1f" y="%d" font-size="10" fill="#a33" %s>host down '
+                   '(processes killed, link down)</text>' % (x(k[0]) + 4, y + lane_h - 3, HALO))
     for h in HOSTS:
         y = lane_y[h]
         for a, b, s in run.intervals[h]:
             if s == "held":
-                out.append('<rect x="%.1f" y="%d" width="%.1f" height="%d" fill="%s" rx="2"/>'
-                           % (x(a), y + 8, max(x(b) - x(a), 1.5), lane_h - 22, C_HELD))
+                out.append('<rect x="%.1f" y="%d" width="%.1f" height="%d" fill="%s" rx="2">'
+                           '<title>%s holds the VIP %.3f s to %.3f s</title></rect>'
+                           % (x(a), y + 6, max(x(b) - x(a), 1.5), BAR_H, C_HELD, h,
+                              a - run.t0, b - run.t0))
                 ep = run.epoch_at(h, a, b)
-                lab = "holds VIP · epoch %s" % ep
-                if x(b) - x(a) > text_w(lab, 11) + 8:
-                    out.append('<text x="%.1f" y="%d" font-size="11" fill="white">%s</text>'
-                               % (x(a) + 5, y + 8 + (lane_h - 22) / 2 + 4, esc(lab)))
-                elif x(b) - x(a) > text_w("e%s" % ep, 11) + 4:
-                    out.append('<text x="%.1f" y="%d" font-size="11" fill="white">e%s</text>'
-                               % (x(a) + 2, y + 8 + (lane_h - 22) / 2 + 4, esc(ep)))
+                for lab in ("holds VIP · epoch %s" % ep, "epoch %s" % ep, "e%s" % ep):
+                    if x(b) - x(a) > text_w(lab, 11) + 6:
+                        out.append('<text x="%.1f" y="%d" font-size="11" fill="white">%s</text>'
+                                   % (x(a) + 4, y + 6 + BAR_H / 2 + 4, esc(lab)))
+                        break
             else:
                 out.append('<rect x="%.1f" y="%d" width="%.1f" height="%d" fill="url(#hatch)" '
-                           'stroke="%s"/>' % (x(a), y + 8, max(x(b) - x(a), 1.5), lane_h - 22,
+                           'stroke="%s"/>' % (x(a), y + 6, max(x(b) - x(a), 1.5), BAR_H,
                                               C_DOWNLINK))
     for a, b in ov:
         out.append('<rect x="%.1f" y="%d" width="%.1f" height="%d" fill="%s" opacity="0.5"/>'
@@ -334,16 +348,39 @@ def svg(run, path):
         out.append('<text x="%.1f" y="%d" font-size="12" font-weight="bold" fill="%s">TWO HOLDERS'
                    '</text>' % (x(a) + 4, lane_y["standby"] - 1, C_OVERLAP))
 
-    # Client lane: outage bands, then a tick per request.
+    # Markers over the lanes, labels above.
+    for t, kind, label, xs, row in placed:
+        color = C_FAULT if kind == "fault" else C_CMD
+        ly = title_h + 12 + 16 * row
+        out.append('<line x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="%s" stroke-width="1.2" '
+                   'stroke-dasharray="4,3"/>' % (x(t), ly + 3, x(t), lanes_bottom, color))
+        out.append('<text x="%.1f" y="%d" font-size="11" fill="%s">%s</text>'
+                   % (xs, ly, color, esc(label)))
+
+    # Client lane: the read-back, outage bands, then a tick per request.
     y = lane_y["client"]
+    rb = [e for e in run.events if e[1] == "readback"]
+    if len(rb) >= 2:
+        a, b = rb[0][0], rb[-1][0]
+        out.append('<rect x="%.1f" y="%d" width="%.1f" height="%d" fill="%s" opacity="0.12"/>'
+                   % (x(a), y, x(b) - x(a), lane_h, C_CMD))
+        res = rb[-1][3].replace("end: ", "")
+        # Two short lines inside the band; right-aligned to its end if it would overflow.
+        w = max(text_w("read back:"), text_w(res))
+        tx, anchor = x(a) + 4, "start"
+        if tx + w > W - 2:
+            tx, anchor = W - 2, "end"
+        for j, lab in enumerate(("read back:", res)):
+            out.append('<text x="%.1f" y="%d" font-size="11" fill="%s" text-anchor="%s" %s>%s</text>'
+                       % (tx, y + 19 + 14 * j, C_CMD, anchor, HALO, esc(lab)))
     for t, label, outage, nfail, first, nxt, gap in run.outages():
         if outage is None:
             continue
         a, b = first[0], nxt[1]
         out.append('<rect x="%.1f" y="%d" width="%.1f" height="%d" fill="%s" opacity="0.15"/>'
                    % (x(a), y, x(b) - x(a), lane_h, C_FAIL))
-        out.append('<text x="%.1f" y="%d" font-size="11" font-weight="bold" fill="%s">%s outage</text>'
-                   % (x(a) + 2, y + 11, C_FAIL, esc(fmt_s(outage))))
+        out.append('<text x="%.1f" y="%d" font-size="11" font-weight="bold" fill="%s" %s>%s outage'
+                   '</text>' % (x(a) + 2, y + 11, C_FAIL, HALO, esc(fmt_s(outage))))
     for s, e, ok, idx, msg in run.client:
         if ok:
             out.append('<line x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="%s" stroke-width="1"/>'
@@ -354,15 +391,6 @@ def svg(run, path):
                        % (x(s), y + 34, max(x(e) - x(s), 1), C_FAIL, esc(msg)))
             out.append('<line x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="%s" stroke-width="1.5"/>'
                        % (x(e), y + 14, x(e), y + 40, C_FAIL))
-
-    # Markers over the lanes, labels above.
-    for t, kind, label, xs, row in placed:
-        color = C_FAULT if kind == "fault" else C_CMD
-        ly = title_h + 12 + 16 * row
-        out.append('<line x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="%s" stroke-width="1.2" '
-                   'stroke-dasharray="4,3"/>' % (x(t), ly + 3, x(t), lanes_bottom, color))
-        out.append('<text x="%.1f" y="%d" font-size="11" fill="%s">%s</text>'
-                   % (xs, ly, color, esc(label)))
 
     # Time axis.
     out.append('<line x1="%d" y1="%d" x2="%d" y2="%d" stroke="#333"/>'
@@ -390,6 +418,7 @@ def svg(run, path):
         ("tick", C_OK, "block acknowledged"),
         ("tick", C_FAIL, "request failed (bar: its duration)"),
         ("band", C_FAIL, "client-visible outage"),
+        ("bandb", C_CMD, "acknowledged blocks read back"),
         ("dash", C_CMD, "operator command"),
         ("dash", C_FAULT, "fault"),
     ]
@@ -403,7 +432,7 @@ def svg(run, path):
         elif kind == "hatch":
             out.append('<rect x="%d" y="%d" width="18" height="12" fill="url(#hatch)" stroke="%s"/>'
                        % (lx, ly - 10, color))
-        elif kind == "band":
+        elif kind in ("band", "bandb"):
             out.append('<rect x="%d" y="%d" width="18" height="12" fill="%s" opacity="0.15"/>'
                        % (lx, ly - 10, color))
         elif kind == "tick":
