@@ -303,7 +303,7 @@ impl Drop for Pair {
                 );
             }
         }
-        if std::thread::panicking() {
+        if std::thread::panicking() || std::env::var_os("FAILOVER_TEST_LOGS").is_some() {
             for h in ["a", "b"] {
                 eprintln!("----- failoverd-{h}.log\n{}", self.log(h));
             }

@@ -286,7 +286,7 @@ fn main() {
         watch.assert_no_overlap();
 
         println!();
-        println!("Failover as a client sees it: 3 hosts on one link, a 64 MiB chain database, Status through the VIP every 10 ms (new WebSocket connection each, 1 s timeout); probe 3 × 50 ms + 150 ms wait, done twice per forced claim (first and final probe: 0.5 s of the promote); heartbeat 500 ms, peer timeout 2 s; debug-free release build");
+        println!("Failover as a client sees it: 3 hosts on one link, a 64 MiB chain database, Status through the VIP every 10 ms (new WebSocket connection each, 1 s timeout); probe 3 × 30 ms + 120 ms wait (vip.probe_*), done twice per claim that installs a generation (first and final probe: about 0.4 s); heartbeat 500 ms, peer timeout 2 s; debug-free release build");
         println!();
         println!("| measure | runs | p50 | p99 | max | target |");
         println!("|---|---|---|---|---|---|");

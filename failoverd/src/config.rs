@@ -92,13 +92,31 @@ pub enum ConodeControl {
     Child { binary: PathBuf, user: String },
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawVip {
     #[serde(default)]
     pub interface: String,
     #[serde(default)]
     pub address: String,
+    #[serde(default = "defaults::probe_count")]
+    pub probe_count: u32,
+    #[serde(default = "defaults::probe_interval")]
+    pub probe_interval: String,
+    #[serde(default = "defaults::probe_wait")]
+    pub probe_wait: String,
+}
+
+impl Default for RawVip {
+    fn default() -> Self {
+        RawVip {
+            interface: String::new(),
+            address: String::new(),
+            probe_count: defaults::probe_count(),
+            probe_interval: defaults::probe_interval(),
+            probe_wait: defaults::probe_wait(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -155,6 +173,10 @@ pub struct VipSection {
     /// `address/prefix`; `None` when `[vip] address` is empty (no address is managed:
     /// a claim then only starts the conode).
     pub address: Option<(std::net::IpAddr, u8)>,
+    /// The ARP probe before a claim: this many probes, this far apart, then this wait.
+    pub probe_count: u32,
+    pub probe_interval: Duration,
+    pub probe_wait: Duration,
 }
 
 /// The failover core's timers (`[failover]`).
@@ -308,6 +330,15 @@ mod defaults {
     }
     pub fn handover_timeout() -> String {
         "150s".into()
+    }
+    pub fn probe_count() -> u32 {
+        3
+    }
+    pub fn probe_interval() -> String {
+        "30ms".into()
+    }
+    pub fn probe_wait() -> String {
+        "120ms".into()
     }
 }
 
@@ -571,6 +602,14 @@ impl RawConfig {
                 }
             }
         };
+        let probe_interval = duration("vip.probe_interval", &self.vip.probe_interval, &mut bad);
+        let probe_wait = duration("vip.probe_wait", &self.vip.probe_wait, &mut bad);
+        if !(1..=10).contains(&self.vip.probe_count) {
+            bad(
+                "vip.probe_count",
+                format!("{} probes: write 1 to 10", self.vip.probe_count),
+            );
+        }
         let vip_address = if self.vip.address.trim().is_empty() {
             None
         } else {
@@ -704,6 +743,9 @@ impl RawConfig {
             vip: VipSection {
                 interface: self.vip.interface,
                 address: vip_address,
+                probe_count: self.vip.probe_count,
+                probe_interval,
+                probe_wait,
             },
             snapshot: Snapshot {
                 interval,
@@ -891,6 +933,11 @@ metrics = {listen_metrics}
 # never removes an address it did not add.
 interface = {interface}
 address = ""
+# The ARP probe before every claim (RFC 5227 style, shortened): probes this far apart,
+# then a wait for answers. Any answer refuses the claim.
+probe_count = 3
+probe_interval = "30ms"
+probe_wait = "120ms"
 
 [failover]
 # How often each host tells the other its state, and how long without a word before

@@ -153,10 +153,15 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         Some((a, p)) => Address::Vip(
             crate::vip::Vip::parse(&cfg.vip.interface, &format!("{a}/{p}"))
                 .map_err(|e| e.to_string())?,
+            crate::vip::ProbeTimers {
+                count: cfg.vip.probe_count,
+                interval: cfg.vip.probe_interval,
+                wait: cfg.vip.probe_wait,
+            },
         ),
     };
     let conflict_vip = match &address {
-        Address::Vip(v) => Some(v.clone()),
+        Address::Vip(v, _) => Some(v.clone()),
         Address::Unmanaged => None,
     };
     let core_cfg = failoverd_core::Config {

@@ -30,8 +30,8 @@ pub enum Address {
     /// `[vip] address` is empty: no address is managed (probes find no holder, adds and
     /// removes do nothing); roles, epochs and the conode are still managed.
     Unmanaged,
-    /// The virtual IP on `[vip] interface` (see [`crate::vip`]).
-    Vip(crate::vip::Vip),
+    /// The virtual IP on `[vip] interface` (see [`crate::vip`]), and its probe.
+    Vip(crate::vip::Vip, crate::vip::ProbeTimers),
 }
 
 /// Gratuitous ARP (or unsolicited NA) bursts: this many, this far apart.
@@ -49,7 +49,7 @@ impl Address {
     pub async fn leftover(&self) -> Result<bool, String> {
         match self {
             Address::Unmanaged => Ok(false),
-            Address::Vip(v) => {
+            Address::Vip(v, _) => {
                 let p = v.present().await.map_err(|e| e.to_string())?;
                 if p.is_present() && !p.is_ours() {
                     tracing::warn!(
@@ -66,8 +66,8 @@ impl Address {
     async fn probe(&self) -> Result<Option<Mac>, String> {
         match self {
             Address::Unmanaged => Ok(None),
-            Address::Vip(v) => v
-                .probe(crate::vip::ProbeTimers::default())
+            Address::Vip(v, timers) => v
+                .probe(*timers)
                 .await
                 .map(|m| m.map(core_mac))
                 .map_err(|e| e.to_string()),
@@ -77,7 +77,7 @@ impl Address {
     async fn add(&self) -> Result<(), String> {
         match self {
             Address::Unmanaged => Ok(()),
-            Address::Vip(v) => {
+            Address::Vip(v, _) => {
                 v.add().await.map_err(|e| e.to_string())?;
                 if v.addr.is_ipv6() {
                     // The kernel's duplicate address detection decides whether the
@@ -117,17 +117,28 @@ impl Address {
     async fn remove(&self) -> Result<(), String> {
         match self {
             Address::Unmanaged => Ok(()),
-            Address::Vip(v) => v.remove().await.map_err(|e| e.to_string()),
+            Address::Vip(v, _) => v.remove().await.map_err(|e| e.to_string()),
         }
     }
 
     async fn announce(&self) -> Result<(), String> {
         match self {
             Address::Unmanaged => Ok(()),
-            Address::Vip(v) => v
-                .announce(ANNOUNCE_COUNT, ANNOUNCE_INTERVAL)
-                .await
-                .map_err(|e| e.to_string()),
+            Address::Vip(v, _) => {
+                // The first round now (clients move at once); the repeats in the
+                // background, so that the conode starts without waiting for them.
+                v.announce(1, ANNOUNCE_INTERVAL)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let v = v.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(ANNOUNCE_INTERVAL).await;
+                    if let Err(e) = v.announce(ANNOUNCE_COUNT - 1, ANNOUNCE_INTERVAL).await {
+                        tracing::warn!("gratuitous ARP repeat on {}: {e}", v.interface);
+                    }
+                });
+                Ok(())
+            }
         }
     }
 }
@@ -296,10 +307,15 @@ pub async fn drive(
     let worker = tokio::spawn(async move {
         while let Some((op, effect)) = work_rx.recv().await {
             let limit = worker_limit(&effect);
+            let t = Instant::now();
             let result = match tokio::time::timeout(limit, effects.run(effect)).await {
                 Ok(r) => r,
                 Err(_) => Err(format!("{effect:?} did not finish within {limit:?}")),
             };
+            match &result {
+                Ok(o) => tracing::info!("{effect:?} done in {:?}: {o:?}", t.elapsed()),
+                Err(e) => tracing::warn!("{effect:?} failed after {:?}: {e}", t.elapsed()),
+            }
             if worker_events
                 .send(Event::Outcome { op, result })
                 .await
