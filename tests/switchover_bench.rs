@@ -208,7 +208,16 @@ fn main() {
             .server_toml();
     let neigh: Neigh = Arc::default();
     let (s3, n3) = (stop.clone(), neigh.clone());
+    /// Stops the client and the poller when the measuring ends, also by a panic (the
+    /// scope would otherwise wait for them).
+    struct StopOnDrop(Arc<AtomicBool>);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
     std::thread::scope(|sc| {
+        let _stop = StopOnDrop(stop.clone());
         let host = p.lab.client();
         sc.spawn(move || client(host, server, s2, r2, max));
         let vip = p.vip;
