@@ -197,11 +197,13 @@ impl Pair {
 
     /// Wait until `h` heard that its peer is live.
     pub(crate) fn wait_peer_live(&self, h: &str) {
+        // ... and has persisted the peer's epoch as its own: a request under an older
+        // epoch is refused by design ("ask again").
         wait(&format!("{h} hears its peer is live"), T, || {
-            self.status(h)
-                .at(&["peer", "live"])
-                .and_then(|v| v.as_bool())
-                == Some(true)
+            let st = self.status(h);
+            st.at(&["peer", "live"]).and_then(|v| v.as_bool()) == Some(true)
+                && st.at(&["epoch"]).and_then(|v| v.as_u64())
+                    == st.at(&["peer", "epoch"]).and_then(|v| v.as_u64())
         });
     }
 

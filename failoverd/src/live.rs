@@ -453,7 +453,17 @@ impl Shipper {
         let _one = self.busy.lock().await;
         let t0 = Instant::now();
         let out = self.cfg.outgoing_dir();
-        let peer_newest = self.peer_newest().await;
+        // Generation numbers grow across both hosts: after a switchover the new live host
+        // numbers past every generation either host shipped or holds (the failover core
+        // knows both), so a number never names older data than an earlier one. The
+        // taking-over host relies on it to skip installing data its database already holds.
+        let known = self
+            .status
+            .view()
+            .core
+            .and_then(|c| c.newest_generation.max(c.peer.newest_generation))
+            .unwrap_or(0);
+        let peer_newest = self.peer_newest().await.max(known);
         let state_dir = self.cfg.state_dir.clone();
         let o = out.clone();
         // File work (and the counter's fsync) off the runtime's threads.
