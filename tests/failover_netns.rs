@@ -500,27 +500,25 @@ fn a_message_with_a_stale_epoch_is_refused_and_changes_nothing() {
         .enable_all()
         .build()
         .unwrap();
-    let answer = p.lab.a().in_ns(|| {
-        rt.block_on(async {
-            conode::tls::install_provider();
-            let tls = conode::peer::PeerTls::new(&key).unwrap();
-            let client = failoverd::peer::PeerClient::new(
-                &tls,
-                &conf.peer.address,
-                conf.peer.public_key,
-                &conf.timeouts,
-            )
-            .unwrap();
-            client
-                .request(
-                    reqwest::Method::POST,
-                    "/v1/core",
-                    stale.as_bytes().to_vec(),
-                    "stale",
+    // POST a body to b's /v1/core from a's namespace, with a's pinned key.
+    let post = |body: Vec<u8>| {
+        p.lab.a().in_ns(|| {
+            rt.block_on(async {
+                conode::tls::install_provider();
+                let tls = conode::peer::PeerTls::new(&key).unwrap();
+                failoverd::peer::PeerClient::new(
+                    &tls,
+                    &conf.peer.address,
+                    conf.peer.public_key,
+                    &conf.timeouts,
                 )
+                .unwrap()
+                .request(reqwest::Method::POST, "/v1/core", body, "core message")
                 .await
+            })
         })
-    });
+    };
+    let answer = post(stale.as_bytes().to_vec());
     assert!(answer.is_ok(), "the message is delivered: {answer:?}");
     std::thread::sleep(Duration::from_secs(1));
     let b = p.status("b");
@@ -531,26 +529,7 @@ fn a_message_with_a_stale_epoch_is_refused_and_changes_nothing() {
         p.log("b")
     );
     // Garbage is refused at the door.
-    let garbage = p.lab.a().in_ns(|| {
-        rt.block_on(async {
-            let tls = conode::peer::PeerTls::new(&key).unwrap();
-            let client = failoverd::peer::PeerClient::new(
-                &tls,
-                &conf.peer.address,
-                conf.peer.public_key,
-                &conf.timeouts,
-            )
-            .unwrap();
-            client
-                .request(
-                    reqwest::Method::POST,
-                    "/v1/core",
-                    b"{\"epoch\":\"x\"}".to_vec(),
-                    "garbage",
-                )
-                .await
-        })
-    });
+    let garbage = post(b"{\"epoch\":\"x\"}".to_vec());
     assert!(garbage.is_err(), "{garbage:?}");
 }
 

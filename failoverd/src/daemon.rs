@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::io::{Read, Seek, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -555,11 +555,6 @@ pub async fn control_request(sock: &Path, line: &str) -> Result<serde_json::Valu
             .to_string());
     }
     Ok(v)
-}
-
-/// Where the control socket of `state_dir` is.
-pub fn control_socket_of(state_dir: &Path) -> PathBuf {
-    config::control_socket(state_dir)
 }
 
 #[cfg(test)]

@@ -218,7 +218,7 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 mod tests {
     use super::*;
     use crate::standby::Store;
-    use crate::status::{LastSnapshot, Role, Status};
+    use crate::status::{LastSnapshot, Status};
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
@@ -263,7 +263,24 @@ mod tests {
             reused_bytes: 300,
             chains: 1,
         });
-        st.set_role(Role::Live);
+        let (_core_tx, core_rx) = tokio::sync::watch::channel(Some(failoverd_core::Status {
+            role: failoverd_core::Role::Live,
+            epoch: 3,
+            vip_held: true,
+            doing: "idle".into(),
+            peer: failoverd_core::PeerStatus {
+                reachable: true,
+                last_heard: None,
+                epoch: 3,
+                live: false,
+                may_hold: false,
+                newest_generation: None,
+            },
+            health: Vec::new(),
+            newest_generation: Some(1),
+            conflicts: 0,
+        }));
+        st.attach_core(core_rx);
         let m = metrics.encode(&st.view());
         assert!(
             m.contains("failoverd_snapshot_bytes_sent_total 700\n"),
@@ -272,6 +289,8 @@ mod tests {
         assert!(m.contains("failoverd_snapshots_total 1\n"), "{m}");
         assert!(m.contains("failoverd_role{role=\"live\"} 1\n"), "{m}");
         assert!(m.contains("failoverd_role{role=\"standby\"} 0\n"), "{m}");
+        assert!(m.contains("failoverd_epoch 3\n"), "{m}");
+        assert!(m.contains("failoverd_vip_held 1\n"), "{m}");
         assert_eq!(st.view().json()["bytes_sent"], 700);
     }
 }

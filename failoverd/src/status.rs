@@ -13,8 +13,7 @@ use crate::standby::{Installed, Store};
 
 pub use conode::db::unix_ms as now_ms;
 
-/// Which side of the pair this host is on now. Until the virtual-IP work adds claims and
-/// epochs, the live host is the one whose conode answers on its admin socket.
+/// Which side of the pair this host is on now: the failover core's role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
@@ -47,7 +46,6 @@ pub struct LastSnapshot {
 
 #[derive(Default)]
 struct Inner {
-    role: Option<Role>,
     last: Option<LastSnapshot>,
     last_error: Option<String>,
 }
@@ -99,26 +97,6 @@ impl Status {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn set_role(&self, r: Role) {
-        let mut i = self.lock();
-        if i.role != Some(r) {
-            tracing::info!(
-                "this host is now {} (its conode {})",
-                r.name(),
-                if r == Role::Live {
-                    "answers"
-                } else {
-                    "does not answer"
-                }
-            );
-        }
-        i.role = Some(r);
-    }
-
-    pub fn role(&self) -> Option<Role> {
-        self.lock().role
-    }
-
     /// Remember a refused request or a failed snapshot (logging and counting are the
     /// caller's, who knows its cause).
     pub fn set_error(&self, e: String) {
@@ -166,11 +144,7 @@ impl Status {
         });
         let core = self.core();
         StatusView {
-            role: match &core {
-                Some(c) if c.role == failoverd_core::Role::Live => Some(Role::Live),
-                Some(_) => Some(Role::Standby),
-                None => i.role,
-            },
+            role: role_of(&core),
             epoch: core.as_ref().map_or(0, |c| c.epoch),
             core,
             age_seconds: last
@@ -198,13 +172,8 @@ impl Status {
             })
             .collect();
         let core = self.core();
-        let role = match &core {
-            Some(c) if c.role == failoverd_core::Role::Live => Some(Role::Live),
-            Some(_) => Some(Role::Standby),
-            None => self.role(),
-        };
         serde_json::json!({
-            "role": role,
+            "role": role_of(&core),
             "epoch": core.as_ref().map_or(0, |c| c.epoch),
             "generations": gens,
         })
@@ -255,4 +224,12 @@ pub fn check_name(c: failoverd_core::Check) -> &'static str {
         failoverd_core::Check::LiveConode => "live_conode",
         failoverd_core::Check::LivePeer => "live_peer",
     }
+}
+
+/// The role the failover core shows (none before it runs).
+fn role_of(core: &Option<failoverd_core::Status>) -> Option<Role> {
+    core.as_ref().map(|c| match c.role {
+        failoverd_core::Role::Live => Role::Live,
+        failoverd_core::Role::Standby => Role::Standby,
+    })
 }
