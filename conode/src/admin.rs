@@ -55,6 +55,12 @@
 //!   image. A token it does not know (another process's, too old, or garbage) gets the
 //!   whole image. The trailer's `sent` counts the M bytes. A client that did not finish
 //!   applying an answer asks again since the same token.
+//! - `final-image\n`, `final-image since=<t>\n`: the same as `image`, and the database
+//!   is **frozen** at that image: from then on every write is refused
+//!   ([`crate::db::FROZEN`]) while reads go on. A switchover ships this image as the
+//!   host's last state, then stops the conode. Status shows `Db.Frozen`.
+//! - `thaw\n`: accept writes again (a switchover called off):
+//!   `{"ok":true,"was_frozen":B}`. A restart thaws too.
 //! - `position\n`: `{"ok":true,"public":"<hex>","positions":[...]}`, the same
 //!   positions as a snapshot would carry, without copying anything.
 //! - Anything else, a line over [`MAX_REQUEST_LINE`] bytes, no complete line within
@@ -83,7 +89,7 @@
 //!
 //! ```text
 //! > status
-//! < {"ok":false,"error":"unknown request \"status\": expected \"snapshot\", \"image\" or \"position\""}
+//! < {"ok":false,"error":"unknown request \"status\": expected \"snapshot\", \"image\", \"final-image\", \"thaw\" or \"position\""}
 //! ```
 //!
 //! [`fetch_snapshot`] and [`fetch_position`] are the client side.
@@ -476,15 +482,34 @@ async fn handle(
     };
     match request.as_str() {
         "snapshot" => snapshot(stream, ctx).await,
-        "image" => image(stream, ctx, None).await,
+        "image" => image(stream, ctx, None, false).await,
         r if r.starts_with(IMAGE_SINCE) => {
-            image(stream, ctx, Some(r[IMAGE_SINCE.len()..].to_string())).await
+            image(stream, ctx, Some(r[IMAGE_SINCE.len()..].to_string()), false).await
+        }
+        "final-image" => image(stream, ctx, None, true).await,
+        r if r.starts_with(FINAL_IMAGE_SINCE) => {
+            let since = r[FINAL_IMAGE_SINCE.len()..].to_string();
+            image(stream, ctx, Some(since), true).await
+        }
+        "thaw" => {
+            let was = ctx.db.thaw();
+            if was {
+                tracing::warn!("admin socket: the database was frozen by a final image and accepts writes again (the switchover was called off)");
+            }
+            reply(
+                stream,
+                &json_line(&WireThaw {
+                    ok: true,
+                    was_frozen: was,
+                }),
+            )
+            .await
         }
         "position" => position(stream, ctx).await,
         other => {
             let shown: String = other.chars().take(64).collect();
             let msg = format!(
-                "unknown request {shown:?}: expected \"snapshot\", \"image\" or \"position\""
+                "unknown request {shown:?}: expected \"snapshot\", \"image\", \"final-image\", \"thaw\" or \"position\""
             );
             reply(stream, &error_line(&msg)).await?;
             Err(msg)
@@ -519,14 +544,14 @@ async fn read_request<S: AsyncRead + Unpin>(s: &mut S) -> Result<String, String>
     }
     if buf.len() > MAX_REQUEST_LINE {
         return Err(format!(
-            "request line longer than {MAX_REQUEST_LINE} bytes: expected \"snapshot\", \"image\" or \"position\""
+            "request line longer than {MAX_REQUEST_LINE} bytes: expected \"snapshot\", \"image\", \"final-image\", \"thaw\" or \"position\""
         ));
     }
     if buf.last() == Some(&b'\r') {
         buf.pop();
     }
     String::from_utf8(buf).map_err(|_| {
-        "the request is not UTF-8 text: expected \"snapshot\", \"image\" or \"position\""
+        "the request is not UTF-8 text: expected \"snapshot\", \"image\", \"final-image\", \"thaw\" or \"position\""
             .to_string()
     })
 }
@@ -694,6 +719,15 @@ pub const IMAGE_HOLD_LIMIT: Duration = Duration::from_secs(20);
 
 /// The request for the pages changed since an earlier image.
 const IMAGE_SINCE: &str = "image since=";
+/// The same for a final image (the database frozen once it is taken).
+const FINAL_IMAGE_SINCE: &str = "final-image since=";
+
+/// The answer to `thaw`.
+#[derive(Serialize)]
+struct WireThaw {
+    ok: bool,
+    was_frozen: bool,
+}
 /// Bytes before each run of pages in a changed-pages stream: offset (u64) and length
 /// (u32), little-endian.
 pub const RUN_HEADER: usize = 12;
@@ -714,10 +748,19 @@ fn runs(pages: &[u64], bytes: u64) -> Vec<(u64, u32)> {
     out
 }
 
-async fn image(stream: &mut UnixStream, ctx: &Ctx, since: Option<String>) -> Result<(), String> {
+async fn image(
+    stream: &mut UnixStream,
+    ctx: &Ctx,
+    since: Option<String>,
+    freeze: bool,
+) -> Result<(), String> {
     let _permit = snapshot_slot(stream, ctx).await?;
     let db = ctx.db.clone();
-    let img = blocking_or_reply(stream, "image", move || db.image(since.as_deref())).await?;
+    let img =
+        blocking_or_reply(stream, "image", move || db.image(since.as_deref(), freeze)).await?;
+    if freeze {
+        tracing::info!("admin socket: final image taken; the database is frozen (writes are refused until a restart or `thaw`)");
+    }
     // The whole file in pieces, or the runs of changed pages, each after its run header.
     let pieces: Vec<(u64, u32, bool)> = match &img.changed {
         Some(pages) => runs(pages, img.bytes)
@@ -915,6 +958,22 @@ pub async fn fetch_position(socket: &Path) -> Result<PositionAnswer, String> {
     })
 }
 
+#[derive(Deserialize)]
+struct WireThawAnswer {
+    was_frozen: bool,
+}
+
+/// Ask the conode at `socket` to accept writes again after a final image; returns
+/// whether it was frozen.
+pub async fn thaw(socket: &Path) -> Result<bool, String> {
+    let (mut r, sent) = request(socket, b"thaw\n", 4096).await?;
+    let line = read_line(&mut r, MAX_HEADER_LINE, IO_TIMEOUT, "answer")
+        .await
+        .map_err(|e| sent.unwrap_or(e))?;
+    let a: WireThawAnswer = parse_answer(&line, "answer")?;
+    Ok(a.was_frozen)
+}
+
 /// Ask the conode at `socket` for a snapshot and write it to `dest`.
 ///
 /// `dest` must not exist: it is created owner-only (0600), filled with exactly the
@@ -1031,6 +1090,25 @@ pub struct ImageHeader {
 pub fn fetch_image_blocking(
     socket: &Path,
     since: Option<&str>,
+    sink: impl FnMut(&ImageHeader, u64, &[u8]) -> Result<(), String>,
+) -> Result<ImageHeader, String> {
+    fetch_image_inner(socket, since, false, sink)
+}
+
+/// [`fetch_image_blocking`] for a final image: once it is taken the conode refuses every
+/// write (`final-image`) until `thaw` or a restart.
+pub fn fetch_final_image_blocking(
+    socket: &Path,
+    since: Option<&str>,
+    sink: impl FnMut(&ImageHeader, u64, &[u8]) -> Result<(), String>,
+) -> Result<ImageHeader, String> {
+    fetch_image_inner(socket, since, true, sink)
+}
+
+fn fetch_image_inner(
+    socket: &Path,
+    since: Option<&str>,
+    freeze: bool,
     mut sink: impl FnMut(&ImageHeader, u64, &[u8]) -> Result<(), String>,
 ) -> Result<ImageHeader, String> {
     use std::io::{BufRead, Read, Write};
@@ -1041,9 +1119,12 @@ pub fn fetch_image_blocking(
         )
     })?;
     let _ = s.set_write_timeout(Some(IO_TIMEOUT));
+    let prefix = if freeze { "final-" } else { "" };
     let request = match since {
-        Some(t) if !t.is_empty() && !t.contains(['\n', '\r']) => format!("{IMAGE_SINCE}{t}\n"),
-        _ => "image\n".to_string(),
+        Some(t) if !t.is_empty() && !t.contains(['\n', '\r']) => {
+            format!("{prefix}{IMAGE_SINCE}{t}\n")
+        }
+        _ => format!("{prefix}image\n"),
     };
     let sent = (&s).write_all(request.as_bytes()).err();
     let _ = s.set_read_timeout(Some(SNAPSHOT_TIMEOUT));

@@ -102,7 +102,14 @@ pub struct Db {
     pub path: PathBuf,
     stats: Mutex<Option<(Instant, BTreeMap<String, String>)>>,
     figures: Mutex<Option<(Instant, BTreeMap<String, String>)>>,
+    /// Set by a final image ([`Db::image`] with `freeze`): no write commits any more (a
+    /// switchover ships that image as the last word of this host); cleared by
+    /// [`Db::thaw`] or a restart.
+    frozen: std::sync::atomic::AtomicBool,
 }
+
+/// What a writer gets from a frozen database.
+pub const FROZEN: &str = "this conode is handing over to its standby (frozen by failoverd for a switchover): no new block is accepted here; try again in a moment";
 
 impl Db {
     /// Open (creating if needed) the database of `public`.
@@ -168,19 +175,45 @@ impl Db {
             path: path.to_path_buf(),
             stats: Mutex::new(None),
             figures: Mutex::new(None),
+            frozen: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// A write transaction, unless the database is frozen ([`FROZEN`]). The check comes
+    /// after the transaction began: a writer that waited for the writers' lock held by a
+    /// final image sees the freeze that image set.
+    pub fn begin_write(&self) -> Result<redb::WriteTransaction, String> {
+        let txn = self.db.begin_write().map_err(|e| e.to_string())?;
+        if self.is_frozen() {
+            let _ = txn.abort();
+            return Err(FROZEN.to_string());
+        }
+        Ok(txn)
+    }
+
+    /// Whether a final image froze the database.
+    pub fn is_frozen(&self) -> bool {
+        self.frozen.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Accept writes again (a switchover that was called off); returns whether the
+    /// database was frozen.
+    pub fn thaw(&self) -> bool {
+        self.frozen.swap(false, std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The `Db` section of Status: figures of the redb file, at most [`FIGURES_TTL`] old.
     pub fn figures(&self) -> BTreeMap<String, String> {
         let mut cache = self.figures.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((at, v)) = cache.as_ref() {
-            if at.elapsed() < FIGURES_TTL {
-                return v.clone();
+        let mut f = match cache.as_ref() {
+            Some((at, v)) if at.elapsed() < FIGURES_TTL => v.clone(),
+            _ => {
+                let f = self.read_figures();
+                *cache = Some((Instant::now(), f.clone()));
+                f
             }
-        }
-        let f = self.read_figures();
-        *cache = Some((Instant::now(), f.clone()));
+        };
+        f.insert("Frozen".into(), self.is_frozen().to_string());
         f
     }
 
@@ -443,7 +476,12 @@ impl Db {
     /// Why the bytes are consistent: every commit here is durable, so when no write
     /// transaction runs the file holds exactly the latest commit (redb's crash image of it),
     /// and none runs while the image is held. Blocking: run it on a blocking thread.
-    pub fn image(&self, since: Option<&str>) -> Result<Image, String> {
+    ///
+    /// With `freeze` (a switchover's final image) the database is frozen while the
+    /// writers are held: once the image is dropped, writers get [`FROZEN`] instead of a
+    /// commit, so the image stays this database's last state until [`Db::thaw`] or a
+    /// restart. An image of a frozen database is allowed (a final image asked again).
+    pub fn image(&self, since: Option<&str>, freeze: bool) -> Result<Image, String> {
         let ctx = |what: &str, e: &dyn std::fmt::Display| {
             format!("page image of {}: {what}: {e}", self.path.display())
         };
@@ -452,6 +490,9 @@ impl Db {
             .db
             .begin_write()
             .map_err(|e| ctx("cannot hold the writers", &e))?;
+        if freeze {
+            self.frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         let read = self
             .db
             .begin_read()

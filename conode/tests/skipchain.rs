@@ -541,3 +541,61 @@ async fn an_acknowledged_block_survives_the_loss_of_the_leaders_disk() {
         c.stop(i).await;
     }
 }
+
+/// A switchover's final image freezes the database: a writer waiting while the image is
+/// taken, and every writer after it, is refused with a clear error and commits nothing;
+/// reads go on; `thaw` accepts writes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_final_image_freezes_the_database_until_thawed() {
+    let mut c = Cluster::start(1).await;
+    let g = c.create(b"g").await;
+    let b1 = client::append(c.server(0), &g.hash, vec![1])
+        .await
+        .unwrap()
+        .latest
+        .unwrap();
+    let srv = c.servers[0].as_ref().unwrap();
+    let socket = srv.admin_socket().to_path_buf();
+    assert!(!srv.database().is_frozen());
+    // The image holds the writers for 400 ms; an append starts in the middle of it.
+    let taking = tokio::task::spawn_blocking(move || {
+        let mut first = true;
+        conode::admin::fetch_final_image_blocking(&socket, None, |_, _, _| {
+            if std::mem::take(&mut first) {
+                std::thread::sleep(Duration::from_millis(400));
+            }
+            Ok(())
+        })
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let waiting = client::append(c.server(0), &b1.hash, vec![2]).await;
+    let h = taking.await.unwrap().expect("final image");
+    assert_eq!(h.positions.len(), 1);
+    assert_eq!(h.positions[0].index, 1, "the image holds block 1");
+    let e = waiting.expect_err("a writer that waited for the image is refused");
+    assert!(e.contains("handing over to its standby"), "{e}");
+    let e = client::append(c.server(0), &b1.hash, vec![3])
+        .await
+        .expect_err("a later writer is refused");
+    assert!(e.contains("handing over to its standby"), "{e}");
+    // Nothing was committed; reads go on; Status shows the freeze.
+    assert_eq!(c.held(0, &g.hash, 2), None);
+    assert_eq!(c.wait_for(0, &g.hash, 1).await, b1.hash);
+    let st = conode::client::status(c.server(0), Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(
+        st.status.get("Db").and_then(|d| d.field.get("Frozen")),
+        Some(&"true".to_string())
+    );
+    let socket = c.servers[0].as_ref().unwrap().admin_socket().to_path_buf();
+    assert!(conode::admin::thaw(&socket).await.unwrap(), "it was frozen");
+    assert!(!conode::admin::thaw(&socket).await.unwrap(), "thawed once");
+    let b2 = client::append(c.server(0), &b1.hash, vec![2])
+        .await
+        .expect("writes go on after thaw")
+        .latest
+        .unwrap();
+    assert_eq!(b2.index, 2);
+    c.stop(0).await;
+}

@@ -407,7 +407,7 @@ impl Live {
     /// A page image of the live database (as the admin socket's `image` streams it).
     fn image(&self, name: &str) -> (PathBuf, Vec<ChainPosition>) {
         let p = self.dir.join(name);
-        let img = self.db.image(None).unwrap();
+        let img = self.db.image(None, false).unwrap();
         let mut data = vec![0u8; img.bytes as usize];
         img.read_at(&mut data, 0).unwrap();
         std::fs::write(&p, &data).unwrap();

@@ -548,7 +548,7 @@ impl Skipchain {
         // Nothing newer than a chain just made can exist elsewhere.
         let chain = self.chain(&block::hash32(&g.hash, "genesis hash")?);
         let guard = chain.lock.lock().await;
-        self.blocking(move |db| store::commit(&db.db, &[Put::Block(stored)]))
+        self.blocking(move |db| store::commit(db, &[Put::Block(stored)]))
             .await?;
         chain.synced.store(true, Ordering::Release);
         drop(guard);
@@ -758,8 +758,7 @@ impl Skipchain {
                 link: l.clone(),
             });
         }
-        self.blocking(move |db| store::commit(&db.db, &puts))
-            .await?;
+        self.blocking(move |db| store::commit(db, &puts)).await?;
         // Durable here and signed: propagate, and acknowledge once a threshold of members
         // (this one included) hold it durably. Every follower was asked to sign this
         // block, so it is named by its hash; on each connection the `Sign` went first.
@@ -1152,7 +1151,7 @@ impl Skipchain {
                 block::short(&genesis)
             ));
         }
-        self.blocking(move |db| store::commit(&db.db, &[Put::Block(g)]))
+        self.blocking(move |db| store::commit(db, &[Put::Block(g)]))
             .await
     }
 
@@ -1195,7 +1194,7 @@ impl Skipchain {
             blocks: vec![b],
             latest_index: 0,
         };
-        self.blocking(move |db| apply(&db.db, &genesis, page).map(|_| ()))
+        self.blocking(move |db| apply(db, &genesis, page).map(|_| ()))
             .await
     }
 
@@ -1264,7 +1263,7 @@ impl Skipchain {
                     link,
                 }),
         );
-        let r = self.blocking(move |db| store::commit(&db.db, &puts)).await;
+        let r = self.blocking(move |db| store::commit(db, &puts)).await;
         let mut guard = chain.lock.lock().await;
         if guard.as_ref().is_some_and(|c| c.hash == hash) {
             *guard = None;
@@ -1415,7 +1414,7 @@ impl Skipchain {
                 return Ok(total);
             }
             let g = *genesis;
-            let (n, last) = self.blocking(move |db| apply(&db.db, &g, page)).await?;
+            let (n, last) = self.blocking(move |db| apply(db, &g, page)).await?;
             total += n;
             if n == 0 || last >= more {
                 if total > 0 {
@@ -1582,8 +1581,8 @@ fn check_link(level: u32, l: &ForwardLink, from: &SkipBlock) -> Result<(), Strin
 
 /// Verify a page of blocks and links against what `db` holds and commit what is new, in
 /// one transaction. Returns (new blocks, latest index after).
-fn apply(db: &redb::Database, genesis: &[u8; 32], page: PeerBlocks) -> Result<(u32, u32), String> {
-    let view = View::new(db)?;
+fn apply(db: &Db, genesis: &[u8; 32], page: PeerBlocks) -> Result<(u32, u32), String> {
+    let view = View::new(&db.db)?;
     let mut puts = Vec::new();
     // New blocks of this page: index → hash, and hash → (index, base height), for
     // backlinks and link checks.

@@ -171,8 +171,8 @@ pub enum Put {
 /// genesis of an unknown chain or the successor of its chain's latest block (checked
 /// again here so that two racing writers cannot interleave). Links replace nothing: an
 /// existing link at the same place is kept.
-pub fn commit(db: &Database, puts: &[Put]) -> Result<(), String> {
-    let txn = db.begin_write().map_err(e)?;
+pub fn commit(db: &crate::db::Db, puts: &[Put]) -> Result<(), String> {
+    let txn = db.begin_write()?;
     {
         let mut blocks = txn.open_table(SKIPCHAIN_BLOCKS).map_err(e)?;
         let mut links = txn.open_table(SKIPCHAIN_LINKS).map_err(e)?;
