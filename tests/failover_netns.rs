@@ -620,3 +620,78 @@ fn a_forced_promote_loses_no_acknowledged_block_while_the_followers_are_up() {
     assert_eq!(p.index.get(), acknowledged + 2);
     watch.assert_no_overlap();
 }
+
+/// A client appends without pause through the virtual IP while the live host hands over:
+/// every block it was told is stored is on the new live host, with the same hash (the
+/// final snapshot froze the old conode: a block is acknowledged before it or refused
+/// after it, never lost), and the writer goes on against the new host.
+#[test]
+fn blocks_appended_while_a_switchover_runs_are_all_kept() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let p = Pair::start_in(Lab::with_client("swrace"));
+    let watch = AddrWatch::start(IpAddr::V4(p.vip), &[p.lab.a(), p.lab.b()]);
+    ok(p.lab.a(), &p.failoverd("a", "promote"));
+    assert!(watch.wait_holders(&[&p.ns("a")], Duration::from_secs(5)));
+    p.grow("c", 2);
+    p.wait_peer_live("b");
+    let chain = p.chain.borrow().clone();
+    let conode = conode_bin().display().to_string();
+    let private = p.p("a/co/private.toml");
+    let data = p.p("racedata");
+    let (stop, switched) = (AtomicBool::new(false), AtomicBool::new(false));
+    let client = p.lab.client();
+    // (index, hash, after the switchover) of every acknowledged block; refusals counted.
+    let (acked, refused) = std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            let (mut acked, mut refused) = (Vec::new(), 0u32);
+            for i in 0..2000 {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                std::fs::write(&data, format!("race {i}")).unwrap();
+                let r = client.sh(
+                    &format!("{conode} -c {private} chain add {chain} --data {data} --json"),
+                    Duration::from_secs(30),
+                );
+                match (r.code, Json::parse(&r.stdout)) {
+                    (Some(0), Ok(j)) => acked.push((
+                        j.at(&["index"]).and_then(|v| v.as_u64()).unwrap(),
+                        j.str_at(&["hash"]).to_string(),
+                        switched.load(Ordering::SeqCst),
+                    )),
+                    _ => refused += 1,
+                }
+            }
+            (acked, refused)
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let out = ok(p.lab.b(), &p.failoverd("b", "switchover"));
+        assert!(out.contains("live under epoch"), "{out}");
+        switched.store(true, Ordering::SeqCst);
+        assert!(watch.wait_holders(&[&p.ns("b")], Duration::from_secs(5)));
+        std::thread::sleep(Duration::from_millis(1500));
+        stop.store(true, Ordering::SeqCst);
+        writer.join().unwrap()
+    });
+    eprintln!(
+        "{} blocks acknowledged ({} after the switchover), {refused} appends refused",
+        acked.len(),
+        acked.iter().filter(|a| a.2).count()
+    );
+    assert!(
+        acked.iter().any(|a| !a.2) && acked.iter().any(|a| a.2),
+        "the writer was acknowledged before and after the switchover"
+    );
+    // Each acknowledged block, as the new live host serves it.
+    for (index, hash, _) in &acked {
+        let got = ok(
+            client,
+            &format!("{conode} -c {private} chain get {chain} --index {index} --json"),
+        );
+        assert!(
+            got.contains(hash.as_str()),
+            "block {index} ({hash}) acknowledged but not served after the switchover: {got}"
+        );
+    }
+    watch.assert_no_overlap();
+}

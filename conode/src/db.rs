@@ -249,8 +249,14 @@ impl Db {
                 return v.clone();
             }
         }
+        // Never wait for the writers (an image holds them while it streams, for seconds
+        // at most): Status answers with the figures it had, and tries again next time.
+        let w = match self.db.try_begin_write() {
+            Ok(w) => w,
+            Err(_) => return cache.as_ref().map(|(_, v)| v.clone()).unwrap_or_default(),
+        };
         let mut f = BTreeMap::new();
-        if let Ok(w) = self.db.begin_write() {
+        {
             if let Ok(s) = w.stats() {
                 f.insert("TreeHeight".into(), s.tree_height().to_string());
                 f.insert("AllocatedPages".into(), s.allocated_pages().to_string());

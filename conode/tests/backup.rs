@@ -843,3 +843,43 @@ async fn an_image_stream_cut_short_is_an_error() {
     assert_eq!(h.0.bytes, h.1);
     srv.stop().await;
 }
+
+/// Status never waits for the writers: while an image holds them (here 3 s, a slow
+/// reader), Status answers at once (its allocator figures from the last time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn status_answers_while_an_image_holds_the_writers() {
+    let node = TestNode::new("status-image");
+    let srv = node.start().await;
+    // Larger than what the socket and the reader's queue hold (the image must still be
+    // held on the server while the client sleeps).
+    fill(srv.database(), 60_000);
+    let bytes = std::fs::metadata(node.db_path()).unwrap().len();
+    assert!(bytes > 16 << 20, "{bytes}");
+    let server = node.cfg.server_toml();
+    let socket = srv.admin_socket().to_path_buf();
+    let dest = node.dir.path().join("held.img");
+    let held = tokio::task::spawn_blocking(move || {
+        let mut first = true;
+        let mut f = std::fs::File::create(&dest).unwrap();
+        admin::fetch_image_blocking(&socket, None, |_, _, b| {
+            if std::mem::take(&mut first) {
+                std::thread::sleep(Duration::from_secs(3));
+            }
+            f.write_all(b).map_err(|e| e.to_string())
+        })
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // No figures cached yet: the first Status must look (and not wait); then past the
+    // figures' cache (1 s) again.
+    for _ in 0..4 {
+        let t = std::time::Instant::now();
+        conode::client::status(&server, Duration::from_millis(800))
+            .await
+            .expect("Status answers while the writers are held");
+        assert!(t.elapsed() < Duration::from_millis(800));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(!held.is_finished(), "the image still held the writers");
+    held.await.unwrap().expect("the image completes");
+    srv.stop().await;
+}

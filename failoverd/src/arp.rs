@@ -31,6 +31,8 @@ use tokio::io::Interest;
 
 /// EtherType of ARP.
 pub const ETH_P_ARP: u16 = 0x0806;
+/// EtherType of IPv4.
+pub const ETH_P_IP: u16 = 0x0800;
 /// EtherType of IPv6.
 pub const ETH_P_IPV6: u16 = 0x86dd;
 
@@ -50,11 +52,13 @@ pub const BROADCAST: Mac = Mac([0xff; 6]);
 /// `sll_pkttype` of a frame this host sent (PACKET_OUTGOING): our own probes, seen
 /// again on the way out.
 const PACKET_OUTGOING: u8 = 4;
+/// `sll_pkttype` of a frame sent to this host's own MAC (PACKET_HOST).
+const PACKET_HOST: u8 = 0;
 
 /// Length of an ARP message for Ethernet and IPv4.
 const ARP_LEN: usize = 28;
 /// Length of the fixed IPv6 header.
-const IPV6_HEADER_LEN: usize = 40;
+pub(crate) const IPV6_HEADER_LEN: usize = 40;
 
 /// A 48-bit Ethernet (MAC) address, shown as `52:54:00:aa:bb:cc`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -217,7 +221,7 @@ fn ipv6_icmp(src: Ipv6Addr, dst: Ipv6Addr, mut icmp: Vec<u8>) -> Vec<u8> {
 
 /// The ICMPv6 checksum (RFC 4443 §2.3) over the pseudo-header and `icmp` (whose
 /// checksum field is zero).
-fn icmpv6_checksum(src: Ipv6Addr, dst: Ipv6Addr, icmp: &[u8]) -> u16 {
+pub(crate) fn icmpv6_checksum(src: Ipv6Addr, dst: Ipv6Addr, icmp: &[u8]) -> u16 {
     let mut sum: u32 = 0;
     let mut add = |bytes: &[u8]| {
         for c in bytes.chunks(2) {
@@ -332,6 +336,9 @@ pub struct Frame {
     pub from: Mac,
     /// The payload (the Ethernet header stripped by the kernel).
     pub payload: Vec<u8>,
+    /// Sent to this host's own MAC (`PACKET_HOST`), not broadcast, multicast or to
+    /// another host (seen on a promiscuous or flooding link).
+    pub to_us: bool,
 }
 
 /// An `AF_PACKET`, `SOCK_DGRAM`, non-blocking socket bound to one interface and one
@@ -402,6 +409,7 @@ impl PacketSocket {
             }
             let Some(mac) = from.addr() else { continue };
             return Ok(Frame {
+                to_us: from.pkttype() == PACKET_HOST,
                 from: Mac(mac),
                 payload: buf[..n.min(buf.len())].to_vec(),
             });

@@ -65,10 +65,22 @@ impl Conode {
         }
     }
 
-    /// Start the conode (nothing to do if it answers already); Ok once it answers.
+    /// Start the conode; Ok once it answers. A conode that answers already is told to
+    /// accept writes again, in case a final image froze it (a switchover called off).
     pub async fn start(&self, within: Duration) -> Result<(), String> {
         if self.answers().await {
-            return Ok(());
+            return match conode::admin::thaw(&self.admin).await {
+                Ok(true) => {
+                    tracing::info!(
+                        "the conode accepts writes again (it was frozen for a switchover)"
+                    );
+                    Ok(())
+                }
+                Ok(false) => Ok(()),
+                Err(e) => Err(format!(
+                    "the conode runs, but lifting its freeze failed: {e}"
+                )),
+            };
         }
         match &self.section.control {
             ConodeControl::Systemd { unit } => systemctl("start", unit).await?,
@@ -180,50 +192,105 @@ impl Conode {
     }
 
     /// Put the verified generation file `generation_db` (generation `g`) in place as the
-    /// conode's database, as `conode restore` does: the conode must be stopped, the
-    /// current database is kept as `<hex>.db.before-restore-<unix seconds>`, and the new
-    /// file gets the data directory's owner.
-    pub fn install(&self, g: u64, generation_db: &Path, state_dir: &Path) -> Result<(), String> {
-        use std::os::unix::fs::MetadataExt;
-        let cfg = conode::config::PrivateConfig::load(&self.section.config)
-            .map_err(|e| format!("conode.config: {e}"))?;
-        let dir = state_dir.join(format!("install-{g}"));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    /// conode's database. The conode must be stopped (its admin socket must not answer).
+    ///
+    /// The generation was verified when it arrived (signed manifest, chunk hashes, redb's
+    /// integrity check, the conode's key), so this is a copy and two renames, the
+    /// shortest part of a takeover we can make it:
+    /// 1. a copy beside the database (`copy_file_range`: in the kernel, a reflink where
+    ///    the filesystem has them), owner-only, given the data directory's owner;
+    /// 2. the current database, if any, kept as `<db>.replaced` (one such file: the
+    ///    previous one is replaced), by a hard link, so that the database path never
+    ///    goes missing (a conode started on a missing path would create an empty one);
+    /// 3. the copy renamed over the database, the directory fsynced.
+    ///
+    /// The copy's data is fsynced in the background: the conode's first commit flushes
+    /// it anyway (every commit is durable), and until then the generation itself is the
+    /// durable copy (after a power cut, every claim installs again).
+    pub fn install(&self, g: u64, generation_db: &Path) -> Result<(), String> {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        if std::os::unix::net::UnixStream::connect(&self.admin).is_ok() {
+            return Err(format!(
+                "the conode is running (its admin socket {} answers): not replacing its database",
+                self.admin.display()
+            ));
+        }
+        let data = self
+            .db
+            .parent()
+            .ok_or_else(|| format!("{}: no directory", self.db.display()))?;
         let name = self
             .db
             .file_name()
-            .ok_or_else(|| format!("{}: no file name", self.db.display()))?;
-        let staged = dir.join(name);
-        // A hard link when the state and data directories share a filesystem (the
-        // generation is never written again: a later one recycles the file only after
-        // renaming it away), else a copy.
-        if std::fs::hard_link(generation_db, &staged).is_err() {
-            std::fs::copy(generation_db, &staged)
-                .map_err(|e| format!("cannot copy {}: {e}", generation_db.display()))?;
-        }
-        std::fs::copy(&self.section.config, dir.join("private.toml"))
-            .map_err(|e| format!("cannot copy {}: {e}", self.section.config.display()))?;
-        let r = conode::backup::restore(&cfg, &self.db, &dir, true);
-        let _ = std::fs::remove_dir_all(&dir);
-        r.map_err(|e| format!("installing generation {g}: {e}"))?;
+            .ok_or_else(|| format!("{}: no file name", self.db.display()))?
+            .to_string_lossy()
+            .to_string();
         let owner = std::fs::metadata(&self.section.data_dir)
             .map_err(|e| format!("conode.data_dir {}: {e}", self.section.data_dir.display()))?;
-        nix::unistd::chown(
-            &self.db,
-            Some(nix::unistd::Uid::from_raw(owner.uid())),
-            Some(nix::unistd::Gid::from_raw(owner.gid())),
-        )
-        .map_err(|e| {
-            format!(
-                "cannot give {} to the data directory's owner: {e}",
-                self.db.display()
+        let tmp = data.join(format!(".{name}.install-{g}.tmp"));
+        let _ = std::fs::remove_file(&tmp);
+        let staged = (|| {
+            std::fs::copy(generation_db, &tmp).map_err(|e| {
+                format!(
+                    "cannot copy generation {g} ({}) to {}: {e}",
+                    generation_db.display(),
+                    tmp.display()
+                )
+            })?;
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| format!("cannot chmod {}: {e}", tmp.display()))?;
+            nix::unistd::chown(
+                &tmp,
+                Some(nix::unistd::Uid::from_raw(owner.uid())),
+                Some(nix::unistd::Gid::from_raw(owner.gid())),
             )
-        })?;
+            .map_err(|e| {
+                format!(
+                    "cannot give {} to the data directory's owner: {e}",
+                    tmp.display()
+                )
+            })
+        })();
+        if let Err(e) = staged {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(format!("{e}; the current database was not touched"));
+        }
+        let replaced = data.join(format!("{name}.replaced"));
+        if self.db.exists() {
+            let link = data.join(format!(".{name}.replaced.tmp"));
+            let _ = std::fs::remove_file(&link);
+            let kept = std::fs::hard_link(&self.db, &link)
+                .and_then(|()| std::fs::rename(&link, &replaced));
+            if let Err(e) = kept {
+                let _ = std::fs::remove_file(&link);
+                let _ = std::fs::remove_file(&tmp);
+                return Err(format!(
+                    "cannot keep the current database as {}: {e}; it was not touched",
+                    replaced.display()
+                ));
+            }
+        }
+        if let Err(e) = std::fs::rename(&tmp, &self.db) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(format!(
+                "cannot rename {} to {}: {e}; the current database was not touched",
+                tmp.display(),
+                self.db.display()
+            ));
+        }
+        std::fs::File::open(data)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| format!("cannot fsync {}: {e}", data.display()))?;
+        let db = self.db.clone();
+        std::thread::spawn(move || {
+            if let Err(e) = std::fs::File::open(&db).and_then(|f| f.sync_data()) {
+                tracing::warn!("fsync of the installed database {}: {e}", db.display());
+            }
+        });
         tracing::info!(
-            "generation {g} installed as the conode's database {}",
-            self.db.display()
+            "generation {g} installed as the conode's database {} (the one it replaced kept as {})",
+            self.db.display(),
+            replaced.display()
         );
         Ok(())
     }

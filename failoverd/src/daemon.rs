@@ -191,6 +191,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         address,
         conode_timeout: cfg.timeouts.conode.max(Duration::from_secs(30)),
         origin: std::sync::atomic::AtomicU64::new(0),
+        strays: std::sync::Mutex::new(None),
     });
     let (events_tx, events_rx) = mpsc::channel(256);
     let (core_status_tx, core_status_rx) = watch::channel(None);

@@ -74,6 +74,18 @@ impl Address {
         }
     }
 
+    /// One probe and a short wait: [`failoverd_core::Effect::QuickProbe`].
+    async fn quick_probe(&self) -> Result<Option<Mac>, String> {
+        match self {
+            Address::Unmanaged => Ok(None),
+            Address::Vip(v, timers) => v
+                .probe(timers.quick())
+                .await
+                .map(|m| m.map(core_mac))
+                .map_err(|e| e.to_string()),
+        }
+    }
+
     async fn add(&self) -> Result<(), String> {
         match self {
             Address::Unmanaged => Ok(()),
@@ -211,9 +223,22 @@ pub struct Effects {
     /// The newest generation this host's conode database is known to hold at least
     /// (shipped from it, or installed into it); 0 when none.
     pub origin: AtomicU64,
+    /// The task answering connection attempts that still reach this host for the
+    /// address it removed ([`crate::unreach`]); stopped before the address is added.
+    pub strays: std::sync::Mutex<Option<tokio::task::AbortHandle>>,
 }
 
+/// How long after removing the address this host answers the connection attempts that
+/// still reach it (until the new holder's announcement moved the clients' caches).
+const STRAY_WINDOW: Duration = Duration::from_secs(3);
+
 impl Effects {
+    fn stop_answering_strays(&self) {
+        if let Some(task) = self.strays.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            task.abort();
+        }
+    }
+
     async fn run(&self, effect: Effect) -> Result<Outcome, String> {
         match effect {
             Effect::PersistEpoch(e) => {
@@ -226,13 +251,35 @@ impl Effects {
             Effect::ProbeAddress => Ok(Outcome::ProbeResult {
                 holder: self.address.probe().await?,
             }),
-            Effect::AddAddress => self.address.add().await.map(|()| Outcome::AddressAdded),
-            Effect::RemoveAddress => self
-                .address
-                .remove()
-                .await
-                .map(|()| Outcome::AddressRemoved),
+            Effect::AddAddress => {
+                self.stop_answering_strays();
+                self.address.add().await.map(|()| Outcome::AddressAdded)
+            }
+            Effect::RemoveAddress => {
+                self.address.remove().await?;
+                if let Address::Vip(v, _) = &self.address {
+                    // Clients still sending here learn at once that the address moved.
+                    let v = v.clone();
+                    let task = tokio::spawn(async move {
+                        if let Err(e) = crate::unreach::answer_strays(&v, STRAY_WINDOW).await {
+                            tracing::warn!("answering connection attempts for {}: {e}", v.cidr());
+                        }
+                    });
+                    let old = self
+                        .strays
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .replace(task.abort_handle());
+                    if let Some(old) = old {
+                        old.abort();
+                    }
+                }
+                Ok(Outcome::AddressRemoved)
+            }
             Effect::Announce => self.address.announce().await.map(|()| Outcome::Announced),
+            Effect::QuickProbe => Ok(Outcome::ProbeResult {
+                holder: self.address.quick_probe().await?,
+            }),
             Effect::StartConode => self
                 .conode
                 .start(self.conode_timeout)
@@ -255,19 +302,24 @@ impl Effects {
                     .into_iter()
                     .find(|i| i.manifest.generation == g)
                     .ok_or_else(|| format!("generation {g} is not held on this host"))?;
-                let (conode, dir) = (self.conode.clone(), self.state_dir.clone());
-                tokio::task::spawn_blocking(move || conode.install(g, &gen.path, &dir))
+                let conode = self.conode.clone();
+                tokio::task::spawn_blocking(move || conode.install(g, &gen.path))
                     .await
                     .map_err(|e| format!("the install task failed: {e}"))??;
                 self.origin.fetch_max(g, Ordering::SeqCst);
                 Ok(Outcome::GenerationInstalled(g))
             }
             Effect::ShipFinalSnapshot => {
-                let s = self
-                    .shipper
-                    .final_snapshot(self.conode.db(), self.public)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                // A running conode is frozen at its final image (clients keep reading
+                // until it stops); one that does not run is shipped from its file.
+                let s = if self.conode.answers().await {
+                    self.shipper.final_image().await
+                } else {
+                    self.shipper
+                        .final_snapshot(self.conode.db(), self.public)
+                        .await
+                }
+                .map_err(|e| e.to_string())?;
                 self.origin.fetch_max(s.generation, Ordering::SeqCst);
                 Ok(Outcome::FinalSnapshotShipped {
                     generation: s.generation,

@@ -52,5 +52,6 @@ pub mod metrics;
 pub mod peer;
 pub mod standby;
 pub mod status;
+pub mod unreach;
 pub mod vip;
 pub mod wire;

@@ -165,6 +165,9 @@ struct Taken {
 pub enum Source {
     /// The running conode's admin socket (`image`, or `image since=TOKEN`).
     Admin(PathBuf),
+    /// The same for a switchover's final snapshot (`final-image`): the conode refuses
+    /// every write once the image is taken.
+    AdminFinal(PathBuf),
     /// The database file of a stopped conode (a switchover's final snapshot): always the
     /// whole file, integrity-checked first.
     File { db: PathBuf, public: [u8; 32] },
@@ -173,7 +176,7 @@ pub enum Source {
 impl Source {
     fn path(&self) -> &Path {
         match self {
-            Source::Admin(p) => p,
+            Source::Admin(p) | Source::AdminFinal(p) => p,
             Source::File { db, .. } => db,
         }
     }
@@ -186,6 +189,9 @@ impl Source {
     ) -> Result<conode::admin::ImageHeader, String> {
         match self {
             Source::Admin(admin) => conode::admin::fetch_image_blocking(admin, since, sink),
+            Source::AdminFinal(admin) => {
+                conode::admin::fetch_final_image_blocking(admin, since, sink)
+            }
             Source::File { db, public } => {
                 use std::os::unix::fs::FileExt;
                 let positions = conode::db::verify_snapshot(db, public)?;
@@ -435,8 +441,16 @@ impl Shipper {
         self.snapshot_of(Source::Admin(self.admin.clone())).await
     }
 
+    /// A switchover's final snapshot of the running conode: it is frozen at the image
+    /// (refuses every write from then on, keeps serving reads) and the image shipped and
+    /// installed on the standby. Only the pages written since the last image travel.
+    pub async fn final_image(&self) -> Result<LastSnapshot, ShipError> {
+        self.snapshot_of(Source::AdminFinal(self.admin.clone()))
+            .await
+    }
+
     /// Take, ship and have the standby install a snapshot of the stopped conode's
-    /// database file `db` (a switchover's final snapshot).
+    /// database file `db` (a switchover's final snapshot when the conode does not run).
     pub async fn final_snapshot(
         &self,
         db: &Path,

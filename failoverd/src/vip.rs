@@ -240,6 +240,16 @@ impl Default for ProbeTimers {
 }
 
 impl ProbeTimers {
+    /// The quick probe before a promote's install: one probe, then `interval` of
+    /// waiting (an answer on one link comes in well under a millisecond).
+    pub fn quick(&self) -> ProbeTimers {
+        ProbeTimers {
+            count: 1,
+            interval: self.interval,
+            wait: self.interval,
+        }
+    }
+
     /// From the first probe to the end of the wait.
     pub fn total(&self) -> Duration {
         self.interval * self.count.saturating_sub(1) + self.wait
@@ -669,6 +679,36 @@ impl Vip {
             op,
             vip: self.clone(),
         }
+    }
+
+    /// This host's own address on the VIP's interface, of the VIP's family and never
+    /// the VIP itself: the source of what this host says about the VIP while it does
+    /// not hold it (`crate::unreach`). Preferred: for IPv6 a global address (not
+    /// fe80::/10) over a link-local one; then one whose subnet holds the VIP. Tentative
+    /// and dadfailed addresses are passed over. `None` if the interface has no such
+    /// address.
+    pub async fn own_address(&self) -> Result<Option<IpAddr>, VipError> {
+        let op = Op::Look;
+        bounded(self, op, NETLINK_TIMEOUT, async {
+            let nl = Netlink::open(self, op)?;
+            let link = self.link(&nl, op).await?;
+            let all = addresses(&nl.handle, link.index)
+                .await
+                .map_err(|e| self.err_netlink(op, e))?;
+            let link_local = |a: IpAddr| match a {
+                IpAddr::V6(a) => a.segments()[0] & 0xffc0 == 0xfe80,
+                IpAddr::V4(_) => false,
+            };
+            Ok(all
+                .iter()
+                .filter(|m| dad_state(m) == Dad::Done)
+                .filter_map(|m| Some((address_of(m)?, m.header.prefix_len)))
+                .filter(|(a, _)| a.is_ipv4() == self.addr.is_ipv4() && *a != self.addr)
+                // The smallest key wins, and the first of equals: kernel order.
+                .min_by_key(|(a, p)| (link_local(*a), !same_subnet(*a, *p, self.addr)))
+                .map(|(a, _)| a))
+        })
+        .await
     }
 }
 

@@ -90,6 +90,10 @@ pub enum Effect {
     PersistEpoch(u64),
     /// RFC 5227-style ARP probe (IPv6: DAD) for the address → [`Outcome::ProbeResult`].
     ProbeAddress,
+    /// One probe with a short wait (IPv6: one DAD solicitation) → [`Outcome::ProbeResult`]:
+    /// refuses a claim early, before anything is installed or persisted. Not a safety
+    /// check: the full [`Effect::ProbeAddress`] still comes right before the add.
+    QuickProbe,
     /// Add the tagged address to the interface (idempotent) → [`Outcome::AddressAdded`].
     AddAddress,
     /// Remove our tagged address (idempotent) → [`Outcome::AddressRemoved`].
@@ -100,12 +104,15 @@ pub enum Effect {
     /// Bring this verified generation into the conode's data directory
     /// → [`Outcome::GenerationInstalled`].
     InstallGeneration(u64),
-    /// Start the conode (idempotent) → [`Outcome::ConodeStarted`].
+    /// Start the conode (idempotent; a running one accepts writes again if a final
+    /// image froze it) → [`Outcome::ConodeStarted`].
     StartConode,
     /// Stop the conode (idempotent) → [`Outcome::ConodeStopped`].
     StopConode,
-    /// Take a snapshot of the stopped conode and ship it to the peer, which verifies
-    /// it before the shell reports → [`Outcome::FinalSnapshotShipped`].
+    /// Freeze the running conode at a final image (it refuses every write from then on,
+    /// reads go on) and ship it to the peer, which verifies it before the shell reports
+    /// → [`Outcome::FinalSnapshotShipped`]. A conode that does not run: its database
+    /// file. [`Effect::StartConode`] on a running conode lifts the freeze.
     ShipFinalSnapshot,
 }
 
@@ -144,7 +151,7 @@ impl Outcome {
         match (self, effect) {
             (Outcome::EpochPersisted(a), Effect::PersistEpoch(b)) => a == b,
             (Outcome::GenerationInstalled(a), Effect::InstallGeneration(b)) => a == b,
-            (Outcome::ProbeResult { .. }, Effect::ProbeAddress)
+            (Outcome::ProbeResult { .. }, Effect::ProbeAddress | Effect::QuickProbe)
             | (Outcome::AddressAdded, Effect::AddAddress)
             | (Outcome::AddressRemoved, Effect::RemoveAddress)
             | (Outcome::Announced, Effect::Announce)

@@ -62,8 +62,9 @@ struct Claim {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum HandStep {
-    StopConode,
     Ship,
+    /// After the final snapshot of this generation was verified on the peer.
+    StopConode(u64),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -822,7 +823,8 @@ impl Core {
 
     fn run_claim(&mut self, mut c: Claim) {
         let effect = match c.step {
-            ClaimStep::FirstProbe | ClaimStep::FinalProbe => Effect::ProbeAddress,
+            ClaimStep::FirstProbe => Effect::QuickProbe,
+            ClaimStep::FinalProbe => Effect::ProbeAddress,
             // The newest verified generation at the time of the step, not of the command.
             ClaimStep::Install | ClaimStep::CatchUp => match self.generation {
                 Some(g) if c.installs && Some(g) > c.installed => Effect::InstallGeneration(g),
@@ -989,14 +991,16 @@ impl Core {
         }
     }
 
+    /// The live side of a switchover: freeze the conode at a final image and ship it
+    /// (clients keep reading meanwhile), stop the conode, then remove the address.
     fn start_handover(&mut self, epoch: u64, cmd: Option<CommandId>, asked: bool) {
         self.phase = Phase::HandingOver {
             epoch,
-            step: HandStep::StopConode,
+            step: HandStep::Ship,
             cmd,
             asked,
         };
-        self.start(Effect::StopConode);
+        self.start(Effect::ShipFinalSnapshot);
     }
 
     fn hand_step_done(
@@ -1008,18 +1012,18 @@ impl Core {
         result: Result<Outcome, String>,
     ) {
         match (step, result) {
-            (HandStep::StopConode, Ok(_)) => {
+            (HandStep::Ship, Ok(Outcome::FinalSnapshotShipped { generation })) => {
+                self.generation = self.generation.max(Some(generation));
+                self.log(Level::Info, format!("final snapshot generation {generation} verified on the peer; stopping the conode"));
                 self.phase = Phase::HandingOver {
                     epoch,
-                    step: HandStep::Ship,
+                    step: HandStep::StopConode(generation),
                     cmd,
                     asked,
                 };
-                self.start(Effect::ShipFinalSnapshot);
+                self.start(Effect::StopConode);
             }
-            (HandStep::Ship, Ok(Outcome::FinalSnapshotShipped { generation })) => {
-                self.generation = self.generation.max(Some(generation));
-                self.log(Level::Info, format!("final snapshot generation {generation} verified on the peer; removing the address"));
+            (HandStep::StopConode(generation), Ok(Outcome::ConodeStopped)) => {
                 self.begin_release(Release {
                     step: RelStep::Remove,
                     stop_after: false,
@@ -1035,10 +1039,10 @@ impl Core {
                     Ok(o) => format!("unexpected {o:?}"),
                 };
                 let what = match step {
-                    HandStep::StopConode => "stopping the conode",
+                    HandStep::StopConode(_) => "stopping the conode",
                     HandStep::Ship => "shipping the final snapshot",
                 };
-                let text = format!("switchover aborted: {what} failed: {reason}; this host stays live under epoch {epoch} and restarts its conode");
+                let text = format!("switchover aborted: {what} failed: {reason}; this host stays live under epoch {epoch} and its conode accepts writes again (started if it had stopped)");
                 self.log(Level::Warn, text.clone());
                 self.phase = Phase::Live { epoch };
                 self.start(Effect::StartConode);
@@ -1233,7 +1237,7 @@ impl Core {
             Phase::Asking { .. } => "asking the live host to hand over".into(),
             Phase::Claiming(c) => format!("claiming the address ({:?}): step {:?}", c.why, c.step),
             Phase::HandingOver { step, .. } => format!("switchover: {}", match step {
-                HandStep::StopConode => "stopping the conode",
+                HandStep::StopConode(_) => "stopping the conode",
                 HandStep::Ship => "shipping the final snapshot",
             }),
             Phase::Releasing(r) => match &self.last_error {
@@ -1246,7 +1250,7 @@ impl Core {
 
     fn limit(&self, effect: Effect) -> Millis {
         match effect {
-            Effect::ProbeAddress => self.cfg.probe_timeout,
+            Effect::ProbeAddress | Effect::QuickProbe => self.cfg.probe_timeout,
             Effect::InstallGeneration(_) | Effect::ShipFinalSnapshot => self.cfg.transfer_timeout,
             _ => self.cfg.action_timeout,
         }
@@ -1319,6 +1323,7 @@ fn what(effect: Effect) -> String {
     match effect {
         Effect::PersistEpoch(e) => format!("persisting epoch {e}"),
         Effect::ProbeAddress => "the ARP probe".into(),
+        Effect::QuickProbe => "the quick ARP probe".into(),
         Effect::AddAddress => "adding the address".into(),
         Effect::RemoveAddress => "removing the address".into(),
         Effect::Announce => "announcing the address".into(),

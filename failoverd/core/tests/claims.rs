@@ -367,13 +367,14 @@ fn a_refused_handover_is_taken_back_onto_the_newest_generation() {
     one.peer(5, false, false, Body::Heartbeat);
     assert_eq!(
         effects(&one.command(1, Command::Switchover)),
-        [Effect::StopConode]
+        [Effect::ShipFinalSnapshot],
+        "the final snapshot is taken while the conode still serves reads"
     );
     assert_eq!(
-        effects(&one.ok(Outcome::ConodeStopped)),
-        [Effect::ShipFinalSnapshot]
+        effects(&one.ok(Outcome::FinalSnapshotShipped { generation: 9 })),
+        [Effect::StopConode]
     );
-    let out = one.ok(Outcome::FinalSnapshotShipped { generation: 9 });
+    let out = one.ok(Outcome::ConodeStopped);
     assert_eq!(effects(&out), [Effect::RemoveAddress]);
     let out = one.ok(Outcome::AddressRemoved);
     assert!(out
@@ -396,8 +397,8 @@ fn a_refused_handover_is_taken_back_onto_the_newest_generation() {
     let mut other = One::live(5);
     other.peer(5, false, false, Body::Heartbeat);
     other.command(1, Command::Switchover);
-    other.ok(Outcome::ConodeStopped);
     other.ok(Outcome::FinalSnapshotShipped { generation: 9 });
+    other.ok(Outcome::ConodeStopped);
     other.ok(Outcome::AddressRemoved);
     let refusal = Body::Refused {
         of: Refusal::Handover,
@@ -433,8 +434,8 @@ fn promote_refuses_when_probe_sees_holder() {
     let out = one.command(1, Command::Promote { force: true });
     assert_eq!(
         effects(&out),
-        [Effect::ProbeAddress],
-        "the probe comes first"
+        [Effect::QuickProbe],
+        "the quick probe comes first"
     );
     let out = one.ok(Outcome::ProbeResult {
         holder: Some(IMPOSTOR),
@@ -474,7 +475,7 @@ fn forced_promote_installs_persists_then_claims() {
     assert_eq!(
         seen,
         [
-            Effect::ProbeAddress,
+            Effect::QuickProbe,
             Effect::InstallGeneration(4),
             Effect::PersistEpoch(3),
             Effect::ProbeAddress,
@@ -607,9 +608,14 @@ fn a_failed_removal_is_retried_and_still_counts_as_held() {
 fn every_action_without_an_outcome_times_out() {
     let mut one = One::live(5);
     one.peer(5, false, false, Body::Heartbeat);
-    // Switchover: the conode never reports stopped; the live host stays live.
+    // Switchover: the conode never reports stopped; the live host stays live (and its
+    // conode, frozen by the final snapshot, accepts writes again).
     assert_eq!(
         effects(&one.command(1, Command::Switchover)),
+        [Effect::ShipFinalSnapshot]
+    );
+    assert_eq!(
+        effects(&one.ok(Outcome::FinalSnapshotShipped { generation: 8 })),
         [Effect::StopConode]
     );
     let out = one.wait(sim_config().action_timeout.0);

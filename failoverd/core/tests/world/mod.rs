@@ -112,6 +112,11 @@ pub struct Host {
     pub verified: Option<u64>,
     pub data_gen: u64,
     pub conode: bool,
+    /// The running conode was frozen by a final snapshot: it acknowledges no write.
+    pub frozen: bool,
+    /// The final snapshot this host shipped since its conode last started: when the
+    /// conode stops, it must not hold newer data (acknowledged blocks the peer lacks).
+    pub final_shipped: Option<u64>,
     pub core: Option<Core>,
     pub incarnation: u64,
     /// Effects applied to this host, in order (for scenario assertions).
@@ -184,6 +189,8 @@ impl World {
             verified: Some(1),
             data_gen: 1,
             conode: false,
+            frozen: false,
+            final_shipped: None,
             core: None,
             incarnation: 0,
             applied: Vec::new(),
@@ -443,7 +450,7 @@ impl World {
                 self.hosts[h].disk_epoch = e;
                 Ok(Outcome::EpochPersisted(e))
             }
-            Effect::ProbeAddress => {
+            Effect::ProbeAddress | Effect::QuickProbe => {
                 // The other host answers if its address is up, or is being added: the
                 // model's probe lasts longer than an add (DESIGN.md, timing assumptions).
                 let other = &self.hosts[o];
@@ -476,19 +483,32 @@ impl World {
                     ));
                 }
                 self.hosts[h].conode = true;
+                self.hosts[h].frozen = false;
+                self.hosts[h].final_shipped = None;
                 Ok(Outcome::ConodeStarted)
             }
             Effect::StopConode => {
+                if let Some(g) = self.hosts[h].final_shipped {
+                    if self.hosts[h].conode && self.hosts[h].data_gen > g {
+                        self.violations.push(format!(
+                            "host {}: its conode acknowledged data {} after the final snapshot {g} it shipped: lost by the switchover",
+                            NAMES[h], self.hosts[h].data_gen
+                        ));
+                    }
+                }
                 self.hosts[h].conode = false;
+                self.hosts[h].frozen = false;
                 Ok(Outcome::ConodeStopped)
             }
             Effect::ShipFinalSnapshot => {
                 if self.cut || self.one_way[h] || !self.hosts[o].up {
                     Err("the peer is unreachable".into())
-                } else if self.hosts[h].conode {
-                    Err("the conode still runs".into())
                 } else {
+                    // A running conode is frozen at the image; a stopped one's file is
+                    // shipped as it is.
+                    self.hosts[h].frozen = self.hosts[h].conode;
                     let g = self.hosts[h].data_gen;
+                    self.hosts[h].final_shipped = Some(g);
                     self.hosts[h].verified = self.hosts[h].verified.max(Some(g));
                     self.hosts[o].verified = self.hosts[o].verified.max(Some(g));
                     self.floor = self.floor.max(g);
@@ -534,6 +554,7 @@ impl World {
         host.up = false;
         host.addr = false;
         host.conode = false;
+        host.frozen = false;
         host.busy = false;
         host.core = None;
         host.incarnation += 1;
@@ -546,7 +567,7 @@ impl World {
     fn client_write(&mut self) {
         for h in 0..2 {
             let host = &self.hosts[h];
-            if host.up && host.addr && host.conode {
+            if host.up && host.addr && host.conode && !host.frozen {
                 self.gen_counter = self.gen_counter.max(host.data_gen) + 1;
                 self.hosts[h].data_gen = self.gen_counter;
             }
