@@ -492,13 +492,31 @@ impl Db {
             format!("page image of {}: {what}: {e}", self.path.display())
         };
         let file = std::fs::File::open(&self.path).map_err(|e| ctx("cannot open", &e))?;
-        let writers = self
+        // First a commit that records the allocator state (redb's quick repair): the image
+        // is a crash image, and a conode opening it (a standby taking over) then loads
+        // that state instead of walking every tree to rebuild it. One small commit, only
+        // when something was written since the last image.
+        let mut record = self
             .db
             .begin_write()
             .map_err(|e| ctx("cannot hold the writers", &e))?;
         if freeze {
             self.frozen.store(true, std::sync::atomic::Ordering::SeqCst);
         }
+        if self.dirty.written_since_newest() {
+            record.set_quick_repair(true);
+            record
+                .commit()
+                .map_err(|e| ctx("cannot record the allocator state", &e))?;
+        } else {
+            let _ = record.abort();
+        }
+        // A writer may slip in here: the image is then of its commit (correct, a slower
+        // repair); a frozen database refuses it.
+        let writers = self
+            .db
+            .begin_write()
+            .map_err(|e| ctx("cannot hold the writers", &e))?;
         let read = self
             .db
             .begin_read()

@@ -70,6 +70,12 @@ impl DirtyLog {
         });
     }
 
+    /// Whether any page was written since the newest token was handed out (true when
+    /// none was yet).
+    pub fn written_since_newest(&self) -> bool {
+        self.log().since.back().is_none_or(|(_, p)| !p.is_empty())
+    }
+
     /// Hand out a new token and, if `since` is a token still kept, the pages written
     /// since it (sorted). Call it while no write can run (the image holds the writers).
     pub fn rotate(&self, since: Option<&str>) -> (String, Option<Vec<u64>>) {
