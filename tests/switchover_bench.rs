@@ -33,6 +33,33 @@ use system_tests::netns::Lab;
 
 /// Successful Status replies seen by the client, as instants.
 type Replies = Arc<Mutex<Vec<Instant>>>;
+/// Failed and slow requests: when each started, how long it took, why
+/// (FAILOVER_TEST_LOGS=1 prints those of each outage).
+type Failures = Arc<Mutex<Vec<(Instant, Duration, String)>>>;
+
+/// With FAILOVER_TEST_LOGS set: the client's failed requests between `from` and `to`,
+/// one line each, times from `from`.
+fn print_failures(what: &str, failures: &Failures, from: Instant, to: Instant) {
+    if std::env::var_os("FAILOVER_TEST_LOGS").is_none() {
+        return;
+    }
+    eprintln!("client during the {what} (ms after the command):");
+    let from_early = from.checked_sub(Duration::from_secs(1)).unwrap_or(from);
+    for (t, took, e) in failures
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|f| f.0 + f.1 >= from && f.0 >= from_early && f.0 <= to)
+    {
+        let e: String = e.chars().take(100).collect();
+        let at = if *t >= from {
+            format!("{}", t.duration_since(from).as_millis())
+        } else {
+            format!("-{}", from.duration_since(*t).as_millis())
+        };
+        eprintln!("  {at:>6} +{:>4}: {e}", took.as_millis());
+    }
+}
 
 fn env_runs(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -48,6 +75,7 @@ fn client(
     server: conode::config::ServerToml,
     stop: Arc<AtomicBool>,
     replies: Replies,
+    failures: Failures,
     max: Duration,
 ) {
     host.in_ns(move || {
@@ -59,11 +87,18 @@ fn client(
         rt.block_on(async {
             while !stop.load(Ordering::SeqCst) && t0.elapsed() < max {
                 let t = Instant::now();
-                if conode::client::status(&server, Duration::from_secs(1))
-                    .await
-                    .is_ok()
-                {
-                    replies.lock().unwrap().push(Instant::now());
+                match conode::client::status(&server, Duration::from_secs(1)).await {
+                    Ok(_) => {
+                        replies.lock().unwrap().push(Instant::now());
+                        if t.elapsed() > Duration::from_millis(30) {
+                            let e = "answered, slowly".to_string();
+                            failures.lock().unwrap().push((t, t.elapsed(), e));
+                        }
+                    }
+                    Err(e) => failures
+                        .lock()
+                        .unwrap()
+                        .push((t, t.elapsed(), e.to_string())),
                 }
                 let next = t + Duration::from_millis(10);
                 tokio::time::sleep_until(tokio::time::Instant::from_std(next)).await;
@@ -201,7 +236,8 @@ fn main() {
     let stop = Arc::new(AtomicBool::new(false));
     let replies: Replies = Arc::default();
     let max = Duration::from_secs(1800);
-    let (s2, r2) = (stop.clone(), replies.clone());
+    let failures: Failures = Arc::default();
+    let (s2, r2, f2) = (stop.clone(), replies.clone(), failures.clone());
     let server =
         conode::config::PrivateConfig::load(std::path::Path::new(&p.p("a/co/private.toml")))
             .unwrap()
@@ -219,7 +255,7 @@ fn main() {
     std::thread::scope(|sc| {
         let _stop = StopOnDrop(stop.clone());
         let host = p.lab.client();
-        sc.spawn(move || client(host, server, s2, r2, max));
+        sc.spawn(move || client(host, server, s2, r2, f2, max));
         let vip = p.vip;
         sc.spawn(move || neigh_log(host, vip, s3, n3, max));
         wait("the client's first reply", Duration::from_secs(10), || {
@@ -242,6 +278,7 @@ fn main() {
                 .expect("the client is served after the switchover");
             std::thread::sleep(Duration::from_millis(200));
             outage.push(longest_gap(&replies, t, done.max(Instant::now())).as_secs_f64() * 1e3);
+            print_failures("switchover", &failures, t, done);
             if let (Some(s), Some(c)) = (seen, claimed) {
                 arp.push(s.saturating_duration_since(c).as_secs_f64() * 1e3);
             }
@@ -274,6 +311,7 @@ fn main() {
             let first = first_reply_after(&replies, t, Duration::from_secs(30))
                 .expect("the client is served after the forced promote");
             promote.push((first - t).as_secs_f64() * 1e3);
+            print_failures("forced promote", &failures, t, first);
             assert!(watch.wait_holders(&[&p.ns(next)], Duration::from_secs(5)));
             let mac = p.host(next).mac();
             if let Some(c) = claimed_at(&watch, w0, &p.ns(next)) {
@@ -295,7 +333,7 @@ fn main() {
         watch.assert_no_overlap();
 
         println!();
-        println!("Failover as a client sees it: 3 hosts on one link, a 64 MiB chain database, Status through the VIP every 10 ms (new WebSocket connection each, 1 s timeout); probe 3 × 30 ms + 120 ms wait (vip.probe_*), done twice per claim that installs a generation (first and final probe: about 0.4 s); heartbeat 500 ms, peer timeout 2 s; debug-free release build");
+        println!("Failover as a client sees it: 3 hosts on one link, a 64 MiB chain database, Status through the VIP every 10 ms (new WebSocket connection each, 1 s timeout); probe: 3 ARP probes 30 ms apart, then 120 ms of waiting (vip.probe_*: 0.18 s; a forced promote first probes once quickly before it installs: 1 probe, 30 ms); the generation linked in as the database, not copied; heartbeat 500 ms, peer timeout 2 s; debug-free release build");
         println!();
         println!("| measure | runs | p50 | p99 | max | target |");
         println!("|---|---|---|---|---|---|");

@@ -756,6 +756,10 @@ async fn image(
 ) -> Result<(), String> {
     let _permit = snapshot_slot(stream, ctx).await?;
     let db = ctx.db.clone();
+    // The writers are held from inside `db.image` until the image is dropped: the whole
+    // stream (header, pieces, trailer) must end by this deadline, whatever the client
+    // reads; at the deadline the stream and the reader stop and the image is dropped.
+    let deadline = tokio::time::Instant::now() + IMAGE_HOLD_LIMIT;
     let img =
         blocking_or_reply(stream, "image", move || db.image(since.as_deref(), freeze)).await?;
     if freeze {
@@ -785,11 +789,10 @@ async fn image(
         token: Some(img.token.clone()),
         changed_stream: img.changed.as_ref().map(|_| stream_bytes),
     });
-    write_timed(stream, &header).await?;
     let (bytes, chains, taken) = (img.bytes, img.positions.len(), img.taken_unix_ms);
     // A reader thread holds the image (and so the pinned commit) and hands pieces over;
     // it stops when the receiver goes away.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, String>>(4);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, String>>(4);
     // Written pieces come back to be filled again (no zeroing, no allocation per piece).
     let (back, spare) = std::sync::mpsc::channel::<Vec<u8>>();
     let reader = tokio::task::spawn_blocking(move || {
@@ -816,18 +819,36 @@ async fn image(
             }
         }
     });
-    let mut sent = 0u64;
-    while let Some(piece) = rx.recv().await {
-        let piece = piece.map_err(|e| {
-            tracing::error!("admin socket: {e}; the image stream is cut short");
-            e
-        })?;
-        write_timed(stream, &piece).await?;
-        sent += piece.len() as u64;
-        let _ = back.send(piece);
-    }
-    drop(rx);
+    let streamed = tokio::time::timeout_at(deadline, async {
+        // Owned by the stream: dropped with it at the deadline.
+        let mut rx = rx;
+        write_timed(stream, &header).await?;
+        let mut sent = 0u64;
+        while let Some(piece) = rx.recv().await {
+            let piece = piece.map_err(|e| {
+                tracing::error!("admin socket: {e}; the image stream is cut short");
+                e
+            })?;
+            write_timed(stream, &piece).await?;
+            sent += piece.len() as u64;
+            let _ = back.send(piece);
+        }
+        Ok::<_, String>(sent)
+    })
+    .await;
+    // The receiver is gone now (also at the deadline): the reader stops at its next piece
+    // and drops the image, which releases the writers.
     let _ = reader.await;
+    let sent = match streamed {
+        Ok(r) => r?,
+        Err(_) => {
+            let msg = format!(
+                "the image was not read within {IMAGE_HOLD_LIMIT:?}: the stream is cut short so that writers go on"
+            );
+            tracing::warn!("admin socket: {msg}");
+            return Err(msg);
+        }
+    };
     if sent != stream_bytes {
         let msg =
             format!("the image stream stopped after {sent} of {stream_bytes} bytes: this is a bug");

@@ -334,7 +334,36 @@ impl PrivateConfig {
 
     pub fn load(path: &Path) -> Result<PrivateConfig, ConfigError> {
         let src = read_file(path)?;
-        Self::parse(path, &src)
+        let c = Self::parse(path, &src)?;
+        for w in c.unknown_keys(path, &src) {
+            tracing::warn!("{w}");
+        }
+        Ok(c)
+    }
+
+    /// One line per top-level key of `private.toml` this conode does not know (kept and
+    /// written back, since the Go conode's files may carry keys of its own, but never
+    /// used): a misspelt `ListenAdress` is found here, not by a listener on the wrong port.
+    pub fn unknown_keys(&self, path: &Path, src: &str) -> Vec<String> {
+        let doc = Doc { path, src };
+        self.extra
+            .keys()
+            .map(|k| {
+                let line = doc
+                    .key_line(k, 1)
+                    .map(|l| format!(" (line {l})"))
+                    .unwrap_or_default();
+                let near = PRIVATE_KEYS
+                    .iter()
+                    .find(|p| edit_distance(&p.to_ascii_lowercase(), &k.to_ascii_lowercase()) <= 2)
+                    .map(|p| format!(": did you mean {p}?"))
+                    .unwrap_or_default();
+                format!(
+                    "{}: unknown key {k}{line} is kept but not used{near}",
+                    path.display()
+                )
+            })
+            .collect()
     }
 
     pub fn parse(path: &Path, src: &str) -> Result<PrivateConfig, ConfigError> {
@@ -701,8 +730,45 @@ fn read_file(path: &Path) -> Result<String, ConfigError> {
         key: None,
         msg,
     };
-    let bytes = std::fs::read(path).map_err(|e| err(format!("cannot read: {e}")))?;
+    let bytes = read_capped(path, MAX_CONFIG_BYTES).map_err(err)?;
     String::from_utf8(bytes).map_err(|_| err("not UTF-8 text".into()))
+}
+
+/// Levenshtein distance (short strings: configuration keys).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+/// The largest configuration file read (a roster of thousands of servers is far less).
+pub const MAX_CONFIG_BYTES: u64 = 4 << 20;
+
+/// Read `path`, refusing one longer than `max` bytes without reading past it (so that
+/// `-c /dev/zero` is an error, not a process that eats all memory).
+pub fn read_capped(path: &Path, max: u64) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let f = std::fs::File::open(path).map_err(|e| format!("cannot read: {e}"))?;
+    let mut bytes = Vec::new();
+    f.take(max + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    if bytes.len() as u64 > max {
+        return Err(format!(
+            "longer than {} MiB: not a configuration file",
+            max >> 20
+        ));
+    }
+    Ok(bytes)
 }
 
 /// Replace `path` atomically with `contents` and `mode`: temp file in the same directory,

@@ -90,10 +90,11 @@ pub fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// How long Status may reuse the allocator figures (they need a write transaction).
-const STATS_TTL: Duration = Duration::from_secs(5);
-/// How long Status may reuse the other figures (a stat and a read transaction each).
-const FIGURES_TTL: Duration = Duration::from_secs(1);
+/// How often the allocator figures are read again (they walk the whole tree in a write
+/// transaction, so they hold the writers meanwhile: a tenth of a second per 250 MB).
+const STATS_TTL: Duration = Duration::from_secs(30);
+/// How often the table figures are read again (they walk every table).
+const FIGURES_TTL: Duration = Duration::from_secs(2);
 
 pub struct Db {
     pub db: Database,
@@ -102,6 +103,8 @@ pub struct Db {
     pub path: PathBuf,
     stats: Mutex<Option<(Instant, BTreeMap<String, String>)>>,
     figures: Mutex<Option<(Instant, BTreeMap<String, String>)>>,
+    /// A thread is reading the figures again ([`Db::figures`]).
+    refreshing: std::sync::atomic::AtomicBool,
     /// Set by a final image ([`Db::image`] with `freeze`): no write commits any more (a
     /// switchover ships that image as the last word of this host); cleared by
     /// [`Db::thaw`] or a restart.
@@ -175,6 +178,7 @@ impl Db {
             path: path.to_path_buf(),
             stats: Mutex::new(None),
             figures: Mutex::new(None),
+            refreshing: Default::default(),
             frozen: std::sync::atomic::AtomicBool::new(false),
         })
     }
@@ -202,28 +206,51 @@ impl Db {
         self.frozen.swap(false, std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// The `Db` section of Status: figures of the redb file, at most [`FIGURES_TTL`] old.
-    pub fn figures(&self) -> BTreeMap<String, String> {
-        let mut cache = self.figures.lock().unwrap_or_else(|p| p.into_inner());
-        let mut f = match cache.as_ref() {
-            Some((at, v)) if at.elapsed() < FIGURES_TTL => v.clone(),
-            _ => {
-                let f = self.read_figures();
-                *cache = Some((Instant::now(), f.clone()));
-                f
-            }
-        };
-        f.insert("Frozen".into(), self.is_frozen().to_string());
-        f
-    }
-
-    fn read_figures(&self) -> BTreeMap<String, String> {
+    /// The `Db` section of Status. Never waits for a walk of the database: the figures
+    /// that read every table (entries, redb's allocator statistics) are those of the last
+    /// walk, which a thread of its own makes again once they are [`FIGURES_TTL`] old (the
+    /// first call starts the first walk: a conode just started answers its first Status
+    /// at once, without them).
+    pub fn figures(self: &std::sync::Arc<Self>) -> BTreeMap<String, String> {
+        use std::sync::atomic::Ordering;
         let mut f = BTreeMap::new();
         f.insert("Open".into(), "true".into());
         f.insert("Path".into(), self.path.display().to_string());
         if let Ok(m) = std::fs::metadata(&self.path) {
             f.insert("FileBytes".into(), m.len().to_string());
         }
+        let stale = {
+            let cache = self.figures.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((_, v)) = cache.as_ref() {
+                f.extend(v.clone());
+            }
+            cache
+                .as_ref()
+                .is_none_or(|(at, _)| at.elapsed() >= FIGURES_TTL)
+        };
+        if stale && !self.refreshing.swap(true, Ordering::SeqCst) {
+            let me = std::sync::Arc::downgrade(self);
+            let started = std::thread::Builder::new()
+                .name("db-figures".into())
+                .spawn(move || {
+                    if let Some(db) = me.upgrade() {
+                        let v = db.read_figures();
+                        *db.figures.lock().unwrap_or_else(|p| p.into_inner()) =
+                            Some((Instant::now(), v));
+                        db.refreshing.store(false, Ordering::SeqCst);
+                    }
+                });
+            if started.is_err() {
+                self.refreshing.store(false, Ordering::SeqCst);
+            }
+        }
+        f.insert("Frozen".into(), self.is_frozen().to_string());
+        f
+    }
+
+    /// The figures that walk the tables (see [`Db::figures`]).
+    fn read_figures(&self) -> BTreeMap<String, String> {
+        let mut f = BTreeMap::new();
         if let Ok(r) = self.db.begin_read() {
             if let Ok(tables) = r.list_tables() {
                 let mut n = 0u64;
@@ -747,8 +774,17 @@ mod tests {
     fn a_database_is_never_opened_under_another_identity() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("x.db");
-        let db = Db::open(&p, &[1; 32]).unwrap();
+        let db = std::sync::Arc::new(Db::open(&p, &[1; 32]).unwrap());
+        assert_eq!(db.figures()["Open"], "true");
+        // The walk runs beside the caller: its figures come with a later call.
+        let t = Instant::now();
+        while !db.figures().contains_key("Tables") && t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         assert_eq!(db.figures()["Tables"], "1");
+        while std::sync::Arc::strong_count(&db) > 1 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         drop(db);
         Db::open(&p, &[1; 32]).unwrap();
         let e = Db::open(&p, &[2; 32]).err().unwrap();

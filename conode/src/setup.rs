@@ -52,6 +52,40 @@ pub fn parse_host_port(s: &str) -> Result<(Option<String>, u16), String> {
     Ok((Some(a.host), a.port))
 }
 
+/// The `--host` of a non-interactive setup: an IP address (an IPv6 one with or without
+/// brackets) or a DNS name; required, since other nodes reach this one there.
+pub fn server_host(host: &str) -> Result<String, String> {
+    if host.is_empty() {
+        return Err("--host is required with --non-interactive: the IP address or DNS name other nodes reach this one at (for example --host conode.example.org)".into());
+    }
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if let Ok(ip) = bare.parse::<std::net::IpAddr>() {
+        if ip.is_unspecified() {
+            return Err(format!(
+                "--host {host}: the unspecified address is not one other nodes can reach"
+            ));
+        }
+        return Ok(ip.to_string());
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    let name = host.strip_suffix('.').unwrap_or(host);
+    if name.len() > 253 || !name.split('.').all(label_ok) {
+        return Err(format!(
+            "--host {host:?} is neither an IP address nor a DNS name (letters, digits and '-' in dot-separated labels)"
+        ));
+    }
+    Ok(name.to_string())
+}
+
 /// Write both files into `dir`.
 pub fn write_files(private_path: &Path, cfg: &PrivateConfig) -> Result<PathBuf, String> {
     let dir = private_path.parent().unwrap_or(Path::new("."));
@@ -167,10 +201,11 @@ pub fn non_interactive(
             "--port {port}: must be 1..65534 (the WebSocket port is port+1)"
         ));
     }
+    let host = server_host(host)?;
     let keys = KeyPair::generate().map_err(|e| format!("cannot generate a key: {e}"))?;
     let address = Address {
         scheme: Scheme::Tls,
-        host: host.to_string(),
+        host,
         port,
     };
     let cfg = PrivateConfig::new(keys, address, description.to_string());
@@ -221,6 +256,37 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&p).unwrap(), before);
         non_interactive(&p, "127.0.0.1", 7000, "x", true).unwrap();
         assert_ne!(std::fs::read_to_string(&p).unwrap(), before);
+    }
+
+    #[test]
+    fn a_non_interactive_setup_needs_a_reachable_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("private.toml");
+        for bad in [
+            "",
+            "0.0.0.0",
+            "::",
+            "a b",
+            "x/y",
+            "-a.example",
+            "a..b",
+            "tls://a",
+            "a:1",
+        ] {
+            let e = non_interactive(&p, bad, 7770, "d", false).unwrap_err();
+            assert!(e.contains("--host"), "{bad:?}: {e}");
+            assert!(!p.exists(), "{bad:?}: nothing written");
+        }
+        for (good, stored) in [
+            ("conode.example.org", "tls://conode.example.org:7770"),
+            ("10.0.0.1", "tls://10.0.0.1:7770"),
+            ("[fd00::1]", "tls://[fd00::1]:7770"),
+            ("fd00::1", "tls://[fd00::1]:7770"),
+        ] {
+            non_interactive(&p, good, 7770, "d", true).unwrap();
+            let c = PrivateConfig::load(&p).unwrap();
+            assert_eq!(c.address.to_string(), stored);
+        }
     }
 
     #[test]

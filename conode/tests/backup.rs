@@ -883,3 +883,49 @@ async fn status_answers_while_an_image_holds_the_writers() {
     held.await.unwrap().expect("the image completes");
     srv.stop().await;
 }
+
+/// An `image` request whose stream is never read holds the writers at most
+/// IMAGE_HOLD_LIMIT (20 s): the limit is kept where the writers are held, not only by a
+/// reader thread that a full socket blocks (a write used to wait 29 s and more).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unread_image_releases_the_writers_within_its_limit() {
+    let node = TestNode::new("image-unread");
+    let srv = node.start().await;
+    // Far more than the socket's buffers and the reader's queue hold.
+    fill(srv.database(), 60_000);
+    let mut unread = UnixStream::connect(srv.admin_socket()).unwrap();
+    unread.write_all(b"image\n").unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let db = srv.database().clone();
+    let t = std::time::Instant::now();
+    let waited = tokio::task::spawn_blocking(move || {
+        let w = db.db.begin_write().unwrap();
+        w.open_table(SKIPCHAIN_BLOCKS)
+            .unwrap()
+            .insert(&hash_of(7_000_000)[..], &b"after the image"[..])
+            .unwrap();
+        w.commit().unwrap();
+        t.elapsed()
+    })
+    .await
+    .unwrap();
+    let limit = admin::IMAGE_HOLD_LIMIT;
+    assert!(
+        waited > Duration::from_secs(5),
+        "the image held the writers (the write waited {waited:?})"
+    );
+    assert!(
+        waited < limit + Duration::from_secs(3),
+        "the writers were released within {limit:?} (waited {waited:?})"
+    );
+    // The connection is cut: reading it ends before the whole image.
+    unread
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut got = Vec::new();
+    let _ = unread.read_to_end(&mut got);
+    let bytes = std::fs::metadata(node.db_path()).unwrap().len();
+    assert!((got.len() as u64) < bytes, "{} of {bytes}", got.len());
+    drop(unread);
+    srv.stop().await;
+}

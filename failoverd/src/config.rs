@@ -480,6 +480,30 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// The dotted key (`snapshot.keep`) whose `key = value` line holds byte `at` of `text`,
+/// for errors that point at a value without naming its key (a wrong type).
+fn key_at(text: &str, at: usize) -> Option<String> {
+    let at = at.min(text.len());
+    let start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let end = text[at..].find('\n').map_or(text.len(), |i| at + i);
+    let line = &text[start..end];
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim().trim_matches('"');
+    if key.is_empty() || key.starts_with('[') || key.starts_with('#') {
+        return None;
+    }
+    let table = text[..start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    Some(match table {
+        Some(t) if !t.is_empty() => format!("{t}.{key}"),
+        _ => key.to_string(),
+    })
+}
+
 /// Read a file of at most [`MAX_CONFIG_BYTES`].
 fn read_bounded(path: &Path) -> Result<String, ConfigError> {
     use std::io::Read;
@@ -513,7 +537,10 @@ impl RawConfig {
             line: e
                 .span()
                 .map(|s| text[..s.start.min(text.len())].lines().count().max(1)),
-            message: e.message().to_string(),
+            message: match e.span().and_then(|s| key_at(text, s.start)) {
+                Some(key) => format!("{key}: {}", e.message()),
+                None => e.message().to_string(),
+            },
         })
     }
 
@@ -1127,6 +1154,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("ftp"), "{e}");
+        // A value of the wrong type: the error names its key, not only the types.
+        let text = template(&args()).replace("keep = 3", "keep = \"three\"");
+        let e = Config::parse(Path::new("f.toml"), &text, no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("snapshot.keep: invalid type"), "{e}");
     }
 
     #[test]

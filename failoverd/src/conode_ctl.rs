@@ -195,20 +195,23 @@ impl Conode {
     /// conode's database. The conode must be stopped (its admin socket must not answer).
     ///
     /// The generation was verified when it arrived (signed manifest, chunk hashes, redb's
-    /// integrity check, the conode's key), so this is a copy and two renames, the
-    /// shortest part of a takeover we can make it:
-    /// 1. a copy beside the database (`copy_file_range`: in the kernel, a reflink where
-    ///    the filesystem has them), owner-only, given the data directory's owner;
+    /// integrity check, the conode's key) and fsynced, so this is a hard link and two
+    /// renames, the shortest part of a takeover we can make it:
+    /// 1. the generation's file linked beside the database (the same file: nothing is
+    ///    copied), owner-only, given the data directory's owner. Where the generation is
+    ///    on another filesystem, a copy instead (`copy_file_range`), fsynced in the
+    ///    background (the conode's first commit flushes it anyway);
     /// 2. the current database, if any, kept as `<db>.replaced` (one such file: the
     ///    previous one is replaced), by a hard link, so that the database path never
     ///    goes missing (a conode started on a missing path would create an empty one);
-    /// 3. the copy renamed over the database, the directory fsynced.
+    /// 3. the new name renamed over the database, the directory fsynced.
     ///
-    /// The copy's data is fsynced in the background: the conode's first commit flushes
-    /// it anyway (every commit is durable), and until then the generation itself is the
-    /// durable copy (after a power cut, every claim installs again).
-    pub fn install(&self, g: u64, generation_db: &Path) -> Result<(), String> {
+    /// Returns whether the generation's file itself became the database: then the caller
+    /// must give the generation up in its store ([`crate::standby::Store::forget`]),
+    /// since the conode writes into that file from its start.
+    pub fn install(&self, g: u64, generation_db: &Path) -> Result<bool, String> {
         use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let t = Instant::now();
         if std::os::unix::net::UnixStream::connect(&self.admin).is_ok() {
             return Err(format!(
                 "the conode is running (its admin socket {} answers): not replacing its database",
@@ -229,14 +232,25 @@ impl Conode {
             .map_err(|e| format!("conode.data_dir {}: {e}", self.section.data_dir.display()))?;
         let tmp = data.join(format!(".{name}.install-{g}.tmp"));
         let _ = std::fs::remove_file(&tmp);
+        let mut linked = false;
         let staged = (|| {
-            std::fs::copy(generation_db, &tmp).map_err(|e| {
-                format!(
-                    "cannot copy generation {g} ({}) to {}: {e}",
-                    generation_db.display(),
-                    tmp.display()
-                )
-            })?;
+            match std::fs::hard_link(generation_db, &tmp) {
+                Ok(()) => linked = true,
+                Err(e) => {
+                    tracing::info!(
+                        "cannot link generation {g} ({}) to {} ({e}): copying it",
+                        generation_db.display(),
+                        tmp.display()
+                    );
+                    std::fs::copy(generation_db, &tmp).map_err(|e| {
+                        format!(
+                            "cannot copy generation {g} ({}) to {}: {e}",
+                            generation_db.display(),
+                            tmp.display()
+                        )
+                    })?;
+                }
+            }
             std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
                 .map_err(|e| format!("cannot chmod {}: {e}", tmp.display()))?;
             nix::unistd::chown(
@@ -256,6 +270,10 @@ impl Conode {
             return Err(format!("{e}; the current database was not touched"));
         }
         let replaced = data.join(format!("{name}.replaced"));
+        // The previous replaced database is deleted after the install, not by the rename
+        // over it: freeing a large file's blocks takes tens of milliseconds.
+        let discarded = data.join(format!(".{name}.replaced.old"));
+        let discard = replaced.exists() && std::fs::rename(&replaced, &discarded).is_ok();
         if self.db.exists() {
             let link = data.join(format!(".{name}.replaced.tmp"));
             let _ = std::fs::remove_file(&link);
@@ -278,21 +296,33 @@ impl Conode {
                 self.db.display()
             ));
         }
+        let renamed = t.elapsed();
         std::fs::File::open(data)
             .and_then(|d| d.sync_all())
             .map_err(|e| format!("cannot fsync {}: {e}", data.display()))?;
-        let db = self.db.clone();
-        std::thread::spawn(move || {
-            if let Err(e) = std::fs::File::open(&db).and_then(|f| f.sync_data()) {
-                tracing::warn!("fsync of the installed database {}: {e}", db.display());
-            }
-        });
+        if discard {
+            std::thread::spawn(move || {
+                if let Err(e) = std::fs::remove_file(&discarded) {
+                    tracing::warn!("cannot remove {}: {e}", discarded.display());
+                }
+            });
+        }
+        if !linked {
+            let db = self.db.clone();
+            std::thread::spawn(move || {
+                if let Err(e) = std::fs::File::open(&db).and_then(|f| f.sync_data()) {
+                    tracing::warn!("fsync of the installed database {}: {e}", db.display());
+                }
+            });
+        }
         tracing::info!(
-            "generation {g} installed as the conode's database {} (the one it replaced kept as {})",
+            "generation {g} installed as the conode's database {} ({} and renamed after {renamed:?}, directory fsynced after {:?}; the one it replaced kept as {})",
             self.db.display(),
+            if linked { "linked" } else { "copied" },
+            t.elapsed(),
             replaced.display()
         );
-        Ok(())
+        Ok(linked)
     }
 
     pub fn db(&self) -> &Path {

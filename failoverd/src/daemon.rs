@@ -117,6 +117,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             paths.public,
         )
         .map_err(|e| e.to_string())?;
+        store.forget_if_same_file(&paths.db);
         Ok::<_, String>((lock, key, paths, Arc::new(store)))
     })
     .await

@@ -256,12 +256,20 @@ impl Effects {
                 self.address.add().await.map(|()| Outcome::AddressAdded)
             }
             Effect::RemoveAddress => {
+                // The socket that answers the connection attempts still coming here is
+                // opened first, so that none right after the removal goes unanswered.
+                let opened = match &self.address {
+                    Address::Vip(v, _) => Some(crate::unreach::open(v).await),
+                    _ => None,
+                };
                 self.address.remove().await?;
-                if let Address::Vip(v, _) = &self.address {
+                if let (Address::Vip(v, _), Some(opened)) = (&self.address, opened) {
                     // Clients still sending here learn at once that the address moved.
                     let v = v.clone();
                     let task = tokio::spawn(async move {
-                        if let Err(e) = crate::unreach::answer_strays(&v, STRAY_WINDOW).await {
+                        let answered =
+                            crate::unreach::answer_opened(&v, opened, STRAY_WINDOW).await;
+                        if let Err(e) = answered {
                             tracing::warn!("answering connection attempts for {}: {e}", v.cidr());
                         }
                     });
@@ -303,9 +311,22 @@ impl Effects {
                     .find(|i| i.manifest.generation == g)
                     .ok_or_else(|| format!("generation {g} is not held on this host"))?;
                 let conode = self.conode.clone();
-                tokio::task::spawn_blocking(move || conode.install(g, &gen.path))
-                    .await
-                    .map_err(|e| format!("the install task failed: {e}"))??;
+                let store = self.store.clone();
+                let state_dir = self.state_dir.clone();
+                tokio::task::spawn_blocking(move || {
+                    // This host numbers its own snapshots past g from now on, also after
+                    // a restart (when the store may no longer hold g).
+                    let t = std::time::Instant::now();
+                    crate::live::number_past(&state_dir, g).map_err(|e| e.to_string())?;
+                    tracing::debug!("generation counter past {g} in {:?}", t.elapsed());
+                    if conode.install(g, &gen.path)? {
+                        // The conode's database is the generation's file now.
+                        store.forget(g);
+                    }
+                    Ok::<_, String>(())
+                })
+                .await
+                .map_err(|e| format!("the install task failed: {e}"))??;
                 self.origin.fetch_max(g, Ordering::SeqCst);
                 Ok(Outcome::GenerationInstalled(g))
             }

@@ -398,8 +398,27 @@ fn take_image(
 
 /// The generation counter, persisted in `state_dir/generation`: never reused.
 fn next_generation(state_dir: &Path, peer_newest: u64) -> Result<u64, ShipError> {
+    let g = counter(state_dir)?.max(peer_newest) + 1;
     let path = state_dir.join("generation");
-    let mine = match std::fs::read_to_string(&path) {
+    conode::config::write_atomic(&path, format!("{g}\n").as_bytes(), 0o600)
+        .map_err(|e| ShipError::io("cannot write", &path, e))?;
+    Ok(g)
+}
+
+/// Raise the generation counter to at least `g`: this host's next snapshot is numbered
+/// past `g` (a generation it installed into its conode).
+pub fn number_past(state_dir: &Path, g: u64) -> Result<(), ShipError> {
+    if counter(state_dir)? >= g {
+        return Ok(());
+    }
+    let path = state_dir.join("generation");
+    conode::config::write_atomic(&path, format!("{g}\n").as_bytes(), 0o600)
+        .map_err(|e| ShipError::io("cannot write", &path, e))
+}
+
+fn counter(state_dir: &Path) -> Result<u64, ShipError> {
+    let path = state_dir.join("generation");
+    Ok(match std::fs::read_to_string(&path) {
         Ok(s) => s.trim().parse::<u64>().map_err(|_| {
             ShipError::io(
                 "cannot use",
@@ -412,11 +431,7 @@ fn next_generation(state_dir: &Path, peer_newest: u64) -> Result<u64, ShipError>
         })?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
         Err(e) => return Err(ShipError::io("cannot read", &path, e)),
-    };
-    let g = mine.max(peer_newest) + 1;
-    conode::config::write_atomic(&path, format!("{g}\n").as_bytes(), 0o600)
-        .map_err(|e| ShipError::io("cannot write", &path, e))?;
-    Ok(g)
+    })
 }
 
 impl Shipper {

@@ -164,6 +164,9 @@ enum SpareState {
     None,
     /// A copy is being made.
     Making,
+    /// A copy is being made of a generation given up meanwhile ([`Store::forget`]): its
+    /// file may change under the copy, which is thrown away when done.
+    MakingDiscarded,
     /// A copy of the generation `manifest` describes, at `path`.
     Ready { path: PathBuf, manifest: Manifest },
 }
@@ -180,7 +183,9 @@ impl Spares {
     fn wait(&self) -> std::sync::MutexGuard<'_, SpareState> {
         let st = self.lock();
         self.done
-            .wait_timeout_while(st, SPARE_WAIT, |s| matches!(s, SpareState::Making))
+            .wait_timeout_while(st, SPARE_WAIT, |s| {
+                matches!(s, SpareState::Making | SpareState::MakingDiscarded)
+            })
             .unwrap_or_else(|p| p.into_inner())
             .0
     }
@@ -442,7 +447,7 @@ impl Store {
         {
             let mut st = self.spares.lock();
             match &*st {
-                SpareState::Making => return,
+                SpareState::Making | SpareState::MakingDiscarded => return,
                 SpareState::Ready { path, manifest } => {
                     if manifest.generation == newest.manifest.generation {
                         return;
@@ -465,6 +470,12 @@ impl Store {
                 let _ = std::fs::remove_file(&dst);
                 let r = copy_extents(&src, &dst, manifest.bytes);
                 let mut st = spares.lock();
+                if matches!(*st, SpareState::MakingDiscarded) {
+                    let _ = std::fs::remove_file(&dst);
+                    *st = SpareState::None;
+                    spares.done.notify_all();
+                    return;
+                }
                 *st = match r {
                     Ok(()) => {
                         tracing::info!(
@@ -492,6 +503,57 @@ impl Store {
             tracing::warn!("cannot start the spare copy thread: {e}");
             *self.spares.lock() = SpareState::None;
         }
+    }
+
+    /// Give generation `g` up: its file became the conode's database (a takeover links
+    /// it there instead of copying it), so this store no longer holds it. The manifest
+    /// goes first (a `.db` without one is never trusted), then the file's name here; a
+    /// spare copy being made of it is thrown away (the conode may write into the file
+    /// under the copy). Returns whether `g` was held.
+    pub fn forget(&self, g: u64) -> bool {
+        let mut inner = self.lock();
+        let Some(at) = inner
+            .installed
+            .iter()
+            .position(|i| i.manifest.generation == g)
+        else {
+            return false;
+        };
+        let old = inner.installed.remove(at);
+        let name = gen_name(g);
+        let mpath = self.gens.join(format!("{name}.manifest"));
+        if let Err(e) = std::fs::remove_file(&mpath) {
+            tracing::warn!("cannot remove {}: {e}", mpath.display());
+        }
+        if let Err(e) = std::fs::remove_file(&old.path) {
+            tracing::warn!("cannot remove {}: {e}", old.path.display());
+        }
+        let _ = fsync_dir(&self.gens);
+        self.publish(&inner);
+        let mut st = self.spares.lock();
+        match &*st {
+            SpareState::Making => *st = SpareState::MakingDiscarded,
+            // A finished spare was copied before the conode could start on the file.
+            SpareState::Ready { .. } | SpareState::None | SpareState::MakingDiscarded => {}
+        }
+        true
+    }
+
+    /// At start: a generation whose file is the conode's database `db` (the same inode:
+    /// a takeover that linked it there stopped before it gave the generation up) is the
+    /// conode's now, and given up (the conode may have written into it).
+    pub fn forget_if_same_file(&self, db: &Path) -> Option<u64> {
+        use std::os::unix::fs::MetadataExt;
+        let d = std::fs::metadata(db).ok()?;
+        let g = self.installed().into_iter().find_map(|i| {
+            let m = std::fs::metadata(&i.path).ok()?;
+            (m.dev() == d.dev() && m.ino() == d.ino()).then_some(i.manifest.generation)
+        })?;
+        tracing::warn!(
+            "generation {g} is the conode's database {} (a takeover linked it there and stopped before giving it up): no longer held here",
+            db.display()
+        );
+        self.forget(g).then_some(g)
     }
 
     /// The generation the spare copy holds, once it is made (waits while it is made).

@@ -332,9 +332,69 @@ struct Tally {
 /// warning. `Err` (one line) if the VIP is still on the interface, or netlink or the
 /// packet socket fails (e.g. without CAP_NET_RAW).
 pub async fn answer_strays(vip: &Vip, window: Duration) -> Result<u64, String> {
+    let opened = open(vip).await;
+    answer_opened(vip, opened, window).await
+}
+
+/// A packet socket open for the VIP's connection attempts, and the address to answer from
+/// ([`open`]): opened before the address is removed, it misses no attempt that comes
+/// right after the removal.
+pub struct Opened {
+    own: IpAddr,
+    sock: PacketSocket,
+}
+
+/// Open what [`answer_opened`] needs; `Ok(None)`: nothing to answer from (warned).
+pub async fn open(vip: &Vip) -> Result<Option<Opened>, String> {
+    let unanswered = |e: &dyn std::fmt::Display| {
+        format!(
+            "connection attempts that still come to this host for {} go unanswered: {e}",
+            vip.addr
+        )
+    };
+    let own = match vip.own_address().await {
+        Ok(Some(own)) => own,
+        Ok(None) => {
+            let family = if vip.addr.is_ipv4() { "IPv4" } else { "IPv6" };
+            tracing::warn!(
+                vip = %vip,
+                "not answering connection attempts that still come to this host for {}: \
+                 {} has no {family} address of its own to answer from; those clients \
+                 retry after TCP's 1 s",
+                vip.addr,
+                vip.interface
+            );
+            return Ok(None);
+        }
+        Err(e) => return Err(unanswered(&e)),
+    };
+    let socket_error = |e: Errno| {
+        let hint = if e == Errno::EPERM || e == Errno::EACCES {
+            " (failoverd needs CAP_NET_RAW: run it as root or grant the capability)"
+        } else {
+            ""
+        };
+        unanswered(&format!("packet socket on {}: {e}{hint}", vip.interface))
+    };
+    let index = nix::net::if_::if_nametoindex(vip.interface.as_str()).map_err(socket_error)?;
+    let ethertype = if vip.addr.is_ipv4() {
+        ETH_P_IP
+    } else {
+        ETH_P_IPV6
+    };
+    let sock = PacketSocket::open(index, ethertype).map_err(socket_error)?;
+    Ok(Some(Opened { own, sock }))
+}
+
+/// [`answer_strays`] with what [`open`] opened (before the address was removed).
+pub async fn answer_opened(
+    vip: &Vip,
+    opened: Result<Option<Opened>, String>,
+    window: Duration,
+) -> Result<u64, String> {
     let deadline = tokio::time::Instant::now() + window;
     let mut tally = Tally::default();
-    let run = tokio::time::timeout_at(deadline, answer_until_cut(vip, &mut tally)).await;
+    let run = tokio::time::timeout_at(deadline, answer_until_cut(vip, opened, &mut tally)).await;
     if let Ok(Err(e)) = run {
         return Err(match tally.answered {
             0 => e,
@@ -371,28 +431,19 @@ pub async fn answer_strays(vip: &Vip, window: Duration) -> Result<u64, String> {
 
 /// The body of [`answer_strays`]: returns `Ok` only when it has nothing to do; else
 /// answers until an error, or until the caller's timeout cuts it.
-async fn answer_until_cut(vip: &Vip, tally: &mut Tally) -> Result<(), String> {
+async fn answer_until_cut(
+    vip: &Vip,
+    opened: Result<Option<Opened>, String>,
+    tally: &mut Tally,
+) -> Result<(), String> {
     let unanswered = |e: &dyn std::fmt::Display| {
         format!(
             "connection attempts that still come to this host for {} go unanswered: {e}",
             vip.addr
         )
     };
-    let own = match vip.own_address().await {
-        Ok(Some(own)) => own,
-        Ok(None) => {
-            let family = if vip.addr.is_ipv4() { "IPv4" } else { "IPv6" };
-            tracing::warn!(
-                vip = %vip,
-                "not answering connection attempts that still come to this host for {}: \
-                 {} has no {family} address of its own to answer from; those clients \
-                 retry after TCP's 1 s",
-                vip.addr,
-                vip.interface
-            );
-            return Ok(());
-        }
-        Err(e) => return Err(unanswered(&e)),
+    let Some(Opened { own, sock }) = opened? else {
+        return Ok(());
     };
     match vip.present().await {
         Ok(p) if p.is_present() => {
@@ -406,21 +457,7 @@ async fn answer_until_cut(vip: &Vip, tally: &mut Tally) -> Result<(), String> {
         Ok(_) => {}
         Err(e) => return Err(unanswered(&e)),
     }
-    let socket_error = |e: Errno| {
-        let hint = if e == Errno::EPERM || e == Errno::EACCES {
-            " (failoverd needs CAP_NET_RAW: run it as root or grant the capability)"
-        } else {
-            ""
-        };
-        unanswered(&format!("packet socket on {}: {e}{hint}", vip.interface))
-    };
-    let index = nix::net::if_::if_nametoindex(vip.interface.as_str()).map_err(socket_error)?;
-    let ethertype = if vip.addr.is_ipv4() {
-        ETH_P_IP
-    } else {
-        ETH_P_IPV6
-    };
-    let sock = PacketSocket::open(index, ethertype).map_err(socket_error)?;
+    let socket_error = |e: Errno| unanswered(&format!("packet socket on {}: {e}", vip.interface));
     tracing::debug!(vip = %vip, %own, "answering connection attempts for the VIP");
     let mut budget = Budget::new(Instant::now());
     loop {

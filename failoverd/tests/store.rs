@@ -826,3 +826,92 @@ fn the_next_generation_is_written_over_a_spare_copy_of_the_newest() {
     let held: Vec<u64> = store.held().iter().map(|h| h.generation).collect();
     assert_eq!(held, vec![2, 3, 4]);
 }
+
+/// A takeover links the newest generation's file in as the conode's database (nothing
+/// copied) and the store gives it up: its manifest and name go, the generation before it
+/// is the newest, a later generation still installs, and the conode's writes into the
+/// file can never be taken for the generation. A restart that finds a generation whose
+/// file is the conode's database (the takeover stopped before giving it up) gives it up.
+#[test]
+fn a_generation_linked_in_as_the_conode_database_is_given_up() {
+    use std::os::unix::fs::MetadataExt;
+    let mut s = setup();
+    s.live.append(50, 4000);
+    let (f1, p1) = s.live.image("s1.db");
+    let store = Store::open(&s.state, 3, s.key.public_bytes(), s.live.public).unwrap();
+    s.ship(&store, 1, &f1, p1).unwrap();
+    s.live.append(5, 4000);
+    let (f2, p2) = s.live.image("s2.db");
+    s.ship(&store, 2, &f2, p2).unwrap();
+    let gen2 = store.newest().unwrap().path;
+
+    let data = s.state.parent().unwrap().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let db = data.join("conode.db");
+    std::fs::write(&db, b"the database before the takeover").unwrap();
+    let conode = failoverd::conode_ctl::Conode::new(
+        failoverd::config::ConodeSection {
+            config: data.join("private.toml"),
+            data_dir: data.clone(),
+            control: failoverd::config::ConodeControl::Systemd {
+                unit: "unused.service".into(),
+            },
+        },
+        data.join("admin.sock"),
+        db.clone(),
+    );
+    let g = std::fs::metadata(&gen2).unwrap();
+    assert!(conode.install(2, &gen2).unwrap(), "same filesystem: linked");
+    let m = std::fs::metadata(&db).unwrap();
+    assert_eq!(
+        (m.dev(), m.ino()),
+        (g.dev(), g.ino()),
+        "the same file, not a copy"
+    );
+    assert_eq!(
+        std::fs::read(data.join("conode.db.replaced")).unwrap(),
+        b"the database before the takeover"
+    );
+    assert!(store.forget(2));
+    assert!(!gen2.exists());
+    assert_eq!(store.newest().unwrap().manifest.generation, 1);
+    assert_installable(&store, &s.live.public, 1);
+    // The conode writes into its database: generation 1 and a later one are untouched.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&db)
+        .unwrap()
+        .set_len(4096)
+        .unwrap();
+    s.live.append(3, 4000);
+    let (f3, p3) = s.live.image("s3.db");
+    s.ship(&store, 3, &f3, p3).unwrap();
+    assert_installable(&store, &s.live.public, 3);
+    drop(store);
+    let store = Store::open(&s.state, 3, s.key.public_bytes(), s.live.public).unwrap();
+    let gens: Vec<u64> = store
+        .installed()
+        .iter()
+        .map(|i| i.manifest.generation)
+        .collect();
+    assert_eq!(
+        gens,
+        vec![1, 3],
+        "generation 2 stays given up after a restart"
+    );
+
+    // Interrupted between the link and giving the generation up: found at start.
+    let gen3 = store.newest().unwrap().path;
+    std::fs::remove_file(&db).unwrap();
+    std::fs::hard_link(&gen3, &db).unwrap();
+    drop(store);
+    let store = Store::open(&s.state, 3, s.key.public_bytes(), s.live.public).unwrap();
+    assert_eq!(store.forget_if_same_file(&db), Some(3));
+    assert_eq!(store.newest().unwrap().manifest.generation, 1);
+    assert_eq!(
+        store.forget_if_same_file(&db),
+        None,
+        "nothing else shares it"
+    );
+    assert!(db.exists(), "the conode's database stays");
+}
