@@ -126,14 +126,13 @@ impl Pair {
         let mut keys = Vec::new();
         for (h, host, peer) in [("a", a, b), ("b", b, a)] {
             let out = ok(host, &format!(
-                "{fo} -c {cfg} setup --state-dir {state} --conode-config {co} --conode-data-dir {data} --peer {peer}:7780 --listen {me}:7780 --metrics 127.0.0.1:7781 --interface eth0",
+                "{fo} -c {cfg} setup --state-dir {state} --conode-config {co} --conode-data-dir {data} --peer {peer}:7780 --metrics 127.0.0.1:7781 --interface eth0",
                 fo = fo(),
                 cfg = d(&format!("{h}/failoverd.toml")),
                 state = d(&format!("{h}/state")),
                 co = d(&format!("{h}/co/private.toml")),
                 data = d(&format!("{h}/data")),
                 peer = peer.addr(),
-                me = host.addr(),
             ));
             keys.push(out.lines().last().unwrap().trim().to_string());
         }
@@ -327,6 +326,16 @@ fn switchover_moves_the_address_and_the_chain_with_no_block_lost_and_never_two_h
     // Never claimed at start.
     assert_eq!(p.status("a").str_at(&["role"]), "standby");
     assert!(watch.holders().is_empty());
+    // The peer port listens on the host's own address (listen.peer left to its
+    // default), never on the wildcard.
+    for h in [p.lab.a(), p.lab.b()] {
+        let listening = ok(h, "ss -Hltn 'sport = :7780'");
+        assert!(
+            listening.contains(&format!("{}:7780", h.addr())),
+            "{listening}"
+        );
+        assert!(!listening.contains("0.0.0.0:7780"), "{listening}");
+    }
 
     let out = ok(p.lab.a(), &p.failoverd("a", "promote"));
     assert!(out.contains("live under epoch 1"), "{out}");

@@ -934,6 +934,36 @@ WebSocketTLSCertificateKey = ""
     }
 
     #[test]
+    fn unknown_keys_are_named_with_a_line_and_kept() {
+        let src = GO_PRIVATE.replace(
+            "Address = \"tls://203.0.113.7:7770\"\n",
+            "Address = \"tls://203.0.113.7:7770\"\nListenAdress = \"127.0.0.3\"\nGoOnly = 1\n",
+        );
+        let c = PrivateConfig::parse(p(), &src).unwrap();
+        assert!(c.listen_address.is_empty(), "the misspelt key is not used");
+        let w = c.unknown_keys(p(), &src);
+        assert_eq!(w.len(), 2, "{w:?}");
+        let listen = w.iter().find(|l| l.contains("ListenAdress")).unwrap();
+        assert!(listen.contains("(line 7)"), "{listen}");
+        assert!(listen.contains("did you mean ListenAddress?"), "{listen}");
+        let go = w.iter().find(|l| l.contains("GoOnly")).unwrap();
+        assert!(!go.contains("did you mean"), "{go}");
+        assert!(c.to_toml().contains("GoOnly = 1"), "kept when written back");
+        assert!(PrivateConfig::parse(p(), GO_PRIVATE)
+            .unwrap()
+            .unknown_keys(p(), GO_PRIVATE)
+            .is_empty());
+    }
+
+    #[test]
+    fn an_endless_file_is_refused_without_reading_it_all() {
+        let e = PrivateConfig::load(Path::new("/dev/zero")).unwrap_err();
+        assert!(e.to_string().contains("longer than 4 MiB"), "{e}");
+        let e = Roster::load(Path::new("/dev/zero")).unwrap_err();
+        assert!(e.to_string().contains("longer than 4 MiB"), "{e}");
+    }
+
+    #[test]
     fn missing_key_is_named() {
         let src = GO_PRIVATE.replace("Address = \"tls://203.0.113.7:7770\"\n", "");
         let e = PrivateConfig::parse(p(), &src).unwrap_err();

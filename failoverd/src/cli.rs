@@ -25,8 +25,9 @@ pub struct SetupArgs {
     /// The other host's failoverd public key (hex), if already known.
     #[arg(long, default_value = "")]
     pub peer_key: String,
-    /// This host's address and failoverd's peer port (not the conode's 7770/7771).
-    #[arg(long, default_value = "0.0.0.0:7780")]
+    /// This host's address and failoverd's peer port (not the conode's 7770/7771); empty:
+    /// this host's address towards --peer, port 7780.
+    #[arg(long, default_value = "")]
     pub listen: String,
     #[arg(long, default_value = "127.0.0.1:7781")]
     pub metrics: String,

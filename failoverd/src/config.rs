@@ -281,7 +281,7 @@ impl Default for RawTimeouts {
 mod defaults {
     use super::Transport;
     pub fn listen_peer() -> String {
-        "0.0.0.0:7780".into()
+        String::new()
     }
     pub fn listen_metrics() -> String {
         "127.0.0.1:7781".into()
@@ -373,7 +373,9 @@ pub struct Peer {
 
 #[derive(Debug, Clone)]
 pub struct Listen {
-    pub peer: SocketAddr,
+    /// The peer port's address; `None` (`peer = ""`, the default): the address this host
+    /// reaches the peer from, port [`DEFAULT_PEER_PORT`] ([`Listen::peer_addr`]).
+    pub peer: Option<SocketAddr>,
     /// Prometheus `/metrics`; `None` when turned off (`metrics = ""`).
     pub metrics: Option<SocketAddr>,
 }
@@ -452,6 +454,81 @@ pub enum ConfigError {
         path: PathBuf,
         problems: Vec<Problem>,
     },
+}
+
+/// The peer port when `listen.peer` is left to its default.
+pub const DEFAULT_PEER_PORT: u16 = 7780;
+
+impl Listen {
+    /// Where the peer port listens: `listen.peer`, or by default this host's own address
+    /// towards the peer (the source address the kernel picks for `peer`, found with an
+    /// unconnected UDP socket: nothing is sent), port [`DEFAULT_PEER_PORT`]. Never the
+    /// wildcard by default: the peer port has one legitimate client, the other host.
+    pub fn peer_addr(
+        &self,
+        peer: &str,
+        vip: Option<std::net::IpAddr>,
+    ) -> Result<SocketAddr, String> {
+        if let Some(a) = self.peer {
+            return Ok(a);
+        }
+        let why = |e: &dyn std::fmt::Display| {
+            format!(
+                "listen.peer is not set and this host's address towards the peer {peer} cannot be found ({e}): set listen.peer = \"THIS_HOST:{DEFAULT_PEER_PORT}\""
+            )
+        };
+        let to = std::net::ToSocketAddrs::to_socket_addrs(peer)
+            .map_err(|e| why(&e))?
+            .next()
+            .ok_or_else(|| why(&"it resolves to no address"))?;
+        let any: SocketAddr = if to.is_ipv4() {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let routed = std::net::UdpSocket::bind(any)
+            .and_then(|udp| {
+                udp.connect(to)?;
+                udp.local_addr()
+            })
+            .map(|a| a.ip());
+        let own = match routed {
+            Ok(ip) => ip,
+            // No route now (the link is down at boot, say): the address of an interface
+            // whose subnet holds the peer's.
+            Err(e) => same_subnet(to.ip(), vip).ok_or_else(|| why(&e))?,
+        };
+        Ok(SocketAddr::new(own, DEFAULT_PEER_PORT))
+    }
+}
+
+/// An address of this host in a subnet that holds `peer` (a link that is down keeps its
+/// addresses), not the virtual IP `vip`.
+fn same_subnet(peer: std::net::IpAddr, vip: Option<std::net::IpAddr>) -> Option<std::net::IpAddr> {
+    use std::net::IpAddr;
+    let bits = |ip: IpAddr| -> u128 {
+        match ip {
+            IpAddr::V4(v) => u32::from(v) as u128,
+            IpAddr::V6(v) => u128::from(v),
+        }
+    };
+    nix::ifaddrs::getifaddrs().ok()?.find_map(|i| {
+        let (addr, mask): (IpAddr, IpAddr) = match (i.address?, i.netmask?) {
+            (a, m) if a.as_sockaddr_in().is_some() => (
+                a.as_sockaddr_in()?.ip().into(),
+                m.as_sockaddr_in()?.ip().into(),
+            ),
+            (a, m) => (
+                a.as_sockaddr_in6()?.ip().into(),
+                m.as_sockaddr_in6()?.ip().into(),
+            ),
+        };
+        (addr.is_ipv4() == peer.is_ipv4()
+            && !addr.is_loopback()
+            && Some(addr) != vip
+            && bits(addr) & bits(mask) == bits(peer) & bits(mask))
+        .then_some(addr)
+    })
 }
 
 /// A configuration file is small; this bounds what `load` reads.
@@ -697,13 +774,20 @@ impl RawConfig {
                 format!("{address:?} is not host:port (e.g. \"10.0.0.2:7780\")"),
             );
         }
-        let listen_peer = self.listen.peer.parse::<SocketAddr>().unwrap_or_else(|e| {
-            bad(
-                "listen.peer",
-                format!("{:?} is not ip:port ({e})", self.listen.peer),
-            );
-            SocketAddr::from(([0, 0, 0, 0], 0))
-        });
+        let listen_peer = if self.listen.peer.trim().is_empty() {
+            None
+        } else {
+            Some(self.listen.peer.parse::<SocketAddr>().unwrap_or_else(|e| {
+                bad(
+                    "listen.peer",
+                    format!(
+                        "{:?} is not ip:port ({e}); or \"\" for this host's address towards the peer",
+                        self.listen.peer
+                    ),
+                );
+                SocketAddr::from(([0, 0, 0, 0], 0))
+            }))
+        };
         let metrics = if self.listen.metrics.trim().is_empty() {
             None
         } else {
@@ -949,7 +1033,8 @@ address = {peer_address}
 public_key = {peer_key}
 
 [listen]
-# Peer port (HTTPS, both sides authenticated by their pinned keys).
+# Peer port (HTTPS, both sides authenticated by their pinned keys): ip:port, or "" for
+# this host's own address towards the peer, port 7780 (never the wildcard by default).
 peer = {listen_peer}
 # Prometheus metrics at http://ADDRESS/metrics; keep it on loopback, or "" for none.
 metrics = {listen_metrics}
@@ -1031,7 +1116,7 @@ mod tests {
             conode_data_dir: Path::new("/var/lib/conode"),
             peer_address: "10.0.0.2:7780",
             peer_key: "",
-            listen_peer: "0.0.0.0:7780",
+            listen_peer: "",
             listen_metrics: "127.0.0.1:7781",
             interface: "eth0",
             transport: Transport::Https,
@@ -1064,7 +1149,7 @@ mod tests {
         assert_eq!(c.snapshot.transport, Transport::Https);
         assert_eq!(c.snapshot.interval, Duration::from_secs(2));
         assert_eq!(c.peer.public_key, [1; 32]);
-        assert_eq!(c.listen.peer, "0.0.0.0:7780".parse().unwrap());
+        assert_eq!(c.listen.peer, None, "this host's address towards the peer");
         assert_eq!(c.listen.metrics, Some("127.0.0.1:7781".parse().unwrap()));
         // A file without [listen] gets ports that are not the conode's (7770, 7771).
         let bare = Config::parse(
@@ -1073,7 +1158,8 @@ mod tests {
             no_env,
         )
         .unwrap();
-        assert_eq!(bare.listen.peer.port(), 7780);
+        assert_eq!(bare.listen.peer, None);
+        assert_eq!(DEFAULT_PEER_PORT, 7780);
         assert_eq!(bare.listen.metrics.map(|m| m.port()), Some(7781));
         assert_eq!(c.timeouts.io_stall, Duration::from_secs(30));
         assert_eq!(c.timeouts.answer, Duration::from_secs(600));
@@ -1166,6 +1252,27 @@ mod tests {
     fn an_endless_file_is_refused_without_reading_it_all() {
         let e = Config::load(Path::new("/dev/zero")).unwrap_err();
         assert!(matches!(e, ConfigError::TooLarge { .. }), "{e}");
+    }
+
+    #[test]
+    fn the_peer_port_listens_on_this_hosts_address_towards_the_peer_by_default() {
+        let l = Listen {
+            peer: None,
+            metrics: None,
+        };
+        let a = l.peer_addr("127.0.0.5:7780", None).unwrap();
+        assert!(a.ip().is_loopback() && !a.ip().is_unspecified(), "{a}");
+        assert_eq!(a.port(), DEFAULT_PEER_PORT);
+        let e = l.peer_addr("no-such-host.invalid:7780", None).unwrap_err();
+        assert!(e.contains("set listen.peer"), "{e}");
+        let set = Listen {
+            peer: Some("10.0.0.1:7790".parse().unwrap()),
+            metrics: None,
+        };
+        assert_eq!(
+            set.peer_addr("x:1", None).unwrap().to_string(),
+            "10.0.0.1:7790"
+        );
     }
 
     #[test]

@@ -233,9 +233,12 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         names.insert(h.id(), "address conflict watch");
     }
 
-    let listener = tokio::net::TcpListener::bind(cfg.listen.peer)
+    let listen_peer = cfg
+        .listen
+        .peer_addr(&cfg.peer.address, cfg.vip.address.map(|(ip, _)| ip))?;
+    let listener = tokio::net::TcpListener::bind(listen_peer)
         .await
-        .map_err(|e| format!("listen.peer {}: {e}", cfg.listen.peer))?;
+        .map_err(|e| format!("listen.peer {listen_peer}: {e}"))?;
     let acceptor = tokio_rustls::TlsAcceptor::from(tls.pinned_server_config(vec![peer_key])?);
     let server = Arc::new(PeerServer {
         store: store.clone(),
@@ -298,7 +301,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     names.insert(h.id(), "snapshot loop");
     tracing::info!(
         "failoverd running: peer port {}, peer {}, conode admin socket {}, transport {}",
-        cfg.listen.peer,
+        listen_peer,
         cfg.peer.address,
         paths.admin.display(),
         cfg.snapshot.transport.name()
