@@ -45,7 +45,16 @@ fn print_failures(what: &str, failures: &Failures, from: Instant, to: Instant) {
     if std::env::var_os("FAILOVER_TEST_LOGS").is_none() {
         return;
     }
-    eprintln!("client during the {what} (ms after the command):");
+    let wall = std::time::SystemTime::now() - from.elapsed();
+    let ms = wall
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() % 60_000)
+        .unwrap_or(0);
+    eprintln!(
+        "client during the {what} (ms after the command, given at second {}.{:03} of the minute):",
+        ms / 1000,
+        ms % 1000
+    );
     let from_early = from.checked_sub(Duration::from_secs(1)).unwrap_or(from);
     for (t, took, e) in failures
         .lock()

@@ -293,8 +293,10 @@ pub struct Skipchain {
     dialer: Dialer,
     chains: Mutex<HashMap<[u8; 32], Arc<Chain>>>,
     members: Mutex<Queues>,
-    /// The Status figures that read every page, and when.
-    bytes_cache: Mutex<Option<(Instant, u64)>>,
+    /// The Status figures that read every page, and when; and whether a thread is
+    /// reading them again (Status never waits for it).
+    bytes_cache: Arc<Mutex<Option<(Instant, u64)>>>,
+    bytes_refreshing: Arc<std::sync::atomic::AtomicBool>,
     /// As a follower: the last block signed per chain, until it is stored.
     signed: Mutex<HashMap<[u8; 32], Signed>>,
 }
@@ -362,7 +364,8 @@ impl Skipchain {
             },
             chains: Mutex::new(HashMap::new()),
             members: Mutex::new(HashMap::new()),
-            bytes_cache: Mutex::new(None),
+            bytes_cache: Default::default(),
+            bytes_refreshing: Default::default(),
             signed: Mutex::new(HashMap::new()),
         })
     }
@@ -475,17 +478,36 @@ impl Skipchain {
         let mut f = BTreeMap::new();
         if let Ok(v) = self.view() {
             let (blocks, chains) = v.counts();
-            let mut cache = self.bytes_cache.lock().unwrap_or_else(|p| p.into_inner());
-            let bytes = match *cache {
-                Some((at, b)) if at.elapsed() < BYTES_TTL => b,
-                _ => {
-                    let b = v.stored_bytes();
-                    *cache = Some((Instant::now(), b));
-                    b
+            // The stored bytes read every page of the blocks: a thread of its own reads
+            // them again once they are BYTES_TTL old, and Status shows the last figure
+            // (none yet in the first Status of a conode just started).
+            let cached = *self.bytes_cache.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((_, b)) = cached {
+                f.insert("Bytes".into(), b.to_string());
+            }
+            let stale = cached.is_none_or(|(at, _)| at.elapsed() >= BYTES_TTL);
+            use std::sync::atomic::Ordering;
+            if stale && !self.bytes_refreshing.swap(true, Ordering::SeqCst) {
+                let (db, cache, busy) = (
+                    Arc::downgrade(&self.db),
+                    self.bytes_cache.clone(),
+                    self.bytes_refreshing.clone(),
+                );
+                let started = std::thread::Builder::new()
+                    .name("chain-bytes".into())
+                    .spawn(move || {
+                        if let Some(v) = db.upgrade().and_then(|db| View::new(&db.db).ok()) {
+                            let b = v.stored_bytes();
+                            *cache.lock().unwrap_or_else(|p| p.into_inner()) =
+                                Some((Instant::now(), b));
+                        }
+                        busy.store(false, Ordering::SeqCst);
+                    });
+                if started.is_err() {
+                    self.bytes_refreshing.store(false, Ordering::SeqCst);
                 }
-            };
+            }
             f.insert("Blocks".into(), blocks.to_string());
-            f.insert("Bytes".into(), bytes.to_string());
             f.insert("Chains".into(), chains.to_string());
         }
         f
