@@ -298,6 +298,8 @@ where
     let stream = Prefixed {
         prefix: buf[len..].to_vec(),
         inner: s,
+        read: 0,
+        blocked_at: None,
     };
     let mut ws = WebSocketStream::from_raw_socket(stream, Role::Server, Some(config)).await;
 
@@ -382,10 +384,24 @@ where
     .await;
 }
 
-/// A stream that first yields bytes already read past the HTTP head.
+/// Bytes a client may send while what the conode writes to it does not move (it does
+/// not read): past this the connection is closed. tungstenite answers every ping with a
+/// pong and keeps what it cannot write in memory; a ping costs its sender at least as many
+/// bytes as its pong takes there, so this bounds that memory per connection. A client
+/// that reads its answers never comes near it: the conode reads the next request only
+/// once its answer to the last one was written.
+pub const UNREAD_BUDGET: u64 = 64 << 10;
+
+/// A stream that first yields bytes already read past the HTTP head, and that fails the
+/// connection once the client sent [`UNREAD_BUDGET`] bytes while the writes to it were
+/// stuck.
 struct Prefixed<S> {
     prefix: Vec<u8>,
     inner: S,
+    /// Bytes read so far.
+    read: u64,
+    /// `read` when a write last found the socket full; `None` once a write moved.
+    blocked_at: Option<u64>,
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
@@ -394,13 +410,25 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        if let Some(at) = self.blocked_at {
+            if self.read - at > UNREAD_BUDGET {
+                return Poll::Ready(Err(std::io::Error::other(format!(
+                    "the client sent {} bytes without reading what it was sent: closing",
+                    self.read - at
+                ))));
+            }
+        }
         if !self.prefix.is_empty() {
             let n = self.prefix.len().min(buf.remaining());
             buf.put_slice(&self.prefix[..n]);
             self.prefix.drain(..n);
+            self.read += n as u64;
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.read += (buf.filled().len() - before) as u64;
+        r
     }
 }
 
@@ -410,7 +438,16 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        match &r {
+            Poll::Pending => {
+                let read = self.read;
+                self.blocked_at.get_or_insert(read);
+            }
+            Poll::Ready(Ok(n)) if *n > 0 => self.blocked_at = None,
+            Poll::Ready(_) => {}
+        }
+        r
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_flush(cx)
