@@ -48,7 +48,11 @@ impl Pair {
     }
 
     pub(crate) fn start(name: &str, transport: &str, interval: &str) -> Pair {
-        let lab = Lab::new(name);
+        Pair::start_in(Lab::new(name), transport, interval)
+    }
+
+    /// [`Pair::start`] in `lab` (which may have a third host).
+    pub(crate) fn start_in(lab: Lab, transport: &str, interval: &str) -> Pair {
         let dir = tempfile::tempdir().unwrap();
         let d = |p: &str| dir.path().join(p).display().to_string();
         let (a, b) = (lab.a(), lab.b());
@@ -801,4 +805,143 @@ fn setup_and_check_name_what_is_wrong() {
         out.contains("bogus") || out.contains("not running"),
         "{out}"
     );
+}
+
+/// Strangers holding half-open connections against the standby's peer port (40 from one
+/// address, 40 more from others, each reopened as the standby closes it) no longer stop
+/// snapshots: the handshake slots of strangers are apart from the peer's and from the
+/// slots of authenticated connections, and the refusals are logged once per interval,
+/// not once each. (40 such connections used to hold all 16 slots: snapshots failed, "gave
+/// up generation 6 after 8 attempts", or waited 7 s.)
+#[test]
+fn snapshots_ship_while_strangers_hold_half_open_connections_to_the_peer_port() {
+    use std::net::TcpStream;
+    let mut p = Pair::start_in(Lab::with_client("strangers"), "https", "1h");
+    p.grow(1, 1000);
+    let peer_port = format!("{}:7770", p.lab.b().addr());
+    let o = p.lab.b().addr().octets();
+    for k in 0..40 {
+        ok(
+            p.lab.client(),
+            &format!(
+                "ip addr add {}.{}.{}.{}/24 dev eth0",
+                o[0],
+                o[1],
+                o[2],
+                200 + k
+            ),
+        );
+    }
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let opened = std::sync::atomic::AtomicUsize::new(0);
+    // The live host's failoverd starts again once the strangers are in place: it needs
+    // new connections to the peer port (a kept-alive one would not need a slot).
+    let old_a = p.failoverd.remove(0);
+    old_a.kill();
+    let (took, new_a) = std::thread::scope(|s| {
+        let client = p.lab.client();
+        let (stop, opened, peer_port) = (&stop, &opened, &peer_port);
+        s.spawn(move || {
+            client.in_ns(|| {
+                // 40 from the client's own address, 40 from other addresses of its (added
+                // in its namespace only).
+                let mut held: Vec<Option<TcpStream>> = (0..80).map(|_| None).collect();
+                let deadline = Instant::now() + Duration::from_secs(90);
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) && Instant::now() < deadline {
+                    for (i, slot) in held.iter_mut().enumerate() {
+                        let alive = slot.as_ref().is_some_and(|c| {
+                            c.set_nonblocking(true).is_ok()
+                                && matches!(c.peek(&mut [0u8; 1]), Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock)
+                        });
+                        if !alive {
+                            *slot = stranger(i, peer_port);
+                            if slot.is_some() {
+                                opened.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            }
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })
+        });
+        // Strangers in place before the snapshots.
+        wait("strangers connected", || {
+            opened.load(std::sync::atomic::Ordering::SeqCst) >= 80
+        });
+        std::thread::sleep(Duration::from_secs(6));
+        let t = Instant::now();
+        let new_a = p.spawn_failoverd("a");
+        p.wait_failoverd("a");
+        eprintln!("failoverd on a answering after {:?}", t.elapsed());
+        let mut took = Vec::new();
+        for i in 0..4 {
+            let data = p.p("blockdata");
+            ok(p.lab.a(), &format!("head -c 1000 /dev/urandom > {data}"));
+            p.chain_cmd(&format!("add {} --data {data}", p.chain));
+            let t = Instant::now();
+            p.snapshot();
+            took.push(t.elapsed());
+            eprintln!(
+                "snapshot {i} with strangers holding connections: {:?}",
+                t.elapsed()
+            );
+        }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        (took, new_a)
+    });
+    p.failoverd.insert(0, new_a);
+    let reopened = opened.load(std::sync::atomic::Ordering::SeqCst);
+    eprintln!("stranger connections opened: {reopened}");
+    assert!(reopened > 80, "the standby closed strangers' connections");
+    for t in &took {
+        assert!(
+            *t < Duration::from_secs(5),
+            "a snapshot took {t:?} while strangers held connections"
+        );
+    }
+    let log = p.log("failoverd-b.log");
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("peer port: refused"))
+        .count();
+    assert!(lines >= 1, "the refusals are logged:\n{log}");
+    assert!(
+        lines <= 15,
+        "{lines} refusal lines for {reopened} connections: not rate-limited"
+    );
+}
+
+/// A stranger's connection to `to` (never a byte sent): from the host's own address for
+/// `i` < 40, else from x.y.z.(200 + i % 40) of the same subnet (added to the client's
+/// interface, in its namespace).
+fn stranger(i: usize, to: &str) -> Option<std::net::TcpStream> {
+    use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrIn};
+    use std::os::fd::AsRawFd;
+    let to: std::net::SocketAddr = to.parse().ok()?;
+    if i < 40 {
+        return std::net::TcpStream::connect_timeout(&to, Duration::from_secs(1)).ok();
+    }
+    let (std::net::IpAddr::V4(v4), port) = (to.ip(), to.port()) else {
+        return None;
+    };
+    let o = v4.octets();
+    let from = std::net::Ipv4Addr::new(o[0], o[1], o[2], 200 + (i % 40) as u8);
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::empty(),
+        None,
+    )
+    .ok()?;
+    bind(
+        fd.as_raw_fd(),
+        &SockaddrIn::from(std::net::SocketAddrV4::new(from, 0)),
+    )
+    .ok()?;
+    connect(
+        fd.as_raw_fd(),
+        &SockaddrIn::from(std::net::SocketAddrV4::new(v4, port)),
+    )
+    .ok()?;
+    Some(std::net::TcpStream::from(fd))
 }

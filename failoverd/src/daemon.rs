@@ -42,6 +42,10 @@ type Reply = oneshot::Sender<Result<serde_json::Value, String>>;
 
 /// Connections served at once, per listener.
 const PEER_CONNECTIONS: usize = 16;
+/// Peer port connections open at once, in any state: far more than the gate's slots, so
+/// that a connection past them is accepted and closed at once, never left waiting in the
+/// kernel's queue in front of the peer's (see crate::gate).
+const PEER_SOCKETS: usize = 256;
 const CONTROL_CONNECTIONS: usize = 16;
 const METRICS_CONNECTIONS: usize = 8;
 /// How long a control client may take to send its request line.
@@ -247,11 +251,12 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         timeouts: cfg.timeouts,
         admin: paths.admin.clone(),
         events: Some(events_tx.clone()),
+        gate: crate::gate::Gate::new(&cfg.peer.address, PEER_CONNECTIONS),
     });
     let h = tasks.spawn(crate::accept::serve(
         "peer port",
         listener,
-        PEER_CONNECTIONS,
+        PEER_SOCKETS,
         stop_rx.clone(),
         move |tcp, from| crate::peer::accept(server.clone(), acceptor.clone(), tcp, from),
     ));

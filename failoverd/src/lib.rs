@@ -46,6 +46,7 @@ pub mod epoch;
 pub mod error;
 pub mod event;
 pub mod failover;
+pub mod gate;
 pub mod live;
 pub mod manifest;
 pub mod metrics;

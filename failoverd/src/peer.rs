@@ -228,6 +228,8 @@ pub struct PeerServer {
     /// The failover driver: peer messages (`POST /v1/core`) and verified generations
     /// go there. `None` in tests of the snapshot protocol alone.
     pub events: Option<tokio::sync::mpsc::Sender<crate::event::Event>>,
+    /// Who may use the connection slots ([`crate::gate`]).
+    pub gate: Arc<crate::gate::Gate>,
 }
 
 /// An answer: the JSON body, or a status and a refusal.
@@ -660,13 +662,37 @@ impl BodyReader {
 
 /// Accept the TLS handshake of one connection to the peer port, then serve it.
 pub async fn accept(server: Arc<PeerServer>, acceptor: TlsAcceptor, tcp: TcpStream, from: String) {
+    let Ok(ip) = tcp.peer_addr().map(|a| a.ip()) else {
+        return;
+    };
+    // A handshake slot, or the connection is closed at once (see crate::gate).
+    let Some(handshake) = server.gate.admit(ip, server.timeouts.connect) else {
+        return;
+    };
     let _ = tcp.set_nodelay(true);
-    match tokio::time::timeout(server.timeouts.connect, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => server.serve_connection(tls, from).await,
+    match tokio::time::timeout(handshake.deadline, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => {
+            drop(handshake);
+            // Authenticated (the pinned key): one of the slots that serve requests.
+            let Ok(_slot) = server.gate.served.clone().acquire_owned().await else {
+                return;
+            };
+            server.serve_connection(tls, from).await
+        }
         Ok(Err(e)) => {
-            tracing::warn!("peer port: refused {from}: {e}");
+            drop(handshake);
+            server
+                .gate
+                .refuse(ip, &format!("TLS handshake failed: {e}"));
             server.metrics.failure(Cause::Unauthenticated);
         }
-        Err(_) => tracing::warn!("peer port: {from} did not finish the TLS handshake"),
+        Err(_) => {
+            let d = handshake.deadline;
+            drop(handshake);
+            server.gate.refuse(
+                ip,
+                &format!("did not finish the TLS handshake within {d:?}"),
+            );
+        }
     }
 }
