@@ -31,6 +31,7 @@ pub mod client;
 pub mod config;
 pub mod db;
 pub mod dirty;
+pub mod gate;
 pub mod keys;
 pub mod peer;
 pub mod proto;

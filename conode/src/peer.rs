@@ -656,7 +656,10 @@ pub async fn serve(
     tracker: Tracker,
 ) {
     let acceptor = TlsAcceptor::from(tls.server.clone());
+    // Connections in their handshake take the gate's slots; only an authenticated one
+    // (a conode proving the key it claims) takes one of these.
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_PEER_CONNECTIONS));
+    let gate = crate::gate::Gate::new(PEER_GATE, []);
     let mut backoff = Duration::from_millis(10);
     loop {
         let (tcp, from) = tokio::select! {
@@ -671,10 +674,8 @@ pub async fn serve(
             },
             _ = crate::ws::stopped(&mut shutdown) => break,
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(
-                "conode port: refusing {from}: {MAX_PEER_CONNECTIONS} peer connections already open"
-            );
+        // A handshake slot, or the connection is closed at once (see crate::gate).
+        let Some(handshake) = gate.admit(from.ip(), HANDSHAKE_TIMEOUT) else {
             continue;
         };
         let acceptor = acceptor.clone();
@@ -682,25 +683,56 @@ pub async fn serve(
         let counters = counters.clone();
         let shutdown = shutdown.clone();
         let tracker = tracker.clone();
+        let (gate, slots) = (gate.clone(), slots.clone());
         tokio::spawn(async move {
             let _tracker = tracker;
-            let _permit = permit;
-            if let Err(e) = serve_one(tcp, acceptor, handler, counters, shutdown).await {
+            let deadline = handshake.deadline;
+            let (stream, key) = match handshake_with(tcp, &acceptor, &counters, deadline).await {
+                Ok(x) => x,
+                Err(e) => {
+                    drop(handshake);
+                    gate.refuse(from.ip(), &e.to_string());
+                    return;
+                }
+            };
+            drop(handshake);
+            gate.authenticated(from.ip());
+            let Ok(_permit) = slots.try_acquire_owned() else {
+                gate.refuse(
+                    from.ip(),
+                    &format!("{MAX_PEER_CONNECTIONS} authenticated peer connections already open"),
+                );
+                return;
+            };
+            if let Err(e) = serve_one(stream, key, handler, counters, shutdown).await {
                 tracing::warn!("conode port: closed connection from {from}: {e}");
             }
         });
     }
 }
 
-async fn serve_one(
+/// The conode port's handshake slots (see [`crate::gate`]): addresses that authenticated
+/// before (roster members) have their own.
+pub const PEER_GATE: crate::gate::Limits = crate::gate::Limits {
+    name: "conode port",
+    known: 64,
+    strangers: 64,
+    per_address: 8,
+    pressed: Duration::from_secs(2),
+    log_every: Duration::from_secs(10),
+};
+
+type PeerStream = tokio_rustls::server::TlsStream<TcpStream>;
+
+/// TLS, then the hello that must claim the certificate's key, within `deadline`.
+async fn handshake_with(
     tcp: TcpStream,
-    acceptor: TlsAcceptor,
-    handler: Arc<dyn PeerHandler>,
-    counters: Arc<Counters>,
-    mut shutdown: watch::Receiver<bool>,
-) -> Result<(), PeerError> {
+    acceptor: &TlsAcceptor,
+    counters: &Counters,
+    deadline: Duration,
+) -> Result<(PeerStream, [u8; 32]), PeerError> {
     let _ = tcp.set_nodelay(true);
-    let (mut stream, peer) = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+    tokio::time::timeout(deadline, async {
         let mut stream = acceptor.accept(tcp).await?;
         let cert = stream
             .get_ref()
@@ -710,7 +742,7 @@ async fn serve_one(
             .cloned()
             .ok_or_else(|| std::io::Error::other("no client certificate"))?;
         let key = cert_key(&cert).map_err(std::io::Error::other)?;
-        let hello = PeerHello::decode(&read_frame(&mut stream, &counters).await?[..])?;
+        let hello = PeerHello::decode(&read_frame(&mut stream, counters).await?[..])?;
         if hello.public != key {
             let reason = format!(
                 "certificate key {} does not match the claimed identity {}",
@@ -720,7 +752,7 @@ async fn serve_one(
             let w = PeerWelcome {
                 error: reason.clone(),
             };
-            let _ = write_frame(&mut stream, &w.encode_to_vec(), &counters).await;
+            let _ = write_frame(&mut stream, &w.encode_to_vec(), counters).await;
             return Err(PeerError::Refused {
                 addr: hello.address,
                 reason,
@@ -729,14 +761,22 @@ async fn serve_one(
         write_frame(
             &mut stream,
             &PeerWelcome::default().encode_to_vec(),
-            &counters,
+            counters,
         )
         .await?;
         Ok::<_, PeerError>((stream, key))
     })
     .await
-    .map_err(|_| PeerError::Timeout(HANDSHAKE_TIMEOUT))??;
+    .map_err(|_| PeerError::Timeout(deadline))?
+}
 
+async fn serve_one(
+    mut stream: PeerStream,
+    peer: [u8; 32],
+    handler: Arc<dyn PeerHandler>,
+    counters: Arc<Counters>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), PeerError> {
     loop {
         let frame = tokio::select! {
             f = tokio::time::timeout(IO_TIMEOUT, read_frame(&mut stream, &counters)) => f,

@@ -612,3 +612,123 @@ async fn a_final_image_freezes_the_database_until_thawed() {
     assert_eq!(b2.index, 2);
     c.stop(0).await;
 }
+
+/// Log lines written on this thread (a current-thread runtime runs every task there).
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Half-open connections from strangers against two followers' conode ports (1,100 each,
+/// from 20 addresses, reopened as they are closed, as an attacker would) no longer make
+/// appends fail: handshakes take slots apart from authenticated connections, addresses
+/// that authenticated before (the roster's) have their own, one address has few, and the
+/// refusals are logged once per interval with their count (each follower used to log 1.4
+/// million identical lines while appends failed with "only 2 of 4 members signed").
+/// The leader restarts once the strangers are in place, so it needs new connections.
+#[tokio::test]
+async fn appends_go_on_while_strangers_hold_half_open_connections_to_the_followers() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _log = tracing::subscriber::set_default(subscriber);
+    let mut c = Cluster::start(4).await;
+    let g = c.create(b"genesis").await;
+    let targets: Vec<std::net::SocketAddr> = [1, 2]
+        .iter()
+        .map(|&i| {
+            let a = &c.server(i).address;
+            format!("{}:{}", a.host, a.port).parse().unwrap()
+        })
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let opened = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (s2, o2) = (stop.clone(), opened.clone());
+    let strangers = std::thread::spawn(move || {
+        use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let connect = |i: usize, to: SocketAddr| -> Option<TcpStream> {
+            let from = Ipv4Addr::new(127, 0, 0, 100 + (i % 20) as u8);
+            let s = tokio::net::TcpSocket::new_v4().ok()?;
+            s.bind((from, 0).into()).ok()?;
+            rt.block_on(async {
+                tokio::time::timeout(Duration::from_secs(1), s.connect(to))
+                    .await
+                    .ok()?
+                    .ok()?
+                    .into_std()
+                    .ok()
+            })
+        };
+        let mut held: Vec<Option<TcpStream>> = (0..2200).map(|_| None).collect();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !s2.load(Ordering::SeqCst) && Instant::now() < deadline {
+            let mut reopened = 0;
+            for (i, slot) in held.iter_mut().enumerate() {
+                let alive = slot.as_ref().is_some_and(|c| {
+                    c.set_nonblocking(true).is_ok()
+                        && matches!(c.peek(&mut [0u8; 1]), Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock)
+                });
+                // About the attack's pace: at most 100 new connections per 100 ms.
+                if !alive && reopened < 100 {
+                    reopened += 1;
+                    *slot = connect(i, targets[i % 2]);
+                    if slot.is_some() {
+                        o2.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    // The strangers in place (2,200 connections opened at least), then the leader
+    // restarts and appends.
+    let t = Instant::now();
+    while opened.load(Ordering::SeqCst) < 2200 && t.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c.restart(0).await;
+    let mut target = g.hash.clone();
+    for i in 1..=5 {
+        let r = tokio::time::timeout(
+            Duration::from_secs(30),
+            client::append(c.server(0), &target, format!("block {i}").into_bytes()),
+        )
+        .await
+        .expect("an append answers")
+        .expect("an append succeeds while strangers hold connections");
+        target = r.latest.unwrap().hash;
+    }
+    stop.store(true, Ordering::SeqCst);
+    strangers.join().unwrap();
+    let log = String::from_utf8_lossy(&captured.0.lock().unwrap()).to_string();
+    let refused = log
+        .lines()
+        .filter(|l| l.contains("conode port: refused"))
+        .count();
+    let all = log.lines().count();
+    eprintln!(
+        "{} stranger connections opened; {refused} refusal lines, {all} log lines in all",
+        opened.load(Ordering::SeqCst)
+    );
+    assert!(refused >= 1, "the refusals are logged");
+    assert!(
+        all < 400,
+        "{all} log lines: not bounded\n{}",
+        &log[..log.len().min(4000)]
+    );
+}

@@ -44,7 +44,7 @@ type Reply = oneshot::Sender<Result<serde_json::Value, String>>;
 const PEER_CONNECTIONS: usize = 16;
 /// Peer port connections open at once, in any state: far more than the gate's slots, so
 /// that a connection past them is accepted and closed at once, never left waiting in the
-/// kernel's queue in front of the peer's (see crate::gate).
+/// kernel's queue in front of the peer's (see conode::gate).
 const PEER_SOCKETS: usize = 256;
 const CONTROL_CONNECTIONS: usize = 16;
 const METRICS_CONNECTIONS: usize = 8;
@@ -251,7 +251,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         timeouts: cfg.timeouts,
         admin: paths.admin.clone(),
         events: Some(events_tx.clone()),
-        gate: crate::gate::Gate::new(&cfg.peer.address, PEER_CONNECTIONS),
+        gate: crate::peer::peer_gate(&cfg.peer.address),
+        served: Arc::new(tokio::sync::Semaphore::new(PEER_CONNECTIONS)),
     });
     let h = tasks.spawn(crate::accept::serve(
         "peer port",

@@ -46,7 +46,6 @@ pub mod epoch;
 pub mod error;
 pub mod event;
 pub mod failover;
-pub mod gate;
 pub mod live;
 pub mod manifest;
 pub mod metrics;

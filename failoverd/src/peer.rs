@@ -228,8 +228,30 @@ pub struct PeerServer {
     /// The failover driver: peer messages (`POST /v1/core`) and verified generations
     /// go there. `None` in tests of the snapshot protocol alone.
     pub events: Option<tokio::sync::mpsc::Sender<crate::event::Event>>,
-    /// Who may use the connection slots ([`crate::gate`]).
-    pub gate: Arc<crate::gate::Gate>,
+    /// Who may use the handshake slots ([`conode::gate`]): the peer's address is known.
+    pub gate: Arc<conode::gate::Gate>,
+    /// Slots of authenticated connections (the pinned key).
+    pub served: Arc<tokio::sync::Semaphore>,
+}
+
+/// The peer port's handshake slots: the port has one legitimate client, the pinned peer.
+pub const PEER_GATE: conode::gate::Limits = conode::gate::Limits {
+    name: "peer port",
+    known: 4,
+    strangers: 32,
+    per_address: 4,
+    pressed: std::time::Duration::from_secs(1),
+    log_every: std::time::Duration::from_secs(10),
+};
+
+/// The peer port's gate: the address `peer` (`host:port`) resolves to is known (a name
+/// that does not resolve gives the peer only a stranger's slots).
+pub fn peer_gate(peer: &str) -> Arc<conode::gate::Gate> {
+    let ip = std::net::ToSocketAddrs::to_socket_addrs(peer)
+        .ok()
+        .and_then(|mut a| a.next())
+        .map(|a| a.ip());
+    conode::gate::Gate::new(PEER_GATE, ip)
 }
 
 /// An answer: the JSON body, or a status and a refusal.
@@ -665,7 +687,7 @@ pub async fn accept(server: Arc<PeerServer>, acceptor: TlsAcceptor, tcp: TcpStre
     let Ok(ip) = tcp.peer_addr().map(|a| a.ip()) else {
         return;
     };
-    // A handshake slot, or the connection is closed at once (see crate::gate).
+    // A handshake slot, or the connection is closed at once (see conode::gate).
     let Some(handshake) = server.gate.admit(ip, server.timeouts.connect) else {
         return;
     };
@@ -674,7 +696,7 @@ pub async fn accept(server: Arc<PeerServer>, acceptor: TlsAcceptor, tcp: TcpStre
         Ok(Ok(tls)) => {
             drop(handshake);
             // Authenticated (the pinned key): one of the slots that serve requests.
-            let Ok(_slot) = server.gate.served.clone().acquire_owned().await else {
+            let Ok(_slot) = server.served.clone().acquire_owned().await else {
                 return;
             };
             server.serve_connection(tls, from).await

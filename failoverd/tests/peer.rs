@@ -103,7 +103,8 @@ async fn an_offer_naming_a_chunk_out_of_range_is_a_clear_error_and_shipping_goes
         timeouts: timeouts(),
         admin: d.path().join("no-conode.sock"),
         events: None,
-        gate: failoverd::gate::Gate::new("127.0.0.1:1", 16),
+        gate: failoverd::peer::peer_gate("127.0.0.1:1"),
+        served: Arc::new(tokio::sync::Semaphore::new(16)),
     });
     let standby_tls = PeerTls::new(&standby_key).unwrap();
     let (addr, offers) = forging_standby(server, &standby_tls, live_key.public_bytes()).await;
