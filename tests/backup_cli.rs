@@ -64,7 +64,7 @@ fn db_path(n: &NodeFiles) -> PathBuf {
 fn seed(n: &NodeFiles, chain: u8, index: u32) -> ChainPosition {
     let db = Db::open(&db_path(n), &public(n)).expect("open the stopped conode's database");
     let hash = [index as u8; 32];
-    let w = db.db.begin_write().unwrap();
+    let w = db.db().begin_write().unwrap();
     {
         let mut blocks = w.open_table(SKIPCHAIN_BLOCKS).unwrap();
         for i in 0..200u32 {

@@ -101,7 +101,7 @@ fn fill(p: &mut Pair, mib: u64) -> u64 {
     while short(done) {
         let db = conode::db::Db::open(&file, &public).unwrap();
         while short(done) {
-            let w = db.db.begin_write().unwrap();
+            let w = db.db().begin_write().unwrap();
             {
                 let mut t = w.open_table(conode::db::SKIPCHAIN_BLOCKS).unwrap();
                 for _ in 0..64 {

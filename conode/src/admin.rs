@@ -561,7 +561,7 @@ async fn position(stream: &mut UnixStream, ctx: &Ctx) -> Result<(), String> {
     let r = tokio::task::spawn_blocking(move || {
         use redb::ReadableDatabase;
         let read = db
-            .db
+            .db()
             .begin_read()
             .map_err(|e| format!("cannot begin a read transaction: {e}"))?;
         let public = crate::db::owner_key(&read)?;

@@ -97,7 +97,16 @@ const STATS_TTL: Duration = Duration::from_secs(30);
 const FIGURES_TTL: Duration = Duration::from_secs(2);
 
 pub struct Db {
-    pub db: Database,
+    /// The open database; replaced when it is reopened after an I/O error
+    /// ([`Db::recover`]). Use [`Db::db`].
+    handle: std::sync::RwLock<std::sync::Arc<Database>>,
+    /// Set when the database failed with an I/O error (a full disk): redb then refuses
+    /// every operation until the database is reopened. The error, and when a reopen was
+    /// last tried.
+    broken: Mutex<Option<(String, Option<Instant>)>>,
+    /// New blocks are refused while the data directory's filesystem has less free space
+    /// than this ([`Db::set_free_floor`]).
+    free_floor: std::sync::atomic::AtomicU64,
     /// Pages written since each recent page image (see [`crate::dirty`]).
     dirty: std::sync::Arc<crate::dirty::DirtyLog>,
     pub path: PathBuf,
@@ -110,6 +119,58 @@ pub struct Db {
     /// [`Db::thaw`] or a restart.
     frozen: std::sync::atomic::AtomicBool,
 }
+
+/// Open the redb file at `path` with the page-tracking backend.
+fn open_file(
+    path: &Path,
+    dirty: &std::sync::Arc<crate::dirty::DirtyLog>,
+) -> Result<Database, String> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| format!("cannot open database {}: {e}", path.display()))?;
+    redb::backends::FileBackend::new(file)
+        .and_then(|b| {
+            redb::Builder::new().create_with_backend(crate::dirty::Tracked::new(b, dirty.clone()))
+        })
+        .map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => format!(
+                "database {} is already open by another process: is another conode with this key running?",
+                path.display()
+            ),
+            e => format!(
+                "cannot open database {}: {e}; if the file is damaged, restore it from a backup",
+                path.display()
+            ),
+        })
+}
+
+/// The free space below which new blocks are refused, unless set otherwise
+/// (`CONODE_MIN_FREE_MB`).
+pub const DEFAULT_FREE_FLOOR: u64 = 64 << 20;
+/// The free-space floor from `CONODE_MIN_FREE_MB` (mebibytes; 0 turns it off), else
+/// [`DEFAULT_FREE_FLOOR`].
+pub fn free_floor_from_env() -> Result<u64, String> {
+    match std::env::var("CONODE_MIN_FREE_MB") {
+        Err(_) => Ok(DEFAULT_FREE_FLOOR),
+        Ok(v) => v
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .and_then(|mb| mb.checked_mul(1 << 20))
+            .ok_or_else(|| {
+                format!(
+                    "CONODE_MIN_FREE_MB={v:?} is not a number of mebibytes (0 turns the floor off)"
+                )
+            }),
+    }
+}
+
+/// How often a database broken by an I/O error is tried again (at most).
+pub const RECOVER_EVERY: Duration = Duration::from_secs(2);
 
 /// What a writer gets from a frozen database.
 pub const FROZEN: &str = "this conode is handing over to its standby (frozen by failoverd for a switchover): no new block is accepted here; try again in a moment";
@@ -126,28 +187,7 @@ impl Db {
                 .map_err(|e| format!("cannot create the data directory {}: {e}", dir.display()))?;
         }
         let dirty = crate::dirty::DirtyLog::new();
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(|e| format!("cannot open database {}: {e}", path.display()))?;
-        let db = redb::backends::FileBackend::new(file)
-            .and_then(|b| {
-                redb::Builder::new()
-                    .create_with_backend(crate::dirty::Tracked::new(b, dirty.clone()))
-            })
-            .map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => format!(
-                "database {} is already open by another process: is another conode with this key running?",
-                path.display()
-            ),
-            e => format!(
-                "cannot open database {}: {e}; if the file is damaged, restore it from a backup",
-                path.display()
-            ),
-        })?;
+        let db = open_file(path, &dirty)?;
         let txn = db.begin_write().map_err(|e| e.to_string())?;
         {
             let mut meta = txn.open_table(META).map_err(|e| e.to_string())?;
@@ -173,7 +213,9 @@ impl Db {
         }
         txn.commit().map_err(|e| e.to_string())?;
         Ok(Db {
-            db,
+            handle: std::sync::RwLock::new(std::sync::Arc::new(db)),
+            broken: Mutex::new(None),
+            free_floor: std::sync::atomic::AtomicU64::new(DEFAULT_FREE_FLOOR),
             dirty,
             path: path.to_path_buf(),
             stats: Mutex::new(None),
@@ -183,16 +225,173 @@ impl Db {
         })
     }
 
+    /// The open database (the one in service now: it is replaced when the database is
+    /// reopened after an I/O error).
+    pub fn db(&self) -> std::sync::Arc<Database> {
+        self.handle
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// A write transaction, unless the database is frozen ([`FROZEN`]). The check comes
     /// after the transaction began: a writer that waited for the writers' lock held by a
     /// final image sees the freeze that image set.
+    ///
+    /// Also refused: while the database is broken by an I/O error (it is reopened here,
+    /// at most every [`RECOVER_EVERY`], once there is space again), and while the
+    /// filesystem's free space is below the floor ([`Db::set_free_floor`]): a full disk is
+    /// never reached by new blocks.
     pub fn begin_write(&self) -> Result<redb::WriteTransaction, String> {
-        let txn = self.db.begin_write().map_err(|e| e.to_string())?;
+        if let Some(e) = self.broken_error() {
+            if !self.recover() {
+                return Err(format!("new blocks are refused until the database is reopened (by itself, once the disk has space again): {e}"));
+            }
+        }
+        self.check_free()?;
+        let txn = self.db().begin_write().map_err(|e| {
+            self.check_io(&e.to_string());
+            e.to_string()
+        })?;
         if self.is_frozen() {
             let _ = txn.abort();
             return Err(FROZEN.to_string());
         }
         Ok(txn)
+    }
+
+    /// Commit `txn`; an I/O error (a full disk) marks the database broken ([`Db::check_io`]).
+    pub fn commit(&self, txn: redb::WriteTransaction) -> Result<(), String> {
+        txn.commit().map_err(|e| {
+            let e = e.to_string();
+            self.check_io(&e);
+            e
+        })
+    }
+
+    /// Set the free-space floor, in bytes (0: none).
+    pub fn set_free_floor(&self, bytes: u64) {
+        self.free_floor
+            .store(bytes, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Free bytes on the data directory's filesystem (for unprivileged users).
+    pub fn free_bytes(&self) -> Option<u64> {
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let v = nix::sys::statvfs::statvfs(dir).ok()?;
+        Some(v.blocks_available() as u64 * v.fragment_size() as u64)
+    }
+
+    fn check_free(&self) -> Result<(), String> {
+        let floor = self.free_floor.load(std::sync::atomic::Ordering::SeqCst);
+        match self.free_bytes() {
+            Some(free) if free < floor => Err(format!(
+                "disk nearly full: {} MiB free, below the floor of {} MiB (CONODE_MIN_FREE_MB): new blocks are refused until space is freed on the filesystem of {}",
+                free >> 20,
+                floor >> 20,
+                self.path.display()
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The I/O error that broke the database, if it is broken.
+    pub fn broken_error(&self) -> Option<String> {
+        self.broken
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|(e, _)| e.clone())
+    }
+
+    /// After a failed write (`what` its error): whether redb now refuses every operation
+    /// (it latches an I/O error until the database is reopened). If so the database is
+    /// marked broken and the failure logged at `error`, once.
+    pub fn check_io(&self, what: &str) {
+        let latched = match self.db().try_begin_write() {
+            Err(redb::TransactionError::Storage(
+                redb::StorageError::Io(_) | redb::StorageError::PreviousIo,
+            )) => true,
+            Ok(t) => {
+                let _ = t.abort();
+                false
+            }
+            Err(_) => what.contains("I/O") || what.contains("No space"),
+        };
+        if !latched {
+            return;
+        }
+        let mut b = self.broken.lock().unwrap_or_else(|p| p.into_inner());
+        if b.is_none() {
+            tracing::error!(
+                "database {}: a write failed ({what}); the database refuses every operation until it is reopened: it is reopened by itself once the filesystem has {} MiB free (CONODE_MIN_FREE_MB); acknowledged blocks are safe in the file",
+                self.path.display(),
+                self.free_floor.load(std::sync::atomic::Ordering::SeqCst) >> 20
+            );
+            *b = Some((
+                format!("the database failed with an I/O error ({what})"),
+                None,
+            ));
+        }
+    }
+
+    /// Reopen a broken database (at most every [`RECOVER_EVERY`], and only once the
+    /// filesystem has the floor's space free, and nothing else holds the broken one): it
+    /// is closed, then opened again from its file, which redb repairs from its last
+    /// commit (every acknowledged block is in it). Returns whether the database is in
+    /// service (not broken) now.
+    pub fn recover(&self) -> bool {
+        {
+            let mut b = self.broken.lock().unwrap_or_else(|p| p.into_inner());
+            let Some((_, tried)) = b.as_mut() else {
+                return true;
+            };
+            if tried.is_some_and(|t| t.elapsed() < RECOVER_EVERY) {
+                return false;
+            }
+            *tried = Some(Instant::now());
+        }
+        if self.check_free().is_err() {
+            return false;
+        }
+        let mut handle = self.handle.write().unwrap_or_else(|p| p.into_inner());
+        if std::sync::Arc::strong_count(&handle) > 1 {
+            return false;
+        }
+        // Until the file is open again, an empty database in memory stands in (the broken
+        // one refused every read and write too; writes stay refused: it is still broken).
+        let stand_in = match redb::Builder::new()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+        {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!("database {}: cannot reopen: {e}", self.path.display());
+                return false;
+            }
+        };
+        drop(std::mem::replace(
+            &mut *handle,
+            std::sync::Arc::new(stand_in),
+        ));
+        match open_file(&self.path, &self.dirty) {
+            Ok(db) => {
+                *handle = std::sync::Arc::new(db);
+                *self.broken.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                *self.figures.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                tracing::warn!(
+                    "database {}: reopened after the I/O error; writes are accepted again",
+                    self.path.display()
+                );
+                true
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "database {}: cannot reopen yet ({e}); trying again in {RECOVER_EVERY:?}",
+                    self.path.display()
+                );
+                false
+            }
+        }
     }
 
     /// Whether a final image froze the database.
@@ -214,7 +413,19 @@ impl Db {
     pub fn figures(self: &std::sync::Arc<Self>) -> BTreeMap<String, String> {
         use std::sync::atomic::Ordering;
         let mut f = BTreeMap::new();
-        f.insert("Open".into(), "true".into());
+        // Status drives the reopen of a broken database too (failoverd asks every 2 s).
+        let broken = self.broken_error().filter(|_| !self.recover());
+        f.insert("Open".into(), broken.is_none().to_string());
+        if let Some(e) = &broken {
+            f.insert("Error".into(), e.clone());
+        }
+        if let Some(free) = self.free_bytes() {
+            f.insert("FreeBytes".into(), free.to_string());
+        }
+        f.insert(
+            "FreeFloorBytes".into(),
+            self.free_floor.load(Ordering::SeqCst).to_string(),
+        );
         f.insert("Path".into(), self.path.display().to_string());
         if let Ok(m) = std::fs::metadata(&self.path) {
             f.insert("FileBytes".into(), m.len().to_string());
@@ -251,7 +462,7 @@ impl Db {
     /// The figures that walk the tables (see [`Db::figures`]).
     fn read_figures(&self) -> BTreeMap<String, String> {
         let mut f = BTreeMap::new();
-        if let Ok(r) = self.db.begin_read() {
+        if let Ok(r) = self.db().begin_read() {
             if let Ok(tables) = r.list_tables() {
                 let mut n = 0u64;
                 let mut entries = 0u64;
@@ -278,7 +489,7 @@ impl Db {
         }
         // Never wait for the writers (an image holds them while it streams, for seconds
         // at most): Status answers with the figures it had, and tries again next time.
-        let w = match self.db.try_begin_write() {
+        let w = match self.db().try_begin_write() {
             Ok(w) => w,
             Err(_) => return cache.as_ref().map(|(_, v)| v.clone()).unwrap_or_default(),
         };
@@ -370,7 +581,7 @@ impl Db {
             )
         };
         let read = self
-            .db
+            .db()
             .begin_read()
             .map_err(|e| ctx("cannot begin a read transaction", &e))?;
         let taken_unix_ms = unix_ms();
@@ -524,7 +735,7 @@ impl Db {
         // that state instead of walking every tree to rebuild it. One small commit, only
         // when something was written since the last image.
         let mut record = self
-            .db
+            .db()
             .begin_write()
             .map_err(|e| ctx("cannot hold the writers", &e))?;
         if freeze {
@@ -541,11 +752,11 @@ impl Db {
         // A writer may slip in here: the image is then of its commit (correct, a slower
         // repair); a frozen database refuses it.
         let writers = self
-            .db
+            .db()
             .begin_write()
             .map_err(|e| ctx("cannot hold the writers", &e))?;
         let read = self
-            .db
+            .db()
             .begin_read()
             .map_err(|e| ctx("cannot begin a read transaction", &e))?;
         let taken_unix_ms = unix_ms();
@@ -803,7 +1014,7 @@ mod tests {
         {
             let db = Db::open(&p, &[7; 32]).unwrap();
             for i in 0..24u8 {
-                let w = db.db.begin_write().unwrap();
+                let w = db.db().begin_write().unwrap();
                 {
                     // 64 KiB values: redb gives each a 128 KiB page, half of it zeros.
                     let mut t = w.open_table(SKIPCHAIN_BLOCKS).unwrap();

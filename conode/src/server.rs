@@ -70,6 +70,7 @@ impl Server {
         tls::install_provider();
         tune_malloc();
         let db = Arc::new(Db::open(&db_path, &cfg.keys.public_bytes())?);
+        db.set_free_floor(crate::db::free_floor_from_env()?);
         let peer_tls = PeerTls::new(&cfg.keys)
             .map_err(|e| format!("cannot build the conode-to-conode certificate: {e}"))?;
         let ws_tls = if cfg.ws_tls() {

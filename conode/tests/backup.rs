@@ -47,7 +47,7 @@ fn writer(
 }
 
 fn write_counter(db: &Db, n: u64) {
-    let w = db.db.begin_write().unwrap();
+    let w = db.db().begin_write().unwrap();
     {
         let mut blocks = w.open_table(SKIPCHAIN_BLOCKS).unwrap();
         blocks
@@ -65,7 +65,7 @@ fn write_counter(db: &Db, n: u64) {
 
 /// Fill `db` with `n` blocks of 512 bytes that carry [`MARKER`] and one chain at `n`.
 fn fill(db: &Db, n: u32) -> ChainPosition {
-    let w = db.db.begin_write().unwrap();
+    let w = db.db().begin_write().unwrap();
     {
         let mut blocks = w.open_table(SKIPCHAIN_BLOCKS).unwrap();
         for i in 0..n {
@@ -402,7 +402,7 @@ fn a_table_that_is_not_bytes_to_bytes_fails_the_snapshot_by_name() {
     let db = Db::open(&dir.path().join("x.db"), &[3; 32]).unwrap();
     fill(&db, 3);
     let odd: TableDefinition<u64, u64> = TableDefinition::new("oddity");
-    let w = db.db.begin_write().unwrap();
+    let w = db.db().begin_write().unwrap();
     w.open_table(odd).unwrap().insert(1, 2).unwrap();
     w.commit().unwrap();
     let dest = dir.path().join("snap.db");
@@ -499,7 +499,7 @@ fn verify_snapshot_refuses_a_file_whose_latest_commit_is_damaged() {
     let live = dir.path().join("live.db");
     let db = Db::open(&live, &public).unwrap();
     let put = |key: &[u8], len: usize| {
-        let w = db.db.begin_write().unwrap();
+        let w = db.db().begin_write().unwrap();
         {
             let mut t = w.open_table(SKIPCHAIN_BLOCKS).unwrap();
             t.insert(key, &vec![0x5a; len][..]).unwrap();
@@ -591,7 +591,7 @@ async fn beyond_the_connection_limit_a_client_is_told_busy_and_later_served() {
 /// of the 40 added two commits before, so pages are freed and reused all the time.
 fn churn(db: &Db, n: u64) {
     write_counter(db, n);
-    let w = db.db.begin_write().unwrap();
+    let w = db.db().begin_write().unwrap();
     {
         let mut blocks = w.open_table(SKIPCHAIN_BLOCKS).unwrap();
         for i in 0..40 {
@@ -899,7 +899,7 @@ async fn an_unread_image_releases_the_writers_within_its_limit() {
     let db = srv.database().clone();
     let t = std::time::Instant::now();
     let waited = tokio::task::spawn_blocking(move || {
-        let w = db.db.begin_write().unwrap();
+        let w = db.db().begin_write().unwrap();
         w.open_table(SKIPCHAIN_BLOCKS)
             .unwrap()
             .insert(&hash_of(7_000_000)[..], &b"after the image"[..])

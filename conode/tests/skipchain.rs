@@ -98,7 +98,7 @@ impl Cluster {
     /// member: only durable blocks are visible in it).
     fn held(&self, i: usize, genesis: &[u8], index: u32) -> Option<Vec<u8>> {
         let s = self.servers[i].as_ref()?;
-        let v = View::new(&s.database().db).expect("read transaction");
+        let v = View::new(&s.database().db()).expect("read transaction");
         v.hash_at(genesis, index)
             .expect("database read")
             .map(|h| h.to_vec())

@@ -622,7 +622,7 @@ fn chunks_repeated_within_a_generation_are_sent_once() {
     s.live.append(20, 4096);
     let (f1, p1) = s.live.image("rep1.db");
     s.ship(&store, 1, &f1, p1).unwrap();
-    let w = s.live.db.db.begin_write().unwrap();
+    let w = s.live.db.db().begin_write().unwrap();
     {
         let mut b = w.open_table(SKIPCHAIN_BLOCKS).unwrap();
         b.insert(&[9u8; 32][..], &vec![0x5a; 4 << 20][..]).unwrap();

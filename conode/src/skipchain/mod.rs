@@ -371,7 +371,7 @@ impl Skipchain {
     }
 
     fn view(&self) -> Result<View, String> {
-        View::new(&self.db.db)
+        View::new(&self.db.db())
     }
 
     /// Keep `s`, the block just signed for chain `genesis`, in place of the last one.
@@ -496,7 +496,7 @@ impl Skipchain {
                 let started = std::thread::Builder::new()
                     .name("chain-bytes".into())
                     .spawn(move || {
-                        if let Some(v) = db.upgrade().and_then(|db| View::new(&db.db).ok()) {
+                        if let Some(v) = db.upgrade().and_then(|db| View::new(&db.db()).ok()) {
                             let b = v.stored_bytes();
                             *cache.lock().unwrap_or_else(|p| p.into_inner()) =
                                 Some((Instant::now(), b));
@@ -1604,7 +1604,7 @@ fn check_link(level: u32, l: &ForwardLink, from: &SkipBlock) -> Result<(), Strin
 /// Verify a page of blocks and links against what `db` holds and commit what is new, in
 /// one transaction. Returns (new blocks, latest index after).
 fn apply(db: &Db, genesis: &[u8; 32], page: PeerBlocks) -> Result<(u32, u32), String> {
-    let view = View::new(&db.db)?;
+    let view = View::new(&db.db())?;
     let mut puts = Vec::new();
     // New blocks of this page: index → hash, and hash → (index, base height), for
     // backlinks and link checks.

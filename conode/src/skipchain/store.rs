@@ -173,7 +173,8 @@ pub enum Put {
 /// existing link at the same place is kept.
 pub fn commit(db: &crate::db::Db, puts: &[Put]) -> Result<(), String> {
     let txn = db.begin_write()?;
-    {
+    // A write can fail with an I/O error before the commit (a page flushed early).
+    let written = (|| {
         let mut blocks = txn.open_table(SKIPCHAIN_BLOCKS).map_err(e)?;
         let mut links = txn.open_table(SKIPCHAIN_LINKS).map_err(e)?;
         let mut index = txn.open_table(SKIPCHAIN_INDEX).map_err(e)?;
@@ -217,6 +218,11 @@ pub fn commit(db: &crate::db::Db, puts: &[Put]) -> Result<(), String> {
                 }
             }
         }
+        Ok::<_, String>(())
+    })();
+    if let Err(err) = written {
+        db.check_io(&err);
+        return Err(err);
     }
-    txn.commit().map_err(e)
+    db.commit(txn)
 }

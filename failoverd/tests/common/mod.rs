@@ -31,7 +31,7 @@ impl Live {
 
     /// Append `blocks` blocks of `size` pseudo-random bytes to chain [7; 32].
     pub fn append(&mut self, blocks: u32, size: usize) {
-        let w = self.db.db.begin_write().unwrap();
+        let w = self.db.db().begin_write().unwrap();
         {
             let mut b = w.open_table(SKIPCHAIN_BLOCKS).unwrap();
             for _ in 0..blocks {
