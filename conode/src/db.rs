@@ -351,9 +351,6 @@ impl Db {
             }
             *tried = Some(Instant::now());
         }
-        if self.check_free().is_err() {
-            return false;
-        }
         let mut handle = self.handle.write().unwrap_or_else(|p| p.into_inner());
         if std::sync::Arc::strong_count(&handle) > 1 {
             return false;
@@ -426,6 +423,13 @@ impl Db {
             "FreeFloorBytes".into(),
             self.free_floor.load(Ordering::SeqCst).to_string(),
         );
+        let writes = match (&broken, self.check_free()) {
+            (Some(e), _) => format!("refused: {e}"),
+            (None, Err(e)) => format!("refused: {e}"),
+            (None, Ok(())) if self.is_frozen() => format!("refused: {FROZEN}"),
+            (None, Ok(())) => "accepted".into(),
+        };
+        f.insert("Writes".into(), writes);
         f.insert("Path".into(), self.path.display().to_string());
         if let Ok(m) = std::fs::metadata(&self.path) {
             f.insert("FileBytes".into(), m.len().to_string());
