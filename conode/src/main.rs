@@ -9,12 +9,17 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use conode::config::{self, PrivateConfig, Roster};
 use conode::{backup, client, server, setup};
 
 #[derive(Parser)]
-#[command(name = "conode", version, about = "run a cothority server")]
+#[command(
+    name = "conode",
+    version,
+    about = "run a cothority server",
+    after_help = "Exit status: 0 success; 1 the command ran and failed (check: a server did not answer; server: a runtime error; backup: no running conode answered; restore: the backup failed a check or the conode runs); 2 bad usage or configuration."
+)]
 struct Cli {
     /// Debug level: 0-1 info, 2 debug, 3+ trace (RUST_LOG overrides).
     #[arg(short = 'd', long = "debug", default_value_t = 0, global = true)]
@@ -26,8 +31,22 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// What `generate` prints.
+#[derive(Subcommand)]
+enum Generated {
+    /// The manual page, in roff (e.g. `conode generate man > conode.1`).
+    Man,
+    /// Completions for a shell (e.g. `conode generate completions bash`).
+    Completions { shell: clap_complete::Shell },
+}
+
 #[derive(Subcommand)]
 enum Cmd {
+    /// Print the manual page or shell completions, generated from these definitions.
+    Generate {
+        #[command(subcommand)]
+        what: Generated,
+    },
     /// Create a key pair and write private.toml and public.toml.
     #[command(alias = "s")]
     Setup {
@@ -133,6 +152,20 @@ fn main() -> ExitCode {
         .clone()
         .unwrap_or_else(|| config::default_config_dir().join("private.toml"));
     match cli.cmd {
+        Cmd::Generate { what } => {
+            let mut cmd = Cli::command();
+            let mut out = std::io::stdout();
+            match what {
+                Generated::Man => match clap_mangen::Man::new(cmd).render(&mut out) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => fail(1, format!("cannot write the man page: {e}")),
+                },
+                Generated::Completions { shell } => {
+                    clap_complete::generate(shell, &mut cmd, "conode", &mut out);
+                    ExitCode::SUCCESS
+                }
+            }
+        }
         Cmd::Chain { cmd } => {
             match conode::chain_cli::run(cmd, &private_path, &mut std::io::stdout()) {
                 Ok(()) => ExitCode::SUCCESS,

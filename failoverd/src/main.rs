@@ -3,14 +3,15 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use failoverd::cli;
 
 #[derive(Parser)]
 #[command(
     name = "failoverd",
     version,
-    about = "Live/standby failover for a conode: verified snapshot shipping"
+    about = "Live/standby failover for a conode: verified snapshot shipping",
+    after_help = "Exit status: 0 the command was done, or `run` was stopped by SIGTERM/SIGINT; 1 a failure (a configuration error, a refused command, a task that died); 2 bad usage."
 )]
 struct Cli {
     /// The configuration file.
@@ -25,8 +26,22 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// What `generate` prints.
+#[derive(Subcommand)]
+enum Generated {
+    /// The manual page, in roff (e.g. `failoverd generate man > failoverd.1`).
+    Man,
+    /// Completions for a shell (e.g. `failoverd generate completions bash`).
+    Completions { shell: clap_complete::Shell },
+}
+
 #[derive(Subcommand)]
 enum Cmd {
+    /// Print the manual page or shell completions, generated from these definitions.
+    Generate {
+        #[command(subcommand)]
+        what: Generated,
+    },
     /// Write a commented configuration and a new key file (0600); print the public key to pin on the peer.
     Setup(Box<cli::SetupArgs>),
     /// Check the configuration and the environment, field by field.
@@ -93,6 +108,7 @@ fn main() -> ExitCode {
         }
     };
     let r = match cli.cmd {
+        Cmd::Generate { what } => generate(what),
         Cmd::Setup(a) => cli::setup(&cli.config, &a),
         Cmd::Check => rt.block_on(cli::check(&cli.config)),
         Cmd::Run => match failoverd::config::Config::load(&cli.config) {
@@ -113,6 +129,21 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("failoverd: {e}");
             ExitCode::from(1)
+        }
+    }
+}
+
+/// Print the man page or completions of this command line.
+fn generate(what: Generated) -> Result<(), String> {
+    let mut cmd = Cli::command();
+    let mut out = std::io::stdout();
+    match what {
+        Generated::Man => clap_mangen::Man::new(cmd)
+            .render(&mut out)
+            .map_err(|e| format!("cannot write the man page: {e}")),
+        Generated::Completions { shell } => {
+            clap_complete::generate(shell, &mut cmd, "failoverd", &mut out);
+            Ok(())
         }
     }
 }

@@ -1,0 +1,58 @@
+//! The man pages and shell completions that both programs generate from their command-line
+//! definitions (`generate man`, `generate completions SHELL`) name every command.
+
+use std::process::Command;
+
+use system_tests::bin;
+
+fn run(program: &str, args: &[&str]) -> String {
+    let out = Command::new(bin(program)).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8")
+}
+
+fn check(program: &str, commands: &[&str]) {
+    let man = run(program, &["generate", "man"]);
+    assert!(man.contains(&format!(".TH {program} 1")), "{man}");
+    assert!(man.contains("Exit status: 0"), "the exit statuses:\n{man}");
+    for c in commands {
+        assert!(
+            man.contains(&format!("{program}\\-{c}(1)")),
+            "{c} in:\n{man}"
+        );
+    }
+    for shell in ["bash", "zsh", "fish"] {
+        let comp = run(program, &["generate", "completions", shell]);
+        for c in commands {
+            assert!(comp.contains(c), "{shell} completions lack {c}:\n{comp}");
+        }
+    }
+}
+
+#[test]
+fn man_pages_and_completions_name_every_command() {
+    check(
+        "conode",
+        &[
+            "setup", "server", "check", "backup", "restore", "chain", "generate",
+        ],
+    );
+    check(
+        "failoverd",
+        &[
+            "setup",
+            "check",
+            "run",
+            "status",
+            "snapshot",
+            "switchover",
+            "promote",
+            "demote",
+            "generate",
+        ],
+    );
+}
