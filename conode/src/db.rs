@@ -239,13 +239,13 @@ impl Db {
     /// final image sees the freeze that image set.
     ///
     /// Also refused: while the database is broken by an I/O error (it is reopened here,
-    /// at most every [`RECOVER_EVERY`], once there is space again), and while the
+    /// at most every [`RECOVER_EVERY`]), and while the
     /// filesystem's free space is below the floor ([`Db::set_free_floor`]): a full disk is
     /// never reached by new blocks.
     pub fn begin_write(&self) -> Result<redb::WriteTransaction, String> {
         if let Some(e) = self.broken_error() {
             if !self.recover() {
-                return Err(format!("new blocks are refused until the database is reopened (by itself, once the disk has space again): {e}"));
+                return Err(format!("new blocks are refused until the database is reopened (by itself, in a moment): {e}"));
             }
         }
         self.check_free()?;
@@ -283,8 +283,13 @@ impl Db {
     }
 
     fn check_free(&self) -> Result<(), String> {
+        self.floor_error(self.free_bytes())
+    }
+
+    /// The refusal of new blocks when `free` bytes are below the floor.
+    fn floor_error(&self, free: Option<u64>) -> Result<(), String> {
         let floor = self.free_floor.load(std::sync::atomic::Ordering::SeqCst);
-        match self.free_bytes() {
+        match free {
             Some(free) if free < floor => Err(format!(
                 "disk nearly full: {} MiB free, below the floor of {} MiB (CONODE_MIN_FREE_MB): new blocks are refused until space is freed on the filesystem of {}",
                 free >> 20,
@@ -324,9 +329,8 @@ impl Db {
         let mut b = self.broken.lock().unwrap_or_else(|p| p.into_inner());
         if b.is_none() {
             tracing::error!(
-                "database {}: a write failed ({what}); the database refuses every operation until it is reopened: it is reopened by itself once the filesystem has {} MiB free (CONODE_MIN_FREE_MB); acknowledged blocks are safe in the file",
-                self.path.display(),
-                self.free_floor.load(std::sync::atomic::Ordering::SeqCst) >> 20
+                "database {}: a write failed ({what}); the database refuses every operation until it is reopened, which the conode does by itself (new blocks stay refused while free space is below the floor, CONODE_MIN_FREE_MB); acknowledged blocks are safe in the file",
+                self.path.display()
             );
             *b = Some((
                 format!("the database failed with an I/O error ({what})"),
@@ -335,11 +339,11 @@ impl Db {
         }
     }
 
-    /// Reopen a broken database (at most every [`RECOVER_EVERY`], and only once the
-    /// filesystem has the floor's space free, and nothing else holds the broken one): it
-    /// is closed, then opened again from its file, which redb repairs from its last
-    /// commit (every acknowledged block is in it). Returns whether the database is in
-    /// service (not broken) now.
+    /// Reopen a broken database (at most every [`RECOVER_EVERY`], and only while nothing
+    /// else holds the broken one): it is closed, then opened again from its file, which
+    /// redb repairs from its last commit (every acknowledged block is in it). Also on a
+    /// disk still full: reads are served again, and the floor keeps refusing writes.
+    /// Returns whether the database is in service (not broken) now.
     pub fn recover(&self) -> bool {
         {
             let mut b = self.broken.lock().unwrap_or_else(|p| p.into_inner());
@@ -416,14 +420,15 @@ impl Db {
         if let Some(e) = &broken {
             f.insert("Error".into(), e.clone());
         }
-        if let Some(free) = self.free_bytes() {
+        let free = self.free_bytes();
+        if let Some(free) = free {
             f.insert("FreeBytes".into(), free.to_string());
         }
         f.insert(
             "FreeFloorBytes".into(),
             self.free_floor.load(Ordering::SeqCst).to_string(),
         );
-        let writes = match (&broken, self.check_free()) {
+        let writes = match (&broken, self.floor_error(free)) {
             (Some(e), _) => format!("refused: {e}"),
             (None, Err(e)) => format!("refused: {e}"),
             (None, Ok(())) if self.is_frozen() => format!("refused: {FROZEN}"),
