@@ -9,7 +9,9 @@
 //! The socket is `admin-<first 16 hex digits of Public>.sock` beside the database file,
 //! that is in the data directory ([`admin_socket_path`]). Its mode is 0600 from the moment
 //! it has that name, and every connection's peer is checked with `SO_PEERCRED`: only root
-//! and the conode's own user are served. The conode removes it on a graceful stop; at
+//! and the conode's own user are served. With `CONODE_ADMIN_GROUP=<group>` (the packaged
+//! unit sets `conode`, the group failoverd's user is in), the socket is 0660 in that group
+//! and processes whose effective or supplementary groups include it are served too. The conode removes it on a graceful stop; at
 //! start, a leftover socket that nobody answers on is replaced, one that answers is an
 //! error (another conode uses it). A path of 108 bytes or more does not fit a Unix socket
 //! address: the conode then refuses to start and says so.
@@ -229,6 +231,42 @@ pub struct AdminListener {
     path: PathBuf,
     /// (device, inode) of the socket we bound, so that a stop removes only our own.
     id: (u64, u64),
+    /// The group also served ([`ADMIN_GROUP_ENV`]).
+    group: Option<u32>,
+}
+
+/// The environment variable naming a group whose members may use the admin socket
+/// besides root and the conode's user (e.g. `conode`, with failoverd's user in it).
+pub const ADMIN_GROUP_ENV: &str = "CONODE_ADMIN_GROUP";
+
+/// The group of [`ADMIN_GROUP_ENV`], if set.
+fn admin_group() -> Result<Option<(String, u32)>, String> {
+    let Some(name) = std::env::var_os(ADMIN_GROUP_ENV) else {
+        return Ok(None);
+    };
+    let name = name.to_string_lossy().trim().to_string();
+    if name.is_empty() {
+        return Ok(None);
+    }
+    match nix::unistd::Group::from_name(&name) {
+        Ok(Some(g)) => Ok(Some((name, g.gid.as_raw()))),
+        Ok(None) => Err(format!(
+            "{ADMIN_GROUP_ENV}={name:?}: no such group on this host"
+        )),
+        Err(e) => Err(format!("{ADMIN_GROUP_ENV}={name:?}: {e}")),
+    }
+}
+
+/// Process `pid` has group `gid` among its supplementary groups (`/proc/PID/status`).
+fn has_supplementary_group(pid: i32, gid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Groups:"))
+                .map(|g| g.split_whitespace().any(|x| x.parse() == Ok(gid)))
+        })
+        .unwrap_or(false)
 }
 
 impl AdminListener {
@@ -306,11 +344,23 @@ pub fn bind(path: &Path) -> Result<AdminListener, String> {
         .mode(0o700)
         .create(&private)
         .map_err(|e| format!("cannot create {}: {e}", private.display()))?;
+    let group = admin_group()?;
     let bound = (|| {
         let listener = std::os::unix::net::UnixListener::bind(&tmp)
             .map_err(|e| format!("cannot bind the admin socket {}: {e}", tmp.display()))?;
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
             .map_err(|e| format!("cannot make {} owner-only: {e}", tmp.display()))?;
+        if let Some((name, gid)) = &group {
+            nix::unistd::chown(&tmp, None, Some(nix::unistd::Gid::from_raw(*gid))).map_err(
+                |e| {
+                    format!(
+                        "cannot give the admin socket to group {name} ({ADMIN_GROUP_ENV}): {e}; the conode's user must be a member of it"
+                    )
+                },
+            )?;
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o660))
+                .map_err(|e| format!("cannot open {} to group {name}: {e}", tmp.display()))?;
+        }
         listener
             .set_nonblocking(true)
             .map_err(|e| format!("admin socket: {e}"))?;
@@ -326,6 +376,7 @@ pub fn bind(path: &Path) -> Result<AdminListener, String> {
             listener,
             path: path.to_path_buf(),
             id: (m.dev(), m.ino()),
+            group: group.as_ref().map(|(_, gid)| *gid),
         })
     })();
     let _ = std::fs::remove_file(&tmp);
@@ -348,6 +399,8 @@ fn remove_socket(path: &Path, id: (u64, u64)) {
 struct Ctx {
     db: Arc<Db>,
     euid: u32,
+    /// Members of this group are served too ([`ADMIN_GROUP_ENV`]).
+    group: Option<u32>,
     snapshots: Semaphore,
 }
 
@@ -360,7 +413,12 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
     tracker: Tracker,
 ) {
-    let AdminListener { listener, path, id } = admin;
+    let AdminListener {
+        listener,
+        path,
+        id,
+        group,
+    } = admin;
     let listener = match tokio::net::UnixListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -375,6 +433,7 @@ pub async fn serve(
     let ctx = Arc::new(Ctx {
         db,
         euid: nix::unistd::geteuid().as_raw(),
+        group,
         snapshots: Semaphore::new(MAX_SNAPSHOTS),
     });
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -445,11 +504,19 @@ async fn handle(
 ) -> Result<(), String> {
     match stream.peer_cred() {
         Ok(c) if c.uid() == 0 || c.uid() == ctx.euid => {}
+        Ok(c)
+            if ctx.group.is_some_and(|g| {
+                c.gid() == g || c.pid().is_some_and(|p| has_supplementary_group(p, g))
+            }) => {}
         Ok(c) => {
             let msg = format!(
-                "permission denied: uid {} is neither root nor the conode's user (uid {})",
+                "permission denied: uid {} is neither root nor the conode's user (uid {}){}",
                 c.uid(),
-                ctx.euid
+                ctx.euid,
+                match ctx.group {
+                    Some(g) => format!(", nor in group {g}"),
+                    None => String::new(),
+                }
             );
             tracing::warn!("admin socket: refused a client: {msg}");
             reply(stream, &error_line(&msg)).await?;

@@ -275,6 +275,23 @@ impl Db {
             .store(bytes, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// The free-space floor, in bytes (0: none).
+    pub fn free_floor(&self) -> u64 {
+        self.free_floor.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Why new blocks are refused now, or `None` if they are accepted: `broken` (the
+    /// database's I/O error, if any), free space (`free` bytes) below the floor, or a
+    /// freeze. Reads no table and reopens nothing.
+    pub fn writes_refused(&self, broken: Option<&str>, free: Option<u64>) -> Option<String> {
+        match (broken, self.floor_error(free)) {
+            (Some(e), _) => Some(e.to_string()),
+            (None, Err(e)) => Some(e),
+            (None, Ok(())) if self.is_frozen() => Some(FROZEN.to_string()),
+            (None, Ok(())) => None,
+        }
+    }
+
     /// Free bytes on the data directory's filesystem (for unprivileged users).
     pub fn free_bytes(&self) -> Option<u64> {
         let dir = self.path.parent().unwrap_or(Path::new("."));
@@ -428,11 +445,9 @@ impl Db {
             "FreeFloorBytes".into(),
             self.free_floor.load(Ordering::SeqCst).to_string(),
         );
-        let writes = match (&broken, self.floor_error(free)) {
-            (Some(e), _) => format!("refused: {e}"),
-            (None, Err(e)) => format!("refused: {e}"),
-            (None, Ok(())) if self.is_frozen() => format!("refused: {FROZEN}"),
-            (None, Ok(())) => "accepted".into(),
+        let writes = match self.writes_refused(broken.as_deref(), free) {
+            Some(e) => format!("refused: {e}"),
+            None => "accepted".into(),
         };
         f.insert("Writes".into(), writes);
         f.insert("Path".into(), self.path.display().to_string());

@@ -16,11 +16,13 @@
 //!   `conode backup` and `failoverd`; its protocol is documented there.
 //! - [`backup`]: `conode backup` and `conode restore`.
 //! - [`status`]: the Status service.
+//! - [`metrics`]: Prometheus metrics and their `GET /metrics` endpoint (off by default).
 //! - [`server`]: wiring, start and graceful stop.
 //! - [`client`]: the client side of the WebSocket protocol (`conode check`).
 //! - [`chain_cli`]: `conode chain`, the operator's skipchain client (create, add, get,
 //!   update; text or JSON).
 //! - [`setup`]: `conode setup`.
+//! - [`sd_notify`]: the systemd notify protocol (READY, STOPPING, watchdog).
 //!
 //! The binary (`main.rs`) only parses the command line and calls these.
 
@@ -33,8 +35,10 @@ pub mod db;
 pub mod dirty;
 pub mod gate;
 pub mod keys;
+pub mod metrics;
 pub mod peer;
 pub mod proto;
+pub mod sd_notify;
 pub mod server;
 pub mod setup;
 pub mod skipchain;

@@ -70,6 +70,10 @@ enum Cmd {
         /// Run even as root (containers). A conode should run as an unprivileged user.
         #[arg(long)]
         allow_root: bool,
+        /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9102); off by
+        /// default. Overrides $CONODE_METRICS.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<String>,
     },
     /// Ask every server of a roster for its status; exit 0 only if all answered.
     #[command(alias = "c")]
@@ -198,13 +202,20 @@ fn main() -> ExitCode {
                 Err(e) => fail(2, e),
             }
         }
-        Cmd::Server { allow_root } => {
+        Cmd::Server {
+            allow_root,
+            metrics,
+        } => {
             if is_root() && !allow_root {
                 return fail(
                     2,
                     "refusing to run as root: run the conode as an unprivileged user (pass --allow-root only inside a container)",
                 );
             }
+            let opts = match conode::metrics::listen_addr_from_env(metrics.as_deref()) {
+                Ok(metrics) => server::Options { metrics },
+                Err(e) => return fail(2, e),
+            };
             let cfg = match PrivateConfig::load(&private_path) {
                 Ok(c) => c,
                 Err(e) => return fail(2, e),
@@ -216,16 +227,19 @@ fn main() -> ExitCode {
                 Err(e) => return fail(1, format!("cannot start the runtime: {e}")),
             };
             rt.block_on(async move {
-                let srv = match server::Server::start(cfg, db_path).await {
+                let srv = match server::Server::start_opts(cfg, db_path, opts).await {
                     Ok(s) => s,
                     Err(e) => return fail(1, e),
                 };
+                // Both ports listen now (Type=notify units start their dependents here).
+                conode::sd_notify::notify("READY=1");
                 match server::signal().await {
                     Ok(sig) => {
                         tracing::info!("{sig} received: stopping (in-flight requests finish)")
                     }
                     Err(e) => tracing::error!("cannot wait for signals: {e}; stopping"),
                 }
+                conode::sd_notify::notify("STOPPING=1");
                 srv.stop().await;
                 ExitCode::SUCCESS
             })

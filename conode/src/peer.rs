@@ -654,6 +654,7 @@ pub async fn serve(
     counters: Arc<Counters>,
     mut shutdown: watch::Receiver<bool>,
     tracker: Tracker,
+    metrics: Arc<crate::metrics::Metrics>,
 ) {
     let acceptor = TlsAcceptor::from(tls.server.clone());
     // Connections in their handshake take the gate's slots; only an authenticated one
@@ -678,6 +679,7 @@ pub async fn serve(
         let Some(handshake) = gate.admit(from.ip(), HANDSHAKE_TIMEOUT) else {
             continue;
         };
+        let open = metrics.connection(crate::metrics::Port::Peer);
         let acceptor = acceptor.clone();
         let handler = handler.clone();
         let counters = counters.clone();
@@ -686,6 +688,7 @@ pub async fn serve(
         let (gate, slots) = (gate.clone(), slots.clone());
         tokio::spawn(async move {
             let _tracker = tracker;
+            let _open = open;
             let deadline = handshake.deadline;
             let (stream, key) = match handshake_with(tcp, &acceptor, &counters, deadline).await {
                 Ok(x) => x,

@@ -3,7 +3,7 @@
 //! [`Server::start`] binds both ports and returns; [`Server::stop`] stops accepting,
 //! lets in-flight requests finish (up to [`GRACE`]), closes idle connections with 1001,
 //! and closes the database cleanly. The binary calls them around a signal; tests call
-//! them directly.
+//! them directly. [`Options`] holds what is not in `private.toml` (the metrics port).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -17,6 +17,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::admin;
 use crate::config::{cert_path, PrivateConfig};
 use crate::db::Db;
+use crate::metrics::{self, Metrics};
 use crate::peer::{self, BuiltinPeerHandler, Counters, PeerHandler, PeerRouter, PeerTls};
 use crate::skipchain::Skipchain;
 use crate::status::StatusService;
@@ -26,9 +27,18 @@ use crate::ws::{self, Services};
 /// How long shutdown waits for in-flight requests.
 pub const GRACE: Duration = Duration::from_secs(30);
 
+/// Settings of a running conode that are not in the Go-compatible `private.toml`.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Serve Prometheus metrics at `GET /metrics` on this address ([`crate::metrics`]);
+    /// off when `None`.
+    pub metrics: Option<SocketAddr>,
+}
+
 pub struct Server {
     ws_addr: SocketAddr,
     peer_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     done: mpsc::Receiver<()>,
     tasks: Vec<JoinHandle<()>>,
@@ -42,13 +52,22 @@ impl Server {
         Self::start_with(cfg, db_path, Vec::new()).await
     }
 
+    /// As [`Server::start`], with [`Options`].
+    pub async fn start_opts(
+        cfg: PrivateConfig,
+        db_path: PathBuf,
+        opts: Options,
+    ) -> Result<Server, String> {
+        Self::start_inner(cfg, db_path, Vec::new(), |h| h, opts).await
+    }
+
     /// As [`Server::start`], with more client services beside the built-in ones.
     pub async fn start_with(
         cfg: PrivateConfig,
         db_path: PathBuf,
         extra: Vec<Arc<dyn ws::Service>>,
     ) -> Result<Server, String> {
-        Self::start_inner(cfg, db_path, extra, |h| h).await
+        Self::start_inner(cfg, db_path, extra, |h| h, Options::default()).await
     }
 
     /// As [`Server::start`], with `wrap` put in front of the conode-to-conode port's
@@ -58,7 +77,7 @@ impl Server {
         db_path: PathBuf,
         wrap: impl FnOnce(Arc<dyn PeerHandler>) -> Arc<dyn PeerHandler>,
     ) -> Result<Server, String> {
-        Self::start_inner(cfg, db_path, Vec::new(), wrap).await
+        Self::start_inner(cfg, db_path, Vec::new(), wrap, Options::default()).await
     }
 
     async fn start_inner(
@@ -66,6 +85,7 @@ impl Server {
         db_path: PathBuf,
         extra: Vec<Arc<dyn ws::Service>>,
         wrap: impl FnOnce(Arc<dyn PeerHandler>) -> Arc<dyn PeerHandler>,
+        opts: Options,
     ) -> Result<Server, String> {
         tls::install_provider();
         tune_malloc();
@@ -86,8 +106,17 @@ impl Server {
         let ws_listener = ws::bind(&cfg.ws_listen_addr()?, "client WebSocket").await?;
         let ws_addr = ws_listener.local_addr().map_err(|e| e.to_string())?;
         let peer_addr = peer_listener.local_addr().map_err(|e| e.to_string())?;
+        let metrics_listener = match opts.metrics {
+            Some(a) => Some(metrics::bind(a).await?),
+            None => None,
+        };
+        let metrics_addr = match &metrics_listener {
+            Some(l) => Some(l.local_addr().map_err(|e| e.to_string())?),
+            None => None,
+        };
         let admin_path = admin::admin_socket_path(&db_path, &cfg.keys.public_bytes());
         let admin_listener = admin::bind(&admin_path)?;
+        let metrics = Arc::new(Metrics::new());
 
         let counters = Arc::new(Counters::default());
         let skipchain = Skipchain::new(
@@ -96,6 +125,7 @@ impl Server {
             peer_tls.clone(),
             cfg.address.clone(),
             counters.clone(),
+            metrics.clone(),
         );
         let sc = Arc::downgrade(&skipchain);
         let skipblock_section: crate::status::Section =
@@ -116,6 +146,14 @@ impl Server {
             services.add(s);
         }
         let _ = status.available.set(services.names().join(","));
+        metrics.declare_requests(&metrics::RequestLabels::UNKNOWN);
+        for name in services.names() {
+            if let Some(s) = services.get(name) {
+                for m in s.methods() {
+                    metrics.declare_requests(&metrics::RequestLabels::of(name, s.methods(), m));
+                }
+            }
+        }
 
         let (stop, stop_rx) = watch::channel(false);
         let (tracker, done) = mpsc::channel(1);
@@ -132,6 +170,7 @@ impl Server {
             acceptor.clone(),
             stop_rx.clone(),
             tracker.clone(),
+            metrics.clone(),
         )));
         tasks.push(tokio::spawn(admin::serve(
             admin_listener,
@@ -153,9 +192,24 @@ impl Server {
             peer_tls,
             handler,
             counters,
-            stop_rx,
+            stop_rx.clone(),
             tracker,
+            metrics.clone(),
         )));
+        if let Some(listener) = metrics_listener {
+            let (first, read) = tokio::sync::oneshot::channel();
+            tasks.push(tokio::spawn(metrics::refresher(
+                metrics.clone(),
+                Arc::downgrade(&db),
+                cfg.keys.public_bytes(),
+                stop_rx.clone(),
+                first,
+            )));
+            // The first scrape shows the database's figures, not zeros (a database that
+            // does not answer in time does not hold the start).
+            let _ = tokio::time::timeout(Duration::from_secs(5), read).await;
+            tasks.push(tokio::spawn(metrics::serve(listener, metrics, stop_rx)));
+        }
         {
             // Fetch what other members hold beyond us; stops with the server.
             let sc = skipchain.clone();
@@ -175,9 +229,13 @@ impl Server {
             if acceptor.is_some() { "wss" } else { "ws" },
             db_path.display()
         );
+        if let Some(a) = metrics_addr {
+            tracing::info!("metrics at http://{a}/metrics");
+        }
         Ok(Server {
             ws_addr,
             peer_addr,
+            metrics_addr,
             stop,
             done,
             tasks,
@@ -192,6 +250,11 @@ impl Server {
 
     pub fn peer_addr(&self) -> SocketAddr {
         self.peer_addr
+    }
+
+    /// Where `GET /metrics` is served, if it is.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The admin socket (snapshots for backups and failoverd; see [`crate::admin`]).

@@ -117,6 +117,10 @@ impl Service for StatusService {
         "Status"
     }
 
+    fn methods(&self) -> &'static [&'static str] {
+        &["Request"]
+    }
+
     fn call<'a>(
         &'a self,
         method: &'a str,

@@ -31,6 +31,8 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
 
+use crate::metrics::{Metrics, Port, RequestLabels};
+
 /// Largest WebSocket message (and frame) accepted: 10 MiB, as the Go conode.
 pub const MAX_MESSAGE: usize = 10 << 20;
 /// Open client connections at most; more are closed at accept. An idle connection costs
@@ -53,6 +55,11 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// the close reason `unexpected error: <err>` the clients show.
 pub trait Service: Send + Sync + 'static {
     fn name(&self) -> &'static str;
+    /// The methods it answers: the `method` label values of its requests in the metrics
+    /// (any other method a client names is counted as `unknown`).
+    fn methods(&self) -> &'static [&'static str] {
+        &[]
+    }
     fn call<'a>(
         &'a self,
         method: &'a str,
@@ -93,6 +100,7 @@ pub async fn serve(
     tls: Option<TlsAcceptor>,
     mut shutdown: watch::Receiver<bool>,
     tracker: Tracker,
+    metrics: Arc<Metrics>,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut backoff = Duration::from_millis(10);
@@ -124,17 +132,19 @@ pub async fn serve(
         let tls = tls.clone();
         let shutdown = shutdown.clone();
         let tracker = tracker.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let _tracker = tracker;
+            let _open = metrics.connection(Port::Client);
             let _ = stream.set_nodelay(true);
             let r = match tls {
                 Some(acc) => match tokio::time::timeout(HEAD_TIMEOUT, acc.accept(stream)).await {
-                    Ok(Ok(s)) => handle(s, &services, shutdown).await,
+                    Ok(Ok(s)) => handle(s, &services, shutdown, &metrics).await,
                     Ok(Err(e)) => Err(format!("TLS handshake failed: {e}")),
                     Err(_) => Err("TLS handshake timed out".into()),
                 },
-                None => handle(stream, &services, shutdown).await,
+                None => handle(stream, &services, shutdown, &metrics).await,
             };
             if let Err(e) = r {
                 tracing::debug!("client {peer}: {e}");
@@ -253,6 +263,7 @@ async fn handle<S>(
     mut s: S,
     services: &Services,
     mut shutdown: watch::Receiver<bool>,
+    metrics: &Metrics,
 ) -> Result<(), String>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
@@ -307,6 +318,9 @@ where
     let service_name = parts.next().unwrap_or("");
     let method = parts.next().unwrap_or("").to_string();
     let Some(service) = services.get(service_name) else {
+        // Counted once, as a request refused: the connection closes before any message.
+        metrics.request(&RequestLabels::UNKNOWN);
+        metrics.request_error(&RequestLabels::UNKNOWN);
         close(
             &mut ws,
             close_frame(CloseCode::Library(4001), "This service doesn't exist"),
@@ -314,6 +328,7 @@ where
         .await;
         return Err(format!("unknown service {service_name:?}"));
     };
+    let labels = RequestLabels::of(service.name(), service.methods(), &method);
 
     loop {
         let next = tokio::select! {
@@ -349,6 +364,7 @@ where
             // stream. Ping/Pong are answered by tungstenite itself.
             _ => continue,
         };
+        metrics.request(&labels);
         match service.call(&method, body).await {
             Ok(reply) => {
                 let out = if text {
@@ -362,6 +378,7 @@ where
                 ws.send(out).await.map_err(|e| e.to_string())?;
             }
             Err(e) => {
+                metrics.request_error(&labels);
                 let reason = format!("unexpected error: {e}");
                 close(&mut ws, close_frame(CloseCode::Protocol, &reason)).await;
                 return Err(reason);

@@ -115,6 +115,11 @@ impl NodeFiles {
     }
 
     pub fn start_with(&self, extra_env: &[(&str, &str)]) -> Node {
+        self.start_with_args(&[], extra_env)
+    }
+
+    /// `conode server --allow-root EXTRA_ARGS` with `extra_env` set.
+    pub fn start_with_args(&self, extra_args: &[&str], extra_env: &[(&str, &str)]) -> Node {
         use std::sync::atomic::{AtomicUsize, Ordering};
         static STARTS: AtomicUsize = AtomicUsize::new(0);
         let log = self.dir.path().join(format!(
@@ -128,6 +133,7 @@ impl NodeFiles {
             .arg("-c")
             .arg(self.private())
             .args(["server", "--allow-root"])
+            .args(extra_args)
             .env("CONODE_SERVICE_PATH", self.data())
             .stdin(Stdio::null())
             .stdout(Stdio::null())

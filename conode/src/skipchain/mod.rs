@@ -299,6 +299,8 @@ pub struct Skipchain {
     bytes_refreshing: Arc<std::sync::atomic::AtomicBool>,
     /// As a follower: the last block signed per chain, until it is stored.
     signed: Mutex<HashMap<[u8; 32], Signed>>,
+    /// Blocks acknowledged as leader, and how long each took.
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Per chain: the lock that orders its checks and writes, and, as a follower, the block
@@ -353,6 +355,7 @@ impl Skipchain {
         tls: PeerTls,
         our_address: Address,
         counters: Arc<Counters>,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Arc<Skipchain> {
         Arc::new(Skipchain {
             db,
@@ -367,6 +370,7 @@ impl Skipchain {
             bytes_cache: Default::default(),
             bytes_refreshing: Default::default(),
             signed: Mutex::new(HashMap::new()),
+            metrics,
         })
     }
 
@@ -525,11 +529,17 @@ impl Skipchain {
                 block::MAX_DATA
             ));
         }
-        if req.target_skip_chain_id.is_empty() {
+        let received = Instant::now();
+        let genesis = req.target_skip_chain_id.is_empty();
+        let r = if genesis {
             self.create_chain(nb).await
         } else {
             self.append(&req.target_skip_chain_id, nb).await
+        };
+        if r.is_ok() {
+            self.metrics.block_acknowledged(genesis, received.elapsed());
         }
+        r
     }
 
     async fn create_chain(&self, nb: SkipBlock) -> Result<StoreSkipBlockReply, String> {
@@ -1746,6 +1756,16 @@ fn apply(db: &Db, genesis: &[u8; 32], page: PeerBlocks) -> Result<(u32, u32), St
 impl Service for Skipchain {
     fn name(&self) -> &'static str {
         "Skipchain"
+    }
+
+    fn methods(&self) -> &'static [&'static str] {
+        &[
+            "StoreSkipBlock",
+            "GetSingleBlock",
+            "GetSingleBlockByIndex",
+            "GetUpdateChain",
+            "GetAllSkipChainIDs",
+        ]
     }
 
     fn call<'a>(
