@@ -258,3 +258,104 @@ fn check_fails_when_a_server_answers_with_another_key_than_the_roster() {
         "{stdout}"
     );
 }
+
+/// `Type=notify`: READY=1 once both ports listen, STOPPING=1 at SIGTERM, sent to the
+/// socket systemd names in NOTIFY_SOCKET (here one the test owns).
+#[test]
+fn server_tells_systemd_it_is_ready_once_both_ports_listen_and_when_it_stops() {
+    use std::os::unix::net::UnixDatagram;
+    let n = NodeFiles::setup("notify");
+    let sock_path = n.dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let mut node = n.start_with(&[("NOTIFY_SOCKET", sock_path.to_str().unwrap())]);
+    let mut buf = [0u8; 256];
+    let k = sock.recv(&mut buf).expect("READY=1 within 20 s");
+    assert_eq!(&buf[..k], b"READY=1");
+    // Both ports accept by then (the client WebSocket port and the conode-to-conode one).
+    for port in [n.ws_port(), n.port] {
+        std::net::TcpStream::connect(("127.0.0.1", port))
+            .unwrap_or_else(|e| panic!("port {port} after READY=1: {e}"));
+    }
+    assert!(node.stop().success());
+    let k = sock.recv(&mut buf).expect("STOPPING=1 after SIGTERM");
+    assert_eq!(&buf[..k], b"STOPPING=1");
+}
+
+/// `CONODE_ADMIN_GROUP` (set by the packaged unit): the admin socket is 0660 in that
+/// group and serves processes in it (as effective or supplementary group), and still no
+/// one else; an unknown group stops the conode at start.
+#[test]
+fn the_admin_group_opens_the_admin_socket_to_its_members_only() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let n = NodeFiles::setup("admin group");
+    // nobody must reach the socket's directory.
+    for d in [n.dir.path(), &n.data()] {
+        std::fs::create_dir_all(d).unwrap();
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o711)).unwrap();
+    }
+    let _node = n.start_with(&[("CONODE_ADMIN_GROUP", "nogroup")]);
+    let socket = std::fs::read_dir(n.data())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().ends_with(".sock"))
+        .expect("the admin socket");
+    let m = std::fs::metadata(&socket).unwrap();
+    assert_eq!(m.permissions().mode() & 0o777, 0o660);
+    assert_eq!(m.gid(), 65534, "the socket's group is nogroup");
+    // Ask for the positions as uid nobody with the given groups.
+    let ask = |regid: &str, groups: &str| {
+        let script = format!(
+            "import socket; s = socket.socket(socket.AF_UNIX); s.connect({:?}); s.sendall(b'position\\n'); print(s.makefile().read())",
+            socket.display().to_string()
+        );
+        let out = std::process::Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                &format!("--regid={regid}"),
+                &format!("--groups={groups}"),
+                "/usr/bin/python3",
+                "-c",
+                &script,
+            ])
+            .output()
+            .unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    let member = ask("65534", "65534");
+    assert!(member.contains("\"ok\":true"), "effective group: {member}");
+    let supplementary = ask("1", "65534");
+    assert!(
+        supplementary.contains("\"ok\":true"),
+        "supplementary group: {supplementary}"
+    );
+    // Outside the group: the socket's mode already stops it (EACCES), and the server's
+    // own check would refuse it too.
+    let stranger = ask("1", "1");
+    assert!(
+        stranger.contains("Permission denied") || stranger.contains("permission denied"),
+        "a stranger: {stranger}"
+    );
+
+    let other = NodeFiles::setup("admin group unknown");
+    let out = std::process::Command::new(conode_bin())
+        .arg("-c")
+        .arg(other.private())
+        .args(["server", "--allow-root"])
+        .env("CONODE_SERVICE_PATH", other.data())
+        .env("CONODE_ADMIN_GROUP", "no-such-group-here")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("CONODE_ADMIN_GROUP=\"no-such-group-here\": no such group"),
+        "{err}"
+    );
+}

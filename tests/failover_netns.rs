@@ -174,6 +174,12 @@ impl Pair {
     }
 
     pub(crate) fn spawn_failoverd(&self, h: &str) {
+        self.spawn_failoverd_env(h, &[])
+    }
+
+    /// [`Pair::spawn_failoverd`] with `env` added to failoverd's environment (which the
+    /// conode it starts inherits, but for systemd's notify variables).
+    pub(crate) fn spawn_failoverd_env(&self, h: &str, env: &[(&str, String)]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -183,6 +189,7 @@ impl Pair {
         cmd.arg("-c")
             .arg(self.p(&format!("{h}/failoverd.toml")))
             .arg("run")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
@@ -702,5 +709,382 @@ fn blocks_appended_while_a_switchover_runs_are_all_kept() {
             "block {index} ({hash}) acknowledged but not served after the switchover: {got}"
         );
     }
+    watch.assert_no_overlap();
+}
+
+/// Datagrams received on a Unix socket the test owns (systemd's `NOTIFY_SOCKET`), each
+/// with when it arrived.
+struct NotifySocket {
+    path: std::path::PathBuf,
+    got: std::sync::Arc<std::sync::Mutex<Vec<(Instant, String)>>>,
+}
+
+impl NotifySocket {
+    fn bind(path: std::path::PathBuf) -> NotifySocket {
+        let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let g = got.clone();
+        // Ends when the test drops the last handle to `got` (checked between reads).
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while std::sync::Arc::strong_count(&g) > 1 {
+                if let Ok(n) = sock.recv(&mut buf) {
+                    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    g.lock().unwrap().push((Instant::now(), text));
+                }
+            }
+        });
+        NotifySocket { path, got }
+    }
+
+    fn count(&self, what: &str) -> usize {
+        self.got
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, t)| t == what)
+            .count()
+    }
+
+    fn wait_for(&self, what: &str, within: Duration) {
+        wait(
+            &format!("{what} on {}", self.path.display()),
+            within,
+            || self.count(what) > 0,
+        );
+    }
+}
+
+/// Samples of a Prometheus scrape, read by the reference parser (Debian's
+/// python3-prometheus-client; the OpenMetrics parser when the text is OpenMetrics):
+/// `name{label="v",...}` → value. A text the parser rejects fails the test.
+fn parse_metrics(text: &str) -> std::collections::BTreeMap<String, f64> {
+    let script = r##"
+import sys, json
+text = sys.stdin.read()
+if text.rstrip().endswith("# EOF"):
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+else:
+    from prometheus_client.parser import text_string_to_metric_families
+out = {}
+for fam in text_string_to_metric_families(text):
+    for s in fam.samples:
+        labels = ",".join('%s="%s"' % (k, v) for k, v in sorted(s.labels.items()))
+        out[s.name + ("{" + labels + "}" if labels else "")] = s.value
+print(json.dumps(out))
+"##;
+    let mut child = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("/usr/bin/python3 (scripts/install-deps installs python3-prometheus-client)");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the Prometheus parser rejected the scrape: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn scrape(host: &Host, port: u16) -> std::collections::BTreeMap<String, f64> {
+    parse_metrics(&ok(
+        host,
+        &format!("curl -sf http://127.0.0.1:{port}/metrics"),
+    ))
+}
+
+fn sample(m: &std::collections::BTreeMap<String, f64>, key: &str) -> f64 {
+    *m.get(key)
+        .unwrap_or_else(|| panic!("{key} missing from the scrape: {m:?}"))
+}
+
+/// The environment a hook run saw, from the files the hook wrote (`env > FILE.$$`).
+fn hook_runs(
+    dir: &std::path::Path,
+    prefix: &str,
+) -> Vec<std::collections::HashMap<String, String>> {
+    let mut runs: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+        .map(|e| {
+            let env = std::fs::read_to_string(e.path())
+                .unwrap()
+                .lines()
+                .filter_map(|l| l.split_once('='))
+                .filter(|(k, _)| k.starts_with("FAILOVERD_"))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<std::collections::HashMap<_, _>>();
+            (e.metadata().unwrap().modified().unwrap(), env)
+        })
+        .collect();
+    // In the order they ran (each file is written once, at the hook's start).
+    runs.sort_by_key(|(t, _)| *t);
+    runs.into_iter().map(|(_, env)| env).collect()
+}
+
+/// Production operations on a running pair: systemd's notify protocol (READY, watchdog
+/// pings, STOPPING) against a socket the test owns; notify hooks with their facts, one
+/// of them hanging and killed at its timeout while a switchover completes in time;
+/// metrics of both programs on both hosts, read by the reference Prometheus parser,
+/// moving with the switchover; a stop of the live failoverd releasing the address and
+/// the conode; `release-vip` after a kill -9.
+#[test]
+fn notify_hooks_metrics_and_release_on_a_running_pair() {
+    let p = Pair::start("operations");
+    let watch = AddrWatch::start(IpAddr::V4(p.vip), &[p.lab.a(), p.lab.b()]);
+    let hooks = p.dir.path().join("hooks");
+    std::fs::create_dir_all(&hooks).unwrap();
+    // Both standby: stop them (nothing is held), add the hooks, start them again under
+    // notify sockets with a 1 s watchdog, and with the conode's metrics turned on.
+    for h in ["a", "b"] {
+        let f = p.failoverd.borrow_mut()[usize::from(h == "b")]
+            .take()
+            .unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(f.pid() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        assert!(
+            f.wait_timeout(T).is_some(),
+            "failoverd on {h} stops on SIGTERM"
+        );
+        let cfg = p.dir.path().join(format!("{h}/failoverd.toml"));
+        let text = std::fs::read_to_string(&cfg).unwrap();
+        let hd = hooks.display();
+        let text = text
+            .replace(
+                "on_role_change = \"\"",
+                // Records its facts, then hangs: killed at the timeout.
+                &format!(
+                    "on_role_change = \"/usr/bin/env > {hd}/{h}-role.$$; exec /bin/sleep 60\""
+                ),
+            )
+            .replace(
+                "on_health_change = \"\"",
+                &format!("on_health_change = \"/usr/bin/env > {hd}/{h}-health.$$\""),
+            )
+            .replace("timeout = \"10s\"", "timeout = \"1s\"");
+        std::fs::write(&cfg, text).unwrap();
+    }
+    let notify = [
+        NotifySocket::bind(p.dir.path().join("notify-a")),
+        NotifySocket::bind(p.dir.path().join("notify-b")),
+    ];
+    for (i, h) in ["a", "b"].into_iter().enumerate() {
+        p.spawn_failoverd_env(
+            h,
+            &[
+                ("NOTIFY_SOCKET", notify[i].path.display().to_string()),
+                ("WATCHDOG_USEC", "1000000".into()),
+                ("CONODE_METRICS", "127.0.0.1:7782".into()),
+            ],
+        );
+        notify[i].wait_for("READY=1", T);
+    }
+    for h in ["a", "b"] {
+        wait(&format!("{h} hears its peer"), T, || {
+            p.status(h)
+                .at(&["peer", "reachable"])
+                .and_then(|v| v.as_bool())
+                == Some(true)
+        });
+    }
+    // Pings every quarter of the watchdog's second, from the decision loop.
+    let pings = notify[0].count("WATCHDOG=1");
+    std::thread::sleep(Duration::from_secs(2));
+    let in_2s = notify[0].count("WATCHDOG=1") - pings;
+    assert!((4..=20).contains(&in_2s), "{in_2s} watchdog pings in 2 s");
+
+    // a becomes live: its role hook runs with the facts, hangs, and is killed.
+    ok(p.lab.a(), &p.failoverd("a", "promote"));
+    assert!(watch.wait_holders(&[&p.ns("a")], Duration::from_secs(5)));
+    p.grow("b", 3);
+    let epoch_a = p
+        .status("a")
+        .at(&["epoch"])
+        .and_then(|v| v.as_u64())
+        .unwrap();
+    wait("a's role hook killed at its timeout", T, || {
+        p.log("a")
+            .contains("hook on_role_change still running after its timeout")
+    });
+    let runs = hook_runs(&hooks, "a-role.");
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    let r = &runs[0];
+    for (k, v) in [
+        ("FAILOVERD_EVENT", "role_change".to_string()),
+        ("FAILOVERD_ROLE", "live".into()),
+        ("FAILOVERD_PREVIOUS_ROLE", "standby".into()),
+        ("FAILOVERD_CAUSE", "promote".into()),
+        ("FAILOVERD_EPOCH", epoch_a.to_string()),
+        ("FAILOVERD_VIP", format!("{}/24", p.vip)),
+        ("FAILOVERD_PEER", format!("{}:7780", p.lab.b().addr())),
+    ] {
+        assert_eq!(r.get(k), Some(&v), "{k} in {r:?}");
+    }
+    assert!(!r.get("FAILOVERD_REASON").unwrap().is_empty());
+
+    // Metrics of both programs on the live host, through the reference parser.
+    let fa = scrape(p.lab.a(), 7781);
+    assert_eq!(sample(&fa, "failoverd_role{role=\"live\"}"), 1.0);
+    assert_eq!(sample(&fa, "failoverd_vip_held"), 1.0);
+    assert_eq!(sample(&fa, "failoverd_epoch"), epoch_a as f64);
+    assert_eq!(
+        sample(&fa, "failoverd_failovers_total{cause=\"promote\"}"),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &fa,
+            "failoverd_hook_runs_total{hook=\"role_change\",result=\"timeout\"}"
+        ),
+        1.0
+    );
+    wait("a times its own conode's health check", T, || {
+        scrape(p.lab.a(), 7781)
+            .get("failoverd_health_check_seconds_count{check=\"own_conode\"}")
+            .is_some_and(|n| *n >= 1.0)
+    });
+    let ca = scrape(p.lab.a(), 7782);
+    assert!(!ca.is_empty(), "the conode on a serves metrics");
+    let fb = scrape(p.lab.b(), 7781);
+    assert_eq!(sample(&fb, "failoverd_role{role=\"standby\"}"), 1.0);
+    assert_eq!(sample(&fb, "failoverd_health{check=\"live_conode\"}"), 1.0);
+
+    // The switchover completes in time although both hosts' role hooks hang.
+    p.wait_peer_live("b");
+    let t = Instant::now();
+    let out = ok(p.lab.b(), &p.failoverd("b", "switchover"));
+    let took = t.elapsed();
+    assert!(out.contains("live under epoch"), "{out}");
+    assert!(
+        took < Duration::from_secs(10),
+        "a switchover with hanging hooks took {took:?}"
+    );
+    assert!(watch.wait_holders(&[&p.ns("b")], Duration::from_secs(5)));
+    let epoch_b = p
+        .status("b")
+        .at(&["epoch"])
+        .and_then(|v| v.as_u64())
+        .unwrap();
+    wait("b's role hook ran", T, || {
+        !hook_runs(&hooks, "b-role.").is_empty()
+    });
+    let rb = &hook_runs(&hooks, "b-role.")[0];
+    assert_eq!(
+        rb.get("FAILOVERD_CAUSE").map(String::as_str),
+        Some("switchover")
+    );
+    assert_eq!(rb.get("FAILOVERD_EPOCH"), Some(&epoch_b.to_string()));
+    wait("a's second role hook ran", T, || {
+        hook_runs(&hooks, "a-role.").len() == 2
+    });
+    let ra = &hook_runs(&hooks, "a-role.")[1];
+    assert_eq!(
+        ra.get("FAILOVERD_ROLE").map(String::as_str),
+        Some("standby")
+    );
+    assert_eq!(
+        ra.get("FAILOVERD_CAUSE").map(String::as_str),
+        Some("handed_over")
+    );
+
+    // The metrics moved with it.
+    wait("b's metrics show it live", T, || {
+        let fb = scrape(p.lab.b(), 7781);
+        fb.get("failoverd_role{role=\"live\"}") == Some(&1.0)
+    });
+    let fb = scrape(p.lab.b(), 7781);
+    assert_eq!(
+        sample(&fb, "failoverd_failovers_total{cause=\"switchover\"}"),
+        1.0
+    );
+    assert_eq!(sample(&fb, "failoverd_epoch"), epoch_b as f64);
+    let fa = scrape(p.lab.a(), 7781);
+    assert_eq!(sample(&fa, "failoverd_role{role=\"live\"}"), 0.0);
+    assert_eq!(
+        sample(
+            &fa,
+            "failoverd_role_changes_total{cause=\"handed_over\",to=\"standby\"}"
+        ),
+        1.0
+    );
+    let cb = scrape(p.lab.b(), 7782);
+    assert!(!cb.is_empty(), "the conode on b serves metrics");
+    assert!(
+        p.lab
+            .a()
+            .sh("curl -sf http://127.0.0.1:7782/metrics", T)
+            .code
+            != Some(0),
+        "a's conode is stopped"
+    );
+    p.grow("a", 2);
+    p.assert_all_blocks("a");
+
+    // Stopping the live failoverd releases the address and stops the conode.
+    let f = p.failoverd.borrow_mut()[1].take().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(f.pid() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(
+        f.wait_timeout(T).is_some(),
+        "failoverd on b stops on SIGTERM"
+    );
+    notify[1].wait_for("STOPPING=1", Duration::from_secs(1));
+    assert!(
+        watch.wait_holders(&[], Duration::from_secs(1)),
+        "{:?}",
+        watch.holders()
+    );
+    assert!(p.conode_pid("b").is_none(), "b's conode was stopped");
+    assert!(p.log("b").contains("stopping: the address is released"));
+
+    // b comes back as standby; a promotes; a's failoverd is killed: the address stays,
+    // and `release-vip` (the unit's ExecStopPost) removes it, once.
+    p.spawn_failoverd("b");
+    wait("a hears b", T, || {
+        p.status("a")
+            .at(&["peer", "reachable"])
+            .and_then(|v| v.as_bool())
+            == Some(true)
+    });
+    let e = refused(p.lab.a(), &p.failoverd("a", "release-vip"));
+    assert!(e.contains("in use by another failoverd"), "{e}");
+    ok(p.lab.a(), &p.failoverd("a", "promote"));
+    assert!(watch.wait_holders(&[&p.ns("a")], Duration::from_secs(5)));
+    if let Some(f) = p.failoverd.borrow_mut()[0].take() {
+        f.kill();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        watch.holders(),
+        vec![p.ns("a")],
+        "a kill leaves the address"
+    );
+    let out = ok(p.lab.a(), &p.failoverd("a", "release-vip"));
+    assert!(
+        out.contains(&format!("removed {}/24 from eth0", p.vip)),
+        "{out}"
+    );
+    assert!(watch.wait_holders(&[], Duration::from_secs(1)));
+    let out = ok(p.lab.a(), &p.failoverd("a", "release-vip"));
+    assert!(out.contains("nothing to release"), "{out}");
     watch.assert_no_overlap();
 }

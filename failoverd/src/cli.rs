@@ -334,3 +334,65 @@ pub async fn command(config_path: &Path, line: &str) -> Result<(), String> {
     println!("{}", v["message"].as_str().unwrap_or("done"));
     Ok(())
 }
+
+/// `release-vip`: the one-shot that makes sure the address is gone when the daemon is
+/// not running (the unit's `ExecStopPost=`, also after a kill). It removes the address
+/// only if it carries failoverd's tag, and then stops the conode unit
+/// (`[conode] control = "systemd"`): a host without the address is a standby. Refuses
+/// while a failoverd runs on this state directory (`failoverd demote` is the way then).
+pub async fn release_vip(config_path: &Path) -> Result<(), String> {
+    let cfg = crate::config::Config::load(config_path).map_err(|e| e.to_string())?;
+    let dir = cfg.state_dir.clone();
+    let lock = tokio::task::spawn_blocking(move || crate::daemon::StateLock::acquire(&dir))
+        .await
+        .map_err(|e| format!("the lock task failed: {e}"))?
+        .map_err(|e| {
+            if e.contains("in use by another failoverd") {
+                format!("{e}; while it runs, `failoverd demote` drops the address")
+            } else {
+                e
+            }
+        })?;
+    let Some((a, p)) = cfg.vip.address else {
+        println!("no [vip] address is configured: nothing to release");
+        return Ok(());
+    };
+    let v = crate::vip::Vip::parse(&cfg.vip.interface, &format!("{a}/{p}"))
+        .map_err(|e| e.to_string())?;
+    let present = v.present().await.map_err(|e| e.to_string())?;
+    if !present.is_present() {
+        println!("{} is not on {}: nothing to release", v.cidr(), v.interface);
+        return Ok(());
+    }
+    if !present.is_ours() {
+        println!(
+            "{} is on {} but was not added by failoverd (no IFA_PROTO tag): left alone",
+            v.cidr(),
+            v.interface
+        );
+        return Ok(());
+    }
+    v.remove().await.map_err(|e| e.to_string())?;
+    println!("removed {} from {}", v.cidr(), v.interface);
+    drop(lock);
+    match &cfg.conode.control {
+        crate::config::ConodeControl::Systemd { unit } => {
+            let paths = cfg.conode_paths()?;
+            crate::conode_ctl::Conode::new(cfg.conode.clone(), paths.admin, paths.db)
+                .stop(cfg.timeouts.conode.max(std::time::Duration::from_secs(30)))
+                .await
+                .map_err(|e| format!("the address is released, but stopping {unit} failed: {e}"))?;
+            println!("stopped {unit}: this host is a standby");
+        }
+        crate::config::ConodeControl::Child { .. } => {
+            let paths = cfg.conode_paths()?;
+            let conode = crate::conode_ctl::Conode::new(cfg.conode.clone(), paths.admin, paths.db);
+            if conode.answers().await {
+                println!("the conode (failoverd's child) still answers on its admin socket: stop it (under systemd it stops with failoverd's unit)");
+            } else {
+                println!("the conode does not run");
+            }
+        }
+    }
+    Ok(())
+}

@@ -55,6 +55,32 @@ pub struct RawConfig {
     pub timeouts: RawTimeouts,
     #[serde(default)]
     pub failover: RawFailover,
+    #[serde(default)]
+    pub hooks: RawHooks,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHooks {
+    #[serde(default)]
+    pub on_role_change: String,
+    #[serde(default)]
+    pub on_health_change: String,
+    #[serde(default)]
+    pub on_conflict: String,
+    #[serde(default = "defaults::hook_timeout")]
+    pub timeout: String,
+}
+
+impl Default for RawHooks {
+    fn default() -> Self {
+        RawHooks {
+            on_role_change: String::new(),
+            on_health_change: String::new(),
+            on_conflict: String::new(),
+            timeout: defaults::hook_timeout(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -340,6 +366,9 @@ mod defaults {
     pub fn probe_wait() -> String {
         "120ms".into()
     }
+    pub fn hook_timeout() -> String {
+        "10s".into()
+    }
 }
 
 /// The environment variable that overrides `timeouts.io_stall` (milliseconds).
@@ -360,6 +389,7 @@ pub struct Config {
     pub ssh: Ssh,
     pub timeouts: Timeouts,
     pub failover: Failover,
+    pub hooks: crate::hooks::HooksSection,
 }
 
 #[derive(Debug, Clone)]
@@ -655,6 +685,38 @@ impl RawConfig {
             &self.failover.peer_timeout,
             &mut bad,
         );
+        let hook_timeout = duration("hooks.timeout", &self.hooks.timeout, &mut bad);
+        if parse_duration(&self.hooks.timeout).is_ok()
+            && !(Duration::from_millis(100)..=Duration::from_secs(600)).contains(&hook_timeout)
+        {
+            bad(
+                "hooks.timeout",
+                format!(
+                    "{:?}: between 100ms and 10m (a hook never delays failover, but a stuck one blocks the hooks after it)",
+                    self.hooks.timeout
+                ),
+            );
+        }
+        let mut hook = |field: &str, command: &str| -> Option<String> {
+            let command = command.trim();
+            if command.is_empty() {
+                return None;
+            }
+            let first = command.split_whitespace().next().unwrap_or("");
+            if !first.starts_with('/') {
+                bad(
+                    field,
+                    format!("{first:?}: start the command with an absolute path (hooks run with the service's minimal environment)"),
+                );
+            }
+            Some(command.to_string())
+        };
+        let hooks = crate::hooks::HooksSection {
+            on_role_change: hook("hooks.on_role_change", &self.hooks.on_role_change),
+            on_health_change: hook("hooks.on_health_change", &self.hooks.on_health_change),
+            on_conflict: hook("hooks.on_conflict", &self.hooks.on_conflict),
+            timeout: hook_timeout,
+        };
         let handover_timeout = duration(
             "failover.handover_timeout",
             &self.failover.handover_timeout,
@@ -880,6 +942,7 @@ impl RawConfig {
                 peer_timeout,
                 handover_timeout,
             },
+            hooks,
         })
     }
 }
@@ -1059,6 +1122,21 @@ peer_timeout = "2s"
 # How long either side of a switchover waits for the other.
 handover_timeout = "150s"
 
+[hooks]
+# Commands run (by /bin/sh -c, as failoverd's user) when this host's role changes, a
+# health verdict changes, or another host answers for the address: e.g. to move a DNS
+# name or a cloud floating IP, or to page someone. The facts are in the environment:
+# FAILOVERD_EVENT (role_change, health_change, conflict), FAILOVERD_ROLE,
+# FAILOVERD_PREVIOUS_ROLE, FAILOVERD_EPOCH, FAILOVERD_VIP, FAILOVERD_PEER,
+# FAILOVERD_REASON; FAILOVERD_CAUSE (role changes: switchover, promote, forced_promote,
+# demote, handed_over, higher_epoch, ...); FAILOVERD_CHECK and FAILOVERD_OK (health);
+# FAILOVERD_MAC and FAILOVERD_CONFLICTS (conflicts). Hooks run one at a time beside the
+# decision loop and never delay it; one still running at `timeout` is killed.
+on_role_change = ""
+on_health_change = ""
+on_conflict = ""
+timeout = "10s"
+
 [snapshot]
 # How often the live host looks for new commits; a snapshot is shipped when the
 # conode's chains moved (and at least once at start).
@@ -1226,6 +1304,32 @@ mod tests {
         })
         .unwrap();
         assert_eq!(c.timeouts.io_stall, Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn hooks_are_optional_absolute_and_bounded() {
+        let mut a = args();
+        a.peer_key = KEY;
+        let text = template(&a);
+        let c = Config::parse(Path::new("f.toml"), &text, no_env).unwrap();
+        assert!(!c.hooks.any());
+        assert_eq!(c.hooks.timeout, Duration::from_secs(10));
+        let text2 = text.replace(
+            "on_role_change = \"\"",
+            "on_role_change = \"/usr/local/bin/move-dns --zone example.org\"",
+        );
+        let c = Config::parse(Path::new("f.toml"), &text2, no_env).unwrap();
+        assert_eq!(
+            c.hooks.on_role_change.as_deref(),
+            Some("/usr/local/bin/move-dns --zone example.org")
+        );
+        let bad = text
+            .replace("on_conflict = \"\"", "on_conflict = \"page-me now\"")
+            .replace("timeout = \"10s\"", "timeout = \"1h\"");
+        let p = problems(&bad, no_env);
+        let fields: Vec<&str> = p.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(fields, ["hooks.timeout", "hooks.on_conflict"], "{p:?}");
+        assert!(p[1].message.contains("absolute path"), "{}", p[1]);
     }
 
     #[test]

@@ -125,6 +125,10 @@ impl Conode {
             .arg("server")
             .env("CONODE_SERVICE_PATH", &self.section.data_dir)
             .stdin(std::process::Stdio::null())
+            // The conode must not speak to failoverd's service manager as failoverd.
+            .env_remove(conode::sd_notify::VARIABLES[0])
+            .env_remove(conode::sd_notify::VARIABLES[1])
+            .env_remove(conode::sd_notify::VARIABLES[2])
             .uid(u.uid.as_raw())
             .gid(u.gid.as_raw())
             .kill_on_drop(false);
@@ -251,19 +255,35 @@ impl Conode {
                     })?;
                 }
             }
-            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
-                .map_err(|e| format!("cannot chmod {}: {e}", tmp.display()))?;
-            nix::unistd::chown(
-                &tmp,
-                Some(nix::unistd::Uid::from_raw(owner.uid())),
-                Some(nix::unistd::Gid::from_raw(owner.gid())),
-            )
-            .map_err(|e| {
-                format!(
-                    "cannot give {} to the data directory's owner: {e}",
-                    tmp.display()
+            if nix::unistd::geteuid().is_root() {
+                // Root gives the database to the conode's user, owner-only.
+                std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+                    .map_err(|e| format!("cannot chmod {}: {e}", tmp.display()))?;
+                nix::unistd::chown(
+                    &tmp,
+                    Some(nix::unistd::Uid::from_raw(owner.uid())),
+                    Some(nix::unistd::Gid::from_raw(owner.gid())),
                 )
-            })
+                .map_err(|e| {
+                    format!(
+                        "cannot give {} to the data directory's owner: {e}",
+                        tmp.display()
+                    )
+                })
+            } else {
+                // failoverd's own user (the packaged units) shares the data directory's
+                // group with the conode: the database becomes the group's, 0660.
+                nix::unistd::chown(&tmp, None, Some(nix::unistd::Gid::from_raw(owner.gid())))
+                    .map_err(|e| {
+                        format!(
+                            "cannot give {} to the data directory's group (gid {}): {e}; failoverd's user must be in that group",
+                            tmp.display(),
+                            owner.gid()
+                        )
+                    })?;
+                std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o660))
+                    .map_err(|e| format!("cannot chmod {}: {e}", tmp.display()))
+            }
         })();
         if let Err(e) = staged {
             let _ = std::fs::remove_file(&tmp);

@@ -205,6 +205,30 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         events: events_tx.clone(),
         status: core_status_rx,
     };
+    let watchdog = match conode::sd_notify::watchdog() {
+        None => None,
+        Some(every) => match conode::sd_notify::Notifier::from_env() {
+            Ok(Some(n)) => Some((n, every)),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(
+                    "systemd's watchdog is asked for, but NOTIFY_SOCKET is unusable: {e}"
+                );
+                None
+            }
+        },
+    };
+    let reporting = crate::failover::Reporting {
+        metrics: metrics.clone(),
+        hooks: crate::hooks::Hooks::start(cfg.hooks.clone(), metrics.clone()),
+        watchdog,
+        vip: cfg
+            .vip
+            .address
+            .map(|(a, p)| format!("{a}/{p}"))
+            .unwrap_or_default(),
+        peer: cfg.peer.address.clone(),
+    };
     let h = tasks.spawn(crate::failover::drive(
         core,
         started,
@@ -213,6 +237,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         effects.clone(),
         client.clone(),
         core_status_tx,
+        reporting,
         stop_rx.clone(),
     ));
     names.insert(h.id(), "failover driver");
@@ -221,6 +246,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         .server_toml();
     let h = tasks.spawn(crate::failover::health_checks(
         handle.clone(),
+        metrics.clone(),
         conode_ctl.clone(),
         client.clone(),
         server_toml,
@@ -313,14 +339,20 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         cfg.snapshot.transport.name()
     );
 
+    conode::sd_notify::notify("READY=1");
+
     let outcome = supervise(&mut tasks, &names, shutdown).await;
     tracing::info!("stopping");
+    conode::sd_notify::notify("STOPPING=1");
+    let last = handle.status.borrow().clone();
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(STOP_GRACE, async {
         while tasks.join_next().await.is_some() {}
     })
     .await;
     tasks.abort_all();
+    // The address is held only while failoverd runs to defend it (epochs, conflicts).
+    crate::failover::release_on_stop(&effects, last.as_ref()).await;
     let _ = std::fs::remove_file(&sock);
     outcome
 }

@@ -30,6 +30,9 @@ pub enum Event {
         op: OpId,
         result: Result<Outcome, String>,
     },
+    /// Block the driver's loop this long (the watchdog's test: a stuck loop).
+    #[cfg(test)]
+    Stall(std::time::Duration),
 }
 
 /// The way into the driver.

@@ -19,7 +19,9 @@ use failoverd_core::{
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::conode_ctl::Conode;
+use crate::hooks::{Facts, Hook, Hooks};
 use crate::live::Shipper;
+use crate::metrics::Metrics;
 use crate::peer::PeerClient;
 use crate::standby::Store;
 
@@ -350,6 +352,36 @@ impl Effects {
     }
 }
 
+/// failoverd is stopping: drop the address if this host may hold it, then stop the
+/// conode if this host was live (it would answer nobody, and a later promote installs
+/// into its data directory). The next start is as standby. Logged step by step; errors
+/// are logged, not returned: the unit's `ExecStopPost=failoverd release-vip` tries the
+/// address again.
+pub async fn release_on_stop(effects: &Effects, last: Option<&failoverd_core::Status>) {
+    let Some(st) = last else { return };
+    if !st.vip_held && st.role != failoverd_core::Role::Live {
+        return;
+    }
+    effects.stop_answering_strays();
+    match tokio::time::timeout(Duration::from_secs(10), effects.address.remove()).await {
+        Ok(Ok(())) => tracing::info!("stopping: the address is released (epoch {})", st.epoch),
+        Ok(Err(e)) => tracing::error!(
+            "stopping: removing the address failed: {e}; `failoverd release-vip` removes it"
+        ),
+        Err(_) => tracing::error!(
+            "stopping: removing the address took over 10 s; `failoverd release-vip` removes it"
+        ),
+    }
+    if st.role == failoverd_core::Role::Live {
+        match effects.conode.stop(effects.conode_timeout).await {
+            Ok(()) => {
+                tracing::info!("stopping: the conode is stopped; this host starts as standby")
+            }
+            Err(e) => tracing::error!("stopping: stopping the conode failed: {e}"),
+        }
+    }
+}
+
 /// How long the effect worker lets one effect run before it reports a failure (the core
 /// has its own, shorter timeouts; this keeps a hung effect from blocking the ones after).
 fn worker_limit(e: &Effect) -> Duration {
@@ -357,6 +389,104 @@ fn worker_limit(e: &Effect) -> Duration {
         Effect::InstallGeneration(_) | Effect::ShipFinalSnapshot => Duration::from_secs(900),
         Effect::StartConode | Effect::StopConode => Duration::from_secs(120),
         _ => Duration::from_secs(60),
+    }
+}
+
+/// What the driver reports besides its decisions: systemd's watchdog, the notify hooks
+/// and the metrics of role changes. Reports never wait: hooks are queued
+/// ([`Hooks::fire`]), the watchdog ping is one datagram.
+pub struct Reporting {
+    pub metrics: Arc<Metrics>,
+    pub hooks: Hooks,
+    /// systemd's watchdog and its interval (`WatchdogSec=`): pinged with `WATCHDOG=1` at
+    /// a quarter of it from the loop itself, so that a stuck loop stops the pings.
+    pub watchdog: Option<(conode::sd_notify::Notifier, Duration)>,
+    /// `[vip] address` as written, and the peer's address, for the hooks.
+    pub vip: String,
+    pub peer: String,
+}
+
+/// What [`Reporting`] last reported, to see what changed.
+struct Reported {
+    role: failoverd_core::Role,
+    health: HashMap<&'static str, bool>,
+    conflicts: u64,
+    conflict_mac: Option<Mac>,
+    last_ping: Option<Instant>,
+}
+
+impl Reporting {
+    fn facts(&self, st: &failoverd_core::Status) -> Facts {
+        Facts {
+            role: st.role.to_string(),
+            previous_role: st.role.to_string(),
+            epoch: st.epoch,
+            vip: self.vip.clone(),
+            peer: self.peer.clone(),
+            ..Facts::default()
+        }
+    }
+
+    /// Compare `st` with what was reported and report the changes. A role change is
+    /// reported once it is complete (`settled`): a claim abandoned half-way is not one.
+    fn observe(&self, st: &failoverd_core::Status, settled: bool, seen: &mut Reported) {
+        if settled && st.role != seen.role {
+            let (cause, reason) = st.role_cause.clone().unwrap_or((
+                failoverd_core::RoleCause::LeftoverConfirmed,
+                "started with the address".into(),
+            ));
+            self.metrics.role_changed(st.role, cause);
+            self.hooks.fire(
+                Hook::RoleChange,
+                Facts {
+                    previous_role: seen.role.to_string(),
+                    cause: cause.label().into(),
+                    reason,
+                    ..self.facts(st)
+                },
+            );
+            seen.role = st.role;
+        }
+        for h in &st.health {
+            let name = crate::status::check_name(h.check);
+            let before = seen.health.insert(name, h.ok);
+            // A change, or a first verdict that fails (a first pass is no news).
+            if before.is_some_and(|b| b != h.ok) || (before.is_none() && !h.ok) {
+                self.hooks.fire(
+                    Hook::HealthChange,
+                    Facts {
+                        check: name.into(),
+                        ok: Some(h.ok),
+                        reason: h.reason.clone(),
+                        ..self.facts(st)
+                    },
+                );
+            }
+        }
+        if st.conflicts > seen.conflicts {
+            seen.conflicts = st.conflicts;
+            self.hooks.fire(
+                Hook::Conflict,
+                Facts {
+                    mac: seen.conflict_mac.map(|m| m.to_string()).unwrap_or_default(),
+                    conflicts: st.conflicts,
+                    reason: format!("another host answered ARP for {}", self.vip),
+                    ..self.facts(st)
+                },
+            );
+        }
+    }
+
+    /// Ping the watchdog if a quarter of its interval passed since the last ping.
+    fn ping(&self, seen: &mut Reported) {
+        if let Some((n, every)) = &self.watchdog {
+            if seen.last_ping.is_none_or(|t| t.elapsed() >= *every / 4) {
+                if let Err(e) = n.send("WATCHDOG=1") {
+                    tracing::warn!("cannot ping systemd's watchdog: {e}");
+                }
+                seen.last_ping = Some(Instant::now());
+            }
+        }
     }
 }
 
@@ -370,6 +500,7 @@ pub async fn drive(
     effects: Arc<Effects>,
     peer: PeerClient,
     status: watch::Sender<Option<failoverd_core::Status>>,
+    reporting: Reporting,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), String> {
     let t0 = Instant::now();
@@ -401,6 +532,22 @@ pub async fn drive(
     let _worker = AbortOnDrop(worker);
     let mut replies: HashMap<CommandId, oneshot::Sender<Result<String, String>>> = HashMap::new();
     let mut next_command = 1u64;
+    let mut seen = Reported {
+        role: failoverd_core::Role::Standby,
+        health: HashMap::new(),
+        conflicts: 0,
+        conflict_mac: None,
+        last_ping: None,
+    };
+    // Wakes the loop for the watchdog's pings (sent by the loop below, not by this timer).
+    let mut watchdog_tick = tokio::time::interval(
+        reporting
+            .watchdog
+            .as_ref()
+            .map_or(Duration::from_secs(3600), |(_, every)| *every / 4)
+            .max(Duration::from_millis(10)),
+    );
+    watchdog_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     core.handle(now(), started);
     loop {
         while let Some(a) = core.poll_action() {
@@ -436,7 +583,10 @@ pub async fn drive(
                 },
             }
         }
-        let _ = status.send(Some(core.status()));
+        let st = core.status();
+        reporting.observe(&st, core.is_settled(), &mut seen);
+        reporting.ping(&mut seen);
+        let _ = status.send(Some(st));
         let deadline = core
             .poll_timeout()
             .map(|Millis(ms)| tokio::time::Instant::from_std(t0) + Duration::from_millis(ms));
@@ -459,12 +609,22 @@ pub async fn drive(
                     }
                     Event::Health { check, ok, reason } => Input::Health { check, ok, reason },
                     Event::GenerationVerified(generation) => Input::GenerationVerified { generation },
-                    Event::Conflict(mac) => Input::ConflictSeen { mac },
+                    Event::Conflict(mac) => {
+                        seen.conflict_mac = Some(mac);
+                        Input::ConflictSeen { mac }
+                    }
+                    #[cfg(test)]
+                    Event::Stall(d) => {
+                        // A stuck decision loop, for the watchdog's test.
+                        std::thread::sleep(d);
+                        continue;
+                    }
                     Event::Outcome { op, result } => Input::Outcome { op, result },
                 };
                 core.handle(now(), input);
             }
             _ = sleep => core.handle_timeout(now()),
+            _ = watchdog_tick.tick() => {}
             _ = stop.wait_for(|s| *s) => return Ok(()),
         }
     }
@@ -484,6 +644,7 @@ impl Drop for AbortOnDrop {
 /// Verdicts alert only; the core never promotes on them.
 pub async fn health_checks(
     handle: Handle,
+    metrics: Arc<Metrics>,
     conode: Arc<Conode>,
     peer: PeerClient,
     server: conode::config::ServerToml,
@@ -504,7 +665,9 @@ pub async fn health_checks(
             .is_some_and(|s| s.role == failoverd_core::Role::Live);
         let mut verdicts = Vec::new();
         if live {
+            let t = Instant::now();
             let ok = conode.answers().await;
+            metrics.health_check(Check::OwnConode, t.elapsed().as_secs_f64());
             let exited = conode.reap().await;
             verdicts.push((
                 Check::OwnConode,
@@ -516,14 +679,18 @@ pub async fn health_checks(
                 },
             ));
         } else {
+            let t = Instant::now();
             let r = peer
                 .request(hyper::Method::GET, "/v1/status", "", "status")
                 .await;
+            metrics.health_check(Check::LivePeer, t.elapsed().as_secs_f64());
             verdicts.push(match r {
                 Ok(_) => (Check::LivePeer, true, "the peer port answers".to_string()),
                 Err(e) => (Check::LivePeer, false, e.to_string()),
             });
+            let t = Instant::now();
             let r = conode::client::status(&server, Duration::from_secs(2)).await;
+            metrics.health_check(Check::LiveConode, t.elapsed().as_secs_f64());
             verdicts.push(match r {
                 Ok(_) => (
                     Check::LiveConode,
@@ -547,5 +714,152 @@ pub async fn health_checks(
                 return Ok(());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, TemplateArgs, Transport};
+    use std::os::unix::net::UnixDatagram;
+    use std::path::Path;
+
+    /// A driver with real parts around it (a store, a peer client towards a port where
+    /// nobody listens, no managed address) and a watchdog towards `notify`.
+    fn driver(
+        dir: &Path,
+        notify: &Path,
+        every: Duration,
+    ) -> (
+        impl std::future::Future<Output = Result<(), String>>,
+        mpsc::Sender<Event>,
+        watch::Sender<bool>,
+    ) {
+        conode::tls::install_provider();
+        let key = conode::keys::KeyPair::generate().unwrap();
+        let peer_key = conode::keys::KeyPair::generate().unwrap();
+        let text = crate::config::template(&TemplateArgs {
+            key_file: &dir.join("key"),
+            state_dir: dir,
+            conode_config: &dir.join("private.toml"),
+            conode_data_dir: dir,
+            peer_address: "127.0.0.1:9",
+            peer_key: &peer_key.public_hex(),
+            listen_peer: "",
+            listen_metrics: "",
+            interface: "lo",
+            transport: Transport::Https,
+            ssh_target: "",
+            ssh_inbox: "",
+        });
+        let cfg = Config::parse(&dir.join("f.toml"), &text, |_| None).unwrap();
+        let store = Arc::new(Store::open(dir, 1, peer_key.public_bytes(), [2; 32]).unwrap());
+        let status = Arc::new(crate::status::Status::new(store.clone()));
+        let metrics = Arc::new(Metrics::new());
+        let tls = conode::peer::PeerTls::new(&key).unwrap();
+        let peer =
+            PeerClient::new(&tls, "127.0.0.1:9", peer_key.public_bytes(), &cfg.timeouts).unwrap();
+        let effects = Arc::new(Effects {
+            state_dir: dir.to_path_buf(),
+            public: [2; 32],
+            store: store.clone(),
+            conode: Arc::new(Conode::new(
+                cfg.conode.clone(),
+                dir.join("admin.sock"),
+                dir.join("db"),
+            )),
+            shipper: Arc::new(Shipper {
+                cfg: cfg.clone(),
+                key,
+                admin: dir.join("admin.sock"),
+                peer: peer.clone(),
+                status,
+                metrics: metrics.clone(),
+                mirror: std::sync::Mutex::new(None),
+                busy: tokio::sync::Mutex::new(()),
+            }),
+            address: Address::Unmanaged,
+            conode_timeout: Duration::from_secs(5),
+            origin: AtomicU64::new(0),
+            strays: std::sync::Mutex::new(None),
+        });
+        let (events_tx, events_rx) = mpsc::channel(16);
+        let (status_tx, _status_rx) = watch::channel(None);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let reporting = Reporting {
+            metrics: metrics.clone(),
+            hooks: Hooks::start(crate::hooks::HooksSection::default(), metrics),
+            watchdog: Some((
+                conode::sd_notify::Notifier::to(notify.to_str().unwrap()).unwrap(),
+                every,
+            )),
+            vip: String::new(),
+            peer: "127.0.0.1:9".into(),
+        };
+        let core = Core::new(failoverd_core::Config::default()).unwrap();
+        let started = Input::Started {
+            leftover_address: false,
+            persisted_epoch: 0,
+            newest_generation: None,
+        };
+        let fut = drive(
+            core,
+            started,
+            events_rx,
+            events_tx.clone(),
+            effects,
+            peer,
+            status_tx,
+            reporting,
+            stop_rx,
+        );
+        (fut, events_tx, stop_tx)
+    }
+
+    /// Watchdog pings received on `sock` within `window`.
+    fn pings(sock: &UnixDatagram, window: Duration) -> usize {
+        let end = Instant::now() + window;
+        let mut n = 0;
+        let mut buf = [0u8; 64];
+        while let Some(left) = end.checked_duration_since(Instant::now()) {
+            sock.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                .unwrap();
+            if let Ok(k) = sock.recv(&mut buf) {
+                assert_eq!(&buf[..k], b"WATCHDOG=1");
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// The watchdog is pinged by the decision loop itself: while the loop is stuck no
+    /// ping goes out (systemd then restarts failoverd), and they resume after it.
+    #[test]
+    fn watchdog_pings_stop_while_the_decision_loop_is_stuck() {
+        let d = tempfile::tempdir().unwrap();
+        let notify = d.path().join("notify");
+        let sock = UnixDatagram::bind(&notify).unwrap();
+        let every = Duration::from_millis(400); // pings every 100 ms
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (fut, events, stop) = rt.block_on(async { driver(d.path(), &notify, every) });
+        let task = rt.spawn(fut);
+        let running = pings(&sock, Duration::from_millis(1000));
+        assert!(running >= 5, "{running} pings in 1 s while the loop runs");
+        rt.block_on(events.send(Event::Stall(Duration::from_millis(1500))))
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(150));
+        // Drain what was sent before the stall began.
+        let _ = pings(&sock, Duration::from_millis(1));
+        let stuck = pings(&sock, Duration::from_millis(1000));
+        assert_eq!(stuck, 0, "pings went on while the loop was stuck");
+        std::thread::sleep(Duration::from_millis(500));
+        let after = pings(&sock, Duration::from_millis(1000));
+        assert!(after >= 5, "{after} pings in 1 s after the loop came back");
+        stop.send(true).unwrap();
+        rt.block_on(task).unwrap().unwrap();
     }
 }

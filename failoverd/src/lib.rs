@@ -1,8 +1,9 @@
 //! `failoverd`: runs beside the conode on each host of a live/standby pair.
 //!
-//! This release ships verified snapshots of the live conode's database to the standby
-//! (design: `../shared/DESIGN.md` §3). The virtual IP, epochs and promotion come next;
-//! their decision core is the `failoverd-core` crate beside this one.
+//! It ships verified snapshots of the live conode's database to the standby, and moves
+//! the virtual IP and the conode between the hosts under epochs (design:
+//! `../shared/DESIGN.md` §3); every decision is made by the `failoverd-core` crate beside
+//! this one.
 //!
 //! # Layout
 //! Modules depend only on those listed before them:
@@ -17,6 +18,8 @@
 //! - [`standby`]: receive, verify, install atomically, keep N generations.
 //! - [`status`]: role, last snapshot, last error; never waits for the store.
 //! - [`metrics`]: Prometheus metrics (`prometheus-client`).
+//! - [`hooks`]: the operator's notify hooks (role, health, conflict), run beside the
+//!   decision loop with a timeout.
 //! - [`event`]: what the failover driver is told, and its handle.
 //! - [`peer`]: the HTTPS peer port (reqwest client, hyper server), pinned to the peer's
 //!   key (API documented there).
@@ -32,7 +35,8 @@
 //! - [`accept`]: the one accept loop (connection limit, back-off on errors).
 //! - [`daemon`]: `failoverd run`: supervised tasks, the state-directory lock, the
 //!   control socket, `/metrics`.
-//! - [`cli`]: `setup`, `check`, `status`, `snapshot`.
+//! - [`cli`]: `setup`, `check`, `status`, `snapshot`, the operator's commands,
+//!   `release-vip`.
 
 pub mod accept;
 pub mod arp;
@@ -46,6 +50,7 @@ pub mod epoch;
 pub mod error;
 pub mod event;
 pub mod failover;
+pub mod hooks;
 pub mod live;
 pub mod manifest;
 pub mod metrics;

@@ -10,7 +10,7 @@ use failoverd::cli;
 #[command(
     name = "failoverd",
     version,
-    about = "Live/standby failover for a conode: verified snapshot shipping",
+    about = "Live/standby failover for a conode: verified snapshots, a virtual IP held by at most one host",
     after_help = "Exit status: 0 the command was done, or `run` was stopped by SIGTERM/SIGINT; 1 a failure (a configuration error, a refused command, a task that died); 2 bad usage."
 )]
 struct Cli {
@@ -70,6 +70,10 @@ enum Cmd {
     },
     /// Stop this live host's conode, drop the address, become standby.
     Demote,
+    /// With the daemon stopped (or killed): remove the address if failoverd added it
+    /// (tagged), then stop the conode unit. The unit's ExecStopPost; refused while a
+    /// failoverd runs on the same state directory.
+    ReleaseVip,
 }
 
 /// SIGINT or SIGTERM (or, if SIGTERM cannot be watched, SIGINT alone).
@@ -123,6 +127,7 @@ fn main() -> ExitCode {
             if force { "promote --force" } else { "promote" },
         )),
         Cmd::Demote => rt.block_on(cli::command(&cli.config, "demote")),
+        Cmd::ReleaseVip => rt.block_on(cli::release_vip(&cli.config)),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -11,6 +11,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::error::Cause;
@@ -24,6 +25,18 @@ struct CauseLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CheckLabel {
     check: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HookLabel {
+    hook: &'static str,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ChangeLabel {
+    to: &'static str,
+    cause: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -49,6 +62,17 @@ pub struct Metrics {
     vip_held: Gauge,
     health: Family<CheckLabel, Gauge>,
     conflicts: Gauge,
+    health_seconds: Family<CheckLabel, Histogram>,
+    failovers: Family<CauseLabel, Counter>,
+    role_changes: Family<ChangeLabel, Counter>,
+    hook_runs: Family<HookLabel, Counter>,
+}
+
+/// Health checks take milliseconds when well, up to their timeout (2 s) when not.
+fn health_histogram() -> Histogram {
+    Histogram::new([
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0,
+    ])
 }
 
 impl Default for Metrics {
@@ -76,6 +100,10 @@ impl Metrics {
             vip_held: Gauge::default(),
             health: Family::default(),
             conflicts: Gauge::default(),
+            health_seconds: Family::new_with_constructor(health_histogram),
+            failovers: Family::default(),
+            role_changes: Family::default(),
+            hook_runs: Family::default(),
             registry: Registry::default(),
         };
         // Counters get `_total` appended by the encoder.
@@ -154,6 +182,26 @@ impl Metrics {
             "Times another MAC answered ARP for the address while this host held it",
             m.conflicts.clone(),
         );
+        registry.register(
+            "failoverd_health_check_seconds",
+            "Time each health check took (its answer or its failure)",
+            m.health_seconds.clone(),
+        );
+        registry.register(
+            "failoverd_failovers",
+            "Times this host became live, by cause (switchover, promote, forced_promote, reclaim, leftover_confirmed)",
+            m.failovers.clone(),
+        );
+        registry.register(
+            "failoverd_role_changes",
+            "Completed role changes of this host, by the role it went to and the cause",
+            m.role_changes.clone(),
+        );
+        registry.register(
+            "failoverd_hook_runs",
+            "Notify hook runs by hook and result (ok, failed, timeout, dropped)",
+            m.hook_runs.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -168,6 +216,43 @@ impl Metrics {
     pub fn chunk_received(&self, bytes: u64) {
         self.chunks_received.inc();
         self.chunk_bytes_received.inc_by(bytes);
+    }
+
+    /// A health check took `seconds`.
+    pub fn health_check(&self, check: failoverd_core::Check, seconds: f64) {
+        self.health_seconds
+            .get_or_create(&CheckLabel {
+                check: crate::status::check_name(check),
+            })
+            .observe(seconds);
+    }
+
+    /// The role changed to `to` (completed), for `cause`.
+    pub fn role_changed(&self, to: failoverd_core::Role, cause: failoverd_core::RoleCause) {
+        let to = match to {
+            failoverd_core::Role::Live => "live",
+            failoverd_core::Role::Standby => "standby",
+        };
+        if to == "live" {
+            self.failovers
+                .get_or_create(&CauseLabel {
+                    cause: cause.label(),
+                })
+                .inc();
+        }
+        self.role_changes
+            .get_or_create(&ChangeLabel {
+                to,
+                cause: cause.label(),
+            })
+            .inc();
+    }
+
+    /// A notify hook ran (or was dropped).
+    pub fn hook_run(&self, hook: &'static str, result: &'static str) {
+        self.hook_runs
+            .get_or_create(&HookLabel { hook, result })
+            .inc();
     }
 
     pub fn failure(&self, cause: Cause) {
@@ -279,6 +364,7 @@ mod tests {
             health: Vec::new(),
             newest_generation: Some(1),
             conflicts: 0,
+            role_cause: None,
         }));
         st.attach_core(core_rx);
         let m = metrics.encode(&st.view());

@@ -59,7 +59,7 @@ pub struct Status {
 }
 
 /// A copy of the status at one moment.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct StatusView {
     pub role: Option<Role>,
     pub epoch: u64,

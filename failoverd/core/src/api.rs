@@ -70,6 +70,59 @@ pub enum Command {
     Demote,
 }
 
+/// Why the role changed: stable names, for metrics (`failoverd_failovers_total{cause}`)
+/// and the notify hooks (`FAILOVERD_CAUSE`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RoleCause {
+    /// Became live: the live peer handed over (a switchover).
+    Switchover,
+    /// Became live: `promote` with the peer reachable.
+    Promote,
+    /// Became live: `promote --force` with the peer unreachable.
+    ForcedPromote,
+    /// Became live again: the peer refused the handover.
+    Reclaim,
+    /// Stayed live after a restart: the peer confirmed the leftover address.
+    LeftoverConfirmed,
+    /// Became standby: handed the address over in a switchover.
+    HandedOver,
+    /// Became standby: `demote`.
+    Demote,
+    /// Became standby: the peer showed a higher epoch.
+    HigherEpoch,
+    /// Became standby: the peer is live under the same epoch.
+    SplitBrain,
+    /// Became standby: another host answers for the address and the peer's epoch wins.
+    Conflict,
+    /// Became standby: no lease allows holding the address.
+    Lease,
+    /// A leftover address from before a restart was removed.
+    LeftoverRemoved,
+    /// A claim failed after the address may have been added.
+    ClaimFailed,
+}
+
+impl RoleCause {
+    /// The stable name (snake case).
+    pub fn label(self) -> &'static str {
+        match self {
+            RoleCause::Switchover => "switchover",
+            RoleCause::Promote => "promote",
+            RoleCause::ForcedPromote => "forced_promote",
+            RoleCause::Reclaim => "reclaim",
+            RoleCause::LeftoverConfirmed => "leftover_confirmed",
+            RoleCause::HandedOver => "handed_over",
+            RoleCause::Demote => "demote",
+            RoleCause::HigherEpoch => "higher_epoch",
+            RoleCause::SplitBrain => "split_brain",
+            RoleCause::Conflict => "conflict",
+            RoleCause::Lease => "lease",
+            RoleCause::LeftoverRemoved => "leftover_removed",
+            RoleCause::ClaimFailed => "claim_failed",
+        }
+    }
+}
+
 /// A health check whose verdict the shell reports. Verdicts alert; they never promote.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Check {

@@ -69,7 +69,7 @@ mod timer;
 mod boundary;
 
 pub use api::{
-    Action, Check, Command, CommandId, Effect, Input, Level, Mac, Millis, OpId, Outcome,
+    Action, Check, Command, CommandId, Effect, Input, Level, Mac, Millis, OpId, Outcome, RoleCause,
 };
 pub use config::{Config, ConfigError, LeasePolicy};
 pub use machine::Core;

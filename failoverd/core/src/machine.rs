@@ -10,7 +10,7 @@
 use std::collections::VecDeque;
 
 use crate::api::{
-    Action, Check, Command, CommandId, Effect, Input, Level, Mac, Millis, OpId, Outcome,
+    Action, Check, Command, CommandId, Effect, Input, Level, Mac, Millis, OpId, Outcome, RoleCause,
 };
 use crate::config::{Config, ConfigError, LeasePolicy};
 use crate::message::{Body, PeerMessage, Refusal};
@@ -30,6 +30,32 @@ enum Why {
     Reclaim { refusal: String },
     /// The peer confirmed our leftover address is current.
     Leftover,
+}
+
+impl Why {
+    fn cause(&self) -> RoleCause {
+        match self {
+            Why::Promote => RoleCause::Promote,
+            Why::Forced => RoleCause::ForcedPromote,
+            Why::Takeover { .. } => RoleCause::Switchover,
+            Why::Reclaim { .. } => RoleCause::Reclaim,
+            Why::Leftover => RoleCause::LeftoverConfirmed,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Why::Promote => "promoted by the operator".into(),
+            Why::Forced => "forced promote by the operator (peer unreachable, probe clean)".into(),
+            Why::Takeover { from_epoch } => {
+                format!("took over from the peer's epoch {from_epoch} (switchover)")
+            }
+            Why::Reclaim { refusal } => {
+                format!("took the address back after the peer refused the handover: {refusal}")
+            }
+            Why::Leftover => "the peer confirmed the leftover address is current".into(),
+        }
+    }
 }
 
 /// The steps of a claim, in order. Steps before `Add` are intentions; from `Add` on the
@@ -87,6 +113,8 @@ enum Then {
 #[derive(Clone, Debug)]
 struct Release {
     step: RelStep,
+    /// Why the address is released (for metrics and hooks).
+    cause: RoleCause,
     stop_after: bool,
     then: Then,
     cmd: Option<CommandId>,
@@ -155,6 +183,8 @@ pub struct Core {
     refused_handover: Option<(u64, String)>,
     remove_attempts: u32,
     last_error: Option<String>,
+    /// Why the role last changed, or is changing now, and in words.
+    role_cause: Option<(RoleCause, String)>,
     timers: TimerTable,
     out: VecDeque<Action>,
 }
@@ -175,6 +205,7 @@ impl Core {
             peer: PeerView::default(),
             health: Vec::new(),
             conflicts: 0,
+            role_cause: None,
             served_request: None,
             refused_handover: None,
             remove_attempts: 0,
@@ -225,7 +256,10 @@ impl Core {
             self.on_timer(t);
         }
         if self.claims() && !self.lease_allows() {
-            self.drop_address("the lease no longer allows holding the address".into());
+            self.drop_address(
+                RoleCause::Lease,
+                "the lease no longer allows holding the address".into(),
+            );
         }
     }
 
@@ -299,6 +333,7 @@ impl Core {
             health: self.health.clone(),
             newest_generation: self.generation,
             conflicts: self.conflicts,
+            role_cause: self.role_cause.clone(),
         }
     }
 
@@ -383,10 +418,13 @@ impl Core {
         // A higher epoch than the one we hold the address under: drop it at once.
         if let Some(h) = self.address_epoch() {
             if m.epoch > h {
-                self.drop_address(format!(
+                self.drop_address(
+                    RoleCause::HigherEpoch,
+                    format!(
                     "the peer reports epoch {} > {h}, the epoch this host holds the address under",
                     m.epoch
-                ));
+                ),
+                );
             }
         }
         let outbid = match &self.phase {
@@ -419,9 +457,10 @@ impl Core {
                 "the peer (epoch {}) says it may hold the address",
                 m.epoch
             )),
-            Phase::Live { epoch } if m.live && m.epoch == epoch => self.drop_address(format!(
-                "the peer says it is live under our epoch {epoch}: split brain; dropping"
-            )),
+            Phase::Live { epoch } if m.live && m.epoch == epoch => self.drop_address(
+                RoleCause::SplitBrain,
+                format!("the peer says it is live under our epoch {epoch}: split brain; dropping"),
+            ),
             Phase::Live { epoch } if m.live => {
                 self.log(Level::Warn, format!("the peer says it is live under the older epoch {}; keeping the address under {epoch} and telling it", m.epoch));
                 self.send(Body::Heartbeat);
@@ -604,6 +643,7 @@ impl Core {
             Phase::Live { .. } => {
                 self.begin_release(Release {
                     step: RelStep::StopFirst,
+                    cause: RoleCause::Demote,
                     stop_after: false,
                     then: Then::Standby {
                         refuse_takeover: None,
@@ -715,9 +755,10 @@ impl Core {
         let p = self.peer.epoch;
         if p > h || (p == h && self.peer.may_hold) {
             self.log(Level::Error, format!("conflict #{n}: host {mac} answers ARP for the address this host holds under epoch {h}; the peer's epoch {p} wins: dropping"));
-            self.drop_address(format!(
-                "address conflict with {mac}: the peer's epoch {p} ≥ ours {h}"
-            ));
+            self.drop_address(
+                RoleCause::Conflict,
+                format!("address conflict with {mac}: the peer's epoch {p} ≥ ours {h}"),
+            );
         } else {
             self.log(Level::Error, format!("conflict #{n}: host {mac} answers ARP for the address this host holds under epoch {h}; the peer's last epoch is {p}: keeping it, announcing again and telling the peer"));
             self.send(Body::Heartbeat);
@@ -838,7 +879,10 @@ impl Core {
                 }
             },
             ClaimStep::Persist => Effect::PersistEpoch(self.seen.max(self.epoch).saturating_add(1)),
-            ClaimStep::Add => Effect::AddAddress,
+            ClaimStep::Add => {
+                self.role_cause = Some((c.why.cause(), c.why.describe()));
+                Effect::AddAddress
+            }
             ClaimStep::Announce => {
                 self.timers.set(
                     Timer::AnnounceRefresh,
@@ -968,6 +1012,7 @@ impl Core {
         if maybe_added {
             self.begin_release(Release {
                 step: RelStep::Remove,
+                cause: RoleCause::ClaimFailed,
                 stop_after: false,
                 then: Then::Standby { refuse_takeover },
                 cmd: None,
@@ -1026,6 +1071,7 @@ impl Core {
             (HandStep::StopConode(generation), Ok(Outcome::ConodeStopped)) => {
                 self.begin_release(Release {
                     step: RelStep::Remove,
+                    cause: RoleCause::HandedOver,
                     stop_after: false,
                     then: Then::Handover { epoch, generation },
                     cmd,
@@ -1057,7 +1103,7 @@ impl Core {
     }
 
     /// Drops the address now: the removal is queued in this very call.
-    fn drop_address(&mut self, reason: String) {
+    fn drop_address(&mut self, cause: RoleCause, reason: String) {
         let cmd = match &self.phase {
             Phase::HandingOver { cmd, .. } => *cmd,
             Phase::Claiming(c) => c.cmd,
@@ -1078,6 +1124,7 @@ impl Core {
         self.timers.stop(Timer::Leftover);
         self.begin_release(Release {
             step: RelStep::Remove,
+            cause,
             stop_after: true,
             then: Then::Standby {
                 refuse_takeover: None,
@@ -1093,6 +1140,7 @@ impl Core {
         self.log(Level::Warn, format!("removing the leftover address: {why}"));
         self.begin_release(Release {
             step: RelStep::Remove,
+            cause: RoleCause::LeftoverRemoved,
             stop_after: true,
             then: Then::Standby {
                 refuse_takeover: None,
@@ -1104,6 +1152,7 @@ impl Core {
     }
 
     fn begin_release(&mut self, r: Release) {
+        self.role_cause = Some((r.cause, r.why.clone()));
         let effect = match r.step {
             RelStep::StopFirst | RelStep::StopAfter => Effect::StopConode,
             RelStep::Remove => Effect::RemoveAddress,

@@ -6,7 +6,7 @@
 
 use std::fmt;
 
-use crate::api::{Check, Millis};
+use crate::api::{Check, Millis, RoleCause};
 
 /// The role shown to operators.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,4 +77,7 @@ pub struct Status {
     pub newest_generation: Option<u64>,
     /// How many times another MAC answered for the address.
     pub conflicts: u64,
+    /// Why the role last changed (or is changing now), and in words; `None` until it
+    /// first changes in this process.
+    pub role_cause: Option<(RoleCause, String)>,
 }

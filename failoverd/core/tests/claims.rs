@@ -8,7 +8,7 @@ mod world;
 
 use failoverd_core::{
     Action, Body, Check, Command, CommandId, Config, ConfigError, Core, Effect, Input, Mac, Millis,
-    OpId, Outcome, PeerMessage, Refusal, Role,
+    OpId, Outcome, PeerMessage, Refusal, Role, RoleCause,
 };
 use world::{sim_config, Faults, World};
 
@@ -358,7 +358,24 @@ fn switchover_asked_on_either_host_moves_the_address_and_grows_the_epoch() {
         assert_eq!(w.live_host(), Some(1 - from));
         assert!(w.hosts[1 - from].addr && !w.hosts[from].addr);
         assert!(w.epoch(1 - from) > before);
+        // Each side says why its role changed (metrics and hooks name it).
+        let cause = |h: usize| {
+            let st = w.hosts[h].core.as_ref().expect("running").status();
+            st.role_cause.map(|(c, _)| c)
+        };
+        assert_eq!(cause(1 - from), Some(RoleCause::Switchover));
+        assert_eq!(cause(from), Some(RoleCause::HandedOver));
     }
+}
+
+#[test]
+fn a_demote_names_its_cause() {
+    let mut one = One::live(4);
+    one.command(1, Command::Demote);
+    let (cause, why) = one.core.status().role_cause.expect("a cause");
+    assert_eq!(cause, RoleCause::Demote);
+    assert_eq!(cause.label(), "demote");
+    assert!(why.contains("demoted by the operator"), "{why}");
 }
 
 #[test]

@@ -1,0 +1,423 @@
+//! Notify hooks (`[hooks]`): operator commands run when the role changes, a health
+//! verdict changes, or another host answers for the address. They update a DNS name
+//! (the alternative to a virtual IP), move a cloud floating IP, or page someone.
+//!
+//! A hook is a shell command line (`/bin/sh -c`), run as failoverd's user with the facts
+//! in environment variables ([`Facts::env`]), never interpolated into the command. Hooks
+//! run one at a time, in the order the events happened, in a task of their own: the
+//! decision loop only puts an event in a bounded queue and never waits for a hook, so a
+//! failing or hanging hook cannot delay a safety action. A hook still running at
+//! `timeout` is killed with its whole process group; its exit status, and the start of
+//! its output, are logged. When the queue is full, the event is dropped and counted.
+
+use std::os::unix::process::CommandExt as _;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
+
+use crate::metrics::Metrics;
+
+/// Events waiting for their hook; beyond this, new ones are dropped (and counted).
+const QUEUE: usize = 32;
+/// How much of a hook's stdout and stderr is logged.
+const OUTPUT_LOGGED: usize = 2048;
+
+/// `[hooks]`, validated.
+#[derive(Debug, Clone, Default)]
+pub struct HooksSection {
+    /// Run when the role changed (live ↔ standby), once the change is complete.
+    pub on_role_change: Option<String>,
+    /// Run when a health verdict changed (and on a first verdict that fails).
+    pub on_health_change: Option<String>,
+    /// Run when another MAC answered ARP for the address this host holds.
+    pub on_conflict: Option<String>,
+    /// How long a hook may run before it is killed.
+    pub timeout: Duration,
+}
+
+impl HooksSection {
+    pub fn any(&self) -> bool {
+        self.on_role_change.is_some()
+            || self.on_health_change.is_some()
+            || self.on_conflict.is_some()
+    }
+}
+
+/// Which hook.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Hook {
+    RoleChange,
+    HealthChange,
+    Conflict,
+}
+
+impl Hook {
+    /// The stable name: `FAILOVERD_EVENT`, the metrics' `hook` label, the config key's
+    /// suffix (`on_<name>`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Hook::RoleChange => "role_change",
+            Hook::HealthChange => "health_change",
+            Hook::Conflict => "conflict",
+        }
+    }
+}
+
+/// The facts handed to a hook.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Facts {
+    /// `live` or `standby` (now).
+    pub role: String,
+    /// The role before the change (role changes; else the same as `role`).
+    pub previous_role: String,
+    pub epoch: u64,
+    /// `[vip] address` ("" when unmanaged).
+    pub vip: String,
+    /// `[peer] address`.
+    pub peer: String,
+    /// Why, in words.
+    pub reason: String,
+    /// The stable cause of a role change (`switchover`, `forced_promote`, `demote`, ...).
+    pub cause: String,
+    /// Health changes: the check (`own_conode`, `live_conode`, `live_peer`) and whether it
+    /// passes now.
+    pub check: String,
+    pub ok: Option<bool>,
+    /// Conflicts: the MAC that answered, and how many conflicts so far.
+    pub mac: String,
+    pub conflicts: u64,
+}
+
+impl Facts {
+    /// The environment of the hook.
+    pub fn env(&self, hook: Hook) -> Vec<(&'static str, String)> {
+        let mut v = vec![
+            ("FAILOVERD_EVENT", hook.name().to_string()),
+            ("FAILOVERD_ROLE", self.role.clone()),
+            ("FAILOVERD_PREVIOUS_ROLE", self.previous_role.clone()),
+            ("FAILOVERD_EPOCH", self.epoch.to_string()),
+            ("FAILOVERD_VIP", self.vip.clone()),
+            ("FAILOVERD_PEER", self.peer.clone()),
+            ("FAILOVERD_REASON", self.reason.clone()),
+        ];
+        match hook {
+            Hook::RoleChange => v.push(("FAILOVERD_CAUSE", self.cause.clone())),
+            Hook::HealthChange => {
+                v.push(("FAILOVERD_CHECK", self.check.clone()));
+                v.push((
+                    "FAILOVERD_OK",
+                    if self.ok == Some(true) { "1" } else { "0" }.to_string(),
+                ));
+            }
+            Hook::Conflict => {
+                v.push(("FAILOVERD_MAC", self.mac.clone()));
+                v.push(("FAILOVERD_CONFLICTS", self.conflicts.to_string()));
+            }
+        }
+        v
+    }
+}
+
+/// The way to the hook runner: [`Hooks::fire`] never waits.
+#[derive(Clone)]
+pub struct Hooks {
+    tx: Option<mpsc::Sender<(Hook, Facts)>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Hooks {
+    /// Start the runner for `section` (no task when no hook is configured). The runner
+    /// ends when every [`Hooks`] is dropped.
+    pub fn start(section: HooksSection, metrics: Arc<Metrics>) -> Hooks {
+        if !section.any() {
+            return Hooks { tx: None, metrics };
+        }
+        let (tx, mut rx) = mpsc::channel::<(Hook, Facts)>(QUEUE);
+        let m = metrics.clone();
+        tokio::spawn(async move {
+            while let Some((hook, facts)) = rx.recv().await {
+                let command = match hook {
+                    Hook::RoleChange => &section.on_role_change,
+                    Hook::HealthChange => &section.on_health_change,
+                    Hook::Conflict => &section.on_conflict,
+                };
+                if let Some(command) = command {
+                    let result = run(hook, command, &facts.env(hook), section.timeout).await;
+                    m.hook_run(hook.name(), result.label());
+                }
+            }
+        });
+        Hooks {
+            tx: Some(tx),
+            metrics,
+        }
+    }
+
+    /// Queue `hook` with `facts`; returns at once. A full queue drops the event (logged
+    /// and counted as `dropped`).
+    pub fn fire(&self, hook: Hook, facts: Facts) {
+        let Some(tx) = &self.tx else { return };
+        if let Err(e) = tx.try_send((hook, facts)) {
+            let why = match e {
+                mpsc::error::TrySendError::Full(_) => "the hook queue is full (hooks are slow)",
+                mpsc::error::TrySendError::Closed(_) => "the hook runner stopped",
+            };
+            tracing::warn!("hook on_{} not run: {why}", hook.name());
+            self.metrics.hook_run(hook.name(), "dropped");
+        }
+    }
+}
+
+/// How a hook run ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RunResult {
+    Ok,
+    Failed(String),
+    TimedOut,
+}
+
+impl RunResult {
+    pub fn label(&self) -> &'static str {
+        match self {
+            RunResult::Ok => "ok",
+            RunResult::Failed(_) => "failed",
+            RunResult::TimedOut => "timeout",
+        }
+    }
+}
+
+/// Run one hook to its end or its timeout (then kill its process group).
+pub async fn run(
+    hook: Hook,
+    command: &str,
+    env: &[(&'static str, String)],
+    timeout: Duration,
+) -> RunResult {
+    let name = hook.name();
+    let t = Instant::now();
+    let mut cmd = tokio::process::Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg(command)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for v in conode::sd_notify::VARIABLES {
+        cmd.env_remove(v);
+    }
+    // Its own process group, so that a timeout kills what it started too.
+    cmd.as_std_mut().process_group(0);
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!("hook on_{name} could not start: {e}");
+            return RunResult::Failed(e.to_string());
+        }
+    };
+    let pid = child.id();
+    let out = child.stdout.take().map(|o| tokio::spawn(read_some(o)));
+    let err = child.stderr.take().map(|e| tokio::spawn(read_some(e)));
+    let status = match tokio::time::timeout(timeout, child.wait()).await {
+        Ok(Ok(st)) => Some(st),
+        Ok(Err(e)) => {
+            tracing::warn!("hook on_{name}: cannot wait for it: {e}");
+            None
+        }
+        Err(_) => None,
+    };
+    if status.is_none() {
+        if let Some(pid) = pid {
+            // The group's id is the shell's pid (process_group(0)); the shell was started
+            // by us and not yet reaped, so the id is still ours.
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let _ = child.wait().await;
+    }
+    let output = |h: Option<tokio::task::JoinHandle<String>>| async move {
+        match h {
+            Some(h) => tokio::time::timeout(Duration::from_secs(1), h)
+                .await
+                .ok()
+                .and_then(|r| r.ok())
+                .unwrap_or_default(),
+            None => String::new(),
+        }
+    };
+    let (stdout, stderr) = (output(out).await, output(err).await);
+    let took = t.elapsed();
+    let shown = |s: &str| {
+        let s = s.trim();
+        if s.is_empty() {
+            String::new()
+        } else {
+            format!("; output: {s}")
+        }
+    };
+    match status {
+        Some(st) if st.success() => {
+            tracing::info!("hook on_{name} done in {took:?}{}", shown(&stdout));
+            RunResult::Ok
+        }
+        Some(st) => {
+            tracing::warn!(
+                "hook on_{name} failed ({st}) after {took:?}{}{}",
+                shown(&stdout),
+                shown(&stderr)
+            );
+            RunResult::Failed(st.to_string())
+        }
+        None => {
+            tracing::warn!(
+                "hook on_{name} still running after its timeout of {timeout:?}: killed{}",
+                shown(&stderr)
+            );
+            RunResult::TimedOut
+        }
+    }
+}
+
+/// Up to [`OUTPUT_LOGGED`] bytes of a pipe; the rest is read and dropped (so that the
+/// hook never blocks on a full pipe).
+async fn read_some(mut r: impl tokio::io::AsyncRead + Unpin) -> String {
+    let mut kept = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                let room = OUTPUT_LOGGED.saturating_sub(kept.len());
+                kept.extend_from_slice(&buf[..n.min(room)]);
+            }
+        }
+    }
+    String::from_utf8_lossy(&kept).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts() -> Facts {
+        Facts {
+            role: "live".into(),
+            previous_role: "standby".into(),
+            epoch: 7,
+            vip: "10.0.0.1/24".into(),
+            peer: "10.0.0.3:7780".into(),
+            reason: "forced promote by the operator".into(),
+            cause: "forced_promote".into(),
+            ..Facts::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_hook_gets_the_facts_in_its_environment() {
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("env");
+        let cmd = format!("env | grep ^FAILOVERD_ | sort > {}", out.display());
+        let env = facts().env(Hook::RoleChange);
+        let r = run(Hook::RoleChange, &cmd, &env, Duration::from_secs(10)).await;
+        assert_eq!(r, RunResult::Ok);
+        let got = std::fs::read_to_string(&out).unwrap();
+        for want in [
+            "FAILOVERD_EVENT=role_change",
+            "FAILOVERD_ROLE=live",
+            "FAILOVERD_PREVIOUS_ROLE=standby",
+            "FAILOVERD_EPOCH=7",
+            "FAILOVERD_VIP=10.0.0.1/24",
+            "FAILOVERD_PEER=10.0.0.3:7780",
+            "FAILOVERD_REASON=forced promote by the operator",
+            "FAILOVERD_CAUSE=forced_promote",
+        ] {
+            assert!(
+                got.lines().any(|l| l == want),
+                "{want} missing from:\n{got}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_hanging_hook_and_what_it_started_are_killed_at_the_timeout() {
+        let d = tempfile::tempdir().unwrap();
+        let pidfile = d.path().join("pid");
+        // The shell starts a grandchild that would outlive a kill of the shell alone.
+        let cmd = format!("sleep 60 & echo $! > {}; wait", pidfile.display());
+        let t = Instant::now();
+        let r = run(Hook::HealthChange, &cmd, &[], Duration::from_millis(300)).await;
+        assert_eq!(r, RunResult::TimedOut);
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // The grandchild is gone (or a zombie of init's, never running again).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let state = stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .next();
+            if stat.is_empty() || state == Some("Z") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the hook's sleep {pid} still runs: {stat}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failing_hook_is_reported_as_failed() {
+        let r = run(
+            Hook::Conflict,
+            "echo no >&2; exit 3",
+            &[],
+            Duration::from_secs(10),
+        )
+        .await;
+        assert!(
+            matches!(r, RunResult::Failed(ref s) if s.contains('3')),
+            "{r:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn fire_never_waits_even_when_hooks_hang() {
+        let metrics = Arc::new(Metrics::new());
+        let hooks = Hooks::start(
+            HooksSection {
+                on_role_change: Some("sleep 5".into()),
+                timeout: Duration::from_secs(5),
+                ..HooksSection::default()
+            },
+            metrics.clone(),
+        );
+        let t = Instant::now();
+        for _ in 0..(QUEUE + 10) {
+            hooks.fire(Hook::RoleChange, facts());
+        }
+        assert!(
+            t.elapsed() < Duration::from_millis(200),
+            "{:?}",
+            t.elapsed()
+        );
+        let text = metrics.encode(&crate::status::StatusView::default());
+        assert!(
+            text.contains("failoverd_hook_runs_total{hook=\"role_change\",result=\"dropped\"}"),
+            "{text}"
+        );
+    }
+}
