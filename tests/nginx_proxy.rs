@@ -2,6 +2,8 @@
 //! WebSocket upgrades to the conode's plain WebSocket port; clients use the roster's
 //! `URL = "https://host[:port][/path/]"`. A real nginx (the Debian package) runs as our
 //! child process with its own configuration, and the real JavaScript client talks to it.
+//! The part of that configuration an operator writes is `docs/nginx-conode.conf`, read
+//! here and filled in, so the operator's guide shows exactly what this test runs.
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -10,6 +12,46 @@ use std::time::{Duration, Instant};
 use system_tests::*;
 
 const NGINX: &str = "/usr/sbin/nginx";
+
+/// The nginx configuration the operator's guide gives (docs/nginx-conode.conf): a `map`
+/// and a `server` block for nginx's `http` context, with placeholders.
+const OPERATOR_CONF: &str = include_str!("../docs/nginx-conode.conf");
+
+/// [`OPERATOR_CONF`] with its placeholders replaced; panics if one is left or unknown,
+/// so that the file and this test cannot drift apart silently.
+fn operator_conf(listen: &str, server_name: &str, cert: &Path, key: &Path, ws: &str) -> String {
+    let cert = cert.display().to_string();
+    let key = key.display().to_string();
+    let values = [
+        ("@LISTEN@", listen),
+        ("@SERVER_NAME@", server_name),
+        ("@CERTIFICATE_KEY@", key.as_str()),
+        ("@CERTIFICATE@", cert.as_str()),
+        ("@CONODE_WS@", ws),
+    ];
+    let mut conf = OPERATOR_CONF.to_string();
+    for (placeholder, value) in values {
+        assert!(
+            conf.contains(placeholder),
+            "docs/nginx-conode.conf no longer has the placeholder {placeholder}"
+        );
+        conf = conf.replace(placeholder, value);
+    }
+    // Any `@NAME@` left (NAME in capitals and underscores) is a placeholder.
+    let left: Vec<&str> = conf
+        .match_indices('@')
+        .filter_map(|(i, _)| {
+            let rest = &conf[i + 1..];
+            let end = rest.find(|c: char| !(c.is_ascii_uppercase() || c == '_'))?;
+            (end > 0 && rest[end..].starts_with('@')).then(|| &rest[..end])
+        })
+        .collect();
+    assert!(
+        left.is_empty(),
+        "docs/nginx-conode.conf has placeholders this test does not fill: {left:?}"
+    );
+    conf
+}
 
 /// A running nginx, stopped (by its pid) when dropped, also when a test panics.
 struct Nginx {
@@ -26,8 +68,17 @@ impl Nginx {
             "{NGINX} is missing: run scripts/install-deps (as root: it installs the Debian nginx package)"
         );
         let d = dir.display();
+        // The operator's part (map and server block) is docs/nginx-conode.conf, the file
+        // the operator's guide shows; around it, what makes nginx run inside `dir`.
+        let site = operator_conf(
+            &format!("127.0.0.1:{port}"),
+            "localhost",
+            cert,
+            key,
+            &format!("127.0.0.1:{conode_ws_port}"),
+        );
         let conf = format!(
-            r#"# written by tests/nginx_proxy.rs
+            r#"# written by tests/nginx_proxy.rs around docs/nginx-conode.conf
 worker_processes 1;
 pid {d}/nginx.pid;
 error_log {d}/error.log info;
@@ -40,40 +91,9 @@ http {{
     uwsgi_temp_path {d}/tmp/uwsgi;
     scgi_temp_path {d}/tmp/scgi;
 
-    map $http_upgrade $connection_upgrade {{
-        default upgrade;
-        ''      close;
-    }}
-
-    server {{
-        listen 127.0.0.1:{port} ssl;
-        server_name localhost;
-        ssl_certificate {cert};
-        ssl_certificate_key {key};
-
-        # The conode at the root: URL = "https://host:port"
-        location / {{
-            proxy_pass http://127.0.0.1:{conode_ws_port};
-            proxy_http_version 1.1;
-            proxy_set_header Upgrade $http_upgrade;
-            proxy_set_header Connection $connection_upgrade;
-            proxy_set_header Host $host;
-            proxy_read_timeout 300s;
-        }}
-        # The conode under a path: URL = "https://host:port/conode/"
-        location /conode/ {{
-            proxy_pass http://127.0.0.1:{conode_ws_port}/;
-            proxy_http_version 1.1;
-            proxy_set_header Upgrade $http_upgrade;
-            proxy_set_header Connection $connection_upgrade;
-            proxy_set_header Host $host;
-            proxy_read_timeout 300s;
-        }}
-    }}
+{site}
 }}
-"#,
-            cert = cert.display(),
-            key = key.display(),
+"#
         );
         std::fs::create_dir_all(dir.join("tmp")).unwrap();
         let conf_path = dir.join("nginx.conf");
