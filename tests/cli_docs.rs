@@ -56,3 +56,27 @@ fn man_pages_and_completions_name_every_command() {
         ],
     );
 }
+
+/// `conode generate man | head -1`: a reader that went away is no error (no panic, exit
+/// 0). The pipe's read end is closed before the program starts, so every write fails
+/// with EPIPE.
+#[test]
+fn output_into_a_closed_pipe_is_no_error() {
+    for program in ["conode", "failoverd"] {
+        for args in [&["generate", "man"][..], &["generate", "completions", "bash"][..]] {
+            let (reader, writer) = std::io::pipe().unwrap();
+            drop(reader);
+            let out = Command::new(bin(program))
+                .args(args)
+                .stdout(writer)
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                out.status.success() && !err.contains("panicked"),
+                "{program} {args:?}: {}: {err}",
+                out.status
+            );
+        }
+    }
+}

@@ -158,16 +158,24 @@ fn main() -> ExitCode {
     match cli.cmd {
         Cmd::Generate { what } => {
             let mut cmd = Cli::command();
-            let mut out = std::io::stdout();
+            // Rendered whole first: a reader that stops early (`| head`) is no error.
+            let mut out = Vec::new();
             match what {
-                Generated::Man => match clap_mangen::Man::new(cmd).render(&mut out) {
-                    Ok(()) => ExitCode::SUCCESS,
-                    Err(e) => fail(1, format!("cannot write the man page: {e}")),
-                },
+                Generated::Man => {
+                    if let Err(e) = clap_mangen::Man::new(cmd).render(&mut out) {
+                        return fail(1, format!("cannot render the man page: {e}"));
+                    }
+                }
                 Generated::Completions { shell } => {
                     clap_complete::generate(shell, &mut cmd, "conode", &mut out);
-                    ExitCode::SUCCESS
                 }
+            }
+            use std::io::Write;
+            match std::io::stdout().write_all(&out) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                    fail(1, format!("cannot write to standard output: {e}"))
+                }
+                _ => ExitCode::SUCCESS,
             }
         }
         Cmd::Chain { cmd } => {

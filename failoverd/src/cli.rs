@@ -263,24 +263,45 @@ fn which(tool: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// `println!` into a `String` (writing into a String cannot fail).
+macro_rules! outln {
+    ($o:expr, $($arg:tt)*) => {{
+        use std::fmt::Write as _;
+        let _ = writeln!($o, $($arg)*);
+    }};
+}
+
+/// Write `out` to standard output; a reader that went away (`| head`) is no error.
+pub fn emit(out: &[u8]) -> Result<(), String> {
+    use std::io::Write;
+    match std::io::stdout().write_all(out) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(format!("cannot write to standard output: {e}"))
+        }
+        _ => Ok(()),
+    }
+}
+
 pub async fn status(config_path: &Path, json: bool) -> Result<(), String> {
+    let mut o = String::new();
     let raw = RawConfig::load(config_path).map_err(|e| e.to_string())?;
     let v = control_request(&config::control_socket(&raw.state_dir), "status").await?;
     if json {
-        println!("{v}");
-        return Ok(());
+        outln!(o, "{v}");
+        return emit(o.as_bytes());
     }
     let s = |k: &str| match v.get(k) {
         Some(serde_json::Value::Null) | None => "-".to_string(),
         Some(serde_json::Value::String(s)) => s.clone(),
         Some(x) => x.to_string(),
     };
-    println!("role:       {}", s("role"));
-    println!("epoch:      {}", s("epoch"));
-    println!("vip held:   {}", s("vip_held"));
-    println!("doing:      {}", s("doing"));
+    outln!(o, "role:       {}", s("role"));
+    outln!(o, "epoch:      {}", s("epoch"));
+    outln!(o, "vip held:   {}", s("vip_held"));
+    outln!(o, "doing:      {}", s("doing"));
     if let Some(p) = v.get("peer").filter(|p| !p.is_null()) {
-        println!(
+        outln!(
+            o,
             "peer:       {} (epoch {}, {}, newest generation {})",
             if p["reachable"] == true {
                 "reachable"
@@ -294,7 +315,8 @@ pub async fn status(config_path: &Path, json: bool) -> Result<(), String> {
     }
     if let Some(hs) = v.get("health").and_then(|h| h.as_array()) {
         for h in hs {
-            println!(
+            outln!(
+                o,
                 "health:     {} {}: {}",
                 h["check"].as_str().unwrap_or("-"),
                 if h["ok"] == true { "ok" } else { "FAILING" },
@@ -302,15 +324,15 @@ pub async fn status(config_path: &Path, json: bool) -> Result<(), String> {
             );
         }
     }
-    println!("newest verified generation: {}", s("newest_generation"));
-    println!("generation: {}", s("generation"));
-    println!("age:        {} s", s("age_seconds"));
-    println!("size:       {} bytes", s("bytes"));
-    println!("duration:   {} ms", s("duration_ms"));
-    println!("transport:  {}", s("transport"));
-    println!("held:       {}", s("generations_held"));
-    println!("error:      {}", s("error"));
-    Ok(())
+    outln!(o, "newest verified generation: {}", s("newest_generation"));
+    outln!(o, "generation: {}", s("generation"));
+    outln!(o, "age:        {} s", s("age_seconds"));
+    outln!(o, "size:       {} bytes", s("bytes"));
+    outln!(o, "duration:   {} ms", s("duration_ms"));
+    outln!(o, "transport:  {}", s("transport"));
+    outln!(o, "held:       {}", s("generations_held"));
+    outln!(o, "error:      {}", s("error"));
+    emit(o.as_bytes())
 }
 
 pub async fn snapshot(config_path: &Path) -> Result<(), String> {

@@ -141,14 +141,15 @@ fn main() -> ExitCode {
 /// Print the man page or completions of this command line.
 fn generate(what: Generated) -> Result<(), String> {
     let mut cmd = Cli::command();
-    let mut out = std::io::stdout();
+    // Rendered whole first: a reader that stops early (`| head`) is no error.
+    let mut out = Vec::new();
     match what {
         Generated::Man => clap_mangen::Man::new(cmd)
             .render(&mut out)
-            .map_err(|e| format!("cannot write the man page: {e}")),
+            .map_err(|e| format!("cannot render the man page: {e}"))?,
         Generated::Completions { shell } => {
             clap_complete::generate(shell, &mut cmd, "failoverd", &mut out);
-            Ok(())
         }
     }
+    cli::emit(&out)
 }
