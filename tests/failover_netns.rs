@@ -201,6 +201,23 @@ impl Pair {
         });
     }
 
+    /// Stop `h`'s failoverd gracefully (SIGTERM) and wait until it exited.
+    pub(crate) fn stop_failoverd(&self, h: &str) {
+        let f = self.failoverd.borrow_mut()[usize::from(h == "b")]
+            .take()
+            .expect("failoverd runs");
+        // The pid of a process this test started and has not reaped.
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(f.pid() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        assert!(
+            f.wait_timeout(T).is_some(),
+            "failoverd on {h} stops on SIGTERM"
+        );
+    }
+
     /// Wait until `h` heard that its peer is live.
     pub(crate) fn wait_peer_live(&self, h: &str) {
         // ... and has persisted the peer's epoch as its own: a request under an older
@@ -850,18 +867,7 @@ fn notify_hooks_metrics_and_release_on_a_running_pair() {
     // Both standby: stop them (nothing is held), add the hooks, start them again under
     // notify sockets with a 1 s watchdog, and with the conode's metrics turned on.
     for h in ["a", "b"] {
-        let f = p.failoverd.borrow_mut()[usize::from(h == "b")]
-            .take()
-            .unwrap();
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(f.pid() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        assert!(
-            f.wait_timeout(T).is_some(),
-            "failoverd on {h} stops on SIGTERM"
-        );
+        p.stop_failoverd(h);
         let cfg = p.dir.path().join(format!("{h}/failoverd.toml"));
         let text = std::fs::read_to_string(&cfg).unwrap();
         let hd = hooks.display();
@@ -959,6 +965,12 @@ fn notify_hooks_metrics_and_release_on_a_running_pair() {
             .get("failoverd_health_check_seconds_count{check=\"own_conode\"}")
             .is_some_and(|n| *n >= 1.0)
     });
+    // A live host shows its own check's verdict, no stale one of its standby days.
+    let fa = scrape(p.lab.a(), 7781);
+    for stale in ["live_conode", "live_peer"] {
+        let k = format!("failoverd_health{{check=\"{stale}\"}}");
+        assert!(!fa.contains_key(&k), "{k} on the live host: {fa:?}");
+    }
     let ca = scrape(p.lab.a(), 7782);
     assert!(!ca.is_empty(), "the conode on a serves metrics");
     let fb = scrape(p.lab.b(), 7781);
@@ -1037,16 +1049,7 @@ fn notify_hooks_metrics_and_release_on_a_running_pair() {
     p.assert_all_blocks("a");
 
     // Stopping the live failoverd releases the address and stops the conode.
-    let f = p.failoverd.borrow_mut()[1].take().unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(f.pid() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    assert!(
-        f.wait_timeout(T).is_some(),
-        "failoverd on b stops on SIGTERM"
-    );
+    p.stop_failoverd("b");
     notify[1].wait_for("STOPPING=1", Duration::from_secs(1));
     assert!(
         watch.wait_holders(&[], Duration::from_secs(1)),

@@ -281,12 +281,23 @@ impl Metrics {
         if let Some(c) = &st.core {
             self.vip_held.set(i64::from(c.vip_held));
             self.conflicts.set(c.conflicts as i64);
-            for h in &c.health {
-                self.health
-                    .get_or_create(&CheckLabel {
-                        check: crate::status::check_name(h.check),
-                    })
-                    .set(i64::from(h.ok));
+            // Only this role's checks: a verdict of the other role's is gone, not stale.
+            for check in [
+                failoverd_core::Check::OwnConode,
+                failoverd_core::Check::LiveConode,
+                failoverd_core::Check::LivePeer,
+            ] {
+                let label = CheckLabel {
+                    check: crate::status::check_name(check),
+                };
+                match c.health.iter().find(|h| h.check == check) {
+                    Some(h) => {
+                        self.health.get_or_create(&label).set(i64::from(h.ok));
+                    }
+                    None => {
+                        self.health.remove(&label);
+                    }
+                }
             }
         }
         let mut out = String::new();

@@ -134,6 +134,16 @@ pub enum Check {
     LivePeer,
 }
 
+impl Check {
+    /// The role whose host runs this check.
+    pub fn checked_by(self) -> crate::status::Role {
+        match self {
+            Check::OwnConode => crate::status::Role::Live,
+            Check::LiveConode | Check::LivePeer => crate::status::Role::Standby,
+        }
+    }
+}
+
 /// Something the core asks the shell to do to the world. Each one is answered by
 /// exactly one [`Input::Outcome`] with the same [`OpId`], or the core times it out
 /// and treats it as failed (it never assumes an effect happened, nor that it did not).

@@ -185,6 +185,8 @@ pub struct Core {
     last_error: Option<String>,
     /// Why the role last changed, or is changing now, and in words.
     role_cause: Option<(RoleCause, String)>,
+    /// The role the health verdicts in `health` were checked for.
+    health_role: Role,
     timers: TimerTable,
     out: VecDeque<Action>,
 }
@@ -206,6 +208,7 @@ impl Core {
             health: Vec::new(),
             conflicts: 0,
             role_cause: None,
+            health_role: Role::Standby,
             served_request: None,
             refused_handover: None,
             remove_attempts: 0,
@@ -243,6 +246,25 @@ impl Core {
             }
             Input::ConflictSeen { mac } => self.on_conflict(mac),
         }
+        self.forget_other_roles_health();
+    }
+
+    /// Health verdicts belong to the role they were checked for (a live host checks its
+    /// own conode, a standby the live ones): when the role changes, the old verdicts go.
+    fn forget_other_roles_health(&mut self) {
+        let role = self.role();
+        if role != self.health_role {
+            self.health.clear();
+            self.health_role = role;
+        }
+    }
+
+    fn role(&self) -> Role {
+        if self.claims() {
+            Role::Live
+        } else {
+            Role::Standby
+        }
     }
 
     /// Fires every timer due at `now`. Call it when [`Core::poll_timeout`] has passed.
@@ -261,6 +283,7 @@ impl Core {
                 "the lease no longer allows holding the address".into(),
             );
         }
+        self.forget_other_roles_health();
     }
 
     /// The next action for the shell, in order. Drain it after every `handle*` call.
@@ -314,11 +337,7 @@ impl Core {
     /// The operator's view.
     pub fn status(&self) -> Status {
         Status {
-            role: if self.claims() {
-                Role::Live
-            } else {
-                Role::Standby
-            },
+            role: self.role(),
             epoch: self.epoch,
             vip_held: self.may_hold(),
             doing: self.doing(),
@@ -721,6 +740,11 @@ impl Core {
     }
 
     fn on_health(&mut self, check: Check, ok: bool, reason: String) {
+        self.forget_other_roles_health();
+        if check.checked_by() != self.health_role {
+            // Checked for the role this host had when the check began: out of date.
+            return;
+        }
         let now = self.now;
         match self.health.iter_mut().find(|h| h.check == check) {
             Some(h) if h.ok == ok => h.reason = reason,

@@ -706,3 +706,27 @@ fn config_validation_names_the_values() {
     );
     assert!(Config::default().validate().is_ok());
 }
+
+#[test]
+fn health_verdicts_belong_to_the_role_they_were_checked_for() {
+    let health = |check, ok| Input::Health {
+        check,
+        ok,
+        reason: "checked".into(),
+    };
+    // A standby (deciding about its leftover) with a failing check of the live conode.
+    let mut one = One::start(true, 4, Some(7));
+    one.feed(health(Check::LiveConode, false));
+    assert_eq!(one.core.status().health.len(), 1);
+    // Live now: the standby's verdicts are gone, and a late one is not taken.
+    one.peer(4, false, false, Body::Heartbeat);
+    one.ok(Outcome::Announced);
+    one.ok(Outcome::ConodeStarted);
+    assert_eq!(one.core.status().role, Role::Live);
+    assert!(one.core.status().health.is_empty());
+    one.feed(health(Check::LiveConode, false));
+    assert!(one.core.status().health.is_empty());
+    one.feed(health(Check::OwnConode, true));
+    let h = one.core.status().health;
+    assert_eq!((h.len(), h[0].check, h[0].ok), (1, Check::OwnConode, true));
+}
