@@ -63,7 +63,10 @@ fn man_pages_and_completions_name_every_command() {
 #[test]
 fn output_into_a_closed_pipe_is_no_error() {
     for program in ["conode", "failoverd"] {
-        for args in [&["generate", "man"][..], &["generate", "completions", "bash"][..]] {
+        for args in [
+            &["generate", "man"][..],
+            &["generate", "completions", "bash"][..],
+        ] {
             let (reader, writer) = std::io::pipe().unwrap();
             drop(reader);
             let out = Command::new(bin(program))
