@@ -351,13 +351,20 @@ pub fn bind(path: &Path) -> Result<AdminListener, String> {
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
             .map_err(|e| format!("cannot make {} owner-only: {e}", tmp.display()))?;
         if let Some((name, gid)) = &group {
-            nix::unistd::chown(&tmp, None, Some(nix::unistd::Gid::from_raw(*gid))).map_err(
+            // In a setgid data directory (the package's) the socket has the group
+            // already, and no chown is made (the unit's syscall filter refuses chown).
+            let has = std::fs::metadata(&tmp)
+                .map(|m| m.gid() == *gid)
+                .unwrap_or(false);
+            if !has {
+                nix::unistd::chown(&tmp, None, Some(nix::unistd::Gid::from_raw(*gid))).map_err(
                 |e| {
                     format!(
                         "cannot give the admin socket to group {name} ({ADMIN_GROUP_ENV}): {e}; the conode's user must be a member of it"
                     )
                 },
             )?;
+            }
             std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o660))
                 .map_err(|e| format!("cannot open {} to group {name}: {e}", tmp.display()))?;
         }
