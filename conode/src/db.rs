@@ -96,6 +96,60 @@ const STATS_TTL: Duration = Duration::from_secs(30);
 /// How often the table figures are read again (they walk every table).
 const FIGURES_TTL: Duration = Duration::from_secs(2);
 
+/// A figure too costly to compute on request (it walks the database): readers get the
+/// last value at once, and a thread of its own computes it again once it is `ttl` old,
+/// one computation at a time. A reader never waits for a computation; the very first
+/// read finds none.
+pub struct Refreshed<T> {
+    slot: std::sync::Arc<Mutex<Option<(Instant, T)>>>,
+    busy: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ttl: Duration,
+    name: &'static str,
+}
+
+impl<T: Clone + Send + 'static> Refreshed<T> {
+    /// `name` names the computing thread.
+    pub fn new(name: &'static str, ttl: Duration) -> Refreshed<T> {
+        Refreshed {
+            slot: Default::default(),
+            busy: Default::default(),
+            ttl,
+            name,
+        }
+    }
+
+    /// The last value computed, if any; starts `compute` on a thread of its own when
+    /// there is none or it is `ttl` old and no computation runs. `compute` returning
+    /// `None` (its source is gone) keeps the old value.
+    pub fn get(&self, compute: impl FnOnce() -> Option<T> + Send + 'static) -> Option<T> {
+        use std::sync::atomic::Ordering;
+        let cached = self.slot.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let stale = cached
+            .as_ref()
+            .is_none_or(|(at, _)| at.elapsed() >= self.ttl);
+        if stale && !self.busy.swap(true, Ordering::SeqCst) {
+            let (slot, busy) = (self.slot.clone(), self.busy.clone());
+            let started = std::thread::Builder::new()
+                .name(self.name.into())
+                .spawn(move || {
+                    if let Some(v) = compute() {
+                        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), v));
+                    }
+                    busy.store(false, Ordering::SeqCst);
+                });
+            if started.is_err() {
+                self.busy.store(false, Ordering::SeqCst);
+            }
+        }
+        cached.map(|(_, v)| v)
+    }
+
+    /// Forget the value: the next read starts a computation.
+    pub fn clear(&self) {
+        *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+}
+
 pub struct Db {
     /// The open database; replaced when it is reopened after an I/O error
     /// ([`Db::recover`]). Use [`Db::db`].
@@ -111,9 +165,7 @@ pub struct Db {
     dirty: std::sync::Arc<crate::dirty::DirtyLog>,
     pub path: PathBuf,
     stats: Mutex<Option<(Instant, BTreeMap<String, String>)>>,
-    figures: Mutex<Option<(Instant, BTreeMap<String, String>)>>,
-    /// A thread is reading the figures again ([`Db::figures`]).
-    refreshing: std::sync::atomic::AtomicBool,
+    figures: Refreshed<BTreeMap<String, String>>,
     /// Set by a final image ([`Db::image`] with `freeze`): no write commits any more (a
     /// switchover ships that image as the last word of this host); cleared by
     /// [`Db::thaw`] or a restart.
@@ -219,8 +271,7 @@ impl Db {
             dirty,
             path: path.to_path_buf(),
             stats: Mutex::new(None),
-            figures: Mutex::new(None),
-            refreshing: Default::default(),
+            figures: Refreshed::new("db-figures", FIGURES_TTL),
             frozen: std::sync::atomic::AtomicBool::new(false),
         })
     }
@@ -395,7 +446,7 @@ impl Db {
             Ok(db) => {
                 *handle = std::sync::Arc::new(db);
                 *self.broken.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                *self.figures.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                self.figures.clear();
                 tracing::warn!(
                     "database {}: reopened after the I/O error; writes are accepted again",
                     self.path.display()
@@ -454,30 +505,12 @@ impl Db {
         if let Ok(m) = std::fs::metadata(&self.path) {
             f.insert("FileBytes".into(), m.len().to_string());
         }
-        let stale = {
-            let cache = self.figures.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((_, v)) = cache.as_ref() {
-                f.extend(v.clone());
-            }
-            cache
-                .as_ref()
-                .is_none_or(|(at, _)| at.elapsed() >= FIGURES_TTL)
-        };
-        if stale && !self.refreshing.swap(true, Ordering::SeqCst) {
-            let me = std::sync::Arc::downgrade(self);
-            let started = std::thread::Builder::new()
-                .name("db-figures".into())
-                .spawn(move || {
-                    if let Some(db) = me.upgrade() {
-                        let v = db.read_figures();
-                        *db.figures.lock().unwrap_or_else(|p| p.into_inner()) =
-                            Some((Instant::now(), v));
-                        db.refreshing.store(false, Ordering::SeqCst);
-                    }
-                });
-            if started.is_err() {
-                self.refreshing.store(false, Ordering::SeqCst);
-            }
+        let me = std::sync::Arc::downgrade(self);
+        if let Some(v) = self
+            .figures
+            .get(move || me.upgrade().map(|db| db.read_figures()))
+        {
+            f.extend(v);
         }
         f.insert("Frozen".into(), self.is_frozen().to_string());
         f
@@ -1312,5 +1345,50 @@ impl redb::StorageBackend for Overlay {
         }
         st.len = st.len.max(offset + data.len() as u64);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod refreshed_tests {
+    use super::Refreshed;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn readers_never_wait_and_one_computation_runs_at_a_time() {
+        let r = Refreshed::<u32>::new("test-refresh", Duration::from_millis(200));
+        let runs = Arc::new(AtomicU32::new(0));
+        let slow = |runs: Arc<AtomicU32>| {
+            move || {
+                std::thread::sleep(Duration::from_millis(300));
+                Some(runs.fetch_add(1, Ordering::SeqCst) + 1)
+            }
+        };
+        let t = Instant::now();
+        assert_eq!(r.get(slow(runs.clone())), None, "the first read finds none");
+        for _ in 0..10 {
+            assert_eq!(r.get(slow(runs.clone())), None);
+        }
+        assert!(
+            t.elapsed() < Duration::from_millis(200),
+            "{:?}",
+            t.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(600));
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            1,
+            "one computation for 11 reads"
+        );
+        // Stale by now: the last value is served at once, and one more computation starts.
+        assert_eq!(r.get(slow(runs.clone())), Some(1));
+        std::thread::sleep(Duration::from_millis(700));
+        assert!(runs.load(Ordering::SeqCst) >= 2);
+        // Cleared: none, and a computation whose source is gone (None) stores nothing.
+        r.clear();
+        assert_eq!(r.get(|| None), None);
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(r.get(|| None), None);
     }
 }

@@ -295,8 +295,7 @@ pub struct Skipchain {
     members: Mutex<Queues>,
     /// The Status figures that read every page, and when; and whether a thread is
     /// reading them again (Status never waits for it).
-    bytes_cache: Arc<Mutex<Option<(Instant, u64)>>>,
-    bytes_refreshing: Arc<std::sync::atomic::AtomicBool>,
+    bytes: crate::db::Refreshed<u64>,
     /// As a follower: the last block signed per chain, until it is stored.
     signed: Mutex<HashMap<[u8; 32], Signed>>,
     /// Blocks acknowledged as leader, and how long each took.
@@ -367,8 +366,7 @@ impl Skipchain {
             },
             chains: Mutex::new(HashMap::new()),
             members: Mutex::new(HashMap::new()),
-            bytes_cache: Default::default(),
-            bytes_refreshing: Default::default(),
+            bytes: crate::db::Refreshed::new("chain-bytes", BYTES_TTL),
             signed: Mutex::new(HashMap::new()),
             metrics,
         })
@@ -485,31 +483,14 @@ impl Skipchain {
             // The stored bytes read every page of the blocks: a thread of its own reads
             // them again once they are BYTES_TTL old, and Status shows the last figure
             // (none yet in the first Status of a conode just started).
-            let cached = *self.bytes_cache.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((_, b)) = cached {
+            let db = Arc::downgrade(&self.db);
+            let bytes = self.bytes.get(move || {
+                db.upgrade()
+                    .and_then(|db| View::new(&db.db()).ok())
+                    .map(|v| v.stored_bytes())
+            });
+            if let Some(b) = bytes {
                 f.insert("Bytes".into(), b.to_string());
-            }
-            let stale = cached.is_none_or(|(at, _)| at.elapsed() >= BYTES_TTL);
-            use std::sync::atomic::Ordering;
-            if stale && !self.bytes_refreshing.swap(true, Ordering::SeqCst) {
-                let (db, cache, busy) = (
-                    Arc::downgrade(&self.db),
-                    self.bytes_cache.clone(),
-                    self.bytes_refreshing.clone(),
-                );
-                let started = std::thread::Builder::new()
-                    .name("chain-bytes".into())
-                    .spawn(move || {
-                        if let Some(v) = db.upgrade().and_then(|db| View::new(&db.db()).ok()) {
-                            let b = v.stored_bytes();
-                            *cache.lock().unwrap_or_else(|p| p.into_inner()) =
-                                Some((Instant::now(), b));
-                        }
-                        busy.store(false, Ordering::SeqCst);
-                    });
-                if started.is_err() {
-                    self.bytes_refreshing.store(false, Ordering::SeqCst);
-                }
             }
             f.insert("Blocks".into(), blocks.to_string());
             f.insert("Chains".into(), chains.to_string());
