@@ -1,0 +1,1023 @@
+//! The Debian package `conode-failover` under a real systemd (docs/packaging.md): the
+//! package built by `scripts/package` from this build's binaries is installed inside a
+//! `systemd-nspawn` container that boots this machine's own tree, and its units and
+//! polkit rule are driven with `systemctl` there.
+//!
+//! The container: the host's root file system, bind-mounted read-only in a mount
+//! namespace of the test's own (`unshare -m`, so the mount vanishes with the test), under
+//! a volatile overlay (`--volatile=overlay`: every write lands in a tmpfs and is gone at
+//! power-off), with a private network (`--private-network`: only its own loopback; the
+//! test adds a veth pair inside it for the virtual IP's interface, never anything in the
+//! host's namespaces). Its systemd boots `basic.target` with `timers.target` masked, so
+//! the services enabled on the host (nginx, sshd, postgres, apt timers) do not start in
+//! it; dbus and polkitd start on demand. The test talks to it with `nsenter` into the
+//! container's PID 1 (the host has no systemd, hence no machined: `machinectl` and
+//! `systemd-run -M` cannot reach it). It is powered off (SIGTERM to systemd-nspawn, the
+//! child process the test started), or killed after a bounded wait, by a drop guard.
+//!
+//! Inside: `dpkg -i` the package; `conode setup` as in docs/packaging.md; `systemctl
+//! start conode.service` (Type=notify: active only after READY=1), its ports listen, its
+//! stop is clean, no permission or seccomp failure in its journal; the polkit rule lets
+//! the user failoverd start, restart and stop conode.service and nothing else; then
+//! `failoverd setup` (a pinned peer key, a peer nobody answers, the virtual IP on a veth
+//! interface inside the container), `systemctl start failoverd.service`, its watchdog
+//! configured and fed past `WatchdogSec`, `failoverd status` as the user failoverd, and a
+//! stop whose `ExecStopPost=failoverd release-vip` succeeds ("nothing to release"); then
+//! once more with what a crash of a live host leaves (the address tagged as failoverd's,
+//! put there with failoverd's own code, and the conode running): the stop's
+//! `release-vip`, as the user failoverd in the unit's sandbox, removes the address and
+//! stops conode.service through the polkit rule.
+//!
+//! Serialised with tests/deb_package.rs by an flock on [`LOCK`]: both run
+//! `scripts/package` (one `target/<profile>/deb-assets/`, one `target/debian/`), and
+//! deb_package installs the package on the host, whose tree the container boots.
+//!
+//! Needs root, `systemd-nspawn` (package systemd-container), `polkitd` and `dbus`; without
+//! them it fails saying what to install (scripts/install-deps installs them), it never
+//! skips.
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use system_tests::{wait_bounded, Run};
+
+/// Taken by this test and tests/deb_package.rs for their whole run (machine-wide: the
+/// host's dpkg is one).
+const LOCK: &str = "/run/lock/system-tests-package.lock";
+
+/// The virtual IP's interface inside the container (a veth pair: this kernel may lack
+/// the dummy driver), its address, the virtual IP and a peer that nobody answers.
+const VIP_IF: &str = "vip0";
+const IF_ADDR: &str = "10.77.0.1/24";
+const VIP: &str = "10.77.0.100/24";
+const PEER: &str = "10.77.0.2:7780";
+
+const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// What, in a unit's journal, means the hardening or the permissions got in the way.
+const BAD_IN_JOURNAL: [&str; 12] = [
+    "Operation not permitted",
+    "Permission denied",
+    "EPERM",
+    "EACCES",
+    "SIGSYS",
+    "Bad system call",
+    "seccomp",
+    "code=killed",
+    "code=dumped",
+    "Watchdog timeout",
+    "Failed with result",
+    "Main process exited, code=",
+];
+
+fn said(r: &Run) -> String {
+    format!("{}{}", r.stdout, r.stderr)
+}
+
+/// The flock on [`LOCK`], waited for at most `within`.
+fn package_lock(within: Duration) -> nix::fcntl::Flock<std::fs::File> {
+    let deadline = Instant::now() + within;
+    loop {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(LOCK)
+            .unwrap_or_else(|e| panic!("cannot open {LOCK}: {e}"));
+        match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return lock,
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(200))
+            }
+            Err((_, e)) => panic!(
+                "cannot take {LOCK} within {within:?} (tests/deb_package.rs holds it while it \
+                 runs): {e}"
+            ),
+        }
+    }
+}
+
+/// Run `program args` on the host, bounded.
+fn host(program: &str, args: &[&str], timeout: Duration) -> Run {
+    let child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    wait_bounded(
+        child,
+        b"",
+        timeout,
+        &format!("{program} {}", args.join(" ")),
+    )
+}
+
+/// Fail, saying what to install, when something the test needs is missing on the host
+/// (the container boots the host's tree: what it runs must be installed here).
+fn check_prerequisites() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "systemd_nspawn needs root (systemd-nspawn, nsenter, mounts in its own namespace)"
+    );
+    let needs = [
+        ("/usr/bin/systemd-nspawn", "systemd-container"),
+        ("/lib/systemd/systemd", "systemd"),
+        ("/usr/lib/polkit-1/polkitd", "polkitd"),
+        ("/usr/bin/dbus-daemon", "dbus"),
+        ("/usr/bin/nsenter", "util-linux"),
+        ("/usr/bin/unshare", "util-linux"),
+        ("/usr/sbin/runuser", "util-linux"),
+        ("/usr/bin/ss", "iproute2"),
+        ("/usr/bin/dpkg-deb", "dpkg"),
+    ];
+    let missing: Vec<String> = needs
+        .iter()
+        .filter(|(p, _)| !Path::new(p).exists())
+        .map(|(p, pkg)| format!("{p} (package {pkg})"))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "systemd_nspawn: missing on this machine: {missing:?}; install them (apt-get install \
+         systemd-container polkitd dbus; scripts/install-deps does) and run again"
+    );
+}
+
+/// The package file built by `scripts/package` from this build's binaries (the caller
+/// holds [`LOCK`]), copied into `into`.
+fn build_package(into: &Path) -> PathBuf {
+    let conode = system_tests::bin("conode");
+    system_tests::bin("failoverd");
+    let dir = conode
+        .parent()
+        .and_then(Path::file_name)
+        .and_then(|n| n.to_str())
+        .expect("target/<profile>/conode")
+        .to_string();
+    let profile = if dir == "debug" {
+        "dev".to_string()
+    } else {
+        dir
+    };
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace")
+        .join("scripts/package");
+    let out = host(
+        script.to_str().expect("utf-8 path"),
+        &["--profile", &profile, "--no-build", "--", "--fast"],
+        Duration::from_secs(300),
+    );
+    assert!(
+        out.code == Some(0),
+        "scripts/package failed ({:?}):\n{}",
+        out.code,
+        said(&out)
+    );
+    let deb = out
+        .stdout
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("package: "))
+        .unwrap_or_else(|| panic!("scripts/package named no package:\n{}", said(&out)));
+    let name = Path::new(deb).file_name().expect("package file name");
+    let copy = into.join(name);
+    std::fs::copy(deb, &copy).unwrap_or_else(|e| panic!("copy {deb}: {e}"));
+    copy
+}
+
+/// What the host has of the package, its users and the test's interface: the same
+/// before and after, or the container reached the host.
+fn host_state() -> Vec<String> {
+    let mut s = Vec::new();
+    let dpkg = host(
+        "dpkg-query",
+        &["-W", "-f=${db:Status-Status}", "conode-failover"],
+        Duration::from_secs(30),
+    );
+    s.push(format!("dpkg: {:?} {}", dpkg.code, dpkg.stdout.trim()));
+    for u in ["conode", "failoverd"] {
+        let g = host("getent", &["passwd", u], Duration::from_secs(10));
+        s.push(format!("user {u}: {:?}", g.code));
+    }
+    for p in [
+        "/etc/conode",
+        "/etc/failoverd",
+        "/var/lib/conode",
+        "/var/lib/failoverd",
+        "/usr/bin/conode",
+        "/lib/systemd/system/conode.service",
+        "/lib/systemd/system/failoverd.service",
+        "/run/systemd/system",
+        "/run/systemd/nspawn",
+    ] {
+        s.push(format!("{p}: {}", Path::new(p).symlink_metadata().is_ok()));
+    }
+    let l = host("ip", &["link", "show", VIP_IF], Duration::from_secs(10));
+    s.push(format!("link {VIP_IF}: {:?}", l.code));
+    s
+}
+
+/// The parent pid of `pid` (from /proc/PID/stat), and its command name.
+fn ppid_and_comm(pid: u32) -> Option<(u32, String)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let comm = stat[open + 1..close].to_string();
+    let ppid = stat[close + 1..].split_whitespace().nth(1)?.parse().ok()?;
+    Some((ppid, comm))
+}
+
+/// The child process `systemd` of `parent`, if there is one yet.
+fn systemd_child_of(parent: u32) -> Option<u32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .find(|&pid| {
+            matches!(ppid_and_comm(pid), Some((pp, comm)) if pp == parent && comm == "systemd")
+        })
+}
+
+/// The booted container: systemd-nspawn (our child) and the container's PID 1.
+struct Container {
+    nspawn: Child,
+    leader: u32,
+    log: PathBuf,
+    // The mount point of the host's tree (empty outside our mount namespace); removed
+    // after the container is gone.
+    _root: tempfile::TempDir,
+}
+
+impl Container {
+    fn boot(name: &str, pkg_dir: &Path, log: &Path) -> Container {
+        let root = tempfile::Builder::new()
+            .prefix("conode-nspawn-root.")
+            .tempdir()
+            .expect("tempdir");
+        let log_file = std::fs::File::create(log).expect("create the nspawn log");
+        // In a mount namespace of its own (gone with systemd-nspawn): the host's root file
+        // system bound read-only on the mount point (the overlay's lower layer: nothing
+        // is ever written to it), and a tmpfs over /run/systemd (the host's /run is on
+        // disk here: systemd-nspawn keeps its propagation directories there and would
+        // leave them behind).
+        let script = r#"set -e
+mount --bind / "$0"
+mount -o remount,bind,ro "$0"
+mount -t tmpfs -o mode=0755 tmpfs /run/systemd
+exec "$@""#;
+        let bind = format!("--bind-ro={}:/pkg", pkg_dir.display());
+        let machine = format!("--machine={name}");
+        let root_path = root.path().to_str().expect("utf-8 path").to_string();
+        let nspawn = Command::new("unshare")
+            .args([
+                "--mount",
+                "--propagation",
+                "private",
+                "--",
+                "sh",
+                "-c",
+                script,
+            ])
+            .arg(&root_path)
+            .args([
+                "systemd-nspawn",
+                "--quiet",
+                "--directory",
+                &root_path,
+                "--volatile=overlay",
+                "--private-network",
+                &machine,
+                // No machined, no system bus on the host: nothing to register with.
+                "--register=no",
+                "--keep-unit",
+                // The machine id is the host's: keep the journal inside.
+                "--link-journal=no",
+                "--resolv-conf=off",
+                "--timezone=off",
+                "--console=pipe",
+                &bind,
+                "--boot",
+                // The container's systemd reads these as its kernel command line.
+                "systemd.unit=basic.target",
+                "systemd.mask=timers.target",
+            ])
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("dup log"))
+            .stderr(log_file)
+            .spawn()
+            .expect("cannot run unshare/systemd-nspawn");
+        let mut c = Container {
+            nspawn,
+            leader: 0,
+            log: log.to_path_buf(),
+            _root: root,
+        };
+        // unshare and sh exec: the child is systemd-nspawn; its child `systemd` is the
+        // container's PID 1.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = c.nspawn.try_wait().expect("try_wait") {
+                panic!(
+                    "systemd-nspawn exited ({st}) before the container booted:\n{}",
+                    c.log_text()
+                );
+            }
+            if let Some(pid) = systemd_child_of(c.nspawn.id()) {
+                c.leader = pid;
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no systemd under systemd-nspawn (pid {}) within 30 s:\n{}",
+                c.nspawn.id(),
+                c.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        c
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `args` inside the container (all its namespaces), as root, with a clean
+    /// environment; killed and the test failed past `timeout`.
+    fn run_with(&self, args: &[&str], stdin: &[u8], timeout: Duration) -> Run {
+        let leader = self.leader.to_string();
+        let child = Command::new("nsenter")
+            .args(["-t", &leader, "-a", "--", "env", "-i"])
+            .args([
+                format!("PATH={PATH}"),
+                "LANG=C.UTF-8".into(),
+                "TERM=dumb".into(),
+                "SYSTEMD_PAGER=cat".into(),
+                "SYSTEMD_COLORS=0".into(),
+            ])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot run nsenter");
+        wait_bounded(
+            child,
+            stdin,
+            timeout,
+            &format!("in the container: {}", args.join(" ")),
+        )
+    }
+
+    fn run(&self, args: &[&str]) -> Run {
+        self.run_with(args, b"", Duration::from_secs(60))
+    }
+
+    /// `args` must succeed; their standard output.
+    fn ok(&self, args: &[&str]) -> String {
+        let r = self.run(args);
+        assert!(
+            r.code == Some(0),
+            "in the container: {} failed ({:?}):\n{}",
+            args.join(" "),
+            r.code,
+            said(&r)
+        );
+        r.stdout
+    }
+
+    fn sh(&self, script: &str) -> String {
+        self.ok(&["sh", "-ec", script])
+    }
+
+    /// `systemctl show` properties of `unit`.
+    fn show(&self, unit: &str, props: &[&str]) -> HashMap<String, String> {
+        let mut args = vec!["systemctl", "show", unit];
+        for p in props {
+            args.push("-p");
+            args.push(p);
+        }
+        self.ok(&args)
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn prop(&self, unit: &str, prop: &str) -> String {
+        self.show(unit, &[prop])
+            .remove(prop)
+            .unwrap_or_else(|| panic!("systemctl show {unit}: no {prop}"))
+    }
+
+    /// The journal of `unit`, everything logged so far.
+    fn journal(&self, unit: &str) -> String {
+        self.ok(&["journalctl", "--sync"]);
+        self.ok(&[
+            "journalctl",
+            "--no-pager",
+            "-o",
+            "short-monotonic",
+            "-u",
+            unit,
+        ])
+    }
+
+    /// Put [`VIP`] on [`VIP_IF`] inside the container tagged as failoverd's (IFA_PROTO
+    /// 250: bookworm's `ip` cannot set it), with failoverd's own code, from a thread that
+    /// entered the container's network namespace (never the host's).
+    fn add_tagged_vip(&self) {
+        let ns_path = format!("/proc/{}/ns/net", self.leader);
+        let theirs = std::fs::metadata(&ns_path).expect("the container's netns");
+        let ours = std::fs::metadata("/proc/self/ns/net").expect("our netns");
+        assert!(
+            (theirs.dev(), theirs.ino()) != (ours.dev(), ours.ino()),
+            "the container shares the host's network namespace: refusing to add an address"
+        );
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let ns = std::fs::File::open(&ns_path).expect("open the container's netns");
+                nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .expect("setns into the container's netns");
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a tokio runtime")
+                    .block_on(async {
+                        failoverd::vip::Vip::parse(VIP_IF, VIP)
+                            .expect("the VIP parses")
+                            .add()
+                            .await
+                    })
+                    .expect("add the tagged VIP in the container");
+            })
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        });
+    }
+
+    /// Wait until the boot is over ("running", or "degraded": then say which units failed).
+    fn wait_booted(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            let r = self.run_with(
+                &["systemctl", "is-system-running"],
+                b"",
+                Duration::from_secs(10),
+            );
+            last = said(&r).trim().to_string();
+            match last.as_str() {
+                "running" => return,
+                "degraded" => {
+                    let failed = self.run(&["systemctl", "--failed", "--no-legend"]);
+                    eprintln!(
+                        "systemd_nspawn: the container booted degraded (units of the host's tree, \
+                         not the package's): {}",
+                        said(&failed).trim()
+                    );
+                    return;
+                }
+                _ => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
+        panic!(
+            "the container's systemd did not finish booting within {within:?} (last: {last:?}):\n{}",
+            self.log_text()
+        );
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        if std::thread::panicking() && self.leader != 0 {
+            if let Ok(None) = self.nspawn.try_wait() {
+                let j = self.run_with(
+                    &["journalctl", "--no-pager", "-b", "-n", "150"],
+                    b"",
+                    Duration::from_secs(10),
+                );
+                eprintln!(
+                    "systemd_nspawn: the container's journal (last 150 lines):\n{}",
+                    j.stdout
+                );
+            }
+            eprintln!("systemd_nspawn: systemd-nspawn said:\n{}", self.log_text());
+        }
+        let nspawn = Pid::from_raw(self.nspawn.id() as i32);
+        // SIGTERM: systemd-nspawn asks the container's systemd to power off.
+        if let Ok(None) = self.nspawn.try_wait() {
+            let _ = kill(nspawn, Signal::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if !matches!(self.nspawn.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!("systemd_nspawn: the container did not power off within 20 s: killing it");
+        // The container's PID 1 (only while it is still systemd-nspawn's child: a pid
+        // of ours), then systemd-nspawn; the kernel kills the rest of its pid namespace.
+        if self.leader != 0
+            && matches!(ppid_and_comm(self.leader), Some((pp, _)) if pp == self.nspawn.id())
+        {
+            let _ = kill(Pid::from_raw(self.leader as i32), Signal::SIGKILL);
+        }
+        let _ = self.nspawn.kill();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if !matches!(self.nspawn.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!(
+            "systemd_nspawn: systemd-nspawn (pid {}) still runs after SIGKILL",
+            self.nspawn.id()
+        );
+    }
+}
+
+/// The port lines of `ss -Hltnp` that listen on `port`.
+fn listening(ss: &str, port: u16) -> Vec<&str> {
+    let suffix = format!(":{port}");
+    ss.lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .nth(3)
+                .is_some_and(|a| a.ends_with(&suffix))
+        })
+        .collect()
+}
+
+fn assert_clean_journal(unit: &str, journal: &str) {
+    for bad in BAD_IN_JOURNAL {
+        assert!(
+            !journal.contains(bad),
+            "the journal of {unit} says {bad:?}:\n{journal}"
+        );
+    }
+}
+
+/// `systemctl VERB UNIT` as `user` must be refused by polkit.
+fn assert_refused(c: &Container, user: &str, verb: &str, unit: &str) {
+    let r = c.run(&[
+        "runuser",
+        "-u",
+        user,
+        "--",
+        "systemctl",
+        "--no-ask-password",
+        verb,
+        unit,
+    ]);
+    let text = said(&r);
+    assert!(
+        r.code != Some(0)
+            && (text.contains("Interactive authentication required")
+                || text.contains("Access denied")),
+        "{user}: systemctl {verb} {unit} was not refused by polkit ({:?}):\n{text}",
+        r.code
+    );
+}
+
+/// `systemctl VERB conode.service` as the user failoverd must succeed.
+fn as_failoverd(c: &Container, verb: &str) {
+    c.ok(&[
+        "runuser",
+        "-u",
+        "failoverd",
+        "--",
+        "systemctl",
+        "--no-ask-password",
+        verb,
+        "conode.service",
+    ]);
+}
+
+#[test]
+fn packaged_units_and_polkit_rule_work_under_systemd_in_a_container() {
+    let t0 = Instant::now();
+    check_prerequisites();
+    let _lock = package_lock(Duration::from_secs(600));
+    let waited = t0.elapsed();
+
+    let work = tempfile::Builder::new()
+        .prefix("conode-nspawn.")
+        .tempdir()
+        .expect("tempdir");
+    let pkg_dir = work.path().join("pkg");
+    std::fs::create_dir(&pkg_dir).expect("mkdir pkg");
+    let t = Instant::now();
+    let deb = build_package(&pkg_dir);
+    let built = t.elapsed();
+    let recommends = host(
+        "dpkg-deb",
+        &["-f", deb.to_str().expect("utf-8 path"), "Recommends"],
+        Duration::from_secs(30),
+    );
+    assert!(
+        recommends.stdout.split(',').any(|p| p.trim() == "polkitd"),
+        "the package does not recommend polkitd (its rule needs it): {:?}",
+        recommends.stdout
+    );
+    let deb_name = deb
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("package file name")
+        .to_string();
+
+    let before = host_state();
+    let t = Instant::now();
+    let c = Container::boot(
+        &format!("conode-test-{}", std::process::id()),
+        &pkg_dir,
+        &work.path().join("nspawn.log"),
+    );
+    c.wait_booted(Duration::from_secs(60));
+    let booted = t.elapsed();
+    // The host's enabled services stay off: only basic.target was booted.
+    assert_eq!(
+        c.prop("multi-user.target", "ActiveState"),
+        "inactive",
+        "the container booted multi-user.target (the host's services)"
+    );
+    assert_eq!(c.sh("ip -o link show | wc -l").trim(), "1", "not only lo");
+
+    // Install.
+    let t = Instant::now();
+    // man-db's trigger (seconds of mandb) has nothing to show here.
+    c.ok(&["rm", "-f", "/var/lib/man-db/auto-update"]);
+    c.ok(&["dpkg", "-i", &format!("/pkg/{deb_name}")]);
+    let installed = t.elapsed();
+    let p = c.show(
+        "conode.service",
+        &[
+            "LoadState",
+            "UnitFileState",
+            "ActiveState",
+            "Type",
+            "NotifyAccess",
+        ],
+    );
+    assert_eq!(p["LoadState"], "loaded", "conode.service after dpkg -i");
+    assert_eq!(
+        p["UnitFileState"], "disabled",
+        "the package enables nothing"
+    );
+    assert_eq!(p["ActiveState"], "inactive", "the package starts nothing");
+    assert_eq!(
+        (p["Type"].as_str(), p["NotifyAccess"].as_str()),
+        ("notify", "main")
+    );
+
+    // The conode, as docs/packaging.md sets it up.
+    c.ok(&[
+        "conode",
+        "-c",
+        "/etc/conode/private.toml",
+        "setup",
+        "--non-interactive",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "7000",
+        "--description",
+        "systemd_nspawn test",
+    ]);
+    c.ok(&["chmod", "0640", "/etc/conode/private.toml"]);
+
+    // conode.service: `systemctl start` returns once READY=1 arrived (Type=notify).
+    let start = c.run(&["systemctl", "--no-ask-password", "start", "conode.service"]);
+    if start.code != Some(0) {
+        panic!(
+            "systemctl start conode.service failed ({:?}):\n{}\njournal:\n{}",
+            start.code,
+            said(&start),
+            c.journal("conode.service")
+        );
+    }
+    let p = c.show(
+        "conode.service",
+        &["ActiveState", "SubState", "MainPID", "NRestarts"],
+    );
+    assert_eq!(
+        (p["ActiveState"].as_str(), p["SubState"].as_str()),
+        ("active", "running"),
+        "conode.service after start: {p:?}"
+    );
+    assert_eq!(p["NRestarts"], "0", "conode.service restarted");
+    let main = p["MainPID"].clone();
+    assert_eq!(
+        c.ok(&["stat", "-c", "%U", &format!("/proc/{main}")]).trim(),
+        "conode",
+        "conode.service does not run as the user conode"
+    );
+    let ss = c.ok(&["ss", "-Hltnp"]);
+    for port in [7000, 7001] {
+        let lines = listening(&ss, port);
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains(&format!("pid={main},")) && l.contains("\"conode\"")),
+            "the conode (pid {main}) does not listen on {port}:\n{ss}"
+        );
+    }
+    let admin = c.sh("ls -l /var/lib/conode/ | grep 'admin-.*\\.sock'");
+    assert!(
+        admin.starts_with("srw-rw---- ") && admin.contains(" conode conode "),
+        "the admin socket is not 0660 conode:conode: {admin}"
+    );
+    c.ok(&["systemctl", "stop", "conode.service"]);
+    let p = c.show(
+        "conode.service",
+        &["ActiveState", "Result", "ExecMainStatus"],
+    );
+    assert_eq!(
+        (
+            p["ActiveState"].as_str(),
+            p["Result"].as_str(),
+            p["ExecMainStatus"].as_str()
+        ),
+        ("inactive", "success", "0"),
+        "conode.service after stop"
+    );
+    let j = c.journal("conode.service");
+    assert_clean_journal("conode.service", &j);
+    assert!(
+        j.contains("Started conode.service") && j.contains("database closed cleanly"),
+        "conode.service's journal lacks its start or its clean stop:\n{j}"
+    );
+
+    // The polkit rule: failoverd may start, restart and stop conode.service, nothing else.
+    as_failoverd(&c, "start");
+    assert_eq!(c.prop("conode.service", "ActiveState"), "active");
+    assert_eq!(c.prop("polkit.service", "ActiveState"), "active");
+    let pid1 = c.prop("conode.service", "MainPID");
+    as_failoverd(&c, "restart");
+    let pid2 = c.prop("conode.service", "MainPID");
+    assert!(
+        pid1 != pid2 && c.prop("conode.service", "ActiveState") == "active",
+        "restart by failoverd: MainPID {pid1} then {pid2}"
+    );
+    as_failoverd(&c, "stop");
+    assert_eq!(c.prop("conode.service", "ActiveState"), "inactive");
+    assert_refused(&c, "failoverd", "start", "systemd-initctl.service");
+    assert_refused(&c, "failoverd", "enable", "conode.service");
+    assert_refused(&c, "conode", "start", "conode.service");
+    assert_eq!(
+        c.prop("conode.service", "ActiveState"),
+        "inactive",
+        "a refused start started the conode"
+    );
+    assert_eq!(c.prop("systemd-initctl.service", "ActiveState"), "inactive");
+
+    // failoverd: the address's interface inside the container (veth: this kernel may have
+    // no dummy driver), a peer's key to pin, then the configuration as in
+    // docs/packaging.md.
+    c.sh(&format!(
+        "ip link add {VIP_IF} type veth peer name {VIP_IF}-peer
+         ip link set {VIP_IF}-peer up
+         ip link set {VIP_IF} up
+         ip addr add {IF_ADDR} dev {VIP_IF}"
+    ));
+    let peer = c.ok(&[
+        "failoverd",
+        "-c",
+        "/var/tmp/peer/failoverd.toml",
+        "setup",
+        "--state-dir",
+        "/var/tmp/peer/state",
+        "--peer",
+        "10.77.0.1:7780",
+        "--interface",
+        VIP_IF,
+    ]);
+    let peer_key = peer
+        .lines()
+        .map(str::trim)
+        .rfind(|l| l.len() == 64 && l.bytes().all(|b| b.is_ascii_hexdigit()))
+        .unwrap_or_else(|| panic!("failoverd setup printed no public key:\n{peer}"))
+        .to_string();
+    c.ok(&[
+        "failoverd",
+        "-c",
+        "/etc/failoverd/failoverd.toml",
+        "setup",
+        "--conode-config",
+        "/etc/conode/private.toml",
+        "--conode-data-dir",
+        "/var/lib/conode",
+        "--peer",
+        PEER,
+        "--peer-key",
+        &peer_key,
+        "--interface",
+        VIP_IF,
+    ]);
+    let toml = c.ok(&["cat", "/etc/failoverd/failoverd.toml"]);
+    let vip_at = toml.find("\n[vip]\n").expect("[vip] in failoverd.toml");
+    let empty = "\naddress = \"\"\n";
+    let addr_at = vip_at
+        + toml[vip_at..]
+            .find(empty)
+            .expect("[vip] address = \"\" in failoverd.toml");
+    let toml = format!(
+        "{}\naddress = \"{VIP}\"\n{}",
+        &toml[..addr_at],
+        &toml[addr_at + empty.len()..]
+    );
+    let w = c.run_with(
+        &["sh", "-ec", "cat > /etc/failoverd/failoverd.toml"],
+        toml.as_bytes(),
+        Duration::from_secs(30),
+    );
+    assert!(w.code == Some(0), "write failoverd.toml: {}", said(&w));
+    c.ok(&["chown", "failoverd", "/etc/failoverd/failoverd.key"]);
+    c.ok(&["chmod", "0640", "/etc/failoverd/failoverd.toml"]);
+    let check = c.ok(&["failoverd", "-c", "/etc/failoverd/failoverd.toml", "check"]);
+    assert!(
+        check.contains(&format!("ok: vip {VIP} on {VIP_IF}")),
+        "failoverd check:\n{check}"
+    );
+
+    // failoverd.service: READY=1, then the watchdog fed for longer than WatchdogSec.
+    let start = c.run(&["systemctl", "start", "failoverd.service"]);
+    let started = Instant::now();
+    if start.code != Some(0) {
+        panic!(
+            "systemctl start failoverd.service failed ({:?}):\n{}\njournal:\n{}",
+            start.code,
+            said(&start),
+            c.journal("failoverd.service")
+        );
+    }
+    let props = [
+        "ActiveState",
+        "SubState",
+        "MainPID",
+        "NRestarts",
+        "WatchdogUSec",
+        "ActiveEnterTimestampMonotonic",
+        "WatchdogTimestampMonotonic",
+    ];
+    let p = c.show("failoverd.service", &props);
+    assert_eq!(
+        (p["ActiveState"].as_str(), p["SubState"].as_str()),
+        ("active", "running"),
+        "failoverd.service after start: {p:?}"
+    );
+    let main = p["MainPID"].clone();
+    let entered: u64 = p["ActiveEnterTimestampMonotonic"].parse().expect("µs");
+    // systemctl show prints WatchdogUSec as a time span ("20s").
+    let watchdog = match p["WatchdogUSec"].as_str() {
+        "0" | "infinity" | "" => panic!("failoverd.service has no watchdog: {p:?}"),
+        s => {
+            let secs: u64 = s
+                .strip_suffix('s')
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("WatchdogUSec={s}: expected whole seconds"));
+            Duration::from_secs(secs)
+        }
+    };
+    assert_eq!(
+        c.ok(&["stat", "-c", "%U", &format!("/proc/{main}")]).trim(),
+        "failoverd",
+        "failoverd.service does not run as the user failoverd"
+    );
+    let status = c.sh(&format!("grep -E '^Cap(Amb|Eff):' /proc/{main}/status"));
+    assert!(
+        status.lines().all(|l| l.ends_with("0000000000003000")),
+        "failoverd's capabilities are not exactly CAP_NET_ADMIN and CAP_NET_RAW:\n{status}"
+    );
+    let st = c.ok(&[
+        "runuser",
+        "-u",
+        "failoverd",
+        "--",
+        "failoverd",
+        "-c",
+        "/etc/failoverd/failoverd.toml",
+        "status",
+    ]);
+    assert!(
+        st.lines()
+            .any(|l| l.starts_with("role:") && l.contains("standby")),
+        "failoverd status as failoverd:\n{st}"
+    );
+    let past = watchdog + Duration::from_secs(3);
+    if let Some(rest) = past.checked_sub(started.elapsed()) {
+        std::thread::sleep(rest);
+    }
+    let p = c.show("failoverd.service", &props);
+    assert_eq!(
+        (
+            p["ActiveState"].as_str(),
+            p["MainPID"].as_str(),
+            p["NRestarts"].as_str()
+        ),
+        ("active", main.as_str(), "0"),
+        "failoverd.service {past:?} after start (WatchdogSec {watchdog:?}): {p:?}\n{}",
+        c.journal("failoverd.service")
+    );
+    let pinged: u64 = p["WatchdogTimestampMonotonic"].parse().expect("µs");
+    assert!(
+        pinged >= entered + watchdog.as_micros() as u64 / 2,
+        "no WATCHDOG=1 from failoverd half a WatchdogSec after READY=1 (ready at {entered} µs, \
+         last ping at {pinged} µs)"
+    );
+
+    // Stop: ExecStopPost=failoverd release-vip runs (the address is not there).
+    c.ok(&["systemctl", "stop", "failoverd.service"]);
+    let p = c.show(
+        "failoverd.service",
+        &["ActiveState", "Result", "ExecMainStatus"],
+    );
+    assert_eq!(
+        (
+            p["ActiveState"].as_str(),
+            p["Result"].as_str(),
+            p["ExecMainStatus"].as_str()
+        ),
+        ("inactive", "success", "0"),
+        "failoverd.service after stop"
+    );
+    let j = c.journal("failoverd.service");
+    assert_clean_journal("failoverd.service", &j);
+    let released = format!(": {VIP} is not on {VIP_IF}: nothing to release");
+    let line = j
+        .lines()
+        .find(|l| l.ends_with(&released))
+        .unwrap_or_else(|| panic!("no release-vip line ({released:?}) in the journal:\n{j}"));
+    assert!(
+        !line.contains(&format!("[{main}]")),
+        "the release-vip line comes from the daemon, not ExecStopPost: {line}"
+    );
+    assert_eq!(
+        c.prop("conode.service", "ActiveState"),
+        "inactive",
+        "stopping failoverd started the conode"
+    );
+
+    // Again, with what a crash of the live host's failoverd leaves: the address tagged as
+    // failoverd's (IFA_PROTO 250) and the conode running. The ExecStopPost, as the user
+    // failoverd inside the unit's sandbox, removes the address (CAP_NET_ADMIN) and stops
+    // the conode (systemctl, allowed by the polkit rule).
+    c.ok(&["systemctl", "start", "failoverd.service"]);
+    let main = c.prop("failoverd.service", "MainPID");
+    c.ok(&["systemctl", "start", "conode.service"]);
+    c.add_tagged_vip();
+    std::thread::sleep(Duration::from_millis(500));
+    let addrs = c.ok(&["ip", "-o", "addr", "show", "dev", VIP_IF]);
+    assert!(
+        addrs.contains(VIP) && c.prop("conode.service", "ActiveState") == "active",
+        "the standby failoverd took the tagged address or the conode away itself:\n{addrs}"
+    );
+    c.ok(&["systemctl", "stop", "failoverd.service"]);
+    let p = c.show("failoverd.service", &["ActiveState", "Result"]);
+    assert_eq!(
+        (p["ActiveState"].as_str(), p["Result"].as_str()),
+        ("inactive", "success"),
+        "failoverd.service after the second stop:\n{}",
+        c.journal("failoverd.service")
+    );
+    let j = c.journal("failoverd.service");
+    assert_clean_journal("failoverd.service", &j);
+    for said in [
+        format!(": removed {VIP} from {VIP_IF}"),
+        ": stopped conode.service: this host is a standby".to_string(),
+    ] {
+        let line = j
+            .lines()
+            .find(|l| l.ends_with(&said))
+            .unwrap_or_else(|| panic!("no {said:?} from release-vip in the journal:\n{j}"));
+        assert!(
+            !line.contains(&format!("[{main}]")),
+            "{said:?} comes from the daemon, not ExecStopPost: {line}"
+        );
+    }
+    let addrs = c.ok(&["ip", "-o", "addr", "show", "dev", VIP_IF]);
+    assert!(!addrs.contains(VIP), "the address is still there:\n{addrs}");
+    assert_eq!(c.prop("conode.service", "ActiveState"), "inactive");
+    assert_clean_journal("conode.service", &c.journal("conode.service"));
+    let t = Instant::now();
+    drop(c);
+    let down = t.elapsed();
+    let after = host_state();
+    assert_eq!(before, after, "the host changed while the container ran");
+    eprintln!(
+        "systemd_nspawn: lock wait {:.1} s, package {:.1} s, boot {:.1} s, dpkg -i {:.1} s, \
+         power-off {:.1} s, total {:.1} s",
+        waited.as_secs_f64(),
+        built.as_secs_f64(),
+        booted.as_secs_f64(),
+        installed.as_secs_f64(),
+        down.as_secs_f64(),
+        t0.elapsed().as_secs_f64()
+    );
+}
