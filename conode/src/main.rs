@@ -66,6 +66,9 @@ enum Cmd {
         force: bool,
     },
     /// Run the conode.
+    #[command(
+        after_help = "Environment: CONODE_SERVICE_PATH the data directory (else $XDG_DATA_HOME/conode, else ~/.local/share/conode); CONODE_MIN_FREE_MB the free-space floor below which new blocks are refused (default 64, 0 off); CONODE_METRICS the metrics address (--metrics wins); CONODE_ADMIN_GROUP a group also served on the admin socket (0660); NOTIFY_SOCKET systemd's notify socket (READY=1 once both ports listen, STOPPING=1 at shutdown); RUST_LOG the log filter (overrides -d)."
+    )]
     Server {
         /// Run even as root (containers). A conode should run as an unprivileged user.
         #[arg(long)]

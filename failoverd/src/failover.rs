@@ -816,6 +816,124 @@ mod tests {
         (fut, events_tx, stop_tx)
     }
 
+    fn status(role: failoverd_core::Role) -> failoverd_core::Status {
+        failoverd_core::Status {
+            role,
+            epoch: 5,
+            vip_held: role == failoverd_core::Role::Live,
+            doing: "idle".into(),
+            peer: failoverd_core::PeerStatus {
+                reachable: true,
+                last_heard: None,
+                epoch: 4,
+                live: false,
+                may_hold: false,
+                newest_generation: None,
+            },
+            health: Vec::new(),
+            newest_generation: Some(3),
+            conflicts: 0,
+            role_cause: None,
+        }
+    }
+
+    fn verdict(check: Check, ok: bool) -> failoverd_core::HealthVerdict {
+        failoverd_core::HealthVerdict {
+            check,
+            ok,
+            reason: format!("{check:?} {ok}"),
+            since: Millis(0),
+        }
+    }
+
+    /// What the driver reports to the hooks: a role change once complete, with its
+    /// cause; a health verdict that flips (or a first one that fails); each conflict,
+    /// with the MAC; nothing twice.
+    #[test]
+    fn hooks_are_fired_for_changes_only_with_their_facts() {
+        use failoverd_core::{Role, RoleCause};
+        let metrics = Arc::new(Metrics::new());
+        let (hooks, mut rx) = Hooks::capture(metrics.clone());
+        let r = Reporting {
+            metrics: metrics.clone(),
+            hooks,
+            watchdog: None,
+            vip: "10.0.0.1/24".into(),
+            peer: "10.0.0.3:7780".into(),
+        };
+        let mut seen = Reported {
+            role: Role::Standby,
+            health: HashMap::new(),
+            conflicts: 0,
+            conflict_mac: None,
+            last_ping: None,
+        };
+        let mut fired = || {
+            let mut v = Vec::new();
+            while let Ok(x) = rx.try_recv() {
+                v.push(x);
+            }
+            v
+        };
+        // A claim under way (live, not settled): nothing yet; settled: one role change.
+        let mut st = status(Role::Live);
+        st.role_cause = Some((RoleCause::ForcedPromote, "forced promote".into()));
+        r.observe(&st, false, &mut seen);
+        assert!(fired().is_empty());
+        r.observe(&st, true, &mut seen);
+        r.observe(&st, true, &mut seen);
+        let f = fired();
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert_eq!(f[0].0, Hook::RoleChange);
+        let facts = &f[0].1;
+        assert_eq!(
+            (
+                facts.role.as_str(),
+                facts.previous_role.as_str(),
+                facts.cause.as_str()
+            ),
+            ("live", "standby", "forced_promote")
+        );
+        assert_eq!((facts.epoch, facts.vip.as_str()), (5, "10.0.0.1/24"));
+        assert!(metrics
+            .encode(&crate::status::StatusView::default())
+            .contains("failoverd_failovers_total{cause=\"forced_promote\"} 1"));
+        // Health: a first pass is no news, a failure is, and so is the recovery.
+        st.health = vec![verdict(Check::OwnConode, true)];
+        r.observe(&st, true, &mut seen);
+        assert!(fired().is_empty());
+        st.health = vec![verdict(Check::OwnConode, false)];
+        r.observe(&st, true, &mut seen);
+        r.observe(&st, true, &mut seen);
+        st.health = vec![verdict(Check::OwnConode, true)];
+        r.observe(&st, true, &mut seen);
+        let f = fired();
+        let oks: Vec<_> = f
+            .iter()
+            .map(|(h, x)| (*h, x.check.as_str(), x.ok))
+            .collect();
+        assert_eq!(
+            oks,
+            [
+                (Hook::HealthChange, "own_conode", Some(false)),
+                (Hook::HealthChange, "own_conode", Some(true))
+            ]
+        );
+        // A conflict, with the MAC the driver saw.
+        seen.conflict_mac = Some(Mac([2, 0, 0, 0, 0, 9]));
+        st.conflicts = 1;
+        r.observe(&st, true, &mut seen);
+        r.observe(&st, true, &mut seen);
+        let f = fired();
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert_eq!(f[0].0, Hook::Conflict);
+        assert_eq!(f[0].1.mac, "02:00:00:00:00:09");
+        assert_eq!(f[0].1.conflicts, 1);
+        let env = f[0].1.env(Hook::Conflict);
+        assert!(env.contains(&("FAILOVERD_MAC", "02:00:00:00:00:09".into())));
+        assert!(env.contains(&("FAILOVERD_EVENT", "conflict".into())));
+    }
+
     /// Watchdog pings received on `sock` within `window`.
     fn pings(sock: &UnixDatagram, window: Duration) -> usize {
         let end = Instant::now() + window;

@@ -156,6 +156,19 @@ impl Hooks {
         }
     }
 
+    /// Hooks whose events go to the returned receiver instead of a runner (tests).
+    #[cfg(test)]
+    pub fn capture(metrics: Arc<Metrics>) -> (Hooks, mpsc::Receiver<(Hook, Facts)>) {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        (
+            Hooks {
+                tx: Some(tx),
+                metrics,
+            },
+            rx,
+        )
+    }
+
     /// Queue `hook` with `facts`; returns at once. A full queue drops the event (logged
     /// and counted as `dropped`).
     pub fn fire(&self, hook: Hook, facts: Facts) {

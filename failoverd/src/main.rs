@@ -47,6 +47,9 @@ enum Cmd {
     /// Check the configuration and the environment, field by field.
     Check,
     /// Run the daemon.
+    #[command(
+        after_help = "Environment: FAILOVERD_LOG the log filter (default info); FAILOVERD_IO_TIMEOUT_MS overrides timeouts.io_stall; NOTIFY_SOCKET and WATCHDOG_USEC systemd's notify socket and watchdog (READY=1 once serving, WATCHDOG=1 from the decision loop, STOPPING=1 at stop). Hooks ([hooks]) get FAILOVERD_EVENT, _ROLE, _PREVIOUS_ROLE, _EPOCH, _VIP, _PEER, _REASON, _CAUSE, _CHECK, _OK, _MAC, _CONFLICTS."
+    )]
     Run,
     /// Show role, epoch and the last snapshot.
     Status {
