@@ -352,7 +352,7 @@ fn the_admin_group_opens_the_admin_socket_to_its_members_only() {
         .env("CONODE_ADMIN_GROUP", "no-such-group-here")
         .output()
         .unwrap();
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(2), "a configuration error");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("CONODE_ADMIN_GROUP=\"no-such-group-here\": no such group"),

@@ -27,7 +27,7 @@ const DIRS: [(&str, &str, &str, u32); 4] = [
 ];
 
 /// The files the package ships: path and mode (all owned by root).
-const FILES: [(&str, u32); 16] = [
+const FILES: [(&str, u32); 18] = [
     ("/usr/bin/conode", 0o755),
     ("/usr/bin/failoverd", 0o755),
     ("/lib/systemd/system/conode.service", 0o644),
@@ -46,6 +46,8 @@ const FILES: [(&str, u32); 16] = [
     ("/usr/share/fish/vendor_completions.d/failoverd.fish", 0o644),
     ("/usr/share/doc/conode-failover/README.md", 0o644),
     ("/usr/share/doc/conode-failover/packaging.md", 0o644),
+    ("/usr/share/doc/conode-failover/operators-guide.md", 0o644),
+    ("/usr/share/doc/conode-failover/metrics-conode.md", 0o644),
     ("/usr/share/doc/conode-failover/copyright", 0o644),
 ];
 

@@ -126,7 +126,7 @@ impl Pair {
         let mut keys = Vec::new();
         for (h, host, peer) in [("a", a, b), ("b", b, a)] {
             let out = ok(host, &format!(
-                "{fo} -c {cfg} setup --state-dir {state} --conode-config {co} --conode-data-dir {data} --peer {peer}:7780 --metrics 127.0.0.1:7781 --interface eth0",
+                "{fo} -c {cfg} setup --state-dir {state} --conode-config {co} --conode-data-dir {data} --peer {peer}:7780 --metrics 127.0.0.1:7781 --interface eth0 --vip {vip}/24",
                 fo = fo(),
                 cfg = d(&format!("{h}/failoverd.toml")),
                 state = d(&format!("{h}/state")),
@@ -147,8 +147,7 @@ impl Pair {
                     "# binary = \"/usr/bin/conode\"",
                     &format!("binary = \"{}\"", conode_bin().display()),
                 )
-                .replace("# user = \"conode\"", "user = \"nobody\"")
-                .replace("address = \"\"", &format!("address = \"{vip}/24\""));
+                .replace("# user = \"conode\"", "user = \"nobody\"");
             std::fs::write(&p, cfg).unwrap();
         }
         let p = Pair {

@@ -239,8 +239,9 @@ pub struct AdminListener {
 /// besides root and the conode's user (e.g. `conode`, with failoverd's user in it).
 pub const ADMIN_GROUP_ENV: &str = "CONODE_ADMIN_GROUP";
 
-/// The group of [`ADMIN_GROUP_ENV`], if set.
-fn admin_group() -> Result<Option<(String, u32)>, String> {
+/// The group of [`ADMIN_GROUP_ENV`], if set: its name and gid; an error names a group
+/// that does not exist (a configuration error: `conode server` exits with status 2).
+pub fn admin_group() -> Result<Option<(String, u32)>, String> {
     let Some(name) = std::env::var_os(ADMIN_GROUP_ENV) else {
         return Ok(None);
     };

@@ -231,6 +231,10 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return fail(2, e),
             };
+            // A configuration error: exit status 2, which the unit does not restart on.
+            if let Err(e) = conode::admin::admin_group() {
+                return fail(2, e);
+            }
             raise_fd_limit();
             let db_path = config::db_path(&cfg.keys.public_bytes());
             let rt = match tokio::runtime::Runtime::new() {

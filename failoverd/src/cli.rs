@@ -29,14 +29,23 @@ pub struct SetupArgs {
     /// this host's address towards --peer, port 7780.
     #[arg(long, default_value = "")]
     pub listen: String,
+    /// Where Prometheus /metrics listens (ip:port); empty turns it off.
     #[arg(long, default_value = "127.0.0.1:7781")]
     pub metrics: String,
+    /// The interface that carries the virtual IP.
     #[arg(long, default_value = "eth0")]
     pub interface: String,
+    /// The virtual IP with its prefix length (e.g. 10.0.0.1/24; IPv6 too): the conode's
+    /// Address. Empty: no address is managed (e.g. a DNS name moved by a hook).
+    #[arg(long, default_value = "")]
+    pub vip: String,
+    /// How snapshots travel to the standby: built-in HTTPS, or rsync/scp over ssh.
     #[arg(long, value_enum, default_value = "https")]
     pub transport: TransportArg,
+    /// rsync/scp: the standby as user@host.
     #[arg(long, default_value = "")]
     pub ssh_target: String,
+    /// rsync/scp: the standby's inbox directory (its state_dir/inbox).
     #[arg(long, default_value = "")]
     pub ssh_inbox: String,
     /// Replace an existing configuration and key.
@@ -94,6 +103,7 @@ pub fn setup(config_path: &Path, a: &SetupArgs) -> Result<(), String> {
         listen_peer: &a.listen,
         listen_metrics: &a.metrics,
         interface: &a.interface,
+        vip: &a.vip,
         transport,
         ssh_target: &a.ssh_target,
         ssh_inbox: &a.ssh_inbox,

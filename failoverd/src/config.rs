@@ -1056,6 +1056,8 @@ pub struct TemplateArgs<'a> {
     pub listen_peer: &'a str,
     pub listen_metrics: &'a str,
     pub interface: &'a str,
+    /// `[vip] address` ("" for none).
+    pub vip: &'a str,
     pub transport: Transport,
     pub ssh_target: &'a str,
     pub ssh_inbox: &'a str,
@@ -1107,7 +1109,7 @@ metrics = {listen_metrics}
 # (e.g. "10.0.0.1/24"; IPv6 too). Only the live host holds it; failoverd tags it so it
 # never removes an address it did not add.
 interface = {interface}
-address = ""
+address = {vip}
 # The ARP probe before every claim (RFC 5227 style, shortened): probes this far apart,
 # then a wait for answers. Any answer refuses the claim.
 probe_count = 3
@@ -1176,6 +1178,7 @@ conode = "5s"
         listen_peer = q(a.listen_peer),
         listen_metrics = q(a.listen_metrics),
         interface = q(a.interface),
+        vip = q(a.vip),
         transport = a.transport.name(),
         ssh_target = q(a.ssh_target),
         ssh_inbox = q(a.ssh_inbox),
@@ -1197,6 +1200,7 @@ mod tests {
             listen_peer: "",
             listen_metrics: "127.0.0.1:7781",
             interface: "eth0",
+            vip: "",
             transport: Transport::Https,
             ssh_target: "",
             ssh_inbox: "",

@@ -748,6 +748,7 @@ mod tests {
             listen_peer: "",
             listen_metrics: "",
             interface: "lo",
+            vip: "",
             transport: Transport::Https,
             ssh_target: "",
             ssh_inbox: "",
