@@ -5,7 +5,9 @@
 //!
 //! 1. the client-visible outage of `failoverd switchover` (the longest gap between two
 //!    successful Status replies around it), `FAILOVER_SWITCH_RUNS` runs (default 20),
-//!    alternating direction;
+//!    alternating direction; every other run with notify hooks that hang (each host's
+//!    `on_role_change` sleeps until killed at its 5 s timeout) against the runs between
+//!    (the same hook exits at once): hooks must not delay a switchover;
 //! 2. the live host killed (kill -9 of failoverd and conode, and its address gone, as a
 //!    power cut does), then `failoverd promote --force` on the standby: the time from the
 //!    command to the client's first successful reply, `FAILOVER_FORCE_RUNS` runs
@@ -234,6 +236,39 @@ fn main() {
     let switch_runs = env_runs("FAILOVER_SWITCH_RUNS", 20);
     let force_runs = env_runs("FAILOVER_FORCE_RUNS", 20);
     let p = Pair::start_in(Lab::with_client("swbench"));
+    // Role hooks on both hosts that hang while the flag file exists (killed at the 5 s
+    // timeout) and exit at once otherwise. Both hosts are standby: restarting is free.
+    let flag = p.dir.path().join("hooks-hang");
+    for h in ["a", "b"] {
+        p.stop_failoverd(h);
+        let cfg = p.dir.path().join(format!("{h}/failoverd.toml"));
+        let text = std::fs::read_to_string(&cfg).unwrap();
+        let text = text
+            .replace(
+                "on_role_change = \"\"",
+                &format!(
+                    "on_role_change = \"/usr/bin/test -e {} && exec /bin/sleep 60; exit 0\"",
+                    flag.display()
+                ),
+            )
+            .replace("timeout = \"10s\"", "timeout = \"5s\"");
+        std::fs::write(&cfg, text).unwrap();
+    }
+    for h in ["b", "a"] {
+        p.spawn_failoverd(h);
+    }
+    for h in ["a", "b"] {
+        wait(
+            &format!("{h} hears its peer again"),
+            Duration::from_secs(30),
+            || {
+                p.status(h)
+                    .at(&["peer", "reachable"])
+                    .and_then(|v| v.as_bool())
+                    == Some(true)
+            },
+        );
+    }
     let w0 = Instant::now();
     let watch = AddrWatch::start(IpAddr::V4(p.vip), &[p.lab.a(), p.lab.b()]);
     ok(p.lab.a(), &p.failoverd("a", "promote"));
@@ -275,8 +310,15 @@ fn main() {
 
         let mut live = "a";
         let (mut outage, mut arp) = (Vec::new(), Vec::new());
-        for _ in 0..switch_runs {
+        let (mut hooked, mut unhooked) = (Vec::new(), Vec::new());
+        for run in 0..switch_runs {
             let next = other(live);
+            let hang = run % 2 == 1;
+            if hang {
+                std::fs::write(&flag, b"").unwrap();
+            } else {
+                let _ = std::fs::remove_file(&flag);
+            }
             p.wait_peer_live(next);
             let t = Instant::now();
             ok(p.host(next), &p.failoverd(next, "switchover"));
@@ -288,7 +330,13 @@ fn main() {
             let done = first_reply_after(&replies, Instant::now(), Duration::from_secs(10))
                 .expect("the client is served after the switchover");
             std::thread::sleep(Duration::from_millis(200));
-            outage.push(longest_gap(&replies, t, done.max(Instant::now())).as_secs_f64() * 1e3);
+            let gap = longest_gap(&replies, t, done.max(Instant::now())).as_secs_f64() * 1e3;
+            outage.push(gap);
+            if hang {
+                hooked.push(gap);
+            } else {
+                unhooked.push(gap);
+            }
             print_failures("switchover", &failures, t, done);
             if let (Some(s), Some(c)) = (seen, claimed) {
                 arp.push(s.saturating_duration_since(c).as_secs_f64() * 1e3);
@@ -296,6 +344,7 @@ fn main() {
             live = next;
         }
 
+        let _ = std::fs::remove_file(&flag);
         let (mut promote, mut claim) = (Vec::new(), Vec::new());
         for run in 0..force_runs {
             let next = other(live);
@@ -359,6 +408,18 @@ fn main() {
             &mut outage,
             "≤ 500 ms p50, ≤ 1 s p99",
         );
+        report("  of which: role hooks exiting at once", &mut unhooked, "");
+        report(
+            "  of which: role hooks hanging (killed at 5 s)",
+            &mut hooked,
+            "",
+        );
+        if !hooked.is_empty() && !unhooked.is_empty() {
+            println!(
+                "| switchover outage p50, hanging hooks / hooks exiting at once | | {:.2} | | | ≈ 1 |",
+                pct(&mut hooked, 0.5) / pct(&mut unhooked, 0.5)
+            );
+        }
         report(
             "promote --force → client's first reply (live host killed)",
             &mut promote,
