@@ -732,3 +732,44 @@ async fn appends_go_on_while_strangers_hold_half_open_connections_to_the_followe
         &log[..log.len().min(4000)]
     );
 }
+
+/// A member rebuilt from an empty database (its disk replaced) holds no chain until the
+/// leader's next block: then it fetches the whole chain from the leader, verifies it
+/// link by link, and holds every block (the operator's guide, section 3, says so).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_rebuilt_from_an_empty_database_gets_the_chain_with_the_next_block() {
+    let mut c = Cluster::start(4).await;
+    let g = c.create(b"genesis").await;
+    let mut target = g.hash.clone();
+    for i in 1..=5u8 {
+        let r = client::append(c.server(0), &target, vec![i; 64])
+            .await
+            .expect("append");
+        target = r.latest.unwrap().hash;
+    }
+    c.wait_for(3, &g.hash, 5).await;
+    c.stop(3).await;
+    std::fs::remove_file(c.nodes[3].db_path()).expect("member 3's database removed");
+    c.restart(3).await;
+    let e = client::get_by_index(c.server(3), &g.hash, 0)
+        .await
+        .unwrap_err();
+    assert!(e.contains("no such chain"), "{e}");
+
+    let r = client::append(c.server(0), &target, b"after the rebuild".to_vec())
+        .await
+        .expect("append with a member rebuilt");
+    assert_eq!(r.latest.as_ref().unwrap().index, 6);
+    for i in 0..=6 {
+        let h = c.wait_for(3, &g.hash, i).await;
+        let leader = client::get_by_index(c.server(0), &g.hash, i).await.unwrap();
+        assert_eq!(h, leader.hash, "member 3 block {i}");
+    }
+    assert!(
+        c.held(3, &g.hash, 6).is_some(),
+        "in member 3's own database"
+    );
+    for i in 0..4 {
+        c.stop(i).await;
+    }
+}
