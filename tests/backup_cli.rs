@@ -524,3 +524,26 @@ fn the_admin_socket_serves_no_other_user_even_if_its_mode_is_widened() {
     assert!(!other.path().join("bk").exists());
     assert_eq!(node.stop().code(), Some(0));
 }
+
+/// An operator restoring as root into the data directory of the conode's user: the
+/// restored database is that user's (the conode could not open a file of root's).
+#[test]
+fn a_restore_run_as_root_gives_the_database_to_the_data_directorys_owner() {
+    use std::os::unix::fs::MetadataExt;
+    let n = NodeFiles::setup("restore owner");
+    seed(&n, 0xd5, 2);
+    let mut node = n.start();
+    let dir = n.dir.path().join("bk");
+    assert_eq!(backup(&n, &dir).code, Some(0));
+    node.stop();
+    // The data directory belongs to the conode's user (nobody here).
+    std::os::unix::fs::chown(n.data(), Some(65534), Some(65534)).unwrap();
+    let out = restore(&n, &dir, true);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let m = std::fs::metadata(db_path(&n)).unwrap();
+    assert_eq!(
+        (m.uid(), m.gid()),
+        (65534, 65534),
+        "the restored database's owner"
+    );
+}

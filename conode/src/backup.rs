@@ -315,6 +315,32 @@ fn goes_back(current: &[ChainPosition], backup: &[ChainPosition]) -> Option<Stri
     None
 }
 
+/// Run as root (an operator restoring by hand), give the restored database to the
+/// data directory's owner, so that the conode's user can open it; as any other user the
+/// file is already that user's.
+fn give_to_data_dir_owner(file: &Path, data: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    let owner = std::fs::metadata(data).map_err(|e| format!("{}: {e}", data.display()))?;
+    if owner.uid() == 0 {
+        return Ok(());
+    }
+    nix::unistd::chown(
+        file,
+        Some(nix::unistd::Uid::from_raw(owner.uid())),
+        Some(nix::unistd::Gid::from_raw(owner.gid())),
+    )
+    .map_err(|e| {
+        format!(
+            "cannot give {} to the data directory's owner (uid {}): {e}; nothing was changed",
+            file.display(),
+            owner.uid()
+        )
+    })
+}
+
 /// `conode restore DIR`: put the backup in `dir` in place as the database `db_path` of the
 /// stopped conode of `cfg`. Without `force`, refuses when the current database is ahead of
 /// the backup on any chain or cannot be read; with it, restores anyway. Either way the
@@ -408,6 +434,7 @@ pub fn restore(
     })();
     let mut guard = TempFile(Some(tmp.clone()));
     copied?;
+    give_to_data_dir_owner(&tmp, data)?;
     // Check the copy, not the backup: what is checked is what goes in place, and the
     // backup itself is never opened read-write.
     let positions = verify_snapshot(&tmp, &public).map_err(|e| {
