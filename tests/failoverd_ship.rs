@@ -795,6 +795,30 @@ fn setup_and_check_name_what_is_wrong() {
         !Path::new(&state).exists(),
         "check created the state directory: it must change nothing"
     );
+    // Hooks: a program that is missing, one that is not executable, one that runs.
+    let plain = d.path().join("not-executable");
+    std::fs::write(&plain, "#!/bin/sh\n").unwrap();
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace(
+            "on_role_change = \"\"",
+            "on_role_change = \"/nonexistent/move-dns --zone x\"",
+        )
+        .replace(
+            "on_health_change = \"\"",
+            &format!("on_health_change = \"{}\"", plain.display()),
+        )
+        .replace("on_conflict = \"\"", "on_conflict = \"/bin/true\"");
+    std::fs::write(&cfg, text).unwrap();
+    let (code, out) = run(&["check"]);
+    assert_eq!(code, Some(1), "{out}");
+    for want in [
+        "error: hooks.on_role_change: /nonexistent/move-dns: No such file",
+        "is not an executable file",
+        "ok: hooks.on_conflict runs /bin/true",
+    ] {
+        assert!(out.contains(want), "{want:?} missing from:\n{out}");
+    }
     std::fs::write(&cfg, std::fs::read_to_string(&cfg).unwrap() + "bogus = 1\n").unwrap();
     let (code, out) = run(&["check"]);
     assert_eq!(code, Some(1));

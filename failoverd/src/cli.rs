@@ -135,6 +135,7 @@ pub fn setup(config_path: &Path, a: &SetupArgs) -> Result<(), String> {
 
 /// Print every finding; an error if any is an error. Changes nothing.
 pub async fn check(config_path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
     let raw = RawConfig::load(config_path).map_err(|e| e.to_string())?;
     let mut errors = 0;
     let mut err = |m: String| {
@@ -256,6 +257,24 @@ pub async fn check(config_path: &Path) -> Result<(), String> {
                 raw.snapshot.transport.name(),
                 if *t == "rsync" { "rsync" } else { "openssh-client" }
             )),
+        }
+    }
+    // Each hook's program exists and may be run (the command line itself runs only
+    // when its event comes).
+    for (key, command) in [
+        ("hooks.on_role_change", &raw.hooks.on_role_change),
+        ("hooks.on_health_change", &raw.hooks.on_health_change),
+        ("hooks.on_conflict", &raw.hooks.on_conflict),
+    ] {
+        let Some(program) = command.split_whitespace().next() else {
+            continue;
+        };
+        match std::fs::metadata(program) {
+            Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => {
+                println!("ok: {key} runs {program}")
+            }
+            Ok(_) => err(format!("{key}: {program} is not an executable file")),
+            Err(e) => err(format!("{key}: {program}: {e}")),
         }
     }
     if errors > 0 {
