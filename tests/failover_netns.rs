@@ -162,12 +162,7 @@ impl Pair {
         p.spawn_failoverd("b");
         p.spawn_failoverd("a");
         for h in ["a", "b"] {
-            wait(&format!("{h} hears its peer"), T, || {
-                p.status(h)
-                    .at(&["peer", "reachable"])
-                    .and_then(|v| v.as_bool())
-                    == Some(true)
-            });
+            p.wait_peer_reachable(h, true, T);
         }
         p
     }
@@ -197,6 +192,17 @@ impl Pair {
         let (host, cfg) = (self.host(h), self.p(&format!("{h}/failoverd.toml")));
         wait(&format!("failoverd on {h}"), T, || {
             host.sh(&format!("{} -c {cfg} status", fo()), T).code == Some(0)
+        });
+    }
+
+    /// Wait until `h` counts its peer reachable (or, with `false`, gone).
+    pub(crate) fn wait_peer_reachable(&self, h: &str, reachable: bool, within: Duration) {
+        let what = if reachable { "hears" } else { "counts gone" };
+        wait(&format!("{h} {what} its peer"), within, || {
+            self.status(h)
+                .at(&["peer", "reachable"])
+                .and_then(|v| v.as_bool())
+                == Some(reachable)
         });
     }
 
@@ -636,12 +642,7 @@ fn a_forced_promote_loses_no_acknowledged_block_while_the_followers_are_up() {
     )
     .unwrap();
     ok(p.lab.a(), &format!("ip addr del {}/24 dev eth0", p.vip));
-    wait("b counts its peer gone", T, || {
-        p.status("b")
-            .at(&["peer", "reachable"])
-            .and_then(|v| v.as_bool())
-            == Some(false)
-    });
+    p.wait_peer_reachable("b", false, T);
     let out = ok(p.lab.b(), &p.failoverd("b", "promote --force"));
     assert!(out.contains("live under epoch"), "{out}");
     assert!(watch.wait_holders(&[&p.ns("b")], Duration::from_secs(5)));
@@ -901,12 +902,7 @@ fn notify_hooks_metrics_and_release_on_a_running_pair() {
         notify[i].wait_for("READY=1", T);
     }
     for h in ["a", "b"] {
-        wait(&format!("{h} hears its peer"), T, || {
-            p.status(h)
-                .at(&["peer", "reachable"])
-                .and_then(|v| v.as_bool())
-                == Some(true)
-        });
+        p.wait_peer_reachable(h, true, T);
     }
     // Pings every quarter of the watchdog's second, from the decision loop.
     let pings = notify[0].count("WATCHDOG=1");
@@ -1061,12 +1057,7 @@ fn notify_hooks_metrics_and_release_on_a_running_pair() {
     // b comes back as standby; a promotes; a's failoverd is killed: the address stays,
     // and `release-vip` (the unit's ExecStopPost) removes it, once.
     p.spawn_failoverd("b");
-    wait("a hears b", T, || {
-        p.status("a")
-            .at(&["peer", "reachable"])
-            .and_then(|v| v.as_bool())
-            == Some(true)
-    });
+    p.wait_peer_reachable("a", true, T);
     let e = refused(p.lab.a(), &p.failoverd("a", "release-vip"));
     assert!(e.contains("in use by another failoverd"), "{e}");
     ok(p.lab.a(), &p.failoverd("a", "promote"));

@@ -258,16 +258,7 @@ fn main() {
         p.spawn_failoverd(h);
     }
     for h in ["a", "b"] {
-        wait(
-            &format!("{h} hears its peer again"),
-            Duration::from_secs(30),
-            || {
-                p.status(h)
-                    .at(&["peer", "reachable"])
-                    .and_then(|v| v.as_bool())
-                    == Some(true)
-            },
-        );
+        p.wait_peer_reachable(h, true, Duration::from_secs(30));
     }
     let w0 = Instant::now();
     let watch = AddrWatch::start(IpAddr::V4(p.vip), &[p.lab.a(), p.lab.b()]);
@@ -360,12 +351,7 @@ fn main() {
                 nix::sys::signal::Signal::SIGKILL,
             );
             ok(p.host(live), &format!("ip addr del {}/24 dev eth0", p.vip));
-            wait("the peer counted gone", Duration::from_secs(10), || {
-                p.status(next)
-                    .at(&["peer", "reachable"])
-                    .and_then(|v| v.as_bool())
-                    == Some(false)
-            });
+            p.wait_peer_reachable(next, false, Duration::from_secs(10));
             // The operator's moment is unrelated to the client's rhythm: without this the
             // promote would always come the peer timeout (2 s) after the kill, in step
             // with the client's attempts that wait out TCP's 1 s SYN retransmission.
