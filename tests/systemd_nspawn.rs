@@ -28,6 +28,20 @@
 //! `release-vip`, as the user failoverd in the unit's sandbox, removes the address and
 //! stops conode.service through the polkit rule.
 //!
+//! The second test, `a_switchover_between_two_packaged_hosts_under_systemd`, boots two
+//! such containers, each in a network namespace of a `system_tests::netns::Lab` with a
+//! client (`--network-namespace-path`, plus `--capability=CAP_NET_ADMIN`: systemd-nspawn
+//! keeps it only with `--private-network`), the package installed and one conode identity
+//! whose address is the virtual IP in both, failoverd.service running in both; then
+//! `failoverd promote` on a, blocks appended through the address by the client,
+//! `failoverd switchover` on b: b's failoverd, as its own user, installs the shipped
+//! generation (the database `failoverd:conode 0660`), conode.service runs on b and serves
+//! every block, it stopped on a, and the kernel's address events show the two never
+//! held the address at once; stopping failoverd.service on b releases the address and
+//! stops conode.service. It found that `ProtectProc=invisible` in conode.service hid
+//! failoverd's `/proc/PID/status` from the conode, which then refused failoverd on its
+//! admin socket (it reads the client's supplementary groups there).
+//!
 //! Serialised with tests/deb_package.rs by an flock on [`LOCK`]: both run
 //! `scripts/package` (one `target/<profile>/deb-assets/`, one `target/debian/`), and
 //! deb_package installs the package on the host, whose tree the container boots.
@@ -59,9 +73,11 @@ const PEER: &str = "10.77.0.2:7780";
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// What, in a unit's journal, means the hardening or the permissions got in the way.
-const BAD_IN_JOURNAL: [&str; 12] = [
+const BAD_IN_JOURNAL: [&str; 14] = [
     "Operation not permitted",
     "Permission denied",
+    "permission denied",
+    "refused a client",
     "EPERM",
     "EACCES",
     "SIGSYS",
@@ -149,8 +165,10 @@ fn check_prerequisites() {
 }
 
 /// The package file built by `scripts/package` from this build's binaries (the caller
-/// holds [`LOCK`]), copied into `into`.
-fn build_package(into: &Path) -> PathBuf {
+/// holds [`LOCK`]), copied into `work`/pkg: that directory, and the copy.
+fn build_package(work: &Path) -> (PathBuf, PathBuf) {
+    let into = work.join("pkg");
+    std::fs::create_dir(&into).expect("mkdir pkg");
     let conode = system_tests::bin("conode");
     system_tests::bin("failoverd");
     let dir = conode
@@ -188,7 +206,7 @@ fn build_package(into: &Path) -> PathBuf {
     let name = Path::new(deb).file_name().expect("package file name");
     let copy = into.join(name);
     std::fs::copy(deb, &copy).unwrap_or_else(|e| panic!("copy {deb}: {e}"));
-    copy
+    (into, copy)
 }
 
 /// What the host has of the package, its users and the test's interface: the same
@@ -243,18 +261,28 @@ fn systemd_child_of(parent: u32) -> Option<u32> {
         })
 }
 
+/// The container's network: its own (only `lo`), or an existing network namespace
+/// (`/run/netns/NAME`, e.g. a host of a [`system_tests::netns::Lab`]) that it joins.
+enum Network<'a> {
+    Private,
+    Namespace(&'a str),
+}
+
 /// The booted container: systemd-nspawn (our child) and the container's PID 1.
 struct Container {
+    name: String,
     nspawn: Child,
     leader: u32,
     log: PathBuf,
+    /// Units whose journal is printed if the test fails (else the journal's last lines).
+    units: Vec<&'static str>,
     // The mount point of the host's tree (empty outside our mount namespace); removed
     // after the container is gone.
     _root: tempfile::TempDir,
 }
 
 impl Container {
-    fn boot(name: &str, pkg_dir: &Path, log: &Path) -> Container {
+    fn boot(name: &str, pkg_dir: &Path, log: &Path, network: Network) -> Container {
         let root = tempfile::Builder::new()
             .prefix("conode-nspawn-root.")
             .tempdir()
@@ -273,6 +301,20 @@ exec "$@""#;
         let bind = format!("--bind-ro={}:/pkg", pkg_dir.display());
         let machine = format!("--machine={name}");
         let root_path = root.path().to_str().expect("utf-8 path").to_string();
+        let network = match network {
+            Network::Private => vec!["--private-network".to_string()],
+            Network::Namespace(ns) => {
+                let path = format!("/run/netns/{ns}");
+                assert!(Path::new(&path).exists(), "no network namespace {path}");
+                // systemd-nspawn keeps CAP_NET_ADMIN in the container's bounding set only
+                // with --private-network (which this option excludes): without it,
+                // failoverd's CAP_NET_ADMIN is not there to add the address (EPERM).
+                vec![
+                    format!("--network-namespace-path={path}"),
+                    "--capability=CAP_NET_ADMIN".to_string(),
+                ]
+            }
+        };
         let nspawn = Command::new("unshare")
             .args([
                 "--mount",
@@ -290,7 +332,6 @@ exec "$@""#;
                 "--directory",
                 &root_path,
                 "--volatile=overlay",
-                "--private-network",
                 &machine,
                 // No machined, no system bus on the host: nothing to register with.
                 "--register=no",
@@ -301,6 +342,9 @@ exec "$@""#;
                 "--timezone=off",
                 "--console=pipe",
                 &bind,
+            ])
+            .args(&network)
+            .args([
                 "--boot",
                 // The container's systemd reads these as its kernel command line.
                 "systemd.unit=basic.target",
@@ -312,7 +356,9 @@ exec "$@""#;
             .spawn()
             .expect("cannot run unshare/systemd-nspawn");
         let mut c = Container {
+            name: name.to_string(),
             nspawn,
+            units: Vec::new(),
             leader: 0,
             log: log.to_path_buf(),
             _root: root,
@@ -340,6 +386,42 @@ exec "$@""#;
             std::thread::sleep(Duration::from_millis(50));
         }
         c
+    }
+
+    /// `dpkg -i` the package in `/pkg` (the host directory given to [`Container::boot`]).
+    fn install(&self, deb_name: &str) {
+        // man-db's trigger (seconds of mandb) has nothing to show here.
+        self.ok(&["rm", "-f", "/var/lib/man-db/auto-update"]);
+        self.ok(&["dpkg", "-i", &format!("/pkg/{deb_name}")]);
+    }
+
+    /// The conode's identity as docs/packaging.md sets it up: `conode setup`, then
+    /// `private.toml` opened to the group conode.
+    fn setup_conode(&self, host: &str, description: &str) {
+        self.ok(&[
+            "conode",
+            "-c",
+            "/etc/conode/private.toml",
+            "setup",
+            "--non-interactive",
+            "--host",
+            host,
+            "--port",
+            "7000",
+            "--description",
+            description,
+        ]);
+        self.ok(&["chmod", "0640", "/etc/conode/private.toml"]);
+    }
+
+    /// Write `content` to `path` inside the container (as root, `sh -c 'cat > PATH'`).
+    fn write(&self, path: &str, content: &[u8]) {
+        let w = self.run_with(
+            &["sh", "-ec", &format!("cat > {path}")],
+            content,
+            Duration::from_secs(30),
+        );
+        assert!(w.code == Some(0), "write {path}: {}", said(&w));
     }
 
     fn log_text(&self) -> String {
@@ -496,17 +578,27 @@ impl Drop for Container {
     fn drop(&mut self) {
         if std::thread::panicking() && self.leader != 0 {
             if let Ok(None) = self.nspawn.try_wait() {
-                let j = self.run_with(
-                    &["journalctl", "--no-pager", "-b", "-n", "150"],
-                    b"",
-                    Duration::from_secs(10),
-                );
+                let _ = self.run_with(&["journalctl", "--sync"], b"", Duration::from_secs(10));
+                let mut args = vec!["journalctl", "--no-pager", "-o", "short-monotonic"];
+                if self.units.is_empty() {
+                    args.extend(["-b", "-n", "150"]);
+                }
+                for u in &self.units {
+                    args.extend(["-u", u]);
+                }
+                let j = self.run_with(&args, b"", Duration::from_secs(10));
                 eprintln!(
-                    "systemd_nspawn: the container's journal (last 150 lines):\n{}",
+                    "systemd_nspawn: container {}: {}:\n{}",
+                    self.name,
+                    args.join(" "),
                     j.stdout
                 );
             }
-            eprintln!("systemd_nspawn: systemd-nspawn said:\n{}", self.log_text());
+            eprintln!(
+                "systemd_nspawn: container {}: systemd-nspawn said:\n{}",
+                self.name,
+                self.log_text()
+            );
         }
         let nspawn = Pid::from_raw(self.nspawn.id() as i32);
         // SIGTERM: systemd-nspawn asks the container's systemd to power off.
@@ -611,10 +703,8 @@ fn packaged_units_and_polkit_rule_work_under_systemd_in_a_container() {
         .prefix("conode-nspawn.")
         .tempdir()
         .expect("tempdir");
-    let pkg_dir = work.path().join("pkg");
-    std::fs::create_dir(&pkg_dir).expect("mkdir pkg");
     let t = Instant::now();
-    let deb = build_package(&pkg_dir);
+    let (pkg_dir, deb) = build_package(work.path());
     let built = t.elapsed();
     let recommends = host(
         "dpkg-deb",
@@ -638,6 +728,7 @@ fn packaged_units_and_polkit_rule_work_under_systemd_in_a_container() {
         &format!("conode-test-{}", std::process::id()),
         &pkg_dir,
         &work.path().join("nspawn.log"),
+        Network::Private,
     );
     c.wait_booted(Duration::from_secs(60));
     let booted = t.elapsed();
@@ -651,9 +742,7 @@ fn packaged_units_and_polkit_rule_work_under_systemd_in_a_container() {
 
     // Install.
     let t = Instant::now();
-    // man-db's trigger (seconds of mandb) has nothing to show here.
-    c.ok(&["rm", "-f", "/var/lib/man-db/auto-update"]);
-    c.ok(&["dpkg", "-i", &format!("/pkg/{deb_name}")]);
+    c.install(&deb_name);
     let installed = t.elapsed();
     let p = c.show(
         "conode.service",
@@ -677,20 +766,7 @@ fn packaged_units_and_polkit_rule_work_under_systemd_in_a_container() {
     );
 
     // The conode, as docs/packaging.md sets it up.
-    c.ok(&[
-        "conode",
-        "-c",
-        "/etc/conode/private.toml",
-        "setup",
-        "--non-interactive",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "7000",
-        "--description",
-        "systemd_nspawn test",
-    ]);
-    c.ok(&["chmod", "0640", "/etc/conode/private.toml"]);
+    c.setup_conode("127.0.0.1", "systemd_nspawn test");
 
     // conode.service: `systemctl start` returns once READY=1 arrived (Type=notify).
     let start = c.run(&["systemctl", "--no-ask-password", "start", "conode.service"]);
@@ -832,12 +908,7 @@ fn packaged_units_and_polkit_rule_work_under_systemd_in_a_container() {
         &toml[..addr_at],
         &toml[addr_at + empty.len()..]
     );
-    let w = c.run_with(
-        &["sh", "-ec", "cat > /etc/failoverd/failoverd.toml"],
-        toml.as_bytes(),
-        Duration::from_secs(30),
-    );
-    assert!(w.code == Some(0), "write failoverd.toml: {}", said(&w));
+    c.write("/etc/failoverd/failoverd.toml", toml.as_bytes());
     c.ok(&["chown", "failoverd", "/etc/failoverd/failoverd.key"]);
     c.ok(&["chmod", "0640", "/etc/failoverd/failoverd.toml"]);
     let check = c.ok(&["failoverd", "-c", "/etc/failoverd/failoverd.toml", "check"]);
@@ -1017,6 +1088,379 @@ fn packaged_units_and_polkit_rule_work_under_systemd_in_a_container() {
         built.as_secs_f64(),
         booted.as_secs_f64(),
         installed.as_secs_f64(),
+        down.as_secs_f64(),
+        t0.elapsed().as_secs_f64()
+    );
+}
+
+/// The packaged failoverd's configuration path, and its `status --json` run as root
+/// inside `c` (through the control socket, `0600` the user failoverd's: root passes).
+const FO_TOML: &str = "/etc/failoverd/failoverd.toml";
+
+fn fo_status(c: &Container) -> system_tests::Json {
+    system_tests::Json::parse(&c.ok(&["failoverd", "-c", FO_TOML, "status", "--json"]))
+        .unwrap_or_else(|e| panic!("container {}: failoverd status --json: {e}", c.name))
+}
+
+/// Poll `f` every 100 ms until it holds; fail the test past `within`.
+fn wait_for(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !f() {
+        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `failoverd setup` as docs/packaging.md has it, with the virtual IP on `eth0` and the
+/// peer at `peer`; the key pinned later. The public key it printed.
+fn setup_failoverd(c: &Container, peer: &str, vip: &str) -> String {
+    let out = c.ok(&[
+        "failoverd",
+        "-c",
+        FO_TOML,
+        "setup",
+        "--conode-config",
+        "/etc/conode/private.toml",
+        "--conode-data-dir",
+        "/var/lib/conode",
+        "--state-dir",
+        "/var/lib/failoverd",
+        "--peer",
+        peer,
+        "--interface",
+        "eth0",
+        "--vip",
+        vip,
+    ]);
+    c.ok(&["chown", "failoverd", "/etc/failoverd/failoverd.key"]);
+    c.ok(&["chmod", "0640", FO_TOML]);
+    out.lines()
+        .map(str::trim)
+        .rfind(|l| l.len() == 64 && l.bytes().all(|b| b.is_ascii_hexdigit()))
+        .unwrap_or_else(|| panic!("failoverd setup printed no public key:\n{out}"))
+        .to_string()
+}
+
+/// A switchover between two packaged hosts, each a container with a real systemd in a
+/// network namespace of a [`system_tests::netns::Lab`] (`--network-namespace-path`: its
+/// `eth0` is the lab's cable to the bridge), one conode identity whose address is the
+/// virtual IP, failoverd.service on both (as the user failoverd, `control = "systemd"`:
+/// it starts and stops conode.service through the polkit rule), a client in the lab's
+/// third namespace. The standby's failoverd installs the shipped generation into
+/// /var/lib/conode as its own user (the database group conode, 0660), and the kernel's
+/// address events (`AddrWatch`) show the two hosts never held the address at once.
+#[test]
+fn a_switchover_between_two_packaged_hosts_under_systemd() {
+    use std::net::{IpAddr, Ipv4Addr};
+    use system_tests::addrwatch::AddrWatch;
+    use system_tests::netns::Lab;
+
+    let t0 = Instant::now();
+    check_prerequisites();
+    let _lock = package_lock(Duration::from_secs(600));
+    let waited = t0.elapsed();
+    let work = tempfile::Builder::new()
+        .prefix("conode-nspawn-pair.")
+        .tempdir()
+        .expect("tempdir");
+    let t = Instant::now();
+    let (pkg_dir, deb) = build_package(work.path());
+    let built = t.elapsed();
+    let deb_name = deb
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("package file name")
+        .to_string();
+
+    // Declared before the containers: dropped after them (the lab kills what is left in
+    // its namespaces and deletes them).
+    let lab = Lab::with_client("nspawnpair");
+    let o = lab.a().addr().octets();
+    let vip = Ipv4Addr::new(o[0], o[1], o[2], 100);
+    let vip_cidr = format!("{vip}/24");
+    let watch = AddrWatch::start(IpAddr::V4(vip), &[lab.a(), lab.b()]);
+
+    let t = Instant::now();
+    let pid = std::process::id();
+    let mut ca = Container::boot(
+        &format!("conode-pair-{pid}-a"),
+        &pkg_dir,
+        &work.path().join("nspawn-a.log"),
+        Network::Namespace(lab.a().ns()),
+    );
+    let mut cb = Container::boot(
+        &format!("conode-pair-{pid}-b"),
+        &pkg_dir,
+        &work.path().join("nspawn-b.log"),
+        Network::Namespace(lab.b().ns()),
+    );
+    for c in [&mut ca, &mut cb] {
+        c.units = vec!["failoverd.service", "conode.service"];
+    }
+    let deb_name = deb_name.as_str();
+    std::thread::scope(|s| {
+        for c in [&ca, &cb] {
+            s.spawn(move || {
+                c.wait_booted(Duration::from_secs(60));
+                c.install(deb_name);
+            });
+        }
+    });
+    let booted = t.elapsed();
+    for (c, h) in [(&ca, lab.a()), (&cb, lab.b())] {
+        let addrs = c.ok(&["ip", "-o", "-4", "addr", "show", "dev", "eth0"]);
+        assert!(
+            addrs.contains(&format!("{}/24", h.addr())),
+            "container {} is not in {}: {addrs}",
+            c.name,
+            h.ns()
+        );
+    }
+
+    // One identity, its address the virtual IP: made on a, copied to b as it is.
+    ca.setup_conode(&vip.to_string(), "systemd_nspawn pair");
+    let private = ca.ok(&["cat", "/etc/conode/private.toml"]);
+    let public = ca.ok(&["cat", "/etc/conode/public.toml"]);
+    cb.write("/etc/conode/private.toml", private.as_bytes());
+    cb.ok(&["chmod", "0640", "/etc/conode/private.toml"]);
+    for c in [&ca, &cb] {
+        assert_eq!(
+            c.ok(&["stat", "-c", "%U:%G %a", "/etc/conode/private.toml"])
+                .trim(),
+            "root:conode 640",
+            "private.toml in {}",
+            c.name
+        );
+    }
+    // The client's copies (the roster names the virtual IP).
+    let client_private = work.path().join("private.toml");
+    let roster = work.path().join("public.toml");
+    std::fs::write(&client_private, &private).expect("write private.toml");
+    std::fs::write(&roster, &public).expect("write public.toml");
+    assert!(public.contains(&format!("{vip}:7000")), "roster:\n{public}");
+
+    // failoverd on both, each key pinned on the other.
+    let key_a = setup_failoverd(&ca, &format!("{}:7780", lab.b().addr()), &vip_cidr);
+    let key_b = setup_failoverd(&cb, &format!("{}:7780", lab.a().addr()), &vip_cidr);
+    for (c, peer_key) in [(&ca, &key_b), (&cb, &key_a)] {
+        let toml = c.ok(&["cat", FO_TOML]);
+        assert!(toml.contains("control = \"systemd\""), "{toml}");
+        let pinned = toml.replace("public_key = \"\"", &format!("public_key = \"{peer_key}\""));
+        assert!(pinned != toml, "no empty public_key in {FO_TOML}:\n{toml}");
+        c.write(FO_TOML, pinned.as_bytes());
+        assert_eq!(
+            c.ok(&[
+                "stat",
+                "-c",
+                "%U:%G %a",
+                FO_TOML,
+                "/etc/failoverd/failoverd.key"
+            ]),
+            "root:failoverd 640\nfailoverd:failoverd 600\n",
+            "failoverd's files in {}",
+            c.name
+        );
+        let check = c.ok(&["failoverd", "-c", FO_TOML, "check"]);
+        assert!(
+            check.contains(&format!("ok: vip {vip_cidr} on eth0")),
+            "failoverd check in {}:\n{check}",
+            c.name
+        );
+    }
+    let t = Instant::now();
+    for c in [&ca, &cb] {
+        let start = c.run(&["systemctl", "start", "failoverd.service"]);
+        assert!(
+            start.code == Some(0),
+            "systemctl start failoverd.service in {} failed ({:?}):\n{}",
+            c.name,
+            start.code,
+            said(&start)
+        );
+        assert_eq!(c.prop("conode.service", "ActiveState"), "inactive");
+    }
+    for c in [&ca, &cb] {
+        wait_for(
+            &format!("failoverd in {} hears its peer", c.name),
+            Duration::from_secs(20),
+            || {
+                fo_status(c)
+                    .at(&["peer", "reachable"])
+                    .and_then(|v| v.as_bool())
+                    == Some(true)
+            },
+        );
+        assert_eq!(fo_status(c).str_at(&["role"]), "standby");
+    }
+    assert!(watch.holders().is_empty(), "{}", watch.report());
+
+    // Promote a: the address on a's eth0, conode.service started by failoverd.
+    let out = ca.ok(&["failoverd", "-c", FO_TOML, "promote"]);
+    assert!(out.contains("live under epoch"), "promote on a:\n{out}");
+    assert!(
+        watch.wait_holders(&[lab.a().ns()], Duration::from_secs(10)),
+        "a does not hold the address:\n{}",
+        watch.report()
+    );
+    wait_for(
+        "conode.service active on a",
+        Duration::from_secs(20),
+        || ca.prop("conode.service", "ActiveState") == "active",
+    );
+    assert_eq!(fo_status(&ca).str_at(&["role"]), "live");
+    let promoted = t.elapsed();
+
+    // A client appends through the virtual IP.
+    let conode = system_tests::conode_bin().display().to_string();
+    let (cp, rp) = (client_private.display(), roster.display());
+    let client = |script: &str| -> String {
+        let r = lab.client().sh(script, Duration::from_secs(30));
+        assert!(
+            r.code == Some(0),
+            "client: {script} failed ({:?}):\n{}",
+            r.code,
+            said(&r)
+        );
+        r.stdout
+    };
+    let data = work.path().join("blockdata");
+    let mut chain = String::new();
+    let mut index = 0;
+    for i in 0..5 {
+        std::fs::write(&data, format!("block {i} through the virtual IP")).expect("block data");
+        let cmd = if chain.is_empty() {
+            format!(
+                "{conode} -c {cp} chain create {rp} --data {} --json",
+                data.display()
+            )
+        } else {
+            format!(
+                "{conode} -c {cp} chain add {chain} --data {} --json",
+                data.display()
+            )
+        };
+        let j = system_tests::Json::parse(&client(&cmd)).expect("chain JSON");
+        if chain.is_empty() {
+            chain = j.str_at(&["chain"]).to_string();
+        }
+        index = j.at(&["index"]).and_then(|v| v.as_u64()).expect("index");
+    }
+    assert_eq!(index, 4, "five blocks: 0..=4");
+
+    // a ships snapshots; b verifies them and knows a is live under its epoch.
+    wait_for(
+        "b holds a verified generation and hears a live",
+        Duration::from_secs(30),
+        || {
+            let st = fo_status(&cb);
+            st.at(&["newest_generation"])
+                .and_then(|v| v.as_u64())
+                .is_some()
+                && st.at(&["peer", "live"]).and_then(|v| v.as_bool()) == Some(true)
+                && st.at(&["epoch"]).and_then(|v| v.as_u64())
+                    == st.at(&["peer", "epoch"]).and_then(|v| v.as_u64())
+        },
+    );
+    assert_eq!(
+        cb.sh("ls /var/lib/conode/ | grep '\\.db$' || true").trim(),
+        "",
+        "b has a database before the switchover"
+    );
+
+    // Switchover, asked on b.
+    let t = Instant::now();
+    let out = cb.ok(&["failoverd", "-c", FO_TOML, "switchover"]);
+    let switched = t.elapsed();
+    assert!(out.contains("live under epoch"), "switchover on b:\n{out}");
+    assert!(
+        watch.wait_holders(&[lab.b().ns()], Duration::from_secs(10)),
+        "b does not hold the address:\n{}",
+        watch.report()
+    );
+    assert_eq!(fo_status(&cb).str_at(&["role"]), "live");
+    assert_eq!(fo_status(&ca).str_at(&["role"]), "standby");
+    wait_for(
+        "conode.service active on b",
+        Duration::from_secs(20),
+        || cb.prop("conode.service", "ActiveState") == "active",
+    );
+    wait_for(
+        "conode.service inactive on a",
+        Duration::from_secs(20),
+        || ca.prop("conode.service", "ActiveState") == "inactive",
+    );
+    // b's database is the generation failoverd installed as its own user: the file is
+    // failoverd's (a link to its generation), in the data directory's group, 0660.
+    let db = cb.sh("ls -1 /var/lib/conode/*.db");
+    let db = db.trim();
+    assert!(
+        !db.is_empty() && !db.contains('\n'),
+        "b's databases: {db:?}"
+    );
+    assert_eq!(
+        cb.ok(&["stat", "-c", "%U:%G %a", db]).trim(),
+        "failoverd:conode 660",
+        "b's database {db} after the install"
+    );
+    let main = cb.prop("conode.service", "MainPID");
+    assert_eq!(
+        cb.ok(&["stat", "-c", "%U", &format!("/proc/{main}")])
+            .trim(),
+        "conode"
+    );
+    // Every acknowledged block, through the virtual IP, from b's conode.
+    for i in 0..=index {
+        client(&format!("{conode} -c {cp} chain get {chain} --index {i}"));
+    }
+    // And it takes a new one.
+    std::fs::write(&data, "a block after the switchover").expect("block data");
+    let j = system_tests::Json::parse(&client(&format!(
+        "{conode} -c {cp} chain add {chain} --data {} --json",
+        data.display()
+    )))
+    .expect("chain JSON");
+    assert_eq!(j.at(&["index"]).and_then(|v| v.as_u64()), Some(index + 1));
+
+    // Stopping failoverd on the live host releases the address and stops the conode.
+    cb.ok(&["systemctl", "stop", "failoverd.service"]);
+    assert!(
+        watch.wait_holders(&[], Duration::from_secs(10)),
+        "the address is still held after failoverd.service stopped on b:\n{}",
+        watch.report()
+    );
+    wait_for(
+        "conode.service inactive on b",
+        Duration::from_secs(20),
+        || cb.prop("conode.service", "ActiveState") == "inactive",
+    );
+    watch.sync();
+    watch.assert_no_overlap();
+    for c in [&ca, &cb] {
+        for unit in ["failoverd.service", "conode.service"] {
+            let j = c.journal(unit);
+            assert_clean_journal(unit, &j);
+            // The admin socket's refusal says "permission denied" (lower case).
+            assert!(
+                !j.contains("refused a client"),
+                "{unit} in {} refused a client on its admin socket:\n{j}",
+                c.name
+            );
+        }
+    }
+
+    let t = Instant::now();
+    drop(watch);
+    drop(ca);
+    drop(cb);
+    let down = t.elapsed();
+    eprintln!(
+        "systemd_nspawn pair: lock wait {:.1} s, package {:.1} s, boot and dpkg -i {:.1} s, \
+         setup to a live {:.1} s, switchover {:.1} s, power-off {:.1} s, total {:.1} s",
+        waited.as_secs_f64(),
+        built.as_secs_f64(),
+        booted.as_secs_f64(),
+        promoted.as_secs_f64(),
+        switched.as_secs_f64(),
         down.as_secs_f64(),
         t0.elapsed().as_secs_f64()
     );

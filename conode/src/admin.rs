@@ -11,7 +11,8 @@
 //! it has that name, and every connection's peer is checked with `SO_PEERCRED`: only root
 //! and the conode's own user are served. With `CONODE_ADMIN_GROUP=<group>` (the packaged
 //! unit sets `conode`, the group failoverd's user is in), the socket is 0660 in that group
-//! and processes whose effective or supplementary groups include it are served too. The conode removes it on a graceful stop; at
+//! and processes whose effective or supplementary groups include it are served too (the
+//! supplementary groups from the socket, `SO_PEERGROUPS`). The conode removes it on a graceful stop; at
 //! start, a leftover socket that nobody answers on is replaced, one that answers is an
 //! error (another conode uses it). A path of 108 bytes or more does not fit a Unix socket
 //! address: the conode then refuses to start and says so.
@@ -258,16 +259,44 @@ pub fn admin_group() -> Result<Option<(String, u32)>, String> {
     }
 }
 
-/// Process `pid` has group `gid` among its supplementary groups (`/proc/PID/status`).
-fn has_supplementary_group(pid: i32, gid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Groups:"))
-                .map(|g| g.split_whitespace().any(|x| x.parse() == Ok(gid)))
-        })
-        .unwrap_or(false)
+/// The supplementary groups of the process at the other end of the Unix socket `fd`, as
+/// the kernel recorded them when it connected (`SO_PEERGROUPS`, Linux 4.13 and later).
+/// Unlike `/proc/PID/status`, this needs no view of the client's process (the unit's
+/// `ProtectProc=invisible` hides it) and cannot name another process.
+fn peer_groups(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<Vec<u32>> {
+    use std::os::fd::AsRawFd;
+    const GID: usize = std::mem::size_of::<libc::gid_t>();
+    let mut groups: Vec<libc::gid_t> = vec![0; 32];
+    for _ in 0..4 {
+        let mut len = (groups.len() * GID) as libc::socklen_t;
+        // SAFETY: `fd` is an open socket borrowed for the whole call; `groups` is a live,
+        // initialised, writable buffer of exactly `len` bytes, and `len` points to a
+        // socklen_t we own. The kernel writes at most `len` bytes into the buffer and
+        // stores in `len` the bytes written, or the bytes needed when it fails with
+        // ERANGE; nothing is read from the buffer beyond what it reports as written.
+        let r = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        if r == 0 {
+            groups.truncate((len as usize / GID).min(groups.len()));
+            return Ok(groups);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ERANGE) {
+            return Err(e);
+        }
+        // More groups than room: the kernel said how many bytes it needs.
+        groups.resize((len as usize / GID).max(groups.len() * 2), 0);
+    }
+    Err(std::io::Error::other(
+        "SO_PEERGROUPS: the group list kept growing",
+    ))
 }
 
 impl AdminListener {
@@ -514,7 +543,8 @@ async fn handle(
         Ok(c) if c.uid() == 0 || c.uid() == ctx.euid => {}
         Ok(c)
             if ctx.group.is_some_and(|g| {
-                c.gid() == g || c.pid().is_some_and(|p| has_supplementary_group(p, g))
+                use std::os::fd::AsFd;
+                c.gid() == g || peer_groups(stream.as_fd()).is_ok_and(|gs| gs.contains(&g))
             }) => {}
         Ok(c) => {
             let msg = format!(
