@@ -172,34 +172,6 @@ fn as_user(user: &str, script: &str) -> bool {
         .success()
 }
 
-/// Taken for the whole test, also by tests/systemd_nspawn.rs: both run `scripts/package`
-/// (one `target/<profile>/deb-assets/`, one `target/debian/`), and the container that test
-/// boots is this machine's tree, which must not change under it (this test's `dpkg -i`).
-const LOCK: &str = "/run/lock/system-tests-package.lock";
-
-/// The flock on [`LOCK`], waited for at most `within`.
-fn package_lock(within: std::time::Duration) -> nix::fcntl::Flock<std::fs::File> {
-    let deadline = Instant::now() + within;
-    loop {
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(LOCK)
-            .unwrap_or_else(|e| panic!("cannot open {LOCK}: {e}"));
-        match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => return lock,
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
-                std::thread::sleep(std::time::Duration::from_millis(200))
-            }
-            Err((_, e)) => panic!(
-                "cannot take {LOCK} within {within:?} (tests/systemd_nspawn.rs holds it while it \
-                 runs): {e}"
-            ),
-        }
-    }
-}
-
 /// The package file built by `scripts/package` from this build's binaries, and how long
 /// the build took.
 fn build_package() -> (PathBuf, std::time::Duration) {
@@ -249,7 +221,7 @@ fn package_installs_users_dirs_and_units_keeps_data_on_remove_and_purge_leaves_n
         "deb_package needs root (dpkg -i, users): run it as root on a throwaway machine, as CI does"
     );
     // Held until the end, after the purge guard (dropped first, being declared later).
-    let _lock = package_lock(std::time::Duration::from_secs(600));
+    let _lock = system_tests::package_lock(std::time::Duration::from_secs(600));
     if let Some(status) = package_status() {
         assert!(
             status == "not-installed",

@@ -42,7 +42,7 @@
 //! failoverd's `/proc/PID/status` from the conode, which then refused failoverd on its
 //! admin socket (it reads the client's supplementary groups there).
 //!
-//! Serialised with tests/deb_package.rs by an flock on [`LOCK`]: both run
+//! Serialised with tests/deb_package.rs by an flock on [`system_tests::PACKAGE_LOCK`]: both run
 //! `scripts/package` (one `target/<profile>/deb-assets/`, one `target/debian/`), and
 //! deb_package installs the package on the host, whose tree the container boots.
 //!
@@ -58,10 +58,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use system_tests::{wait_bounded, Run};
-
-/// Taken by this test and tests/deb_package.rs for their whole run (machine-wide: the
-/// host's dpkg is one).
-const LOCK: &str = "/run/lock/system-tests-package.lock";
 
 /// The virtual IP's interface inside the container (a veth pair: this kernel may lack
 /// the dummy driver), its address, the virtual IP and a peer that nobody answers.
@@ -92,29 +88,6 @@ const BAD_IN_JOURNAL: [&str; 14] = [
 
 fn said(r: &Run) -> String {
     format!("{}{}", r.stdout, r.stderr)
-}
-
-/// The flock on [`LOCK`], waited for at most `within`.
-fn package_lock(within: Duration) -> nix::fcntl::Flock<std::fs::File> {
-    let deadline = Instant::now() + within;
-    loop {
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(LOCK)
-            .unwrap_or_else(|e| panic!("cannot open {LOCK}: {e}"));
-        match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => return lock,
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(200))
-            }
-            Err((_, e)) => panic!(
-                "cannot take {LOCK} within {within:?} (tests/deb_package.rs holds it while it \
-                 runs): {e}"
-            ),
-        }
-    }
 }
 
 /// Run `program args` on the host, bounded.
@@ -165,7 +138,7 @@ fn check_prerequisites() {
 }
 
 /// The package file built by `scripts/package` from this build's binaries (the caller
-/// holds [`LOCK`]), copied into `work`/pkg: that directory, and the copy.
+/// holds [`system_tests::PACKAGE_LOCK`]), copied into `work`/pkg: that directory, and the copy.
 fn build_package(work: &Path) -> (PathBuf, PathBuf) {
     let into = work.join("pkg");
     std::fs::create_dir(&into).expect("mkdir pkg");
@@ -696,7 +669,7 @@ fn as_failoverd(c: &Container, verb: &str) {
 fn packaged_units_and_polkit_rule_work_under_systemd_in_a_container() {
     let t0 = Instant::now();
     check_prerequisites();
-    let _lock = package_lock(Duration::from_secs(600));
+    let _lock = system_tests::package_lock(Duration::from_secs(600));
     let waited = t0.elapsed();
 
     let work = tempfile::Builder::new()
@@ -1157,7 +1130,7 @@ fn a_switchover_between_two_packaged_hosts_under_systemd() {
 
     let t0 = Instant::now();
     check_prerequisites();
-    let _lock = package_lock(Duration::from_secs(600));
+    let _lock = system_tests::package_lock(Duration::from_secs(600));
     let waited = t0.elapsed();
     let work = tempfile::Builder::new()
         .prefix("conode-nspawn-pair.")

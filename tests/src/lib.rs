@@ -588,3 +588,31 @@ pub fn run_conode_env(
         .expect("spawn conode");
     wait_bounded(child, stdin, timeout, &format!("conode {args:?}"))
 }
+
+/// The machine-wide lock of the tests that build the Debian package or install it
+/// (tests/deb_package.rs, tests/systemd_nspawn.rs): both run `scripts/package`, one
+/// installs on this machine, and the other boots containers from this machine's tree,
+/// which must not change under them.
+pub const PACKAGE_LOCK: &str = "/run/lock/system-tests-package.lock";
+
+/// The flock on [`PACKAGE_LOCK`], waited for at most `within` (then the test fails).
+pub fn package_lock(within: Duration) -> nix::fcntl::Flock<std::fs::File> {
+    let deadline = Instant::now() + within;
+    loop {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(PACKAGE_LOCK)
+            .unwrap_or_else(|e| panic!("cannot open {PACKAGE_LOCK}: {e}"));
+        match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return lock,
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(200))
+            }
+            Err((_, e)) => panic!(
+                "cannot take {PACKAGE_LOCK} within {within:?} (another package test holds it): {e}"
+            ),
+        }
+    }
+}
