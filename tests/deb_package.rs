@@ -11,9 +11,8 @@
 //! nothing behind. It only ever touches what the package created.
 
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
-use std::time::Instant;
 
 const PACKAGE: &str = "conode-failover";
 const USERS: [&str; 2] = ["conode", "failoverd"];
@@ -172,48 +171,6 @@ fn as_user(user: &str, script: &str) -> bool {
         .success()
 }
 
-/// The package file built by `scripts/package` from this build's binaries, and how long
-/// the build took.
-fn build_package() -> (PathBuf, std::time::Duration) {
-    // target/<profile>/conode; scripts/package takes cargo's profile name.
-    let conode = system_tests::bin("conode");
-    let dir = conode
-        .parent()
-        .and_then(Path::file_name)
-        .and_then(|n| n.to_str())
-        .expect("target/<profile>/conode")
-        .to_string();
-    system_tests::bin("failoverd");
-    let profile = if dir == "debug" {
-        "dev".to_string()
-    } else {
-        dir
-    };
-    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace")
-        .join("scripts/package");
-    let t = Instant::now();
-    let out = Command::new(&script)
-        .args(["--profile", &profile, "--no-build", "--", "--fast"])
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-    let took = t.elapsed();
-    assert!(
-        out.status.success(),
-        "scripts/package failed ({}):\n{}",
-        out.status,
-        said(&out)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let deb = stdout
-        .lines()
-        .rev()
-        .find_map(|l| l.strip_prefix("package: "))
-        .unwrap_or_else(|| panic!("scripts/package named no package:\n{}", said(&out)));
-    (PathBuf::from(deb), took)
-}
-
 #[test]
 fn package_installs_users_dirs_and_units_keeps_data_on_remove_and_purge_leaves_nothing() {
     assert!(
@@ -236,7 +193,7 @@ fn package_installs_users_dirs_and_units_keeps_data_on_remove_and_purge_leaves_n
          purge them: {before:?}"
     );
 
-    let (deb, took) = build_package();
+    let (deb, took) = system_tests::build_package();
     eprintln!(
         "deb_package: scripts/package built {} in {:.1} s",
         deb.display(),

@@ -142,40 +142,8 @@ fn check_prerequisites() {
 fn build_package(work: &Path) -> (PathBuf, PathBuf) {
     let into = work.join("pkg");
     std::fs::create_dir(&into).expect("mkdir pkg");
-    let conode = system_tests::bin("conode");
-    system_tests::bin("failoverd");
-    let dir = conode
-        .parent()
-        .and_then(Path::file_name)
-        .and_then(|n| n.to_str())
-        .expect("target/<profile>/conode")
-        .to_string();
-    let profile = if dir == "debug" {
-        "dev".to_string()
-    } else {
-        dir
-    };
-    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace")
-        .join("scripts/package");
-    let out = host(
-        script.to_str().expect("utf-8 path"),
-        &["--profile", &profile, "--no-build", "--", "--fast"],
-        Duration::from_secs(300),
-    );
-    assert!(
-        out.code == Some(0),
-        "scripts/package failed ({:?}):\n{}",
-        out.code,
-        said(&out)
-    );
-    let deb = out
-        .stdout
-        .lines()
-        .rev()
-        .find_map(|l| l.strip_prefix("package: "))
-        .unwrap_or_else(|| panic!("scripts/package named no package:\n{}", said(&out)));
+    let (deb, _) = system_tests::build_package();
+    let deb = deb.to_str().expect("utf-8 path");
     let name = Path::new(deb).file_name().expect("package file name");
     let copy = into.join(name);
     std::fs::copy(deb, &copy).unwrap_or_else(|e| panic!("copy {deb}: {e}"));

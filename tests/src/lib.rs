@@ -616,3 +616,46 @@ pub fn package_lock(within: Duration) -> nix::fcntl::Flock<std::fs::File> {
         }
     }
 }
+
+/// The package file built by `scripts/package` from this build's binaries
+/// (`target/<profile>/`, not rebuilt), and how long the build took. The caller holds
+/// [`package_lock`].
+pub fn build_package() -> (PathBuf, Duration) {
+    // target/<profile>/conode; scripts/package takes cargo's profile name.
+    let conode = bin("conode");
+    bin("failoverd");
+    let dir = conode
+        .parent()
+        .and_then(Path::file_name)
+        .and_then(|n| n.to_str())
+        .expect("target/<profile>/conode")
+        .to_string();
+    let profile = if dir == "debug" {
+        "dev".to_string()
+    } else {
+        dir
+    };
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace")
+        .join("scripts/package");
+    let t = Instant::now();
+    let child = Command::new(&script)
+        .args(["--profile", &profile, "--no-build", "--", "--fast"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    let out = wait_bounded(child, b"", Duration::from_secs(300), "scripts/package");
+    let took = t.elapsed();
+    let said = format!("{}{}", out.stdout, out.stderr);
+    assert_eq!(out.code, Some(0), "scripts/package failed:\n{said}");
+    let deb = out
+        .stdout
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("package: ").map(PathBuf::from))
+        .unwrap_or_else(|| panic!("scripts/package named no package:\n{said}"));
+    (deb, took)
+}
