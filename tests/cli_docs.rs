@@ -21,7 +21,8 @@ fn check(program: &str, commands: &[&str]) {
     assert!(man.contains("Exit status: 0"), "the exit statuses:\n{man}");
     for c in commands {
         assert!(
-            man.contains(&format!("{program}\\-{c}(1)")),
+            // roff writes every '-' as "\-".
+            man.contains(&format!("{program}\\-{}(1)", c.replace('-', "\\-"))),
             "{c} in:\n{man}"
         );
     }
@@ -33,28 +34,55 @@ fn check(program: &str, commands: &[&str]) {
     }
 }
 
+/// The commands `--help` lists (the first word of each line under "Commands:"), but
+/// `help`.
+fn commands(program: &str) -> Vec<String> {
+    let help = run(program, &["--help"]);
+    help.lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .map(str::to_string)
+        .collect()
+}
+
 #[test]
 fn man_pages_and_completions_name_every_command() {
-    check(
-        "conode",
-        &[
-            "setup", "server", "check", "backup", "restore", "chain", "generate",
-        ],
-    );
-    check(
-        "failoverd",
-        &[
-            "setup",
-            "check",
-            "run",
-            "status",
-            "snapshot",
-            "switchover",
-            "promote",
-            "demote",
-            "generate",
-        ],
-    );
+    for (program, known) in [
+        (
+            "conode",
+            &[
+                "setup", "server", "check", "backup", "restore", "chain", "generate",
+            ][..],
+        ),
+        (
+            "failoverd",
+            &[
+                "setup",
+                "check",
+                "run",
+                "status",
+                "snapshot",
+                "switchover",
+                "promote",
+                "demote",
+                "release-vip",
+                "generate",
+            ][..],
+        ),
+    ] {
+        let all = commands(program);
+        for c in known {
+            assert!(
+                all.iter().any(|a| a == c),
+                "{program} --help lacks {c}: {all:?}"
+            );
+        }
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        check(program, &all);
+    }
 }
 
 /// `conode generate man | head -1`: a reader that went away is no error (no panic, exit

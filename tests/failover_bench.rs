@@ -28,7 +28,7 @@
 //!    appended at varied moments; the time from just before `conode chain add` starts to
 //!    the standby holding an installed generation with that block.
 
-#[allow(dead_code)]
+#[allow(dead_code, unused_imports)]
 #[path = "failoverd_ship.rs"]
 mod ship;
 

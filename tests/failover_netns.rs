@@ -43,13 +43,7 @@ fn refused(host: &Host, script: &str) -> String {
     r.stderr
 }
 
-pub(crate) fn wait(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !f() {
-        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
+pub(crate) use system_tests::wait_until as wait;
 
 /// Two hosts, each with failoverd (which starts and stops the conode as `nobody`), one
 /// conode identity whose `Address` is the virtual IP.
@@ -774,49 +768,10 @@ impl NotifySocket {
     }
 }
 
-/// Samples of a Prometheus scrape, read by the reference parser (Debian's
-/// python3-prometheus-client; the OpenMetrics parser when the text is OpenMetrics):
-/// `name{label="v",...}` → value. A text the parser rejects fails the test.
-fn parse_metrics(text: &str) -> std::collections::BTreeMap<String, f64> {
-    let script = r##"
-import sys, json
-text = sys.stdin.read()
-if text.rstrip().endswith("# EOF"):
-    from prometheus_client.openmetrics.parser import text_string_to_metric_families
-else:
-    from prometheus_client.parser import text_string_to_metric_families
-out = {}
-for fam in text_string_to_metric_families(text):
-    for s in fam.samples:
-        labels = ",".join('%s="%s"' % (k, v) for k, v in sorted(s.labels.items()))
-        out[s.name + ("{" + labels + "}" if labels else "")] = s.value
-print(json.dumps(out))
-"##;
-    let mut child = std::process::Command::new("/usr/bin/python3")
-        .args(["-c", script])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("/usr/bin/python3 (scripts/install-deps installs python3-prometheus-client)");
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "the Prometheus parser rejected the scrape: {}\n{text}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
+/// `/metrics` on 127.0.0.1:`port` in `host`, by the reference parser (both parsers must
+/// accept it): `name{label="v",...}` → value.
 fn scrape(host: &Host, port: u16) -> std::collections::BTreeMap<String, f64> {
-    parse_metrics(&ok(
+    system_tests::prometheus::samples(&ok(
         host,
         &format!("curl -sf http://127.0.0.1:{port}/metrics"),
     ))

@@ -425,12 +425,8 @@ fn start_conode_a(lab: &Lab, dir: &Path) -> Spawned {
     conode_a
 }
 
-pub(crate) fn wait(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !f() {
-        assert!(Instant::now() < deadline, "{what}: not ready within 20 s");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+pub(crate) fn wait(what: &str, f: impl FnMut() -> bool) {
+    system_tests::wait_until(what, Duration::from_secs(20), f)
 }
 
 fn num(j: &Json, k: &str) -> u64 {

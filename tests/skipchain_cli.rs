@@ -39,13 +39,7 @@ impl Cluster {
             .map(|i| NodeFiles::setup_on(&format!("member {i}"), &format!("127.0.0.{}", i + 2)))
             .collect();
         let nodes = files.iter().map(|f| Some(f.start_on_host())).collect();
-        let roster = files[0].dir.path().join("roster.toml");
-        let text: String = files
-            .iter()
-            .map(|f| std::fs::read_to_string(f.public()).unwrap())
-            .collect();
-        std::fs::write(&roster, text).unwrap();
-        let servers = Roster::load(&roster).unwrap().servers;
+        let (roster, servers) = write_roster(&files);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()

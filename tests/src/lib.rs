@@ -8,6 +8,7 @@
 //! checker of record for "at most one holder of the virtual IP").
 pub mod addrwatch;
 pub mod netns;
+pub mod prometheus;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -658,4 +659,26 @@ pub fn build_package() -> (PathBuf, Duration) {
         .find_map(|l| l.strip_prefix("package: ").map(PathBuf::from))
         .unwrap_or_else(|| panic!("scripts/package named no package:\n{said}"));
     (deb, took)
+}
+
+/// The roster of `files` (each one's public.toml, in order: the first leads), written
+/// beside the first one's files: its path, and its servers as the library reads them.
+pub fn write_roster(files: &[NodeFiles]) -> (PathBuf, Vec<conode::config::ServerToml>) {
+    let roster = files[0].dir.path().join("roster.toml");
+    let text: String = files
+        .iter()
+        .map(|f| std::fs::read_to_string(f.public()).unwrap())
+        .collect();
+    std::fs::write(&roster, text).unwrap();
+    let servers = conode::config::Roster::load(&roster).unwrap().servers;
+    (roster, servers)
+}
+
+/// Poll `f` every 100 ms until it holds; fail the test, naming `what`, after `within`.
+pub fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !f() {
+        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
