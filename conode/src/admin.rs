@@ -305,7 +305,8 @@ impl AdminListener {
     }
 }
 
-/// Bind the admin socket at `path`, owner-only. See the module doc for what happens to a
+/// Bind the admin socket at `path`, owner-only (0660 in [`ADMIN_GROUP_ENV`]'s group when it
+/// is set). See the module doc for what happens to a
 /// socket file that is already there.
 pub fn bind(path: &Path) -> Result<AdminListener, String> {
     use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
@@ -356,10 +357,10 @@ pub fn bind(path: &Path) -> Result<AdminListener, String> {
         Err(e) => return Err(format!("cannot check {}: {e}", path.display())),
     }
 
-    // Owner-only without a window: bind() creates the socket with mode 0777 & ~umask, and
+    // Owner-only (or group-only, with a group) without a window: bind() creates the socket with mode 0777 & ~umask, and
     // setting the umask around it would change it for every thread of the process. So the
     // socket is bound inside a private directory (0700: only we and root can reach what is
-    // in it), narrowed to 0600 there, and only then renamed to its public name. Nobody else
+    // in it), narrowed to 0600 (0660 with a group) there, and only then renamed to its public name. Nobody else
     // can connect at any moment; SO_PEERCRED in `serve` is a second fence.
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,

@@ -235,6 +235,9 @@ fn main() -> ExitCode {
             if let Err(e) = conode::admin::admin_group() {
                 return fail(2, e);
             }
+            if let Err(e) = conode::db::free_floor_from_env() {
+                return fail(2, e);
+            }
             raise_fd_limit();
             let db_path = config::db_path(&cfg.keys.public_bytes());
             let rt = match tokio::runtime::Runtime::new() {

@@ -5,7 +5,8 @@
 //!
 //! The watchdog (`WatchdogSec=` in the unit) is read from `$WATCHDOG_USEC` (and
 //! `$WATCHDOG_PID`, when set, must be this process); the caller pings with `WATCHDOG=1`
-//! at half that interval, from the loop whose progress the pings vouch for.
+//! well within that interval (failoverd: every quarter of it), from the loop whose progress
+//! the pings vouch for.
 //!
 //! Used by the conode (READY once both ports listen, STOPPING at shutdown) and by
 //! failoverd (the same, and the watchdog from its decision loop).
@@ -76,7 +77,7 @@ pub fn notify(state: &str) {
 }
 
 /// The watchdog interval the service manager asked for (`$WATCHDOG_USEC`), if it is
-/// meant for this process; ping at half of it.
+/// meant for this process; ping well within it (failoverd: every quarter).
 pub fn watchdog() -> Option<Duration> {
     watchdog_from(
         std::env::var("WATCHDOG_USEC").ok().as_deref(),

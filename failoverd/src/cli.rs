@@ -389,7 +389,9 @@ pub async fn command(config_path: &Path, line: &str) -> Result<(), String> {
 /// `release-vip`: the one-shot that makes sure the address is gone when the daemon is
 /// not running (the unit's `ExecStopPost=`, also after a kill). It removes the address
 /// only if it carries failoverd's tag, and then stops the conode unit
-/// (`[conode] control = "systemd"`): a host without the address is a standby. Refuses
+/// (`[conode] control = "systemd"`; a no-op when it is stopped): a host without a running
+/// failoverd is a standby. An untagged copy of the address (another host's) leaves both
+/// alone. Refuses
 /// while a failoverd runs on this state directory (`failoverd demote` is the way then).
 pub async fn release_vip(config_path: &Path) -> Result<(), String> {
     let cfg = crate::config::Config::load(config_path).map_err(|e| e.to_string())?;
@@ -404,40 +406,40 @@ pub async fn release_vip(config_path: &Path) -> Result<(), String> {
                 e
             }
         })?;
-    let Some((a, p)) = cfg.vip.address else {
-        println!("no [vip] address is configured: nothing to release");
-        return Ok(());
-    };
-    let v = crate::vip::Vip::parse(&cfg.vip.interface, &format!("{a}/{p}"))
-        .map_err(|e| e.to_string())?;
-    let present = v.present().await.map_err(|e| e.to_string())?;
-    if !present.is_present() {
-        println!("{} is not on {}: nothing to release", v.cidr(), v.interface);
-        return Ok(());
+    match cfg.vip_cidr() {
+        None => println!("no [vip] address is configured: no address to release"),
+        Some(cidr) => {
+            let v = crate::vip::Vip::parse(&cfg.vip.interface, &cidr).map_err(|e| e.to_string())?;
+            let present = v.present().await.map_err(|e| e.to_string())?;
+            if !present.is_present() {
+                println!("{} is not on {}: nothing to release", v.cidr(), v.interface);
+            } else if !present.is_ours() {
+                // Another host's, or an operator's: neither it nor the conode is ours to touch.
+                println!(
+                    "{} is on {} but was not added by failoverd (no IFA_PROTO tag): left alone",
+                    v.cidr(),
+                    v.interface
+                );
+                return Ok(());
+            } else {
+                v.remove().await.map_err(|e| e.to_string())?;
+                println!("removed {} from {}", v.cidr(), v.interface);
+            }
+        }
     }
-    if !present.is_ours() {
-        println!(
-            "{} is on {} but was not added by failoverd (no IFA_PROTO tag): left alone",
-            v.cidr(),
-            v.interface
-        );
-        return Ok(());
-    }
-    v.remove().await.map_err(|e| e.to_string())?;
-    println!("removed {} from {}", v.cidr(), v.interface);
     drop(lock);
+    // No failoverd runs to defend the address: this host is a standby, its conode stopped.
+    let paths = cfg.conode_paths()?;
+    let conode = crate::conode_ctl::Conode::new(cfg.conode.clone(), paths.admin, paths.db);
     match &cfg.conode.control {
         crate::config::ConodeControl::Systemd { unit } => {
-            let paths = cfg.conode_paths()?;
-            crate::conode_ctl::Conode::new(cfg.conode.clone(), paths.admin, paths.db)
-                .stop(cfg.timeouts.conode.max(std::time::Duration::from_secs(30)))
+            conode
+                .stop(cfg.conode_timeout())
                 .await
                 .map_err(|e| format!("the address is released, but stopping {unit} failed: {e}"))?;
             println!("stopped {unit}: this host is a standby");
         }
         crate::config::ConodeControl::Child { .. } => {
-            let paths = cfg.conode_paths()?;
-            let conode = crate::conode_ctl::Conode::new(cfg.conode.clone(), paths.admin, paths.db);
             if conode.answers().await {
                 println!("the conode (failoverd's child) still answers on its admin socket: stop it (under systemd it stops with failoverd's unit)");
             } else {

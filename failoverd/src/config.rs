@@ -205,6 +205,27 @@ pub struct VipSection {
     pub probe_wait: Duration,
 }
 
+/// `[hooks]`, validated (run by [`crate::hooks`]).
+#[derive(Debug, Clone, Default)]
+pub struct HooksSection {
+    /// Run when the role changed (live ↔ standby), once the change is complete.
+    pub on_role_change: Option<String>,
+    /// Run when a health verdict changed (and on a first verdict that fails).
+    pub on_health_change: Option<String>,
+    /// Run when another MAC answered ARP for the address this host holds.
+    pub on_conflict: Option<String>,
+    /// How long a hook may run before it is killed.
+    pub timeout: Duration,
+}
+
+impl HooksSection {
+    pub fn any(&self) -> bool {
+        self.on_role_change.is_some()
+            || self.on_health_change.is_some()
+            || self.on_conflict.is_some()
+    }
+}
+
 /// The failover core's timers (`[failover]`).
 #[derive(Debug, Clone, Copy)]
 pub struct Failover {
@@ -389,7 +410,7 @@ pub struct Config {
     pub ssh: Ssh,
     pub timeouts: Timeouts,
     pub failover: Failover,
-    pub hooks: crate::hooks::HooksSection,
+    pub hooks: HooksSection,
 }
 
 #[derive(Debug, Clone)]
@@ -711,7 +732,7 @@ impl RawConfig {
             }
             Some(command.to_string())
         };
-        let hooks = crate::hooks::HooksSection {
+        let hooks = HooksSection {
             on_role_change: hook("hooks.on_role_change", &self.hooks.on_role_change),
             on_health_change: hook("hooks.on_health_change", &self.hooks.on_health_change),
             on_conflict: hook("hooks.on_conflict", &self.hooks.on_conflict),
@@ -982,6 +1003,17 @@ impl Config {
     /// The conode's identity, database path and admin socket.
     pub fn conode_paths(&self) -> Result<ConodePaths, String> {
         conode_paths(&self.conode.config, &self.conode.data_dir)
+    }
+
+    /// `[vip] address` as written ("10.0.0.1/24"); `None` when no address is managed.
+    pub fn vip_cidr(&self) -> Option<String> {
+        self.vip.address.map(|(a, p)| format!("{a}/{p}"))
+    }
+
+    /// How long starting or stopping the conode may take: `timeouts.conode`, at least
+    /// 30 s (a conode drains for up to 30 s).
+    pub fn conode_timeout(&self) -> Duration {
+        self.timeouts.conode.max(Duration::from_secs(30))
     }
 }
 

@@ -125,13 +125,13 @@ impl Conode {
             .arg("server")
             .env("CONODE_SERVICE_PATH", &self.section.data_dir)
             .stdin(std::process::Stdio::null())
-            // The conode must not speak to failoverd's service manager as failoverd.
-            .env_remove(conode::sd_notify::VARIABLES[0])
-            .env_remove(conode::sd_notify::VARIABLES[1])
-            .env_remove(conode::sd_notify::VARIABLES[2])
             .uid(u.uid.as_raw())
             .gid(u.gid.as_raw())
             .kill_on_drop(false);
+        // The conode must not speak to failoverd's service manager as failoverd.
+        for v in conode::sd_notify::VARIABLES {
+            cmd.env_remove(v);
+        }
         let c = cmd
             .spawn()
             .map_err(|e| format!("cannot start {} as {user}: {e}", binary.display()))?;
@@ -202,7 +202,8 @@ impl Conode {
     /// integrity check, the conode's key) and fsynced, so this is a hard link and two
     /// renames, the shortest part of a takeover we can make it:
     /// 1. the generation's file linked beside the database (the same file: nothing is
-    ///    copied), owner-only, given the data directory's owner. Where the generation is
+    ///    copied); as root owner-only and given the data directory's owner, as
+    ///    failoverd's own user given the data directory's group, 0660. Where the generation is
     ///    on another filesystem, a copy instead (`copy_file_range`), fsynced in the
     ///    background (the conode's first commit flushes it anyway);
     /// 2. the current database, if any, kept as `<db>.replaced` (one such file: the

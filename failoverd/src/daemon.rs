@@ -153,11 +153,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         paths.admin.clone(),
         paths.db.clone(),
     ));
-    let address = match cfg.vip.address {
+    let address = match cfg.vip_cidr() {
         None => Address::Unmanaged,
-        Some((a, p)) => Address::Vip(
-            crate::vip::Vip::parse(&cfg.vip.interface, &format!("{a}/{p}"))
-                .map_err(|e| e.to_string())?,
+        Some(cidr) => Address::Vip(
+            crate::vip::Vip::parse(&cfg.vip.interface, &cidr).map_err(|e| e.to_string())?,
             crate::vip::ProbeTimers {
                 count: cfg.vip.probe_count,
                 interval: cfg.vip.probe_interval,
@@ -194,7 +193,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         conode: conode_ctl.clone(),
         shipper: shipper.clone(),
         address,
-        conode_timeout: cfg.timeouts.conode.max(Duration::from_secs(30)),
+        conode_timeout: cfg.conode_timeout(),
         origin: std::sync::atomic::AtomicU64::new(0),
         strays: std::sync::Mutex::new(None),
     });
@@ -222,11 +221,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         metrics: metrics.clone(),
         hooks: crate::hooks::Hooks::start(cfg.hooks.clone(), metrics.clone()),
         watchdog,
-        vip: cfg
-            .vip
-            .address
-            .map(|(a, p)| format!("{a}/{p}"))
-            .unwrap_or_default(),
+        vip: cfg.vip_cidr().unwrap_or_default(),
         peer: cfg.peer.address.clone(),
     };
     let h = tasks.spawn(crate::failover::drive(
@@ -344,13 +339,14 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     let outcome = supervise(&mut tasks, &names, shutdown).await;
     tracing::info!("stopping");
     conode::sd_notify::notify("STOPPING=1");
-    let last = handle.status.borrow().clone();
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(STOP_GRACE, async {
         while tasks.join_next().await.is_some() {}
     })
     .await;
     tasks.abort_all();
+    // The driver's last word (the watch keeps it after the driver is gone).
+    let last = handle.status.borrow().clone();
     // The address is held only while failoverd runs to defend it (epochs, conflicts).
     crate::failover::release_on_stop(&effects, last.as_ref()).await;
     let _ = std::fs::remove_file(&sock);

@@ -352,9 +352,9 @@ impl Effects {
     }
 }
 
-/// failoverd is stopping: drop the address if this host may hold it, then stop the
-/// conode if this host was live (it would answer nobody, and a later promote installs
-/// into its data directory). The next start is as standby. Logged step by step; errors
+/// failoverd is stopping: if this host may hold the address (live, or releasing it, or
+/// deciding about a leftover), drop it, then stop the conode (it would answer nobody,
+/// and a later promote installs into its data directory). The next start is as standby. Logged step by step; errors
 /// are logged, not returned: the unit's `ExecStopPost=failoverd release-vip` tries the
 /// address again.
 pub async fn release_on_stop(effects: &Effects, last: Option<&failoverd_core::Status>) {
@@ -372,13 +372,9 @@ pub async fn release_on_stop(effects: &Effects, last: Option<&failoverd_core::St
             "stopping: removing the address took over 10 s; `failoverd release-vip` removes it"
         ),
     }
-    if st.role == failoverd_core::Role::Live {
-        match effects.conode.stop(effects.conode_timeout).await {
-            Ok(()) => {
-                tracing::info!("stopping: the conode is stopped; this host starts as standby")
-            }
-            Err(e) => tracing::error!("stopping: stopping the conode failed: {e}"),
-        }
+    match effects.conode.stop(effects.conode_timeout).await {
+        Ok(()) => tracing::info!("stopping: the conode is stopped; this host starts as standby"),
+        Err(e) => tracing::error!("stopping: stopping the conode failed: {e}"),
     }
 }
 
@@ -412,7 +408,6 @@ struct Reported {
     health: HashMap<&'static str, bool>,
     conflicts: u64,
     conflict_mac: Option<Mac>,
-    last_ping: Option<Instant>,
 }
 
 impl Reporting {
@@ -447,6 +442,13 @@ impl Reporting {
             );
             seen.role = st.role;
         }
+        // The core forgets the other role's verdicts at a role change: so does this, so
+        // that a first failing verdict after a round trip is news again.
+        seen.health.retain(|n, _| {
+            st.health
+                .iter()
+                .any(|h| crate::status::check_name(h.check) == *n)
+        });
         for h in &st.health {
             let name = crate::status::check_name(h.check);
             let before = seen.health.insert(name, h.ok);
@@ -477,14 +479,11 @@ impl Reporting {
         }
     }
 
-    /// Ping the watchdog if a quarter of its interval passed since the last ping.
-    fn ping(&self, seen: &mut Reported) {
-        if let Some((n, every)) = &self.watchdog {
-            if seen.last_ping.is_none_or(|t| t.elapsed() >= *every / 4) {
-                if let Err(e) = n.send("WATCHDOG=1") {
-                    tracing::warn!("cannot ping systemd's watchdog: {e}");
-                }
-                seen.last_ping = Some(Instant::now());
+    /// Ping the watchdog (called by the loop at each of its ticks).
+    fn ping(&self) {
+        if let Some((n, _)) = &self.watchdog {
+            if let Err(e) = n.send("WATCHDOG=1") {
+                tracing::warn!("cannot ping systemd's watchdog: {e}");
             }
         }
     }
@@ -537,9 +536,9 @@ pub async fn drive(
         health: HashMap::new(),
         conflicts: 0,
         conflict_mac: None,
-        last_ping: None,
     };
-    // Wakes the loop for the watchdog's pings (sent by the loop below, not by this timer).
+    // The watchdog's pings: sent by the loop itself at each tick (a quarter of the
+    // interval), so that a stuck loop sends none.
     let mut watchdog_tick = tokio::time::interval(
         reporting
             .watchdog
@@ -585,7 +584,6 @@ pub async fn drive(
         }
         let st = core.status();
         reporting.observe(&st, core.is_settled(), &mut seen);
-        reporting.ping(&mut seen);
         let _ = status.send(Some(st));
         let deadline = core
             .poll_timeout()
@@ -624,7 +622,7 @@ pub async fn drive(
                 core.handle(now(), input);
             }
             _ = sleep => core.handle_timeout(now()),
-            _ = watchdog_tick.tick() => {}
+            _ = watchdog_tick.tick() => reporting.ping(),
             _ = stop.wait_for(|s| *s) => return Ok(()),
         }
     }
@@ -789,7 +787,7 @@ mod tests {
         let (stop_tx, stop_rx) = watch::channel(false);
         let reporting = Reporting {
             metrics: metrics.clone(),
-            hooks: Hooks::start(crate::hooks::HooksSection::default(), metrics),
+            hooks: Hooks::start(crate::config::HooksSection::default(), metrics),
             watchdog: Some((
                 conode::sd_notify::Notifier::to(notify.to_str().unwrap()).unwrap(),
                 every,
@@ -867,7 +865,6 @@ mod tests {
             health: HashMap::new(),
             conflicts: 0,
             conflict_mac: None,
-            last_ping: None,
         };
         let mut fired = || {
             let mut v = Vec::new();

@@ -18,33 +18,13 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 
+use crate::config::HooksSection;
 use crate::metrics::Metrics;
 
 /// Events waiting for their hook; beyond this, new ones are dropped (and counted).
 const QUEUE: usize = 32;
 /// How much of a hook's stdout and stderr is logged.
 const OUTPUT_LOGGED: usize = 2048;
-
-/// `[hooks]`, validated.
-#[derive(Debug, Clone, Default)]
-pub struct HooksSection {
-    /// Run when the role changed (live ↔ standby), once the change is complete.
-    pub on_role_change: Option<String>,
-    /// Run when a health verdict changed (and on a first verdict that fails).
-    pub on_health_change: Option<String>,
-    /// Run when another MAC answered ARP for the address this host holds.
-    pub on_conflict: Option<String>,
-    /// How long a hook may run before it is killed.
-    pub timeout: Duration,
-}
-
-impl HooksSection {
-    pub fn any(&self) -> bool {
-        self.on_role_change.is_some()
-            || self.on_health_change.is_some()
-            || self.on_conflict.is_some()
-    }
-}
 
 /// Which hook.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -31,7 +31,9 @@
 //! - [`conode_ctl`]: start and stop the conode (a child process or systemd), and bring
 //!   a verified generation into its data directory.
 //! - [`failover`]: the driver around the failover core (`failoverd-core`): feeds it
-//!   events with the time, carries out its effects one at a time, health checks.
+//!   events with the time, carries out its effects one at a time, health checks; reports
+//!   changes to the hooks and the metrics and pings systemd's watchdog from its loop;
+//!   drops the address and stops the conode when failoverd stops.
 //! - [`accept`]: the one accept loop (connection limit, back-off on errors).
 //! - [`daemon`]: `failoverd run`: supervised tasks, the state-directory lock, the
 //!   control socket, `/metrics`.

@@ -308,7 +308,7 @@ impl Metrics {
 }
 
 /// The content type of [`Metrics::encode`]'s text.
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub use conode::metrics::CONTENT_TYPE;
 
 #[cfg(test)]
 mod tests {

@@ -462,6 +462,8 @@ impl Core {
             Phase::Leftover if !m.may_hold && self.lease_allows() => {
                 self.timers.stop(Timer::Leftover);
                 self.log(Level::Info, format!("the peer (epoch {} ≤ ours {}, not holding the address) confirms this host holds the current epoch: keeping the leftover address", m.epoch, self.epoch));
+                // The claim starts past its Add step, where causes are recorded.
+                self.role_cause = Some((RoleCause::LeftoverConfirmed, Why::Leftover.describe()));
                 let claim = Claim {
                     why: Why::Leftover,
                     step: ClaimStep::Announce,
@@ -740,7 +742,7 @@ impl Core {
     }
 
     fn on_health(&mut self, check: Check, ok: bool, reason: String) {
-        self.forget_other_roles_health();
+        // `health_role` is the role now: every handle* call ends by making it so.
         if check.checked_by() != self.health_role {
             // Checked for the role this host had when the check began: out of date.
             return;
@@ -990,13 +992,7 @@ impl Core {
     fn become_live(&mut self, c: Claim, start_error: Option<String>) {
         let epoch = c.epoch.unwrap_or(self.epoch);
         self.phase = Phase::Live { epoch };
-        let how = match &c.why {
-            Why::Promote => "promoted by the operator",
-            Why::Forced => "forced promote by the operator (peer unreachable, probe clean)",
-            Why::Takeover { .. } => "took over from the peer (switchover)",
-            Why::Reclaim { .. } => "took the address back after the peer refused the handover",
-            Why::Leftover => "the peer confirmed the leftover address is current",
-        };
+        let how = c.why.describe();
         self.log(
             Level::Info,
             format!("role standby → live: {how}; epoch {epoch}"),
