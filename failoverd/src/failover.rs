@@ -917,6 +917,22 @@ mod tests {
                 (Hook::HealthChange, "own_conode", Some(true))
             ]
         );
+        // Failing, then forgotten by the core (a role round trip), then failing again:
+        // news again.
+        st.health = vec![verdict(Check::OwnConode, false)];
+        r.observe(&st, true, &mut seen);
+        st.health = Vec::new();
+        r.observe(&st, true, &mut seen);
+        st.health = vec![verdict(Check::OwnConode, false)];
+        r.observe(&st, true, &mut seen);
+        let again: Vec<_> = fired().iter().map(|(h, x)| (*h, x.ok)).collect();
+        assert_eq!(
+            again,
+            [
+                (Hook::HealthChange, Some(false)),
+                (Hook::HealthChange, Some(false))
+            ]
+        );
         // A conflict, with the MAC the driver saw.
         seen.conflict_mac = Some(Mac([2, 0, 0, 0, 0, 9]));
         st.conflicts = 1;
