@@ -765,6 +765,21 @@ fn packaged_units_and_polkit_rule_work_under_systemd_in_a_container() {
             "the conode (pid {main}) does not listen on {port}:\n{ss}"
         );
     }
+    // Its metrics on loopback only (CONODE_METRICS in the unit), and they answer.
+    let metrics = listening(&ss, 9102);
+    assert!(
+        !metrics.is_empty()
+            && metrics.iter().all(|l| {
+                l.split_whitespace().nth(3) == Some("127.0.0.1:9102")
+                    && l.contains(&format!("pid={main},"))
+            }),
+        "the conode (pid {main}) does not serve its metrics on 127.0.0.1:9102 only:\n{ss}"
+    );
+    let scrape = c.sh("curl -sf http://127.0.0.1:9102/metrics");
+    assert!(
+        scrape.contains("conode_build_info") && scrape.trim_end().ends_with("# EOF"),
+        "the conode's metrics do not answer: {scrape}"
+    );
     let admin = c.sh("ls -l /var/lib/conode/ | grep 'admin-.*\\.sock'");
     assert!(
         admin.starts_with("srw-rw---- ") && admin.contains(" conode conode "),

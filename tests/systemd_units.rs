@@ -153,13 +153,14 @@ fn conode_unit_is_notify_unprivileged_and_writes_only_its_data_directory() {
     for (k, v) in expect {
         assert_eq!(the(&s, k), [v], "conode.service {k}");
     }
-    // The data directory, and the group served on the admin socket (failoverd's user is
-    // in it).
+    // The data directory, the group served on the admin socket (failoverd's user is in
+    // it), and the metrics on loopback only.
     assert_eq!(
         the(&s, "Environment"),
         [
             "CONODE_SERVICE_PATH=/var/lib/conode",
-            "CONODE_ADMIN_GROUP=conode"
+            "CONODE_ADMIN_GROUP=conode",
+            "CONODE_METRICS=127.0.0.1:9102"
         ],
         "conode.service Environment"
     );

@@ -606,3 +606,91 @@ fn ipv6_watch_conflicts_reports_an_impostors_advertisement() {
         assert_eq!(got.expect("no socket error"), mac(b));
     });
 }
+
+/// `failoverd check` and `failoverd run` with a `[vip]` the host cannot manage: an
+/// address in no subnet of the interface (check names it; run refuses to start and adds
+/// nothing), and the capabilities missing (check names both).
+#[test]
+fn check_and_run_refuse_an_address_they_cannot_manage() {
+    let lab = Lab::new("vip-run");
+    let (a, b) = (lab.a(), lab.b());
+    let d = tempfile::tempdir().unwrap();
+    let p = |rel: &str| d.path().join(rel).display().to_string();
+    let fo = system_tests::bin("failoverd").display().to_string();
+    let conode = system_tests::conode_bin().display().to_string();
+    sh(
+        a,
+        &format!(
+            "{conode} -c {} setup --non-interactive --host {} --port 7000 --description vip-run",
+            p("co/private.toml"),
+            a.addr()
+        ),
+    );
+    std::fs::create_dir_all(d.path().join("data")).unwrap();
+    let off = "10.9.0.1/24";
+    let mut keys = Vec::new();
+    for (h, peer) in [("a", b.addr()), ("b", a.addr())] {
+        let out = sh(
+            a,
+            &format!(
+                "{fo} -c {cfg} setup --state-dir {state} --conode-config {co} --conode-data-dir {data} --peer {peer}:7780 --metrics '' --interface eth0 --vip {off}",
+                cfg = p(&format!("{h}/failoverd.toml")),
+                state = p(&format!("{h}-state")),
+                co = p("co/private.toml"),
+                data = p("data"),
+            ),
+        );
+        keys.push(out.lines().last().unwrap().trim().to_string());
+    }
+    let cfg = p("a/failoverd.toml");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace(
+            "public_key = \"\"",
+            &format!("public_key = \"{}\"", keys[1]),
+        )
+        .replace("control = \"systemd\"", "control = \"child\"");
+    std::fs::write(&cfg, &text).unwrap();
+
+    let r = a.sh(&format!("{fo} -c {cfg} check"), Duration::from_secs(20));
+    let said = format!("{}{}", r.stdout, r.stderr);
+    assert_eq!(r.code, Some(1), "{said}");
+    assert!(
+        said.contains("error: vip.address 10.9.0.1/24 is in no subnet of eth0"),
+        "{said}"
+    );
+
+    let r = a.sh(&format!("{fo} -c {cfg} run"), Duration::from_secs(30));
+    assert!(r.code.is_some_and(|c| c != 0), "run started: {r:?}");
+    assert!(
+        r.stderr.contains("[vip] cannot be managed")
+            && r.stderr.contains("10.9.0.1/24 is in no subnet of eth0"),
+        "{}",
+        r.stderr
+    );
+    assert!(!addrs(a).contains("10.9.0.1"), "{}", addrs(a));
+
+    // In the lab's subnet, but without CAP_NET_ADMIN and CAP_NET_RAW (root's bounding
+    // set without them, so its effective set lacks them too).
+    let good = vip4(&lab).cidr();
+    std::fs::write(&cfg, text.replace(off, &good)).unwrap();
+    let r = a.sh(
+        &format!("setpriv --bounding-set=-net_admin,-net_raw {fo} -c {cfg} check"),
+        Duration::from_secs(20),
+    );
+    let said = format!("{}{}", r.stdout, r.stderr);
+    assert_eq!(r.code, Some(1), "{said}");
+    for want in [
+        "error: failoverd lacks CAP_NET_ADMIN",
+        "error: failoverd lacks CAP_NET_RAW",
+    ] {
+        assert!(said.contains(want), "{want:?} missing from:\n{said}");
+    }
+    assert!(!said.contains("in no subnet"), "{said}");
+    let r = a.sh(&format!("{fo} -c {cfg} check"), Duration::from_secs(20));
+    let said = format!("{}{}", r.stdout, r.stderr);
+    assert!(
+        said.contains(&format!("ok: vip {good} on eth0")),
+        "with the capabilities: {said}"
+    );
+}

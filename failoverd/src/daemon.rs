@@ -164,6 +164,18 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             },
         ),
     };
+    // What `failoverd check` checks of [vip] (the interface exists, the address lies in
+    // one of its subnets, the capabilities): a daemon that could not hold the address
+    // right refuses to start rather than claim it wrong later.
+    if let Address::Vip(v, _) = &address {
+        if let Err(problems) = crate::vip::check(v).await {
+            return Err(format!(
+                "{}: [vip] cannot be managed: {}",
+                cfg.path.display(),
+                problems.join("; ")
+            ));
+        }
+    }
     let conflict_vip = match &address {
         Address::Vip(v, _) => Some(v.clone()),
         Address::Unmanaged => None,

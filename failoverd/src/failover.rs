@@ -637,7 +637,7 @@ impl Drop for AbortOnDrop {
 }
 
 /// The health checks, every `every`: while live, this host's own conode (its admin
-/// socket); while standby, the live failoverd (the peer port's status) and the live
+/// socket and Status at its public address); while standby, the live failoverd (the peer port's status) and the live
 /// conode through the address (Status over WebSocket at the conode's public address).
 /// Verdicts alert only; the core never promotes on them.
 pub async fn health_checks(
@@ -663,19 +663,36 @@ pub async fn health_checks(
             .is_some_and(|s| s.role == failoverd_core::Role::Live);
         let mut verdicts = Vec::new();
         if live {
+            // Both ways in: the admin socket (the conode runs and its database is
+            // open) and Status over WebSocket at its public address (what clients use).
             let t = Instant::now();
-            let ok = conode.answers().await;
+            let admin = conode.answers().await;
+            let status = if admin {
+                Some(conode::client::status(&server, Duration::from_secs(2)).await)
+            } else {
+                None
+            };
             metrics.health_check(Check::OwnConode, t.elapsed().as_secs_f64());
             let exited = conode.reap().await;
-            verdicts.push((
-                Check::OwnConode,
-                ok,
-                match (ok, exited) {
-                    (true, _) => "its admin socket answers".to_string(),
-                    (false, Some(st)) => format!("the conode exited ({st})"),
-                    (false, None) => "its admin socket does not answer".to_string(),
-                },
-            ));
+            let at = server.address.host_port();
+            verdicts.push(match (status, exited) {
+                (Some(Ok(_)), _) => (
+                    Check::OwnConode,
+                    true,
+                    format!("its admin socket answers and Status answers at {at}"),
+                ),
+                (Some(Err(e)), _) => (
+                    Check::OwnConode,
+                    false,
+                    format!("its admin socket answers but Status at {at}: {e}"),
+                ),
+                (None, Some(st)) => (Check::OwnConode, false, format!("the conode exited ({st})")),
+                (None, None) => (
+                    Check::OwnConode,
+                    false,
+                    "its admin socket does not answer".to_string(),
+                ),
+            });
         } else {
             let t = Instant::now();
             let r = peer

@@ -3,13 +3,17 @@
 //! (the alternative to a virtual IP), move a cloud floating IP, or page someone.
 //!
 //! A hook is a shell command line (`/bin/sh -c`), run as failoverd's user with the facts
-//! in environment variables ([`Facts::env`]), never interpolated into the command. Hooks
-//! run one at a time, in the order the events happened, in a task of their own: the
-//! decision loop only puts an event in a bounded queue and never waits for a hook, so a
-//! failing or hanging hook cannot delay a safety action. A hook still running at
-//! `timeout` is killed with its whole process group; its exit status, and the start of
-//! its output, are logged. When the queue is full, the event is dropped and counted.
+//! in environment variables ([`Facts::env`]), never interpolated into the command. Each
+//! hook (role change, health change, conflict) has a queue and a task of its own, and
+//! runs one event at a time in the order they happened: the decision loop only puts an
+//! event in a bounded queue and never waits for a hook, so a failing or hanging hook
+//! cannot delay a safety action, nor another kind of hook (a hanging pager does not hold
+//! up the role-change hook that moves a DNS name). A hook still running at `timeout` is
+//! killed with its whole process group; its exit status, and the start of its output,
+//! are logged. When a hook's queue is full, its oldest waiting event is dropped and
+//! counted: the newest facts always run.
 
+use std::collections::VecDeque;
 use std::os::unix::process::CommandExt as _;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -21,7 +25,8 @@ use tokio::sync::mpsc;
 use crate::config::HooksSection;
 use crate::metrics::Metrics;
 
-/// Events waiting for their hook; beyond this, new ones are dropped (and counted).
+/// Events waiting for one hook; beyond this, the oldest waiting one is dropped (and
+/// counted).
 const QUEUE: usize = 32;
 /// How much of a hook's stdout and stderr is logged.
 const OUTPUT_LOGGED: usize = 2048;
@@ -101,37 +106,67 @@ impl Facts {
     }
 }
 
-/// The way to the hook runner: [`Hooks::fire`] never waits.
+/// The way to the hook runners: [`Hooks::fire`] never waits.
 #[derive(Clone)]
 pub struct Hooks {
-    tx: Option<mpsc::Sender<(Hook, Facts)>>,
+    target: Target,
     metrics: Arc<Metrics>,
 }
 
+#[derive(Clone)]
+enum Target {
+    /// No hook configured.
+    None,
+    /// One queue and one runner per configured hook (role change, health change,
+    /// conflict), so that a hanging hook of one kind never holds up another kind's.
+    Run(Vec<(Hook, Queue)>),
+    /// Events go to a receiver instead of a runner (tests).
+    #[cfg(test)]
+    Capture(mpsc::Sender<(Hook, Facts)>),
+}
+
+/// The events waiting for one hook, and the wake-up of its runner (whose receiver ends
+/// when every [`Hooks`] is dropped).
+#[derive(Clone)]
+struct Queue {
+    waiting: Arc<std::sync::Mutex<VecDeque<Facts>>>,
+    wake: mpsc::Sender<()>,
+}
+
 impl Hooks {
-    /// Start the runner for `section` (no task when no hook is configured). The runner
-    /// ends when every [`Hooks`] is dropped.
+    /// Start a runner for each hook of `section` that is set. The runners end when every
+    /// [`Hooks`] is dropped.
     pub fn start(section: HooksSection, metrics: Arc<Metrics>) -> Hooks {
-        if !section.any() {
-            return Hooks { tx: None, metrics };
-        }
-        let (tx, mut rx) = mpsc::channel::<(Hook, Facts)>(QUEUE);
-        let m = metrics.clone();
-        tokio::spawn(async move {
-            while let Some((hook, facts)) = rx.recv().await {
-                let command = match hook {
-                    Hook::RoleChange => &section.on_role_change,
-                    Hook::HealthChange => &section.on_health_change,
-                    Hook::Conflict => &section.on_conflict,
-                };
-                if let Some(command) = command {
-                    let result = run(hook, command, &facts.env(hook), section.timeout).await;
-                    m.hook_run(hook.name(), result.label());
+        let mut queues = Vec::new();
+        for (hook, command) in [
+            (Hook::RoleChange, &section.on_role_change),
+            (Hook::HealthChange, &section.on_health_change),
+            (Hook::Conflict, &section.on_conflict),
+        ] {
+            let Some(command) = command.clone() else {
+                continue;
+            };
+            let waiting = Arc::new(std::sync::Mutex::new(VecDeque::<Facts>::new()));
+            let (wake, mut woken) = mpsc::channel::<()>(1);
+            let (q, m, timeout) = (waiting.clone(), metrics.clone(), section.timeout);
+            tokio::spawn(async move {
+                while woken.recv().await.is_some() {
+                    loop {
+                        let next = q.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
+                        let Some(facts) = next else { break };
+                        let result = run(hook, &command, &facts.env(hook), timeout).await;
+                        m.hook_run(hook.name(), result.label());
+                    }
                 }
-            }
-        });
+            });
+            queues.push((hook, Queue { waiting, wake }));
+        }
         Hooks {
-            tx: Some(tx),
+            target: if queues.is_empty() {
+                Target::None
+            } else {
+                Target::Run(queues)
+            },
             metrics,
         }
     }
@@ -142,25 +177,50 @@ impl Hooks {
         let (tx, rx) = mpsc::channel(QUEUE);
         (
             Hooks {
-                tx: Some(tx),
+                target: Target::Capture(tx),
                 metrics,
             },
             rx,
         )
     }
 
-    /// Queue `hook` with `facts`; returns at once. A full queue drops the event (logged
-    /// and counted as `dropped`).
+    /// Queue `hook` with `facts`; returns at once. With [`QUEUE`] events of that hook
+    /// waiting already, the oldest waiting one is dropped (logged and counted as
+    /// `dropped`): the newest facts always reach the hook, so a role-change hook that
+    /// moves a DNS name ends on the role the host has now.
     pub fn fire(&self, hook: Hook, facts: Facts) {
-        let Some(tx) = &self.tx else { return };
-        if let Err(e) = tx.try_send((hook, facts)) {
-            let why = match e {
-                mpsc::error::TrySendError::Full(_) => "the hook queue is full (hooks are slow)",
-                mpsc::error::TrySendError::Closed(_) => "the hook runner stopped",
+        let queue = match &self.target {
+            Target::None => return,
+            #[cfg(test)]
+            Target::Capture(tx) => {
+                let _ = tx.try_send((hook, facts));
+                return;
+            }
+            Target::Run(queues) => match queues.iter().find(|(h, _)| *h == hook) {
+                Some((_, q)) => q,
+                None => return,
+            },
+        };
+        let dropped = {
+            let mut w = queue.waiting.lock().unwrap_or_else(|e| e.into_inner());
+            let dropped = if w.len() >= QUEUE {
+                w.pop_front()
+            } else {
+                None
             };
-            tracing::warn!("hook on_{} not run: {why}", hook.name());
+            w.push_back(facts);
+            dropped
+        };
+        if let Some(old) = dropped {
+            tracing::warn!(
+                "hook on_{}: {QUEUE} events wait for it (it is slow): the oldest ({}) is dropped, the newest will run",
+                hook.name(),
+                old.reason
+            );
             self.metrics.hook_run(hook.name(), "dropped");
         }
+        // A full wake-up channel means the runner is woken already.
+        let _ = queue.wake.try_send(());
     }
 }
 
@@ -407,6 +467,55 @@ mod tests {
             "{:?}",
             t.elapsed()
         );
+        let text = metrics.encode(&crate::status::StatusView::default());
+        assert!(
+            text.contains("failoverd_hook_runs_total{hook=\"role_change\",result=\"dropped\"}"),
+            "{text}"
+        );
+    }
+
+    /// A hanging hook of one kind holds up neither another kind's hook nor the newest
+    /// event of its own kind (the oldest waiting ones are dropped, never the newest).
+    #[tokio::test]
+    async fn a_hanging_hook_holds_up_no_other_hook_and_the_newest_event_runs() {
+        let d = tempfile::tempdir().unwrap();
+        let roles = d.path().join("roles");
+        let metrics = Arc::new(Metrics::new());
+        let hooks = Hooks::start(
+            HooksSection {
+                on_health_change: Some("sleep 30".into()),
+                on_role_change: Some(format!(
+                    "echo \"$FAILOVERD_EPOCH\" >> {}; sleep 0.2",
+                    roles.display()
+                )),
+                timeout: Duration::from_secs(30),
+                ..HooksSection::default()
+            },
+            metrics.clone(),
+        );
+        hooks.fire(Hook::HealthChange, facts());
+        // Many role changes: more than the queue holds while the first one runs.
+        for epoch in 1..=(QUEUE as u64 + 5) {
+            hooks.fire(Hook::RoleChange, Facts { epoch, ..facts() });
+        }
+        let newest = (QUEUE as u64 + 5).to_string();
+        let t = Instant::now();
+        let ran = loop {
+            let ran = std::fs::read_to_string(&roles).unwrap_or_default();
+            if ran.lines().last() == Some(newest.as_str()) {
+                break ran;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "the newest role change never ran while the health hook hangs: {ran:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        // In order, the first one (already running when the queue filled) included, and
+        // the oldest waiting ones dropped.
+        let epochs: Vec<u64> = ran.lines().map(|l| l.parse().unwrap()).collect();
+        assert!(epochs.windows(2).all(|w| w[0] < w[1]), "{epochs:?}");
+        assert!(epochs.len() <= QUEUE + 1, "{epochs:?}");
         let text = metrics.encode(&crate::status::StatusView::default());
         assert!(
             text.contains("failoverd_hook_runs_total{hook=\"role_change\",result=\"dropped\"}"),

@@ -61,7 +61,7 @@ pub struct Metrics {
     generations_held: Gauge,
     vip_held: Gauge,
     health: Family<CheckLabel, Gauge>,
-    conflicts: Gauge,
+    conflicts: Counter,
     health_seconds: Family<CheckLabel, Histogram>,
     failovers: Family<CauseLabel, Counter>,
     role_changes: Family<ChangeLabel, Counter>,
@@ -99,7 +99,7 @@ impl Metrics {
             generations_held: Gauge::default(),
             vip_held: Gauge::default(),
             health: Family::default(),
-            conflicts: Gauge::default(),
+            conflicts: Counter::default(),
             health_seconds: Family::new_with_constructor(health_histogram),
             failovers: Family::default(),
             role_changes: Family::default(),
@@ -179,7 +179,7 @@ impl Metrics {
         );
         registry.register(
             "failoverd_address_conflicts",
-            "Times another MAC answered ARP for the address while this host held it",
+            "Times another MAC answered ARP (or NDP) for the address while this host held it",
             m.conflicts.clone(),
         );
         registry.register(
@@ -280,7 +280,11 @@ impl Metrics {
         self.generations_held.set(st.generations_held.len() as i64);
         if let Some(c) = &st.core {
             self.vip_held.set(i64::from(c.vip_held));
-            self.conflicts.set(c.conflicts as i64);
+            // The core counts conflicts since it started (as the counter does).
+            let counted = self.conflicts.get();
+            if c.conflicts > counted {
+                self.conflicts.inc_by(c.conflicts - counted);
+            }
             // Only this role's checks: a verdict of the other role's is gone, not stale.
             for check in [
                 failoverd_core::Check::OwnConode,
@@ -338,6 +342,56 @@ mod tests {
             "status waited {took:?} for the store's lock"
         );
         assert_eq!(v.generations_held, Vec::<u64>::new());
+    }
+
+    /// The names and types in `docs/metrics-failoverd.md`'s reference table are exactly
+    /// those exported (every family touched so that each appears with its samples).
+    #[test]
+    fn the_documented_names_are_the_exported_ones() {
+        let m = Metrics::new();
+        m.failure(Cause::Io);
+        m.hook_run("role_change", "ok");
+        m.role_changed(
+            failoverd_core::Role::Live,
+            failoverd_core::RoleCause::Switchover,
+        );
+        m.health_check(failoverd_core::Check::OwnConode, 0.01);
+        m.health
+            .get_or_create(&CheckLabel {
+                check: "own_conode",
+            })
+            .set(1);
+        m.conflicts.inc();
+        let text = m.encode(&StatusView::default());
+        let exported: std::collections::BTreeSet<(String, String)> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .map(|l| {
+                let (name, kind) = l.split_once(' ').unwrap();
+                let name = match kind {
+                    "counter" => format!("{name}_total"),
+                    _ => name.to_string(),
+                };
+                (name, kind.to_string())
+            })
+            .collect();
+        let doc = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/metrics-failoverd.md"),
+        )
+        .unwrap();
+        let documented: std::collections::BTreeSet<(String, String)> = doc
+            .lines()
+            .filter_map(|l| {
+                let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+                let name = cells.get(1)?.strip_prefix('`')?.strip_suffix('`')?;
+                Some((name.to_string(), cells.get(2)?.to_string()))
+            })
+            .collect();
+        assert!(exported.len() >= 19, "{text}");
+        assert_eq!(
+            exported, documented,
+            "the names exported and those in docs/metrics-failoverd.md differ"
+        );
     }
 
     #[test]

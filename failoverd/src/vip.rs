@@ -150,6 +150,14 @@ pub enum VipError {
     /// The kernel did not answer in time (a wedged netlink socket, a full send queue).
     #[error("cannot {op} {vip}: nothing done within {after:?}")]
     Timeout { op: Op, vip: Vip, after: Duration },
+    /// The kernel added the address but did not keep failoverd's tag (Linux before
+    /// 5.18 has no IFA_PROTO): failoverd took it off again and cannot manage it here.
+    #[error(
+        "cannot add {vip}: the kernel did not keep failoverd's tag (IFA_PROTO \
+         {FAILOVERD_IFA_PROTO}, Linux 5.18 or later), so failoverd could not recognise the \
+         address as its own; it was taken off again"
+    )]
+    TagNotKept { vip: Vip },
     /// Probe or announcement timers out of bounds.
     #[error("cannot {op} {vip}: {reason}")]
     Timers { op: Op, vip: Vip, reason: String },
@@ -352,7 +360,19 @@ impl Vip {
                 FAILOVERD_IFA_PROTO,
             )));
         match req.execute().await {
-            Ok(()) => Ok(()),
+            // Read the tag back: a kernel before Linux 5.18 accepts IFA_PROTO and drops
+            // it, and an address failoverd cannot recognise as its own it could never
+            // remove (not even on a higher epoch). Take it off again at once and refuse.
+            Ok(()) => match self.find(&nl, link.index, op).await? {
+                Some(m) if !is_ours(&m) => {
+                    let del = self.message(link.index, m.header.prefix_len);
+                    if let Err(e) = nl.handle.address().del(del).execute().await {
+                        return Err(self.err_netlink(Op::Remove, e));
+                    }
+                    Err(VipError::TagNotKept { vip: self.clone() })
+                }
+                _ => Ok(()),
+            },
             // Added meanwhile (by us or by someone): look again.
             Err(e) if errno_of(&e) == Some(Errno::EEXIST) => {
                 match self.find(&nl, link.index, op).await? {
@@ -382,21 +402,26 @@ impl Vip {
         };
         // The prefix it has on the interface: the kernel deletes by address and prefix.
         let prefix = found.header.prefix_len;
-        let msg = match self.addr {
-            IpAddr::V4(a) => AddressMessageBuilder::<Ipv4Addr>::new()
-                .index(link.index)
-                .address(a, prefix)
-                .build(),
-            IpAddr::V6(a) => AddressMessageBuilder::<Ipv6Addr>::new()
-                .index(link.index)
-                .address(a, prefix)
-                .build(),
-        };
+        let msg = self.message(link.index, prefix);
         match nl.handle.address().del(msg).execute().await {
             Ok(()) => Ok(()),
             // Gone meanwhile.
             Err(e) if errno_of(&e) == Some(Errno::EADDRNOTAVAIL) => Ok(()),
             Err(e) => Err(self.err_netlink(op, e)),
+        }
+    }
+
+    /// The netlink message naming this address with `prefix` on interface `index`.
+    fn message(&self, index: u32, prefix: u8) -> AddressMessage {
+        match self.addr {
+            IpAddr::V4(a) => AddressMessageBuilder::<Ipv4Addr>::new()
+                .index(index)
+                .address(a, prefix)
+                .build(),
+            IpAddr::V6(a) => AddressMessageBuilder::<Ipv6Addr>::new()
+                .index(index)
+                .address(a, prefix)
+                .build(),
         }
     }
 
@@ -750,10 +775,38 @@ pub async fn check(vip: &Vip) -> Result<(), Vec<String>> {
             }
         },
     }
+    match tokio::fs::read_to_string("/proc/sys/kernel/osrelease").await {
+        Err(e) => problems.push(format!(
+            "cannot read /proc/sys/kernel/osrelease to check the kernel keeps address tags: {e}"
+        )),
+        Ok(release) => {
+            if let Some(p) = kernel_problem(release.trim()) {
+                problems.push(p);
+            }
+        }
+    }
     if problems.is_empty() {
         Ok(())
     } else {
         Err(problems)
+    }
+}
+
+/// Why failoverd cannot tag addresses on the kernel `release` (`6.1.0-18-amd64`): the
+/// IFA_PROTO attribute is kept from Linux 5.18 on.
+fn kernel_problem(release: &str) -> Option<String> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next().and_then(|p| p.parse::<u32>().ok());
+    let minor = parts.next().and_then(|p| p.parse::<u32>().ok());
+    match (major, minor) {
+        (Some(major), Some(minor)) if (major, minor) >= (5, 18) => None,
+        (Some(_), Some(_)) => Some(format!(
+            "the kernel {release} does not keep address tags (IFA_PROTO, Linux 5.18 or \
+             later): failoverd could not recognise its own address"
+        )),
+        _ => Some(format!(
+            "cannot tell whether the kernel {release:?} keeps address tags (Linux 5.18 or later)"
+        )),
     }
 }
 
@@ -1016,6 +1069,18 @@ mod tests {
         assert_eq!(effective_caps(s), Some(0x3000));
         assert_eq!(effective_caps("Name: x\n"), None);
         assert_eq!(effective_caps("CapEff:\tzz\n"), None);
+    }
+
+    #[test]
+    fn kernels_before_5_18_are_named_as_not_keeping_tags() {
+        for ok in ["5.18.0", "6.1.0-18-amd64", "6.18.44-fc-v1045", "10.0"] {
+            assert_eq!(kernel_problem(ok), None, "{ok}");
+        }
+        for old in ["5.17.15", "4.19.0-26-amd64", "3.10"] {
+            let p = kernel_problem(old).unwrap();
+            assert!(p.contains(old) && p.contains("5.18"), "{p}");
+        }
+        assert!(kernel_problem("weird").unwrap().contains("cannot tell"));
     }
 
     #[test]
