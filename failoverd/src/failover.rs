@@ -39,8 +39,10 @@ pub enum Address {
 /// Gratuitous ARP (or unsolicited NA) bursts: this many, this far apart.
 const ANNOUNCE_COUNT: u32 = 3;
 const ANNOUNCE_INTERVAL: Duration = Duration::from_millis(50);
-/// How long an IPv6 address may stay tentative (the kernel's DAD) after the add.
-const DAD_WAIT: Duration = Duration::from_secs(5);
+/// How long an IPv6 address may stay tentative (the kernel's DAD, about 1 s at the
+/// default `dad_transmits` and `retrans_time`) after the add: below the core's 5 s action
+/// timeout, so that the add reports its own failure.
+const DAD_WAIT: Duration = Duration::from_secs(3);
 
 fn core_mac(m: crate::vip::Mac) -> Mac {
     Mac(m.0)
