@@ -38,7 +38,9 @@
 //! generation (the database `failoverd:conode 0660`), conode.service runs on b and serves
 //! every block, it stopped on a, and the kernel's address events show the two never
 //! held the address at once; stopping failoverd.service on b releases the address and
-//! stops conode.service. It found that `ProtectProc=invisible` in conode.service hid
+//! stops conode.service; a promoted again, then its failoverd killed with SIGKILL: the
+//! unit's `ExecStopPost` (`failoverd release-vip`) takes the address off and stops
+//! conode.service all the same. It found that `ProtectProc=invisible` in conode.service hid
 //! failoverd's `/proc/PID/status` from the conode, which then refused failoverd on its
 //! admin socket (it reads the client's supplementary groups there).
 //!
@@ -1361,12 +1363,84 @@ fn a_switchover_between_two_packaged_hosts_under_systemd() {
         Duration::from_secs(20),
         || cb.prop("conode.service", "ActiveState") == "inactive",
     );
+
+    // b's failoverd back (standby), a promoted again; then a's failoverd is killed
+    // (SIGKILL: nothing of its own stop runs) and the unit's ExecStopPost
+    // (`failoverd release-vip`) still takes the address off and stops the conode.
+    cb.ok(&["systemctl", "start", "failoverd.service"]);
+    system_tests::wait_until(
+        "a hears b back as a standby",
+        Duration::from_secs(30),
+        || {
+            let st = fo_status(&ca);
+            st.at(&["peer", "reachable"]).and_then(|v| v.as_bool()) == Some(true)
+                && st.at(&["peer", "live"]).and_then(|v| v.as_bool()) == Some(false)
+        },
+    );
+    let out = ca.ok(&["failoverd", "-c", FO_TOML, "promote"]);
+    assert!(
+        out.contains("live under epoch"),
+        "promote on a again:\n{out}"
+    );
+    assert!(
+        watch.wait_holders(&[lab.a().ns()], Duration::from_secs(10)),
+        "a does not hold the address again:\n{}",
+        watch.report()
+    );
+    system_tests::wait_until(
+        "conode.service active on a again",
+        Duration::from_secs(20),
+        || ca.prop("conode.service", "ActiveState") == "active",
+    );
+    // The main process only: the container cannot signal a whole control group.
+    ca.ok(&[
+        "systemctl",
+        "kill",
+        "--kill-whom=main",
+        "--signal=SIGKILL",
+        "failoverd.service",
+    ]);
+    assert!(
+        watch.wait_holders(&[], Duration::from_secs(20)),
+        "the address is still held after failoverd was killed on a:\n{}",
+        watch.report()
+    );
+    system_tests::wait_until(
+        "conode.service inactive on a after the kill",
+        Duration::from_secs(20),
+        || ca.prop("conode.service", "ActiveState") == "inactive",
+    );
+    let j = ca.journal("failoverd.service");
+    assert!(
+        j.contains(&format!("removed {vip_cidr} from")),
+        "the journal of a's failoverd.service shows no release after the kill:\n{j}"
+    );
     watch.sync();
     watch.assert_no_overlap();
     for c in [&ca, &cb] {
         for unit in ["failoverd.service", "conode.service"] {
+            let mut j = c.journal(unit);
+            if std::ptr::eq(c, &ca) && unit == "failoverd.service" {
+                // The kill above, and systemd's account of it (its main process only:
+                // the container cannot signal the control group): nothing else.
+                let killed = [
+                    "code=killed, status=9/KILL",
+                    "Failed with result 'signal'",
+                    "on client request",
+                    "Failed to kill control group",
+                ];
+                assert!(
+                    j.contains(killed[0]),
+                    "the kill is not in a's journal:\n{j}"
+                );
+                j = j
+                    .lines()
+                    .filter(|l| !killed.iter().any(|k| l.contains(k)))
+                    .collect::<Vec<_>>()
+                    .join("\n");
+            }
             // BAD_IN_JOURNAL has the admin socket's refusal ("refused a client").
-            assert_clean_journal(&format!("{unit} in {}", c.name), &c.journal(unit));
+            assert_clean_journal(&format!("{unit} in {}", c.name), &j);
         }
     }
 
