@@ -1,5 +1,7 @@
-//! failoverd failing over an **IPv6** virtual IP between two hosts in network namespaces,
-//! end to end: the conode's public address is `tls://[fdXX::100]:7000`, failoverd adds
+//! failoverd's pair beyond the IPv4 virtual IP (`tests/failover_netns.rs`), in network
+//! namespaces, end to end.
+//!
+//! An **IPv6** virtual IP: the conode's public address is `tls://[fdXX::100]:7000`, failoverd adds
 //! the address and waits for the kernel's duplicate address detection (the probe),
 //! announces it with unsolicited neighbour advertisements, and a client on the same
 //! link (a third namespace) appends blocks through it. A switchover and back, then the
@@ -7,6 +9,11 @@
 //! events, `system_tests::addrwatch`) watches all three namespaces throughout and fails
 //! the test on any overlap. The peers talk over IPv4 (the pair's own addresses); what
 //! is IPv6 here is the address clients use.
+//!
+//! **No virtual IP** (`[vip] address` empty: a DNS name moved by a hook, the operating
+//! docs' alternative): switchover and back move the role, the epoch and the conode, no
+//! address is added anywhere, and each host's `on_role_change` hook gets the facts it
+//! needs to move the name.
 
 use std::cell::{Cell, RefCell};
 use std::net::{IpAddr, Ipv6Addr};
@@ -35,13 +42,18 @@ fn ok(host: &Host, script: &str) -> String {
 struct Pair6 {
     lab: Lab,
     dir: tempfile::TempDir,
-    vip: Ipv6Addr,
+    /// The IPv6 VIP; `None` for a pair without one.
+    vip: Option<Ipv6Addr>,
     failoverd: RefCell<[Option<Spawned>; 2]>,
     chain: RefCell<String>,
     index: Cell<u64>,
 }
 
 impl Pair6 {
+    fn vip(&self) -> Ipv6Addr {
+        self.vip.expect("a pair with an IPv6 VIP")
+    }
+
     fn p(&self, rel: &str) -> String {
         self.dir.path().join(rel).display().to_string()
     }
@@ -157,7 +169,7 @@ impl Pair6 {
     fn client_neighbour(&self) -> Option<String> {
         let out = ok(
             self.lab.client(),
-            &format!("ip -6 neigh show {} dev eth0", self.vip),
+            &format!("ip -6 neigh show {} dev eth0", self.vip()),
         );
         let words: Vec<&str> = out.split_whitespace().collect();
         let at = words.iter().position(|w| *w == "lladdr")?;
@@ -188,9 +200,11 @@ impl Drop for Pair6 {
 }
 
 /// a, b and a client on one link, each with an IPv6 address (`fdXX::1..3/64`, no DAD:
-/// unique by construction); one conode identity whose address is `[fdXX::100]:7000`,
-/// run by failoverd on each host as `nobody`.
-fn start(name: &str) -> Pair6 {
+/// unique by construction); one conode identity whose address is `[fdXX::100]:7000`
+/// (the VIP), or with `hook` `localhost:7000` and no VIP (`[vip] address` empty) and an
+/// `on_role_change` hook that appends its facts to `H/role-hook` on each host; run by
+/// failoverd on each host as `nobody`.
+fn start(name: &str, hook: bool) -> Pair6 {
     let lab = Lab::with_client(name);
     let o = lab.a().addr().octets();
     let net = format!(
@@ -207,22 +221,32 @@ fn start(name: &str) -> Pair6 {
             ),
         );
     }
-    let vip: Ipv6Addr = format!("{net}100").parse().expect("the lab's IPv6 VIP");
+    let vip: Option<Ipv6Addr> = if hook {
+        None
+    } else {
+        Some(format!("{net}100").parse().expect("the lab's IPv6 VIP"))
+    };
+    let host = match vip {
+        Some(v) => v.to_string(),
+        None => "localhost".to_string(),
+    };
     let dir = tempfile::tempdir().expect("tempdir");
     let d = |p: &str| dir.path().join(p).display().to_string();
     let conode = conode_bin().display().to_string();
     ok(
         lab.a(),
         &format!(
-            "{conode} -c {} setup --non-interactive --host {vip} --port 7000 --description failover-v6",
+            "{conode} -c {} setup --non-interactive --host {host} --port 7000 --description failover-modes",
             d("a/co/private.toml")
         ),
     );
     let public = std::fs::read_to_string(dir.path().join("a/co/public.toml")).expect("public");
-    assert!(
-        public.contains(&format!("tls://[{vip}]:7000")),
-        "the conode's address is the IPv6 VIP: {public}"
-    );
+    if let Some(vip) = vip {
+        assert!(
+            public.contains(&format!("tls://[{vip}]:7000")),
+            "the conode's address is the IPv6 VIP: {public}"
+        );
+    }
     // Both hosts run the same identity on all addresses (IPv6 and IPv4).
     let private = std::fs::read_to_string(dir.path().join("a/co/private.toml")).expect("private");
     let private = private
@@ -250,13 +274,14 @@ fn start(name: &str) -> Pair6 {
     let mut keys = Vec::new();
     for (h, host, peer) in [("a", lab.a(), lab.b()), ("b", lab.b(), lab.a())] {
         let out = ok(host, &format!(
-            "{fo} -c {cfg} setup --state-dir {state} --conode-config {co} --conode-data-dir {data} --peer {peer}:7780 --metrics '' --interface eth0 --vip {vip}/64",
+            "{fo} -c {cfg} setup --state-dir {state} --conode-config {co} --conode-data-dir {data} --peer {peer}:7780 --metrics '' --interface eth0{vip}",
             fo = bin("failoverd").display(),
             cfg = d(&format!("{h}/failoverd.toml")),
             state = d(&format!("{h}/state")),
             co = d(&format!("{h}/co/private.toml")),
             data = d(&format!("{h}/data")),
             peer = peer.addr(),
+            vip = vip.map(|v| format!(" --vip {v}/64")).unwrap_or_default(),
         ));
         keys.push(out.lines().last().expect("a key line").trim().to_string());
     }
@@ -272,6 +297,29 @@ fn start(name: &str) -> Pair6 {
                 &format!("binary = \"{}\"", conode_bin().display()),
             )
             .replace("# user = \"conode\"", "user = \"nobody\"");
+        let cfg = if hook {
+            // An executable that appends the facts the hook gets (hooks start with an
+            // absolute path).
+            let script = dir.path().join(format!("{h}/role-hook.sh"));
+            std::fs::write(
+                &script,
+                format!(
+                    "#!/bin/sh\necho \"$FAILOVERD_ROLE $FAILOVERD_PREVIOUS_ROLE $FAILOVERD_EPOCH $FAILOVERD_CAUSE vip=$FAILOVERD_VIP\" >> {}\n",
+                    d(&format!("{h}/role-hook"))
+                ),
+            )
+            .expect("write the hook");
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))
+                .expect("chmod the hook");
+            assert!(cfg.contains("on_role_change = \"\""), "{cfg}");
+            cfg.replace(
+                "on_role_change = \"\"",
+                &format!("on_role_change = \"{}\"", script.display()),
+            )
+        } else {
+            cfg
+        };
         std::fs::write(&p, cfg).expect("write config");
     }
     let p = Pair6 {
@@ -298,8 +346,8 @@ fn start(name: &str) -> Pair6 {
 #[test]
 fn an_ipv6_address_moves_by_switchover_and_forced_promote_with_no_block_lost_and_never_two_holders()
 {
-    let p = start("fo-v6");
-    let watch = AddrWatch::start(IpAddr::V6(p.vip), &[p.lab.a(), p.lab.b(), p.lab.client()]);
+    let p = start("fo-v6", false);
+    let watch = AddrWatch::start(IpAddr::V6(p.vip()), &[p.lab.a(), p.lab.b(), p.lab.client()]);
     assert!(watch.holders().is_empty(), "never claimed at start");
     let (mac_a, mac_b) = (
         p.lab.a().mac().to_lowercase(),
@@ -310,9 +358,12 @@ fn an_ipv6_address_moves_by_switchover_and_forced_promote_with_no_block_lost_and
     assert!(out.contains("live under epoch 1"), "{out}");
     assert!(watch.wait_holders(&[p.lab.a().ns()], Duration::from_secs(10)));
     // The address is in service only once the kernel's DAD found no other holder.
-    let shown = ok(p.lab.a(), &format!("ip -6 addr show dev eth0 to {}", p.vip));
+    let shown = ok(
+        p.lab.a(),
+        &format!("ip -6 addr show dev eth0 to {}", p.vip()),
+    );
     assert!(
-        shown.contains(&p.vip.to_string()) && !shown.contains("tentative"),
+        shown.contains(&p.vip().to_string()) && !shown.contains("tentative"),
         "{shown}"
     );
     p.grow(5);
@@ -356,7 +407,7 @@ fn an_ipv6_address_moves_by_switchover_and_forced_promote_with_no_block_lost_and
         nix::sys::signal::Signal::SIGKILL,
     )
     .expect("kill a's conode");
-    ok(p.lab.a(), &format!("ip addr del {}/64 dev eth0", p.vip));
+    ok(p.lab.a(), &format!("ip addr del {}/64 dev eth0", p.vip()));
     wait("b counts a gone", T, || {
         p.status("b")
             .at(&["peer", "reachable"])
@@ -386,4 +437,68 @@ fn an_ipv6_address_moves_by_switchover_and_forced_promote_with_no_block_lost_and
     assert_eq!(watch.holders(), vec![p.lab.b().ns().to_string()]);
     p.assert_all_blocks();
     watch.assert_no_overlap();
+}
+
+/// Without `[vip] address` (a DNS name moved by a hook): the role, the epoch and the
+/// conode move with switchover and back, no address is added on any host, and each
+/// host's role hook gets what a DNS update needs (the new role, the previous one, the
+/// epoch, the cause; `FAILOVERD_VIP` empty).
+#[test]
+fn without_a_virtual_ip_the_role_hook_moves_the_service_name() {
+    let p = start("fo-dns", true);
+    let addresses = |h: &str| ok(p.host(h), "ip -o addr show dev eth0 | wc -l");
+    let before = [addresses("a"), addresses("b")];
+    let hook = |h: &str| {
+        std::fs::read_to_string(p.dir.path().join(format!("{h}/role-hook"))).unwrap_or_default()
+    };
+    // Wait until `h`'s hook recorded a line starting with `want`.
+    let hook_ran = |h: &str, want: &str| {
+        let t = std::time::Instant::now();
+        while !hook(h).lines().any(|l| l.starts_with(want)) {
+            assert!(
+                t.elapsed() < T,
+                "{h}'s role hook never recorded {want:?}: {:?}",
+                hook(h)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let conode_answers = |h: &str| {
+        p.host(h)
+            .sh(
+                &format!(
+                    "{} -c {} check {}",
+                    conode_bin().display(),
+                    p.p(&format!("{h}/co/private.toml")),
+                    p.p("a/co/public.toml")
+                ),
+                T,
+            )
+            .code
+            == Some(0)
+    };
+
+    let out = ok(p.lab.a(), &p.cmd("a", "promote"));
+    assert!(out.contains("live under epoch 1"), "{out}");
+    hook_ran("a", "live standby 1 promote vip=");
+    assert!(conode_answers("a"), "a's conode does not answer Status");
+
+    p.wait_peer_live("b");
+    let out = ok(p.lab.b(), &p.cmd("b", "switchover"));
+    assert!(out.contains("live under epoch"), "{out}");
+    hook_ran("b", "live standby 2 switchover vip=");
+    // Handed over under the epoch it held (the new one is the peer's).
+    hook_ran("a", "standby live 1 handed_over vip=");
+    assert!(conode_answers("b"), "b's conode does not answer Status");
+    assert_eq!(p.status("a").str_at(&["role"]), "standby");
+    assert!(p.conode_pid("a").is_none(), "a's conode still runs");
+
+    p.wait_peer_live("a");
+    let out = ok(p.lab.a(), &p.cmd("a", "switchover"));
+    assert!(out.contains("live under epoch 3"), "{out}");
+    hook_ran("a", "live standby 3 switchover vip=");
+    assert!(conode_answers("a"));
+    assert!(p.conode_pid("b").is_none(), "b's conode still runs");
+    // No address came or went on either host.
+    assert_eq!([addresses("a"), addresses("b")], before);
 }
