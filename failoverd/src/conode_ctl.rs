@@ -167,10 +167,24 @@ impl Conode {
                         }
                     }
                 } else if self.answers().await {
-                    return Err(format!(
-                        "the conode answers on {} but failoverd did not start it (conode.control = \"child\"): stop it by hand, or let failoverd start it",
-                        self.admin.display()
-                    ));
+                    // Started by an earlier failoverd (killed, then restarted while this
+                    // host stayed live): ours if it runs this configuration.
+                    let pid = self.adoptable().await?;
+                    tracing::info!(
+                        "stopping the conode (pid {pid}) an earlier failoverd started: {} -c {} server",
+                        self.binary_name(),
+                        self.section.config.display()
+                    );
+                    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+                    if !self.wait_for(false, STOP_GRACE.min(within)).await {
+                        tracing::warn!(
+                            "the conode (pid {pid}) did not stop within {:?} of SIGTERM: killing it",
+                            STOP_GRACE.min(within)
+                        );
+                        // Still the same process: its admin socket still answers, and a
+                        // pid is not reused while the process lives.
+                        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                    }
                 }
             }
         }
@@ -181,6 +195,73 @@ impl Conode {
                 "the conode still answers on {} after being stopped",
                 self.admin.display()
             ))
+        }
+    }
+
+    /// The pid of the conode answering on the admin socket (from the socket's peer
+    /// credentials), if it is this host's conode as failoverd starts it: `binary -c
+    /// config server`, run by `conode.user`. Else why failoverd will not stop it.
+    async fn adoptable(&self) -> Result<nix::unistd::Pid, String> {
+        let ConodeControl::Child { user, .. } = &self.section.control else {
+            return Err("not a child conode".into());
+        };
+        let not_ours = |why: String| {
+            format!(
+                "the conode answers on {} but failoverd did not start it (conode.control = \"child\"), and {why}: stop it by hand",
+                self.admin.display()
+            )
+        };
+        let stream = tokio::net::UnixStream::connect(&self.admin)
+            .await
+            .map_err(|e| not_ours(format!("its admin socket cannot be reached ({e})")))?;
+        let cred =
+            nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
+                .map_err(|e| not_ours(format!("its process is unknown ({e})")))?;
+        let pid = nix::unistd::Pid::from_raw(cred.pid());
+        let uid = nix::unistd::User::from_name(user)
+            .ok()
+            .flatten()
+            .map(|u| u.uid.as_raw());
+        if uid != Some(cred.uid()) {
+            return Err(not_ours(format!(
+                "it runs as uid {}, not as conode.user {user}",
+                cred.uid()
+            )));
+        }
+        let cmdline = tokio::fs::read(format!("/proc/{pid}/cmdline"))
+            .await
+            .map_err(|e| not_ours(format!("/proc/{pid}/cmdline: {e}")))?;
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .filter(|a| !a.is_empty())
+            .collect();
+        let want = self.section.config.display().to_string();
+        let runs_ours = args.windows(2).any(|w| w[0] == "-c" && w[1] == want)
+            && args.last().map(String::as_str) == Some("server")
+            && args.first().is_some_and(|a| {
+                std::path::Path::new(a).file_name()
+                    == Some(std::ffi::OsStr::new(self.binary_name()))
+            });
+        if runs_ours {
+            Ok(pid)
+        } else {
+            Err(not_ours(format!(
+                "pid {pid} runs {:?}, not {} -c {want} server",
+                args.join(" "),
+                self.binary_name()
+            )))
+        }
+    }
+
+    /// The file name of `conode.binary` (child mode).
+    fn binary_name(&self) -> &str {
+        match &self.section.control {
+            ConodeControl::Child { binary, .. } => binary
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("conode"),
+            ConodeControl::Systemd { .. } => "conode",
         }
     }
 
