@@ -55,8 +55,12 @@
 //! or etcd lease is one more [`LeasePolicy`] variant and one more input
 //! (`LeaseGranted { until }`) read by that one function.
 
+#![no_std]
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+
+// Strings, vectors and queues; nothing of `std` (no clock, file, socket or thread).
+extern crate alloc;
 
 pub mod api;
 pub mod config;
@@ -64,9 +68,6 @@ mod machine;
 pub mod message;
 pub mod status;
 mod timer;
-
-#[cfg(test)]
-mod boundary;
 
 pub use api::{
     Action, Check, Command, CommandId, Effect, Input, Level, Mac, Millis, OpId, Outcome, RoleCause,

@@ -7,7 +7,10 @@
 //! for its outcome or times out, and an effect that may have added the address counts as
 //! holding it until a removal is confirmed.
 
-use std::collections::VecDeque;
+use alloc::collections::VecDeque;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
 
 use crate::api::{
     Action, Check, Command, CommandId, Effect, Input, Level, Mac, Millis, OpId, Outcome, RoleCause,
@@ -868,7 +871,7 @@ impl Core {
     // ---- steps ----
 
     fn step_done(&mut self, effect: Effect, result: Result<Outcome, String>) {
-        match std::mem::replace(&mut self.phase, Phase::Init) {
+        match core::mem::replace(&mut self.phase, Phase::Init) {
             Phase::Claiming(c) => self.claim_step_done(c, effect, result),
             Phase::HandingOver {
                 epoch,
@@ -1049,7 +1052,7 @@ impl Core {
 
     /// Abandons a claim that has not reached `Add` (its pending step is forgotten).
     fn abandon_claim(&mut self, reason: String) {
-        if let Phase::Claiming(c) = std::mem::replace(&mut self.phase, Phase::Standby) {
+        if let Phase::Claiming(c) = core::mem::replace(&mut self.phase, Phase::Standby) {
             self.pending = None;
             self.timers.stop(Timer::Action);
             self.fail_claim(c, reason, false);

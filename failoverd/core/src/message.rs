@@ -5,6 +5,8 @@
 //! they mean. It must never trust ordering: any message may be delayed, duplicated,
 //! reordered or stale, and the core decides with epochs, not with arrival order.
 
+use alloc::string::String;
+
 /// One message from the peer. The header fields ride on every message, so any message
 /// is also a heartbeat.
 #[derive(Clone, Debug, PartialEq, Eq)]
