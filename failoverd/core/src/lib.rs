@@ -74,5 +74,5 @@ pub use api::{
 };
 pub use config::{Config, ConfigError, LeasePolicy};
 pub use machine::Core;
-pub use message::{Body, PeerMessage, Refusal};
+pub use message::{Body, PeerMessage, Refusal, MAX_EPOCH, MAX_EPOCH_STEP};
 pub use status::{HealthVerdict, PeerStatus, Role, Status};
