@@ -6,9 +6,10 @@
 //!  "body":{"kind":"handover","generation":12}}
 //! ```
 //! `body.kind` is one of `heartbeat`, `handover_request` (`ask`), `handover`
-//! (`generation`), `handover_ack` (`from_epoch`), `refused` (`of`: `handover_request` or
-//! `handover`, `request_epoch`, `reason`). Unknown kinds and missing fields are refused
-//! by [`decode`]; this module never decides anything about what a message means.
+//! (`generation`), `handover_ack` (`from_epoch`), `refused` (`of`: `handover_request`,
+//! `handover` or `message`, `request_epoch`, `reason`). Unknown kinds and missing fields
+//! are refused by [`decode`]; this module never decides anything about what a message
+//! means.
 
 use failoverd_core::{Body, PeerMessage, Refusal};
 use serde_json::{json, Value};
@@ -34,6 +35,7 @@ pub fn encode(m: &PeerMessage) -> Vec<u8> {
             "of": match of {
                 Refusal::HandoverRequest => "handover_request",
                 Refusal::Handover => "handover",
+                Refusal::Message => "message",
             },
             "request_epoch": request_epoch,
             "reason": reason,
@@ -93,6 +95,7 @@ pub fn decode(bytes: &[u8]) -> Result<PeerMessage, String> {
             of: match b.get("of").and_then(Value::as_str) {
                 Some("handover_request") => Refusal::HandoverRequest,
                 Some("handover") => Refusal::Handover,
+                Some("message") => Refusal::Message,
                 other => return Err(format!("a refusal of an unknown message {other:?}")),
             },
             request_epoch: u64_at(b, "request_epoch")?,
@@ -135,6 +138,11 @@ mod tests {
                 of: Refusal::HandoverRequest,
                 request_epoch: 9,
                 reason: "busy".into(),
+            },
+            Body::Refused {
+                of: Refusal::Message,
+                request_epoch: u64::MAX,
+                reason: "future epoch".into(),
             },
         ];
         for (i, body) in bodies.into_iter().enumerate() {

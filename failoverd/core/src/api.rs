@@ -4,7 +4,8 @@
 //! Everything here is plain data. The shell turns the world into [`Input`]s and carries
 //! out [`Action`]s; this module must never grow a method that performs anything.
 
-use std::fmt;
+use alloc::string::String;
+use core::fmt;
 
 use crate::message::PeerMessage;
 

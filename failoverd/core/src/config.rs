@@ -5,7 +5,7 @@
 //! never read a file or the environment: the daemon's configuration layer maps its
 //! `[failover]` section onto [`Config`].
 
-use std::fmt;
+use core::fmt;
 
 use crate::api::Millis;
 
@@ -103,7 +103,7 @@ impl fmt::Display for ConfigError {
     }
 }
 
-impl std::error::Error for ConfigError {}
+impl core::error::Error for ConfigError {}
 
 impl Config {
     /// Checks the settings against each other.

@@ -55,8 +55,12 @@
 //! or etcd lease is one more [`LeasePolicy`] variant and one more input
 //! (`LeaseGranted { until }`) read by that one function.
 
+#![no_std]
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+
+// Strings, vectors and queues; nothing of `std` (no clock, file, socket or thread).
+extern crate alloc;
 
 pub mod api;
 pub mod config;
@@ -65,13 +69,10 @@ pub mod message;
 pub mod status;
 mod timer;
 
-#[cfg(test)]
-mod boundary;
-
 pub use api::{
     Action, Check, Command, CommandId, Effect, Input, Level, Mac, Millis, OpId, Outcome, RoleCause,
 };
 pub use config::{Config, ConfigError, LeasePolicy};
 pub use machine::Core;
-pub use message::{Body, PeerMessage, Refusal};
+pub use message::{Body, PeerMessage, Refusal, MAX_EPOCH, MAX_EPOCH_STEP};
 pub use status::{HealthVerdict, PeerStatus, Role, Status};

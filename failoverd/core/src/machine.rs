@@ -7,13 +7,16 @@
 //! for its outcome or times out, and an effect that may have added the address counts as
 //! holding it until a removal is confirmed.
 
-use std::collections::VecDeque;
+use alloc::collections::VecDeque;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
 
 use crate::api::{
     Action, Check, Command, CommandId, Effect, Input, Level, Mac, Millis, OpId, Outcome, RoleCause,
 };
 use crate::config::{Config, ConfigError, LeasePolicy};
-use crate::message::{Body, PeerMessage, Refusal};
+use crate::message::{Body, PeerMessage, Refusal, MAX_EPOCH, MAX_EPOCH_STEP};
 use crate::status::{HealthVerdict, PeerStatus, Role, Status};
 use crate::timer::{Timer, TimerTable};
 
@@ -185,6 +188,10 @@ pub struct Core {
     last_error: Option<String>,
     /// Why the role last changed, or is changing now, and in words.
     role_cause: Option<(RoleCause, String)>,
+    /// The future epoch last refused, and the epoch under which the peer last refused
+    /// ours: a broken peer repeats itself every heartbeat; each is logged loudly once.
+    refused_future: Option<u64>,
+    refused_by_peer: Option<u64>,
     /// The role the health verdicts in `health` were checked for.
     health_role: Role,
     timers: TimerTable,
@@ -208,6 +215,8 @@ impl Core {
             health: Vec::new(),
             conflicts: 0,
             role_cause: None,
+            refused_future: None,
+            refused_by_peer: None,
             health_role: Role::Standby,
             served_request: None,
             refused_handover: None,
@@ -370,6 +379,9 @@ impl Core {
         self.epoch = epoch;
         self.seen = epoch;
         self.generation = generation;
+        if epoch >= MAX_EPOCH {
+            self.log(Level::Error, format!("the epoch on disk is {epoch}, at or above {MAX_EPOCH}, the highest a pair can reach: a corrupt epoch file; this host will claim nothing and the peer refuses its messages; stop both failoverds and write the peer's epoch (from its `failoverd status`) into this host's epoch file"));
+        }
         if leftover {
             self.phase = Phase::Leftover;
             self.timers
@@ -416,6 +428,9 @@ impl Core {
     }
 
     fn on_peer(&mut self, m: PeerMessage) {
+        if let Some(reason) = self.future_epoch(m.epoch) {
+            return self.refuse_message(m, reason);
+        }
         let was_reachable = self.peer_reachable();
         if self.peer.last_heard.is_none() || m.epoch >= self.peer.epoch {
             self.peer.epoch = m.epoch;
@@ -575,7 +590,7 @@ impl Core {
         } else if !self.lease_allows() {
             Some("no lease allows this host to hold the address".into())
         } else {
-            None
+            self.next_epoch().err()
         };
         let cmd = match self.phase {
             Phase::Asking { cmd } => Some(cmd),
@@ -640,6 +655,18 @@ impl Core {
                 };
                 self.run_claim(claim);
             }
+            (_, Refusal::Message) => {
+                let level = if self.refused_by_peer == Some(request_epoch) {
+                    Level::Debug
+                } else {
+                    Level::Error
+                };
+                self.refused_by_peer = Some(request_epoch);
+                self.log(
+                    level,
+                    format!("the peer refuses this host's messages under epoch {request_epoch}: {reason}"),
+                );
+            }
             _ => self.log(
                 Level::Debug,
                 format!("refusal of an earlier {of:?} ignored: {reason}"),
@@ -697,7 +724,10 @@ impl Core {
                 self.start_handover(epoch, Some(id), false);
                 Ok(())
             }
-            Phase::Standby if self.peer_reachable() && self.peer.live => self.ask_live(id),
+            Phase::Standby if self.peer_reachable() && self.peer.live => {
+                self.next_epoch()?;
+                self.ask_live(id)
+            }
             Phase::Standby => Err("the peer is not live (or not reachable): there is nothing to switch over from; use `failoverd promote`".into()),
             _ => Err(self.busy()),
         }
@@ -711,6 +741,7 @@ impl Core {
             Phase::Standby => {}
             _ => return Err(self.busy()),
         }
+        self.next_epoch()?;
         let why = if self.peer_reachable() {
             if self.peer.live {
                 return self.ask_live(id);
@@ -868,7 +899,7 @@ impl Core {
     // ---- steps ----
 
     fn step_done(&mut self, effect: Effect, result: Result<Outcome, String>) {
-        match std::mem::replace(&mut self.phase, Phase::Init) {
+        match core::mem::replace(&mut self.phase, Phase::Init) {
             Phase::Claiming(c) => self.claim_step_done(c, effect, result),
             Phase::HandingOver {
                 epoch,
@@ -904,7 +935,10 @@ impl Core {
                     return self.run_claim(c);
                 }
             },
-            ClaimStep::Persist => Effect::PersistEpoch(self.seen.max(self.epoch).saturating_add(1)),
+            ClaimStep::Persist => match self.next_epoch() {
+                Ok(e) => Effect::PersistEpoch(e),
+                Err(reason) => return self.fail_claim(c, reason, false),
+            },
             ClaimStep::Add => {
                 self.role_cause = Some((c.why.cause(), c.why.describe()));
                 Effect::AddAddress
@@ -1049,7 +1083,7 @@ impl Core {
 
     /// Abandons a claim that has not reached `Add` (its pending step is forgotten).
     fn abandon_claim(&mut self, reason: String) {
-        if let Phase::Claiming(c) = std::mem::replace(&mut self.phase, Phase::Standby) {
+        if let Phase::Claiming(c) = core::mem::replace(&mut self.phase, Phase::Standby) {
             self.pending = None;
             self.timers.stop(Timer::Action);
             self.fail_claim(c, reason, false);
@@ -1261,6 +1295,60 @@ impl Core {
     }
 
     // ---- helpers ----
+
+    /// Why the peer's epoch `e` is refused, if it is a future epoch: above [`MAX_EPOCH`],
+    /// or more than [`MAX_EPOCH_STEP`] above the highest epoch this host has seen (its own
+    /// included). No legitimate peer is that far ahead (`DESIGN.md` §4).
+    fn future_epoch(&self, e: u64) -> Option<String> {
+        if e > MAX_EPOCH {
+            Some(format!("future epoch {e}: above {MAX_EPOCH}, the highest epoch a pair can reach; a corrupt epoch file or a bug on the peer"))
+        } else if e > self.seen.saturating_add(MAX_EPOCH_STEP) {
+            Some(format!("future epoch {e}: more than {MAX_EPOCH_STEP} above {}, the highest epoch this host has seen, and no pair claims that often; a corrupt epoch file or a bug on the peer (if the peer's epoch is right, stop this failoverd, write it into this host's epoch file and start again)", self.seen))
+        } else {
+            None
+        }
+    }
+
+    /// Refuses a whole peer message for its epoch: nothing of it is taken (not even that
+    /// the peer was heard), nothing is persisted, the role does not change. Logged, and
+    /// answered so the peer's log says it too (not a refusal: two hosts that refuse each
+    /// other must not answer each other forever).
+    fn refuse_message(&mut self, m: PeerMessage, reason: String) {
+        let level = if self.refused_future == Some(m.epoch) {
+            Level::Debug
+        } else {
+            Level::Error
+        };
+        self.refused_future = Some(m.epoch);
+        let kind = match m.body {
+            Body::Heartbeat => "heartbeat",
+            Body::HandoverRequest { .. } => "handover request",
+            Body::Handover { .. } => "handover",
+            Body::HandoverAck { .. } => "handover ack",
+            Body::Refused { .. } => "refusal",
+        };
+        self.log(
+            level,
+            format!("refusing the peer's {kind}: {reason}; nothing changed"),
+        );
+        if !matches!(m.body, Body::Refused { .. }) {
+            self.send(Body::Refused {
+                of: Refusal::Message,
+                request_epoch: m.epoch,
+                reason,
+            });
+        }
+    }
+
+    /// The epoch of a claim starting now: one above every epoch seen or persisted here.
+    /// Refused (never saturated) when that would pass [`MAX_EPOCH`].
+    fn next_epoch(&self) -> Result<u64, String> {
+        let highest = self.seen.max(self.epoch);
+        highest
+            .checked_add(1)
+            .filter(|e| *e <= MAX_EPOCH)
+            .ok_or_else(|| format!("no epoch is left to claim under: this host has seen epoch {highest}, and {MAX_EPOCH} is the highest a pair can reach (a corrupt epoch file); nothing changed; stop both failoverds, make sure neither host has the address, and write one epoch above every epoch the pair really used into both epoch files"))
+    }
 
     /// The epoch this host holds (or may hold) the address under, if it claims it or
     /// has a leftover.

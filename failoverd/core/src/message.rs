@@ -5,6 +5,23 @@
 //! they mean. It must never trust ordering: any message may be delayed, duplicated,
 //! reordered or stale, and the core decides with epochs, not with arrival order.
 
+use alloc::string::String;
+
+/// The highest epoch a host ever takes or claims: 2^53 − 1.
+///
+/// Unreachable by legitimate claims (one per millisecond for 285 000 years), exact in
+/// every consumer of the number (JSON read as a double, Prometheus' float64 gauges), and
+/// far enough below `u64::MAX` that `highest seen + 1` never overflows. A claim that would
+/// need a higher one is refused, never saturated. See `DESIGN.md` §4.
+pub const MAX_EPOCH: u64 = (1 << 53) - 1;
+
+/// How far above the highest epoch a host has seen a peer's epoch may be: 2^32.
+///
+/// A legitimate peer can be far ahead (every claim it made while this host was down, cut
+/// off, or not yet installed), but never by 2^32 claims (one a second for 136 years); a
+/// larger jump is a corrupt epoch file or a bug, and the message is refused whole.
+pub const MAX_EPOCH_STEP: u64 = 1 << 32;
+
 /// One message from the peer. The header fields ride on every message, so any message
 /// is also a heartbeat.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -65,4 +82,7 @@ pub enum Refusal {
     HandoverRequest,
     /// A [`Body::Handover`].
     Handover,
+    /// Any message, refused whole for its header: a future epoch (above [`MAX_EPOCH`], or
+    /// more than [`MAX_EPOCH_STEP`] above the highest the refuser has seen).
+    Message,
 }

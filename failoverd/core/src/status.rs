@@ -4,7 +4,9 @@
 //! Plain data for the shell to print or serialise; it must never be used to decide
 //! anything (decisions read the core's own state).
 
-use std::fmt;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::fmt;
 
 use crate::api::{Check, Millis, RoleCause};
 

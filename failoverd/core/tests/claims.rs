@@ -7,8 +7,8 @@
 mod world;
 
 use failoverd_core::{
-    Action, Body, Check, Command, CommandId, Config, ConfigError, Core, Effect, Input, Mac, Millis,
-    OpId, Outcome, PeerMessage, Refusal, Role, RoleCause,
+    Action, Body, Check, Command, CommandId, Config, ConfigError, Core, Effect, Input, Level, Mac,
+    Millis, OpId, Outcome, PeerMessage, Refusal, Role, RoleCause, MAX_EPOCH, MAX_EPOCH_STEP,
 };
 use world::{sim_config, Faults, World};
 
@@ -284,6 +284,237 @@ fn stale_epoch_handover_request_is_refused() {
         matches!(refusals(&out).as_slice(), [(Refusal::HandoverRequest, why)] if why.contains("stale epoch"))
     );
     assert_eq!(one.core.status().role, Role::Live);
+}
+
+/// Logged lines at `level`.
+fn logs(actions: &[Action], level: Level) -> Vec<String> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Log { level: l, text } if *l == level => Some(text.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// `(of, request_epoch)` of every refusal sent to the peer.
+fn refused_epochs(actions: &[Action]) -> Vec<(Refusal, u64)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send(PeerMessage {
+                body: Body::Refused {
+                    of, request_epoch, ..
+                },
+                ..
+            }) => Some((*of, *request_epoch)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A live host, and a standby that heard its (not live) peer, both at epoch 5.
+fn live_and_standby_at_5() -> [(&'static str, One); 2] {
+    let mut standby = One::start(false, 5, Some(7));
+    standby.peer(5, false, false, Body::Heartbeat);
+    [("live", One::live(5)), ("standby", standby)]
+}
+
+#[test]
+fn a_future_epoch_from_the_peer_is_refused_and_changes_nothing() {
+    let bodies = [
+        Body::Heartbeat,
+        Body::HandoverRequest { ask: 1 },
+        Body::Handover { generation: 7 },
+        Body::HandoverAck { from_epoch: 5 },
+        Body::Refused {
+            of: Refusal::Handover,
+            request_epoch: 5,
+            reason: "busy".into(),
+        },
+    ];
+    // Past the step above the highest epoch seen (5), past the ceiling, and the largest
+    // numbers the wire can carry.
+    let future = [
+        5 + MAX_EPOCH_STEP + 1,
+        MAX_EPOCH + 1,
+        u64::MAX - 1,
+        u64::MAX,
+    ];
+    for epoch in future {
+        for body in &bodies {
+            for (name, mut one) in live_and_standby_at_5() {
+                let case = format!("{name}, epoch {epoch}, {body:?}");
+                let before = one.core.status();
+                let out = one.peer(epoch, true, true, body.clone());
+                assert_eq!(effects(&out), [], "{case}: nothing done: {out:?}");
+                assert_eq!(replies(&out), [], "{case}");
+                assert_eq!(one.core.status(), before, "{case}: nothing changed");
+                let errors = logs(&out, Level::Error);
+                assert!(
+                    matches!(errors.as_slice(), [t] if t.contains(&format!("future epoch {epoch}")) && t.contains("nothing changed")),
+                    "{case}: logged loudly, once: {out:?}"
+                );
+                // Answered so the peer's log says it too; a refusal is not answered.
+                let answered = refused_epochs(&out);
+                if matches!(body, Body::Refused { .. }) {
+                    assert_eq!(answered, [], "{case}");
+                } else {
+                    assert_eq!(answered, [(Refusal::Message, epoch)], "{case}");
+                }
+                // Later: nothing persisted (a standby records epochs it took at its
+                // heartbeat), the address kept, the epoch the same.
+                let later = one.wait(2_000);
+                let e = effects(&later);
+                assert!(
+                    !e.iter().any(|e| matches!(
+                        e,
+                        Effect::PersistEpoch(_) | Effect::RemoveAddress | Effect::StopConode
+                    )),
+                    "{case}: {e:?}"
+                );
+                assert_eq!(one.core.status().role, before.role, "{case}");
+                assert_eq!(one.core.status().epoch, 5, "{case}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_future_epoch_repeated_is_logged_loudly_once_and_a_claim_ignores_it() {
+    let mut one = One::start(false, 5, Some(7));
+    one.peer(5, false, false, Body::Heartbeat);
+    let forged = 5 + MAX_EPOCH_STEP + 1;
+    assert_eq!(
+        logs(
+            &one.peer(forged, false, false, Body::Heartbeat),
+            Level::Error
+        )
+        .len(),
+        1
+    );
+    let again = one.peer(forged, false, false, Body::Heartbeat);
+    assert_eq!(logs(&again, Level::Error), Vec::<String>::new());
+    assert_eq!(refused_epochs(&again), [(Refusal::Message, forged)]);
+    // The next claim is one above the real epochs, not above the forged one.
+    one.peer(5, false, false, Body::Heartbeat);
+    assert_eq!(
+        effects(&one.command(1, Command::Promote { force: false })),
+        [Effect::QuickProbe]
+    );
+    one.ok(Outcome::ProbeResult { holder: None });
+    assert_eq!(
+        effects(&one.ok(Outcome::GenerationInstalled(7))),
+        [Effect::PersistEpoch(6)]
+    );
+}
+
+#[test]
+fn a_peer_far_ahead_within_the_step_is_heard() {
+    // A legitimate peer claimed many times while this host was down or cut off: up to
+    // MAX_EPOCH_STEP above what this host has seen, it is taken as the real epoch.
+    let ahead = 5 + MAX_EPOCH_STEP;
+    let [(_, mut live), (_, mut standby)] = live_and_standby_at_5();
+    assert_eq!(
+        effects(&live.peer(ahead, true, true, Body::Heartbeat)),
+        [Effect::RemoveAddress],
+        "the higher epoch wins at once"
+    );
+    standby.peer(ahead, true, true, Body::Heartbeat);
+    assert_eq!(standby.core.status().peer.epoch, ahead);
+    assert_eq!(
+        effects(&standby.wait(100)),
+        [Effect::PersistEpoch(ahead)],
+        "recorded at the next heartbeat"
+    );
+}
+
+#[test]
+fn a_host_whose_epoch_the_peer_refuses_says_so() {
+    let mut one = One::start(false, 5, Some(7));
+    let refusal = Body::Refused {
+        of: Refusal::Message,
+        request_epoch: 5,
+        reason: "future epoch 5: ...".into(),
+    };
+    let out = one.peer(3, false, false, refusal.clone());
+    assert!(
+        matches!(logs(&out, Level::Error).as_slice(), [t] if t.contains("refuses this host's messages under epoch 5")),
+        "{out:?}"
+    );
+    assert_eq!(effects(&out), []);
+    assert_eq!(
+        logs(&one.peer(3, false, false, refusal), Level::Error),
+        Vec::<String>::new()
+    );
+}
+
+#[test]
+fn the_epoch_never_saturates() {
+    // The last epoch there is can be claimed once...
+    let mut one = One::start(false, MAX_EPOCH - 1, Some(4));
+    one.wait(1_000);
+    one.command(1, Command::Promote { force: true });
+    one.ok(Outcome::ProbeResult { holder: None });
+    assert_eq!(
+        effects(&one.ok(Outcome::GenerationInstalled(4))),
+        [Effect::PersistEpoch(MAX_EPOCH)]
+    );
+    for outcome in [
+        Outcome::EpochPersisted(MAX_EPOCH),
+        Outcome::ProbeResult { holder: None },
+        Outcome::AddressAdded,
+        Outcome::Announced,
+        Outcome::ConodeStarted,
+    ] {
+        one.ok(outcome);
+    }
+    assert_eq!(one.core.status().role, Role::Live);
+    one.command(2, Command::Demote);
+    one.ok(Outcome::ConodeStopped);
+    one.ok(Outcome::AddressRemoved);
+    assert_eq!(one.core.status().role, Role::Standby);
+    // ...and no claim after it: refused up front, nothing persisted, not u64::MAX.
+    let out = one.command(3, Command::Promote { force: true });
+    assert_eq!(effects(&out), []);
+    assert!(refused(&out).contains("no epoch is left"), "{out:?}");
+    assert_eq!(one.core.status().epoch, MAX_EPOCH);
+
+    // A corrupt epoch file at u64::MAX: said at start, and promote refused.
+    let mut corrupt = One {
+        core: Core::new(sim_config()).expect("valid config"),
+        now: 1_000,
+        pending: None,
+    };
+    let out = corrupt.feed(Input::Started {
+        leftover_address: false,
+        persisted_epoch: u64::MAX,
+        newest_generation: Some(4),
+    });
+    assert!(
+        matches!(logs(&out, Level::Error).as_slice(), [t] if t.contains("corrupt epoch file")),
+        "{out:?}"
+    );
+    corrupt.wait(1_000);
+    let out = corrupt.command(1, Command::Promote { force: true });
+    assert_eq!(effects(&out), []);
+    assert!(refused(&out).contains("no epoch is left"));
+
+    // A handover under the last epoch is refused (the peer takes its address back).
+    let mut one = One::start(false, MAX_EPOCH, Some(4));
+    let out = one.peer(MAX_EPOCH, false, false, Body::Handover { generation: 4 });
+    assert_eq!(effects(&out), []);
+    assert!(
+        matches!(refusals(&out).as_slice(), [(Refusal::Handover, why)] if why.contains("no epoch is left")),
+        "{out:?}"
+    );
+
+    // A standby that took the peer's (legitimate, within the step) last epoch.
+    let mut one = One::start(false, MAX_EPOCH - 3, Some(4));
+    one.peer(MAX_EPOCH, false, false, Body::Heartbeat);
+    let out = one.command(1, Command::Promote { force: false });
+    assert_eq!(effects(&out), []);
+    assert!(refused(&out).contains("no epoch is left"));
 }
 
 #[test]

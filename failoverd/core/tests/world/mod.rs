@@ -11,8 +11,8 @@
 use std::collections::{HashMap, VecDeque};
 
 use failoverd_core::{
-    Action, Command, CommandId, Config, Core, Effect, Input, LeasePolicy, Mac, Millis, OpId,
-    Outcome, PeerMessage,
+    Action, Body, Command, CommandId, Config, Core, Effect, Input, LeasePolicy, Mac, Millis, OpId,
+    Outcome, PeerMessage, Refusal, RoleCause, MAX_EPOCH, MAX_EPOCH_STEP,
 };
 
 /// splitmix64: small, seedable, good enough to schedule faults.
@@ -86,6 +86,9 @@ impl Faults {
 
 pub const MACS: [Mac; 2] = [Mac([2, 0, 0, 0, 0, 0xa]), Mac([2, 0, 0, 0, 0, 0xb])];
 pub const NAMES: [&str; 2] = ["a", "b"];
+/// A third host on the link that answers ARP for the address (a stale cache, a
+/// misconfigured box): the source of `ConflictSeen` that is not the peer.
+pub const IMPOSTOR: Mac = Mac([0x52, 0x54, 0, 0xaa, 0xbb, 0xcc]);
 
 /// Short timers so a seed covers many switchovers in a few simulated seconds.
 pub fn sim_config() -> Config {
@@ -121,6 +124,14 @@ pub struct Host {
     pub incarnation: u64,
     /// Effects applied to this host, in order (for scenario assertions).
     pub applied: Vec<Effect>,
+    /// The highest epoch this host's running process knows: its disk at boot, every
+    /// peer message delivered to it, every epoch it asked to persist.
+    known: u64,
+    /// Epochs this process asked to persist that were above all it knew when it asked:
+    /// the only epochs a claim may be made under.
+    fresh: Vec<u64>,
+    /// Its core claimed the address after the last step (to see a claim begin).
+    claiming: bool,
     queue: VecDeque<(OpId, Effect)>,
     busy: bool,
 }
@@ -148,6 +159,37 @@ pub struct Tally {
     pub leftovers_kept: u64,
     pub leftovers_removed: u64,
     pub reclaims: u64,
+    /// Claims of the address under a new epoch (leftovers kept are not claims).
+    pub claims: u64,
+    /// Claims whose epoch was not above every epoch either host claimed before: two
+    /// hosts cut from each other (DESIGN.md §4). Not a violation; counted to show it.
+    pub claims_not_above_all: u64,
+    /// Messages with a future epoch injected, and refused.
+    pub forged: u64,
+    /// `ConflictSeen` inputs injected.
+    pub conflicts: u64,
+}
+
+impl Tally {
+    pub fn add(&mut self, t: &Tally) {
+        self.steps += t.steps;
+        self.commands += t.commands;
+        self.replies_ok += t.replies_ok;
+        self.replies_err += t.replies_err;
+        self.restarts += t.restarts;
+        self.power_cycles += t.power_cycles;
+        self.takeovers += t.takeovers;
+        self.forced += t.forced;
+        self.probe_refusals += t.probe_refusals;
+        self.drops += t.drops;
+        self.leftovers_kept += t.leftovers_kept;
+        self.leftovers_removed += t.leftovers_removed;
+        self.reclaims += t.reclaims;
+        self.claims += t.claims;
+        self.claims_not_above_all += t.claims_not_above_all;
+        self.forged += t.forged;
+        self.conflicts += t.conflicts;
+    }
 }
 
 pub struct World {
@@ -164,6 +206,11 @@ pub struct World {
     pub one_way: [bool; 2],
     /// Newest generation shipped as a final snapshot: no conode may start on older data.
     pub floor: u64,
+    /// The highest epoch any core ever asked to persist: above every epoch any core can
+    /// have seen, so a forged message above it by more than the step is a future one.
+    max_epoch_asked: u64,
+    /// Every claim's epoch, in order, with its host.
+    pub claim_epochs: Vec<(usize, u64)>,
     gen_counter: u64,
     next_cmd: u64,
     /// Commands not yet answered: id → (host, incarnation, command).
@@ -194,6 +241,9 @@ impl World {
             core: None,
             incarnation: 0,
             applied: Vec::new(),
+            known: 0,
+            fresh: Vec::new(),
+            claiming: false,
             queue: VecDeque::new(),
             busy: false,
         };
@@ -208,6 +258,8 @@ impl World {
             cut: false,
             one_way: [false; 2],
             floor: 0,
+            max_epoch_asked: 0,
+            claim_epochs: Vec::new(),
             gen_counter: 1,
             next_cmd: 1,
             owed: HashMap::new(),
@@ -254,6 +306,9 @@ impl World {
         host.incarnation += 1;
         host.queue.clear();
         host.busy = false;
+        host.known = host.disk_epoch;
+        host.fresh.clear();
+        host.claiming = false;
         let input = Input::Started {
             leftover_address: host.addr,
             persisted_epoch: host.disk_epoch,
@@ -300,19 +355,150 @@ impl World {
             let Some(action) = self.hosts[h].core.as_mut().and_then(|c| c.poll_action()) else {
                 return;
             };
-            match action {
-                Action::Do { op, effect } => {
-                    self.note(|| format!("{} -> {effect:?} (op {})", NAMES[h], op.0));
-                    self.hosts[h].queue.push_back((op, effect));
-                    self.kick(h);
+            self.carry_out(h, action);
+        }
+    }
+
+    fn carry_out(&mut self, h: usize, action: Action) {
+        match action {
+            Action::Do { op, effect } => {
+                self.note(|| format!("{} -> {effect:?} (op {})", NAMES[h], op.0));
+                if let Effect::PersistEpoch(e) = effect {
+                    let host = &mut self.hosts[h];
+                    if e > host.known {
+                        host.fresh.push(e);
+                    }
+                    host.known = host.known.max(e);
+                    self.max_epoch_asked = self.max_epoch_asked.max(e);
                 }
-                Action::Send(msg) => self.send(h, msg),
-                Action::Reply { id, result } => self.on_reply(h, id, result),
-                Action::Log { level, text } => {
-                    self.count_log(&text);
-                    self.note(|| format!("{} log {level:?}: {text}", NAMES[h]));
-                }
+                self.hosts[h].queue.push_back((op, effect));
+                self.kick(h);
             }
+            Action::Send(msg) => self.send(h, msg),
+            Action::Reply { id, result } => self.on_reply(h, id, result),
+            Action::Log { level, text } => {
+                self.count_log(&text);
+                self.note(|| format!("{} log {level:?}: {text}", NAMES[h]));
+            }
+        }
+    }
+
+    /// A message with a future epoch reaches host `h`, as from a peer with a corrupt
+    /// epoch file: it must be refused whole and change nothing.
+    fn forge(&mut self, h: usize) {
+        if !self.hosts[h].up || self.hosts[h].core.is_none() {
+            return;
+        }
+        self.tally.forged += 1;
+        let epoch = match self.rng.below(4) {
+            // Past the step above every epoch any core can have seen.
+            0 => self.max_epoch_asked + MAX_EPOCH_STEP + 1 + self.rng.below(1_000),
+            1 => MAX_EPOCH + 1 + self.rng.below(1_000),
+            2 => u64::MAX - self.rng.below(3),
+            _ => self.rng.range(MAX_EPOCH + 1, u64::MAX),
+        };
+        let body = match self.rng.below(5) {
+            0 => Body::Heartbeat,
+            1 => Body::HandoverRequest {
+                ask: self.rng.below(1_000),
+            },
+            2 => Body::Handover {
+                generation: self.rng.below(self.gen_counter + 2),
+            },
+            3 => Body::HandoverAck {
+                from_epoch: self.epoch(h),
+            },
+            _ => Body::Refused {
+                of: if self.rng.chance(500) {
+                    Refusal::Handover
+                } else {
+                    Refusal::HandoverRequest
+                },
+                request_epoch: self.epoch(h),
+                reason: "forged".into(),
+            },
+        };
+        let msg = PeerMessage {
+            epoch,
+            live: self.rng.chance(500),
+            may_hold: self.rng.chance(500),
+            newest_generation: Some(self.rng.below(self.gen_counter + 2)),
+            body,
+        };
+        let line = format!("{} <- FORGED {msg:?}", NAMES[h]);
+        self.note(|| line);
+        let now = self.now;
+        let Some(core) = self.hosts[h].core.as_mut() else {
+            return;
+        };
+        let before = core.status();
+        core.handle(now, Input::Peer(msg.clone()));
+        let after = core.status();
+        let actions: Vec<Action> = std::iter::from_fn(|| core.poll_action()).collect();
+        let mut wrong = Vec::new();
+        // `reachable` is read at the core's clock, which the input moved to `now`: time
+        // may make the peer unreachable; the forged message must not make it reachable.
+        let mut same_clock = before.clone();
+        same_clock.peer.reachable = after.peer.reachable;
+        if after != same_clock || (after.peer.reachable && !before.peer.reachable) {
+            wrong.push(format!("its status changed from {before:?} to {after:?}"));
+        }
+        if let Some(a) = actions
+            .iter()
+            .find(|a| matches!(a, Action::Do { .. } | Action::Reply { .. }))
+        {
+            wrong.push(format!("it acted: {a:?}"));
+        }
+        let logged = actions.iter().any(
+            |a| matches!(a, Action::Log { text, .. } if text.contains(&format!("future epoch {epoch}"))),
+        );
+        if !logged {
+            wrong.push("it logged no refusal".into());
+        }
+        let answers: Vec<_> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send(m) => Some(&m.body),
+                _ => None,
+            })
+            .collect();
+        let expected = match msg.body {
+            Body::Refused { .. } => vec![],
+            _ => vec![Body::Refused {
+                of: Refusal::Message,
+                request_epoch: epoch,
+                reason: String::new(),
+            }],
+        };
+        let same = answers.len() == expected.len()
+            && answers.iter().zip(&expected).all(|(a, e)| match (a, e) {
+                (
+                    Body::Refused {
+                        of: o1,
+                        request_epoch: r1,
+                        ..
+                    },
+                    Body::Refused {
+                        of: o2,
+                        request_epoch: r2,
+                        ..
+                    },
+                ) => o1 == o2 && r1 == r2,
+                _ => false,
+            });
+        if !same {
+            wrong.push(format!(
+                "it answered {answers:?}, not one refusal of the message"
+            ));
+        }
+        for w in wrong {
+            self.violations.push(format!(
+                "host {} took a message with the future epoch {epoch}: {w}",
+                NAMES[h]
+            ));
+        }
+        for a in actions {
+            self.carry_out(h, a);
         }
     }
 
@@ -557,6 +743,7 @@ impl World {
         host.frozen = false;
         host.busy = false;
         host.core = None;
+        host.claiming = false;
         host.incarnation += 1;
         self.owed.retain(|_, (host, _, _)| *host != h);
         let at = self.now.after(down_for);
@@ -589,7 +776,7 @@ impl World {
 
     fn chaos(&mut self) {
         let h = self.rng.below(2) as usize;
-        match self.rng.below(100) {
+        match self.rng.below(110) {
             0..=34 => {
                 let command = match self.rng.below(4) {
                     0 => Command::Switchover,
@@ -637,10 +824,22 @@ impl World {
                 .to_string();
                 self.feed(h, Input::Health { check, ok, reason });
             }
-            _ => {
+            90..=99 => {
                 self.cut = false;
                 self.one_way = [false; 2];
                 self.note(|| "network: recovered".into());
+            }
+            100..=104 => self.forge(h),
+            _ => {
+                // Another MAC answers ARP for the address: the peer's (a stale answer)
+                // or a third host's.
+                let mac = if self.rng.chance(500) {
+                    MACS[1 - h]
+                } else {
+                    IMPOSTOR
+                };
+                self.tally.conflicts += 1;
+                self.feed(h, Input::ConflictSeen { mac });
             }
         }
         if self.chaos_left > 0 {
@@ -683,7 +882,9 @@ impl World {
                 self.now = self.now.max(at);
                 match ev {
                     Ev::Deliver { to, msg } => {
-                        if self.hosts[to].up {
+                        if self.hosts[to].up && self.hosts[to].core.is_some() {
+                            let host = &mut self.hosts[to];
+                            host.known = host.known.max(msg.epoch);
                             self.feed(to, Input::Peer(msg));
                         }
                     }
@@ -767,6 +968,64 @@ impl World {
                     ));
                 }
             }
+        }
+        self.check_claims()
+    }
+
+    /// Every claim (a core starting to claim the address, except keeping a confirmed
+    /// leftover, which keeps its epoch) is made under an epoch its host asked to persist
+    /// above everything that process knew, and above every epoch its host claimed
+    /// before. Claims not above every epoch *either* host claimed are counted: they
+    /// happen only to hosts cut from each other (DESIGN.md §4).
+    fn check_claims(&mut self) -> Result<(), String> {
+        for (h, name) in NAMES.iter().enumerate() {
+            let Some(core) = &self.hosts[h].core else {
+                continue;
+            };
+            let claims = core.claims();
+            let started = claims && !self.hosts[h].claiming;
+            self.hosts[h].claiming = claims;
+            if !started {
+                continue;
+            }
+            let st = core.status();
+            if matches!(st.role_cause, Some((RoleCause::LeftoverConfirmed, _))) {
+                continue;
+            }
+            let e = st.epoch;
+            self.tally.claims += 1;
+            if !self.hosts[h].fresh.contains(&e) {
+                return Err(format!(
+                    "host {} claims the address under epoch {e}, not one it asked to persist above all it knew (asked so: {:?}; it knows {})",
+                    name, self.hosts[h].fresh, self.hosts[h].known
+                ));
+            }
+            if e > MAX_EPOCH {
+                return Err(format!("host {} claims under epoch {e} > MAX_EPOCH", name));
+            }
+            if let Some((_, before)) = self
+                .claim_epochs
+                .iter()
+                .filter(|c| c.0 == h)
+                .max_by_key(|c| c.1)
+            {
+                if e <= *before {
+                    return Err(format!(
+                        "host {} claims under epoch {e}, not above its own earlier claim under {before}",
+                        name
+                    ));
+                }
+            }
+            if self.claim_epochs.iter().any(|c| c.1 >= e) {
+                self.tally.claims_not_above_all += 1;
+                self.note(|| {
+                    format!(
+                        "{} claims under {e}, not above every earlier claim of the pair",
+                        name
+                    )
+                });
+            }
+            self.claim_epochs.push((h, e));
         }
         Ok(())
     }
