@@ -1,8 +1,8 @@
 //! The Debian package `conode-failover` (docs/packaging.md), on this machine: built by
 //! `scripts/package` from the binaries of this build, installed with `dpkg -i`, checked
-//! (files, users, groups, owners and modes, the binaries and man pages from their
-//! installed places, `systemd-analyze verify` on the installed units, the permission
-//! model between the two users), removed (configuration, data and users stay), then
+//! (files, users, groups, owners and modes, the binaries and every command's man page
+//! from their installed places, `systemd-analyze verify` on the installed units, the
+//! permission model between the two users), removed (configuration, data and users stay), then
 //! purged (nothing of it stays).
 //!
 //! Needs root and a machine where the package, its users and its directories do not
@@ -113,6 +113,32 @@ fn present() -> Vec<String> {
         }
     }
     found
+}
+
+/// Where the package puts the man pages the installed binaries generate
+/// (`generate man --dir`): /usr/share/man/man1/NAME.1.gz.
+fn installed_man_pages() -> Vec<String> {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let mut pages = Vec::new();
+    for program in ["/usr/bin/conode", "/usr/bin/failoverd"] {
+        let out = must(
+            program,
+            &[
+                "generate",
+                "man",
+                "--dir",
+                dir.path().to_str().expect("utf-8 path"),
+            ],
+        );
+        for path in String::from_utf8_lossy(&out.stdout).lines() {
+            let name = Path::new(path)
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_else(|| panic!("{program} generate man --dir printed {path:?}"));
+            pages.push(format!("/usr/share/man/man1/{name}.gz"));
+        }
+    }
+    pages
 }
 
 /// Purges the package when dropped, if it is on the machine: the test installed it
@@ -263,10 +289,25 @@ fn package_installs_users_dirs_and_units_keeps_data_on_remove_and_purge_leaves_n
         "failoverd --help: {}",
         said(&h)
     );
-    for (page, title) in [
-        ("/usr/share/man/man1/conode.1.gz", "conode"),
-        ("/usr/share/man/man1/failoverd.1.gz", "failoverd"),
+    // Every page the installed binaries generate (one per command) is installed, root's,
+    // 0644, and renders with its exit statuses.
+    let pages = installed_man_pages();
+    for want in [
+        "conode.1.gz",
+        "conode-chain-create.1.gz",
+        "failoverd-promote.1.gz",
     ] {
+        assert!(
+            pages.iter().any(|p| p.ends_with(&format!("/{want}"))),
+            "{want} is not among the pages: {pages:?}"
+        );
+    }
+    for page in &pages {
+        assert_eq!(
+            owner_group_mode(page),
+            ("root".into(), "root".into(), 0o644),
+            "{page}"
+        );
         let out = Command::new("man")
             .args(["-P", "cat", "-l", page])
             .env("MANWIDTH", "80")
@@ -274,7 +315,7 @@ fn package_installs_users_dirs_and_units_keeps_data_on_remove_and_purge_leaves_n
             .expect("run man");
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(
-            out.status.success() && text.contains("NAME") && text.contains(title),
+            out.status.success() && text.contains("NAME") && text.contains("EXIT STATUS"),
             "man -l {page} ({}):\n{}",
             out.status,
             said(&out)
@@ -357,6 +398,9 @@ fn package_installs_users_dirs_and_units_keeps_data_on_remove_and_purge_leaves_n
     assert_eq!(package_status().as_deref(), Some("config-files"));
     for (path, _) in FILES {
         assert!(!Path::new(path).exists(), "{path} left after dpkg -r");
+    }
+    for page in &pages {
+        assert!(!Path::new(page).exists(), "{page} left after dpkg -r");
     }
     for (path, ..) in DIRS {
         assert!(Path::new(path).is_dir(), "{path} gone after dpkg -r");

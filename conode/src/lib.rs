@@ -22,6 +22,7 @@
 //! - [`chain_cli`]: `conode chain`, the operator's skipchain client (create, add, get,
 //!   update; text or JSON).
 //! - [`setup`]: `conode setup`.
+//! - [`clidoc`]: the man pages (one per command) and shell completions of both programs.
 //! - [`sd_notify`]: the systemd notify protocol (READY, STOPPING, watchdog).
 //!
 //! The binary (`main.rs`) only parses the command line and calls these.
@@ -29,6 +30,7 @@
 pub mod admin;
 pub mod backup;
 pub mod chain_cli;
+pub mod clidoc;
 pub mod client;
 pub mod config;
 pub mod db;

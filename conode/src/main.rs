@@ -2,7 +2,8 @@
 //!
 //! Exit status: 0 success; 1 the command ran and failed (e.g. `check`: a server did not
 //! answer; `server`: a runtime error; `backup`: no running conode answered; `restore`: the
-//! backup failed a check or the conode runs); 2 bad usage or configuration.
+//! backup failed a check or the conode runs); 2 bad usage or configuration. Each command's
+//! `after_help` states its own, and the man pages (`conode generate man`) show them.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -18,7 +19,7 @@ use conode::{backup, client, server, setup};
     name = "conode",
     version,
     about = "run a cothority server",
-    after_help = "Exit status: 0 success; 1 the command ran and failed (check: a server did not answer; server: a runtime error; backup: no running conode answered; restore: the backup failed a check or the conode runs); 2 bad usage or configuration."
+    after_help = "Exit status: 0 success; 1 the command ran and failed (check: a server did not answer; server: a runtime error; backup: no running conode answered; restore: the backup failed a check or the conode runs); 2 bad usage or configuration (each command's --help and man page give its own)."
 )]
 struct Cli {
     /// Debug level: 0-1 info, 2 debug, 3+ trace (RUST_LOG overrides).
@@ -31,24 +32,21 @@ struct Cli {
     cmd: Cmd,
 }
 
-/// What `generate` prints.
-#[derive(Subcommand)]
-enum Generated {
-    /// The manual page, in roff (e.g. `conode generate man > conode.1`).
-    Man,
-    /// Completions for a shell (e.g. `conode generate completions bash`).
-    Completions { shell: clap_complete::Shell },
-}
-
 #[derive(Subcommand)]
 enum Cmd {
-    /// Print the manual page or shell completions, generated from these definitions.
+    /// Print the manual pages or shell completions, generated from these definitions.
+    #[command(
+        after_help = "Exit status: 0 written; 1 the output cannot be written; 2 bad usage (e.g. no such COMMAND)."
+    )]
     Generate {
         #[command(subcommand)]
-        what: Generated,
+        what: conode::clidoc::Generated,
     },
     /// Create a key pair and write private.toml and public.toml.
-    #[command(alias = "s")]
+    #[command(
+        alias = "s",
+        after_help = "Exit status: 0 both files were written; 2 bad usage or any failure (private.toml exists and --force was not given, a bad answer or flag value, a file that cannot be written)."
+    )]
     Setup {
         /// Take everything from the flags instead of asking.
         #[arg(long)]
@@ -59,6 +57,7 @@ enum Cmd {
         /// Conode-to-conode port; clients use port+1.
         #[arg(long, default_value_t = 6879)]
         port: u16,
+        /// The server's description in public.toml, shown to clients and in rosters.
         #[arg(long, default_value = "configured in non-interactive mode")]
         description: String,
         /// Replace an existing private.toml (non-interactive only).
@@ -67,7 +66,9 @@ enum Cmd {
     },
     /// Run the conode.
     #[command(
-        after_help = "Environment: CONODE_SERVICE_PATH the data directory (else $XDG_DATA_HOME/conode, else ~/.local/share/conode); CONODE_MIN_FREE_MB the free-space floor below which new blocks are refused (default 64, 0 off); CONODE_METRICS the metrics address (--metrics wins); CONODE_ADMIN_GROUP a group also served on the admin socket (0660); NOTIFY_SOCKET systemd's notify socket (READY=1 once both ports listen, STOPPING=1 at shutdown); RUST_LOG the log filter (overrides -d)."
+        after_help = "Exit status: 0 stopped by SIGTERM or SIGINT (in-flight requests finished); 1 a runtime failure (e.g. a port in use, the database cannot be opened); 2 bad usage or configuration: run as root without --allow-root, an unreadable or invalid private.toml, a bad --metrics, CONODE_METRICS, CONODE_ADMIN_GROUP or CONODE_MIN_FREE_MB. conode.service does not restart on 2 (RestartPreventExitStatus=2).
+
+Environment: CONODE_SERVICE_PATH the data directory (else $XDG_DATA_HOME/conode, else ~/.local/share/conode); CONODE_MIN_FREE_MB the free-space floor below which new blocks are refused (default 64, 0 off); CONODE_METRICS the metrics address (--metrics wins); CONODE_ADMIN_GROUP a group also served on the admin socket (0660); NOTIFY_SOCKET systemd's notify socket (READY=1 once both ports listen, STOPPING=1 at shutdown); RUST_LOG the log filter (overrides -d)."
     )]
     Server {
         /// Run even as root (containers). A conode should run as an unprivileged user.
@@ -79,7 +80,10 @@ enum Cmd {
         metrics: Option<String>,
     },
     /// Ask every server of a roster for its status; exit 0 only if all answered.
-    #[command(alias = "c")]
+    #[command(
+        alias = "c",
+        after_help = "Exit status: 0 every server answered; 1 a server did not answer within the timeout (each is listed); 2 bad usage: no roster, or one that cannot be read."
+    )]
     Check {
         /// Roster file (one or more public.toml concatenated).
         roster: Option<PathBuf>,
@@ -91,20 +95,26 @@ enum Cmd {
         timeout: u64,
     },
     /// Create, extend and read skipchains: conode chain create|add|get|update.
-    ///
-    /// Exit status: 0 success; 1 a server refused (its reason is shown), none could be
-    /// reached, or an answer failed verification; 2 bad usage (nothing was sent).
+    #[command(
+        after_help = "Exit status: 0 success; 1 a server refused (its reason is shown), none could be reached, or an answer failed verification; 2 bad usage: a malformed chain id, an unreadable roster, private.toml or data file, block data over the limit (nothing was sent)."
+    )]
     Chain {
         #[command(subcommand)]
         cmd: conode::chain_cli::ChainCmd,
     },
     /// Copy the running conode's database (a consistent snapshot, no downtime) and its
     /// private.toml into DIR.
+    #[command(
+        after_help = "Exit status: 0 the backup in DIR is complete; 1 the backup failed (no running conode answered on its admin socket, DIR cannot be written); 2 bad usage or an unreadable private.toml."
+    )]
     Backup {
         /// Directory for `<Public hex>.db` and `private.toml` (created 0700 if missing).
         dir: PathBuf,
     },
     /// Put a backup made by `conode backup` in place, for a stopped conode.
+    #[command(
+        after_help = "Exit status: 0 restored; 1 the restore failed: the backup failed a check, the conode runs, or (without --force) the current database is ahead of the backup or unreadable; 2 bad usage or an unreadable private.toml."
+    )]
     Restore {
         /// Directory holding the backup.
         dir: PathBuf,
@@ -159,28 +169,10 @@ fn main() -> ExitCode {
         .clone()
         .unwrap_or_else(|| config::default_config_dir().join("private.toml"));
     match cli.cmd {
-        Cmd::Generate { what } => {
-            let mut cmd = Cli::command();
-            // Rendered whole first: a reader that stops early (`| head`) is no error.
-            let mut out = Vec::new();
-            match what {
-                Generated::Man => {
-                    if let Err(e) = clap_mangen::Man::new(cmd).render(&mut out) {
-                        return fail(1, format!("cannot render the man page: {e}"));
-                    }
-                }
-                Generated::Completions { shell } => {
-                    clap_complete::generate(shell, &mut cmd, "conode", &mut out);
-                }
-            }
-            use std::io::Write;
-            match std::io::stdout().write_all(&out) {
-                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
-                    fail(1, format!("cannot write to standard output: {e}"))
-                }
-                _ => ExitCode::SUCCESS,
-            }
-        }
+        Cmd::Generate { what } => match conode::clidoc::generate(Cli::command(), what) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(e.exit_code(), e),
+        },
         Cmd::Chain { cmd } => {
             match conode::chain_cli::run(cmd, &private_path, &mut std::io::stdout()) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -333,5 +325,23 @@ fn restore_cmd(private_path: &std::path::Path, dir: &std::path::Path, force: boo
             ExitCode::SUCCESS
         }
         Err(e) => fail(1, format!("restore failed: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every command and argument has a help text (what `--help` and the man pages show).
+    #[test]
+    fn every_command_and_argument_has_help() {
+        let missing = conode::clidoc::undocumented(Cli::command());
+        assert!(missing.is_empty(), "without help: {missing:?}");
+    }
+
+    /// The definitions pass clap's own consistency checks.
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
     }
 }

@@ -1,16 +1,57 @@
 //! The operator's commands: `setup`, `check`, `status`, `snapshot`.
+//!
+//! Each returns a [`Failure`], whose [`Failure::exit_code`] is failoverd's exit status:
+//! 2 for a configuration error (restarting will not help: failoverd.service does not
+//! restart on 2), 1 for a command that ran and failed.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::config::{self, RawConfig, TemplateArgs, Transport};
+use crate::config::{self, ConfigError, RawConfig, TemplateArgs, Transport};
 use crate::daemon::control_request;
+
+/// Why a command failed; [`Failure::exit_code`] gives the exit status.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Failure {
+    /// Bad usage or configuration: failoverd.toml missing, unreadable or invalid, a bad
+    /// environment value, a key file or conode configuration that cannot be read.
+    #[error("{0}")]
+    Config(String),
+    /// The command ran and failed: the daemon refused or did not answer, a task died.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl Failure {
+    /// 2 for configuration errors, 1 for failures, as `failoverd --help` documents.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Failure::Config(_) => 2,
+            Failure::Failed(_) => 1,
+        }
+    }
+}
+
+impl From<String> for Failure {
+    fn from(e: String) -> Self {
+        Failure::Failed(e)
+    }
+}
+
+impl From<ConfigError> for Failure {
+    fn from(e: ConfigError) -> Self {
+        Failure::Config(e.to_string())
+    }
+}
 
 #[derive(clap::Args, Debug)]
 pub struct SetupArgs {
     /// Where to write the key (default: failoverd.key beside the configuration).
     #[arg(long)]
     pub key_file: Option<PathBuf>,
+    /// failoverd's own directory (generations held as standby, the inbox, the control
+    /// socket); `run` creates it.
     #[arg(long, default_value = "/var/lib/failoverd")]
     pub state_dir: PathBuf,
     /// The conode's private.toml (default: the conode's default).
@@ -55,12 +96,15 @@ pub struct SetupArgs {
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 pub enum TransportArg {
+    /// Built in: HTTPS to the peer's failoverd, both sides pinned to their keys.
     Https,
+    /// rsync over ssh into the standby's inbox.
     Rsync,
+    /// scp over ssh into the standby's inbox.
     Scp,
 }
 
-pub fn setup(config_path: &Path, a: &SetupArgs) -> Result<(), String> {
+pub fn setup(config_path: &Path, a: &SetupArgs) -> Result<(), Failure> {
     let key_file = a.key_file.clone().unwrap_or_else(|| {
         config_path
             .parent()
@@ -69,10 +113,10 @@ pub fn setup(config_path: &Path, a: &SetupArgs) -> Result<(), String> {
     });
     for p in [config_path, key_file.as_path()] {
         if p.exists() && !a.force {
-            return Err(format!(
+            return Err(Failure::Failed(format!(
                 "{} exists: not overwriting it (use --force to replace it; a new key must then be pinned on the peer again)",
                 p.display()
-            ));
+            )));
         }
     }
     if let Some(d) = config_path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -111,7 +155,8 @@ pub fn setup(config_path: &Path, a: &SetupArgs) -> Result<(), String> {
     // Check what we are about to write parses (a bad flag value shows here, not at start).
     // What is written must parse; what is still to fill in (the peer's key, ssh for
     // rsync/scp) is listed after writing, and `failoverd check` names it again.
-    let raw = RawConfig::parse(config_path, &text).map_err(|e| e.to_string())?;
+    // A flag value that makes an invalid configuration is bad usage (exit status 2).
+    let raw = RawConfig::parse(config_path, &text)?;
     let todo = raw
         .validate(config_path, |_| None)
         .err()
@@ -134,7 +179,9 @@ pub fn setup(config_path: &Path, a: &SetupArgs) -> Result<(), String> {
 }
 
 /// Print every finding; an error if any is an error. Changes nothing.
-pub async fn check(config_path: &Path) -> Result<(), String> {
+/// Every problem is exit status 1, also a file that cannot be read or parsed: judging
+/// the configuration is what `check` is for.
+pub async fn check(config_path: &Path) -> Result<(), Failure> {
     use std::os::unix::fs::PermissionsExt;
     let raw = RawConfig::load(config_path).map_err(|e| e.to_string())?;
     let mut errors = 0;
@@ -278,7 +325,10 @@ pub async fn check(config_path: &Path) -> Result<(), String> {
         }
     }
     if errors > 0 {
-        return Err(format!("{errors} problem(s) in {}", config_path.display()));
+        return Err(Failure::Failed(format!(
+            "{errors} problem(s) in {}",
+            config_path.display()
+        )));
     }
     println!("ok: {} is usable", config_path.display());
     Ok(())
@@ -311,13 +361,13 @@ pub fn emit(out: &[u8]) -> Result<(), String> {
     }
 }
 
-pub async fn status(config_path: &Path, json: bool) -> Result<(), String> {
+pub async fn status(config_path: &Path, json: bool) -> Result<(), Failure> {
     let mut o = String::new();
-    let raw = RawConfig::load(config_path).map_err(|e| e.to_string())?;
+    let raw = RawConfig::load(config_path)?;
     let v = control_request(&config::control_socket(&raw.state_dir), "status").await?;
     if json {
         outln!(o, "{v}");
-        return emit(o.as_bytes());
+        return Ok(emit(o.as_bytes())?);
     }
     let s = |k: &str| match v.get(k) {
         Some(serde_json::Value::Null) | None => "-".to_string(),
@@ -361,11 +411,11 @@ pub async fn status(config_path: &Path, json: bool) -> Result<(), String> {
     outln!(o, "transport:  {}", s("transport"));
     outln!(o, "held:       {}", s("generations_held"));
     outln!(o, "error:      {}", s("error"));
-    emit(o.as_bytes())
+    Ok(emit(o.as_bytes())?)
 }
 
-pub async fn snapshot(config_path: &Path) -> Result<(), String> {
-    let raw = RawConfig::load(config_path).map_err(|e| e.to_string())?;
+pub async fn snapshot(config_path: &Path) -> Result<(), Failure> {
+    let raw = RawConfig::load(config_path)?;
     let v = control_request(&config::control_socket(&raw.state_dir), "snapshot").await?;
     println!(
         "generation {} installed on the peer: {} bytes, {} sent over {}, {} ms",
@@ -379,8 +429,8 @@ pub async fn snapshot(config_path: &Path) -> Result<(), String> {
 }
 
 /// `switchover`, `promote [--force]`, `demote`: ask the daemon, print what it did.
-pub async fn command(config_path: &Path, line: &str) -> Result<(), String> {
-    let raw = RawConfig::load(config_path).map_err(|e| e.to_string())?;
+pub async fn command(config_path: &Path, line: &str) -> Result<(), Failure> {
+    let raw = RawConfig::load(config_path)?;
     let v = control_request(&config::control_socket(&raw.state_dir), line).await?;
     println!("{}", v["message"].as_str().unwrap_or("done"));
     Ok(())
@@ -393,8 +443,8 @@ pub async fn command(config_path: &Path, line: &str) -> Result<(), String> {
 /// failoverd is a standby. An untagged copy of the address (another host's) leaves both
 /// alone. Refuses
 /// while a failoverd runs on this state directory (`failoverd demote` is the way then).
-pub async fn release_vip(config_path: &Path) -> Result<(), String> {
-    let cfg = crate::config::Config::load(config_path).map_err(|e| e.to_string())?;
+pub async fn release_vip(config_path: &Path) -> Result<(), Failure> {
+    let cfg = crate::config::Config::load(config_path)?;
     let dir = cfg.state_dir.clone();
     let lock = tokio::task::spawn_blocking(move || crate::daemon::StateLock::acquire(&dir))
         .await
@@ -429,7 +479,7 @@ pub async fn release_vip(config_path: &Path) -> Result<(), String> {
     }
     drop(lock);
     // No failoverd runs to defend the address: this host is a standby, its conode stopped.
-    let paths = cfg.conode_paths()?;
+    let paths = cfg.conode_paths().map_err(Failure::Config)?;
     let conode = crate::conode_ctl::Conode::new(cfg.conode.clone(), paths.admin, paths.db);
     match &cfg.conode.control {
         crate::config::ConodeControl::Systemd { unit } => {
