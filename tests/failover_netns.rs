@@ -1,8 +1,10 @@
 //! failoverd failing over between two hosts in network namespaces: the virtual IP, the
 //! epochs, switchover and forced promote, with real conodes (run by failoverd as
 //! `nobody`), a skipchain whose leader's address is the virtual IP, and the checker of
-//! record (`system_tests::addrwatch`, the kernel's own address events) asserting that
-//! the two hosts never held the address at the same instant.
+//! record (`system_tests::addrwatch`, the kernel's own address events), which every
+//! `Pair` runs over all its hosts (the client's too) from before its first failoverd
+//! starts, asserting at each test's end and again when the pair is dropped that no two
+//! hosts held the address at the same instant.
 
 use std::cell::{Cell, RefCell};
 use std::net::{IpAddr, Ipv4Addr};
@@ -53,6 +55,10 @@ static ONE_PAIR: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 pub(crate) struct Pair {
     _one: std::sync::MutexGuard<'static, ()>,
+    /// The checker of record over a, b and the client (if any), from before the first
+    /// failoverd starts to the pair's drop, which asserts it. Declared before `lab`: it
+    /// must be dropped first.
+    pub(crate) watch: AddrWatch<'static>,
     pub(crate) lab: Lab,
     pub(crate) dir: tempfile::TempDir,
     pub(crate) vip: Ipv4Addr,
@@ -144,8 +150,12 @@ impl Pair {
                 .replace("# user = \"conode\"", "user = \"nobody\"");
             std::fs::write(&p, cfg).unwrap();
         }
+        let mut hosts = vec![a, b];
+        hosts.extend(lab.client_if_any());
+        let watch = AddrWatch::start_owned(IpAddr::V4(vip), &hosts);
         let p = Pair {
             _one: one,
+            watch,
             lab,
             dir,
             vip,
@@ -310,6 +320,24 @@ impl Pair {
             .unwrap_or_default()
     }
 
+    /// Fail if two namespaces of the lab held the virtual IP at any instant so far (also
+    /// asserted when the pair is dropped).
+    pub(crate) fn assert_no_overlap(&self) {
+        self.watch.assert_no_overlap();
+    }
+
+    /// Wait (at most 5 s) until exactly the hosts `hs` ("a", "b", "c") hold the VIP.
+    pub(crate) fn wait_holders(&self, hs: &[&str]) {
+        let want: Vec<String> = hs.iter().map(|h| self.ns(h)).collect();
+        let want: Vec<&str> = want.iter().map(String::as_str).collect();
+        assert!(
+            self.watch.wait_holders(&want, Duration::from_secs(5)),
+            "holders of {}: want {hs:?}, have {:?}",
+            self.vip,
+            self.watch.holders()
+        );
+    }
+
     /// The pid of the conode failoverd started on `h` (its config names the host).
     pub(crate) fn conode_pid(&self, h: &str) -> Option<u32> {
         let needle = self.p(&format!("{h}/co/private.toml"));
@@ -324,6 +352,14 @@ impl Pair {
 
 impl Drop for Pair {
     fn drop(&mut self) {
+        // The checker's verdict over the whole test (a test that fails already has its
+        // message; a second panic would abort).
+        let panicking = std::thread::panicking();
+        let verdict = if panicking {
+            Ok(())
+        } else {
+            self.watch.verdict()
+        };
         // The conodes are children of failoverd, which is killed by the lab: stop them
         // (they were started by this test's failoverds).
         for h in ["a", "b"] {
@@ -334,10 +370,13 @@ impl Drop for Pair {
                 );
             }
         }
-        if std::thread::panicking() || std::env::var_os("FAILOVER_TEST_LOGS").is_some() {
+        if panicking || verdict.is_err() || std::env::var_os("FAILOVER_TEST_LOGS").is_some() {
             for h in ["a", "b"] {
                 eprintln!("----- failoverd-{h}.log\n{}", self.log(h));
             }
+        }
+        if let Err(e) = verdict {
+            panic!("{e}");
         }
     }
 }
@@ -345,10 +384,9 @@ impl Drop for Pair {
 #[test]
 fn switchover_moves_the_address_and_the_chain_with_no_block_lost_and_never_two_holders() {
     let p = Pair::start("switchover");
-    let watch = AddrWatch::start(IpAddr::V4(p.vip), &[p.lab.a(), p.lab.b()]);
     // Never claimed at start.
     assert_eq!(p.status("a").str_at(&["role"]), "standby");
-    assert!(watch.holders().is_empty());
+    assert!(p.watch.holders().is_empty());
     // The peer port listens on the host's own address (listen.peer left to its
     // default), never on the wildcard.
     for h in [p.lab.a(), p.lab.b()] {
@@ -362,7 +400,7 @@ fn switchover_moves_the_address_and_the_chain_with_no_block_lost_and_never_two_h
 
     let out = ok(p.lab.a(), &p.failoverd("a", "promote"));
     assert!(out.contains("live under epoch 1"), "{out}");
-    assert!(watch.wait_holders(&[&p.ns("a")], Duration::from_secs(5)));
+    p.wait_holders(&["a"]);
     assert_eq!(p.status("a").str_at(&["role"]), "live");
     assert_eq!(
         p.status("a").at(&["vip_held"]).and_then(|v| v.as_bool()),
@@ -378,7 +416,7 @@ fn switchover_moves_the_address_and_the_chain_with_no_block_lost_and_never_two_h
     let out = ok(p.lab.b(), &p.failoverd("b", "switchover"));
     assert!(out.contains("live under epoch"), "{out}");
     let took = t.elapsed();
-    assert!(watch.wait_holders(&[&p.ns("b")], Duration::from_secs(5)));
+    p.wait_holders(&["b"]);
     let (sa, sb) = (p.status("a"), p.status("b"));
     assert_eq!(sa.str_at(&["role"]), "standby");
     assert_eq!(sb.str_at(&["role"]), "live");
@@ -397,7 +435,7 @@ fn switchover_moves_the_address_and_the_chain_with_no_block_lost_and_never_two_h
     p.wait_peer_live("a");
     let out = ok(p.lab.a(), &p.failoverd("a", "switchover"));
     assert!(out.contains("live under epoch"), "{out}");
-    assert!(watch.wait_holders(&[&p.ns("a")], Duration::from_secs(5)));
+    p.wait_holders(&["a"]);
     p.assert_all_blocks("b");
     assert!(
         p.status("a")
@@ -406,7 +444,7 @@ fn switchover_moves_the_address_and_the_chain_with_no_block_lost_and_never_two_h
             .unwrap()
             > epoch_b
     );
-    watch.assert_no_overlap();
+    p.assert_no_overlap();
     eprintln!("switchover a -> b answered in {took:?}");
 }
 
@@ -414,9 +452,8 @@ fn switchover_moves_the_address_and_the_chain_with_no_block_lost_and_never_two_h
 fn a_forced_promote_after_the_live_host_dies_keeps_every_shipped_block_and_the_old_host_stays_standby(
 ) {
     let p = Pair::start("forced");
-    let watch = AddrWatch::start(IpAddr::V4(p.vip), &[p.lab.a(), p.lab.b()]);
     ok(p.lab.a(), &p.failoverd("a", "promote"));
-    assert!(watch.wait_holders(&[&p.ns("a")], Duration::from_secs(5)));
+    p.wait_holders(&["a"]);
     p.grow("b", 5);
     // Shipped and installed on b before a dies (this chain's roster is one conode: the
     // blocks after the last snapshot would live on a's disk alone).
@@ -450,7 +487,7 @@ fn a_forced_promote_after_the_live_host_dies_keeps_every_shipped_block_and_the_o
     ok(p.lab.a(), &format!("ip addr del {}/24 dev eth0", p.vip));
     let out = ok(p.lab.b(), &p.failoverd("b", "promote --force"));
     assert!(out.contains("live under epoch"), "{out}");
-    assert!(watch.wait_holders(&[&p.ns("b")], Duration::from_secs(5)));
+    p.wait_holders(&["b"]);
 
     // The old host comes back (rebooted: no address) and starts failoverd: it stays
     // standby and does not take the address back.
@@ -463,23 +500,22 @@ fn a_forced_promote_after_the_live_host_dies_keeps_every_shipped_block_and_the_o
     });
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(p.status("a").str_at(&["role"]), "standby");
-    assert_eq!(watch.holders(), vec![p.ns("b")]);
+    assert_eq!(p.watch.holders(), vec![p.ns("b")]);
     // Every block shipped before the death is served by b, to a client on a.
     p.assert_all_blocks("a");
     p.grow("a", 2);
-    watch.assert_no_overlap();
+    p.assert_no_overlap();
 }
 
 #[test]
 fn a_leftover_address_is_removed_at_start_unless_the_peer_confirms_it() {
     let p = Pair::start("leftover");
-    let watch = AddrWatch::start(IpAddr::V4(p.vip), &[p.lab.a(), p.lab.b()]);
     ok(p.lab.a(), &p.failoverd("a", "promote"));
-    assert!(watch.wait_holders(&[&p.ns("a")], Duration::from_secs(5)));
+    p.wait_holders(&["a"]);
     p.grow("b", 2);
     p.wait_peer_live("b");
     ok(p.lab.b(), &p.failoverd("b", "switchover"));
-    assert!(watch.wait_holders(&[&p.ns("b")], Duration::from_secs(5)));
+    p.wait_holders(&["b"]);
 
     // a's failoverd dies; its link goes down and a tagged copy of the address is on
     // its interface (as a crash in the middle of a claim would leave it), and failoverd
@@ -507,9 +543,9 @@ fn a_leftover_address_is_removed_at_start_unless_the_peer_confirms_it() {
     });
     assert_eq!(p.status("a").str_at(&["role"]), "standby");
     p.lab.link_up();
-    assert!(watch.wait_holders(&[&p.ns("b")], Duration::from_secs(5)));
+    p.wait_holders(&["b"]);
     assert!(p.log("a").contains("leftover"), "{}", p.log("a"));
-    watch.assert_no_overlap();
+    p.assert_no_overlap();
 }
 
 #[test]
@@ -597,14 +633,13 @@ fn follower(p: &Pair, name: &str, port: u16) -> String {
 #[test]
 fn a_forced_promote_loses_no_acknowledged_block_while_the_followers_are_up() {
     let p = Pair::start_in(Lab::with_client("nolost"));
-    let watch = AddrWatch::start(IpAddr::V4(p.vip), &[p.lab.a(), p.lab.b()]);
     // A roster of the VIP conode (leader) and two followers on the client host.
     let mut roster = std::fs::read_to_string(p.p("a/co/public.toml")).unwrap();
     roster.push_str(&follower(&p, "f1", 7010));
     roster.push_str(&follower(&p, "f2", 7020));
     std::fs::write(p.dir.path().join("roster.toml"), roster).unwrap();
     ok(p.lab.a(), &p.failoverd("a", "promote"));
-    assert!(watch.wait_holders(&[&p.ns("a")], Duration::from_secs(5)));
+    p.wait_holders(&["a"]);
     let conode = conode_bin().display().to_string();
     let j = Json::parse(&ok(
         p.lab.client(),
@@ -639,13 +674,13 @@ fn a_forced_promote_loses_no_acknowledged_block_while_the_followers_are_up() {
     p.wait_peer_reachable("b", false, T);
     let out = ok(p.lab.b(), &p.failoverd("b", "promote --force"));
     assert!(out.contains("live under epoch"), "{out}");
-    assert!(watch.wait_holders(&[&p.ns("b")], Duration::from_secs(5)));
+    p.wait_holders(&["b"]);
     // Every acknowledged block, those after the shipped generation included, is served
     // by the new leader; the next block follows them.
     p.assert_all_blocks("c");
     p.grow("c", 2);
     assert_eq!(p.index.get(), acknowledged + 2);
-    watch.assert_no_overlap();
+    p.assert_no_overlap();
 }
 
 /// A client appends without pause through the virtual IP while the live host hands over:
@@ -656,9 +691,8 @@ fn a_forced_promote_loses_no_acknowledged_block_while_the_followers_are_up() {
 fn blocks_appended_while_a_switchover_runs_are_all_kept() {
     use std::sync::atomic::{AtomicBool, Ordering};
     let p = Pair::start_in(Lab::with_client("swrace"));
-    let watch = AddrWatch::start(IpAddr::V4(p.vip), &[p.lab.a(), p.lab.b()]);
     ok(p.lab.a(), &p.failoverd("a", "promote"));
-    assert!(watch.wait_holders(&[&p.ns("a")], Duration::from_secs(5)));
+    p.wait_holders(&["a"]);
     p.grow("c", 2);
     p.wait_peer_live("b");
     let chain = p.chain.borrow().clone();
@@ -695,7 +729,7 @@ fn blocks_appended_while_a_switchover_runs_are_all_kept() {
         let out = ok(p.lab.b(), &p.failoverd("b", "switchover"));
         assert!(out.contains("live under epoch"), "{out}");
         switched.store(true, Ordering::SeqCst);
-        assert!(watch.wait_holders(&[&p.ns("b")], Duration::from_secs(5)));
+        p.wait_holders(&["b"]);
         std::thread::sleep(Duration::from_millis(1500));
         stop.store(true, Ordering::SeqCst);
         writer.join().unwrap()
@@ -720,7 +754,7 @@ fn blocks_appended_while_a_switchover_runs_are_all_kept() {
             "block {index} ({hash}) acknowledged but not served after the switchover: {got}"
         );
     }
-    watch.assert_no_overlap();
+    p.assert_no_overlap();
 }
 
 /// Datagrams received on a Unix socket the test owns (systemd's `NOTIFY_SOCKET`), each
@@ -816,7 +850,6 @@ fn hook_runs(
 #[test]
 fn notify_hooks_metrics_and_release_on_a_running_pair() {
     let p = Pair::start("operations");
-    let watch = AddrWatch::start(IpAddr::V4(p.vip), &[p.lab.a(), p.lab.b()]);
     let hooks = p.dir.path().join("hooks");
     std::fs::create_dir_all(&hooks).unwrap();
     // Both standby: stop them (nothing is held), add the hooks, start them again under
@@ -867,7 +900,7 @@ fn notify_hooks_metrics_and_release_on_a_running_pair() {
 
     // a becomes live: its role hook runs with the facts, hangs, and is killed.
     ok(p.lab.a(), &p.failoverd("a", "promote"));
-    assert!(watch.wait_holders(&[&p.ns("a")], Duration::from_secs(5)));
+    p.wait_holders(&["a"]);
     p.grow("b", 3);
     let epoch_a = p
         .status("a")
@@ -937,7 +970,7 @@ fn notify_hooks_metrics_and_release_on_a_running_pair() {
         took < Duration::from_secs(10),
         "a switchover with hanging hooks took {took:?}"
     );
-    assert!(watch.wait_holders(&[&p.ns("b")], Duration::from_secs(5)));
+    p.wait_holders(&["b"]);
     let epoch_b = p
         .status("b")
         .at(&["epoch"])
@@ -1002,9 +1035,9 @@ fn notify_hooks_metrics_and_release_on_a_running_pair() {
     p.stop_failoverd("b");
     notify[1].wait_for("STOPPING=1", Duration::from_secs(1));
     assert!(
-        watch.wait_holders(&[], Duration::from_secs(1)),
+        p.watch.wait_holders(&[], Duration::from_secs(1)),
         "{:?}",
-        watch.holders()
+        p.watch.holders()
     );
     assert!(p.conode_pid("b").is_none(), "b's conode was stopped");
     assert!(p.log("b").contains("stopping: the address is released"));
@@ -1016,13 +1049,13 @@ fn notify_hooks_metrics_and_release_on_a_running_pair() {
     let e = refused(p.lab.a(), &p.failoverd("a", "release-vip"));
     assert!(e.contains("in use by another failoverd"), "{e}");
     ok(p.lab.a(), &p.failoverd("a", "promote"));
-    assert!(watch.wait_holders(&[&p.ns("a")], Duration::from_secs(5)));
+    p.wait_holders(&["a"]);
     if let Some(f) = p.failoverd.borrow_mut()[0].take() {
         f.kill();
     }
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
-        watch.holders(),
+        p.watch.holders(),
         vec![p.ns("a")],
         "a kill leaves the address"
     );
@@ -1031,8 +1064,24 @@ fn notify_hooks_metrics_and_release_on_a_running_pair() {
         out.contains(&format!("removed {}/24 from eth0", p.vip)),
         "{out}"
     );
-    assert!(watch.wait_holders(&[], Duration::from_secs(1)));
+    assert!(p.watch.wait_holders(&[], Duration::from_secs(1)));
     let out = ok(p.lab.a(), &p.failoverd("a", "release-vip"));
     assert!(out.contains("nothing to release"), "{out}");
-    watch.assert_no_overlap();
+    p.assert_no_overlap();
+}
+
+/// The pair's own checker fails a test that ends with two holders, though the test
+/// asserts nothing itself: the client host adds the address by hand while a holds it,
+/// and the pair's drop panics naming both.
+#[test]
+#[should_panic(expected = "both held it")]
+fn the_pair_fails_a_test_in_which_two_hosts_held_the_address() {
+    let p = Pair::start_in(Lab::with_client("overlap"));
+    ok(p.lab.a(), &p.failoverd("a", "promote"));
+    p.wait_holders(&["a"]);
+    ok(
+        p.lab.client(),
+        &format!("ip addr add {}/24 dev eth0", p.vip),
+    );
+    p.wait_holders(&["a", "c"]);
 }
