@@ -251,6 +251,26 @@ impl Pair {
         Json::parse(&ok(self.host(h), &self.failoverd(h, "status --json"))).unwrap()
     }
 
+    /// `h`'s epoch, as its status shows it.
+    pub(crate) fn epoch(&self, h: &str) -> u64 {
+        let st = self.status(h);
+        st.at(&["epoch"])
+            .and_then(|v| v.as_u64())
+            .unwrap_or_else(|| panic!("no epoch in {h}'s status: {}", st.0))
+    }
+
+    /// What `h` shows of the failover state: role, epoch, VIP held, the peer's epoch (two
+    /// equal views: nothing changed).
+    pub(crate) fn view(&self, h: &str) -> (String, u64, Option<bool>, Option<u64>) {
+        let st = self.status(h);
+        (
+            st.str_at(&["role"]).to_string(),
+            self.epoch(h),
+            st.at(&["vip_held"]).and_then(|v| v.as_bool()),
+            st.at(&["peer", "epoch"]).and_then(|v| v.as_u64()),
+        )
+    }
+
     pub(crate) fn ns(&self, h: &str) -> String {
         self.host(h).ns().to_string()
     }
@@ -384,9 +404,14 @@ impl Drop for Pair {
 #[test]
 fn switchover_moves_the_address_and_the_chain_with_no_block_lost_and_never_two_holders() {
     let p = Pair::start("switchover");
-    // Never claimed at start.
+    // Never claimed at start: no namespace held the address since before the
+    // failoverds started.
     assert_eq!(p.status("a").str_at(&["role"]), "standby");
-    assert!(p.watch.holders().is_empty());
+    assert!(
+        p.watch.intervals().values().all(Vec::is_empty),
+        "{:?}",
+        p.watch.intervals()
+    );
     // The peer port listens on the host's own address (listen.peer left to its
     // default), never on the wildcard.
     for h in [p.lab.a(), p.lab.b()] {
@@ -437,13 +462,71 @@ fn switchover_moves_the_address_and_the_chain_with_no_block_lost_and_never_two_h
     assert!(out.contains("live under epoch"), "{out}");
     p.wait_holders(&["a"]);
     p.assert_all_blocks("b");
+    let epoch_a = p.epoch("a");
+    assert!(epoch_a > epoch_b);
+
+    // A switchover asked on the live host: a hands over to b, and answers once b is live.
+    p.wait_peer_live("b");
+    let out = ok(p.lab.a(), &p.failoverd("a", "switchover"));
+    p.wait_holders(&["b"]);
+    let epoch_b = p.epoch("b");
+    assert!(epoch_b > epoch_a, "{epoch_b} after {epoch_a}");
     assert!(
-        p.status("a")
-            .at(&["epoch"])
-            .and_then(|v| v.as_u64())
-            .unwrap()
-            > epoch_b
+        out.contains(&format!(
+            "switchover done: the peer is live under epoch {epoch_b}; this host is standby without the address"
+        )),
+        "{out}"
     );
+    // (a persists b's epoch as its own at its next heartbeat.)
+    p.wait_peer_live("a");
+    assert_eq!(
+        p.view("a"),
+        ("standby".into(), epoch_b, Some(false), Some(epoch_b))
+    );
+    assert_eq!(p.view("b").0, "live");
+    assert!(p.conode_pid("a").is_none(), "a's conode stopped");
+    p.assert_all_blocks("a");
+    p.grow("a", 2);
+
+    // `demote` on the live host: its conode stops, the address goes, it is standby
+    // under the same epoch, and it says so in plain words. (A demote hands nothing
+    // over: b ships its blocks first, so that a has them.)
+    ok(p.lab.b(), &p.failoverd("b", "snapshot"));
+    let conode_b = p.conode_pid("b").expect("b's conode runs");
+    let out = ok(p.lab.b(), &p.failoverd("b", "demote"));
+    assert_eq!(
+        out.trim(),
+        format!("demoted: the conode is stopped and the address removed; this host is standby at epoch {epoch_b}")
+    );
+    // The reply comes once the address is removed and the conode stopped.
+    assert!(p.watch.holders().is_empty(), "{:?}", p.watch.holders());
+    assert!(
+        !std::path::Path::new(&format!("/proc/{conode_b}")).exists() && p.conode_pid("b").is_none(),
+        "b's conode (pid {conode_b}) is stopped"
+    );
+    assert_eq!(
+        p.view("b"),
+        ("standby".into(), epoch_b, Some(false), Some(epoch_b))
+    );
+    // A standby demoted again: refused, nothing changed.
+    let e = refused(p.lab.b(), &p.failoverd("b", "demote"));
+    assert!(e.contains("nothing to demote"), "{e}");
+    // Then the standby a can promote: a new epoch, a's conode on the blocks b shipped.
+    wait("a hears b is no longer live", T, || {
+        p.status("a")
+            .at(&["peer", "live"])
+            .and_then(|v| v.as_bool())
+            == Some(false)
+    });
+    let out = ok(p.lab.a(), &p.failoverd("a", "promote"));
+    assert!(
+        out.contains(&format!("live under epoch {}", epoch_b + 1)),
+        "{out}"
+    );
+    p.wait_holders(&["a"]);
+    assert_eq!(p.view("a").0, "live");
+    p.assert_all_blocks("b");
+    p.grow("b", 1);
     p.assert_no_overlap();
     eprintln!("switchover a -> b answered in {took:?}");
 }
