@@ -271,6 +271,20 @@ impl Pair {
         )
     }
 
+    /// `h`'s neighbour entry for the virtual IP: (MAC in lower case, state), if any.
+    pub(crate) fn vip_neighbour(&self, h: &str) -> Option<(String, String)> {
+        let out = ok(
+            self.host(h),
+            &format!("ip -4 neigh show {} dev eth0", self.vip),
+        );
+        let words: Vec<&str> = out.split_whitespace().collect();
+        let mac = words.iter().position(|w| *w == "lladdr")?;
+        Some((
+            words.get(mac + 1)?.to_lowercase(),
+            words.last()?.to_string(),
+        ))
+    }
+
     pub(crate) fn ns(&self, h: &str) -> String {
         self.host(h).ns().to_string()
     }
@@ -534,10 +548,22 @@ fn switchover_moves_the_address_and_the_chain_with_no_block_lost_and_never_two_h
 #[test]
 fn a_forced_promote_after_the_live_host_dies_keeps_every_shipped_block_and_the_old_host_stays_standby(
 ) {
-    let p = Pair::start("forced");
+    let p = Pair::start_in(Lab::with_client("forced"));
+    let (mac_a, mac_b, mac_c) = (
+        p.lab.a().mac().to_lowercase(),
+        p.lab.b().mac().to_lowercase(),
+        p.lab.client().mac().to_lowercase(),
+    );
     ok(p.lab.a(), &p.failoverd("a", "promote"));
     p.wait_holders(&["a"]);
-    p.grow("b", 5);
+    // A client host appends through the virtual IP: its neighbour entry for the VIP
+    // names a.
+    p.grow("c", 5);
+    assert_eq!(
+        p.vip_neighbour("c").map(|n| n.0),
+        Some(mac_a.clone()),
+        "the client talked to a"
+    );
     // Shipped and installed on b before a dies (this chain's roster is one conode: the
     // blocks after the last snapshot would live on a's disk alone).
     ok(p.lab.a(), &p.failoverd("a", "snapshot"));
@@ -552,7 +578,8 @@ fn a_forced_promote_after_the_live_host_dies_keeps_every_shipped_block_and_the_o
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    std::thread::sleep(Duration::from_secs(3)); // past failover.peer_timeout (2 s)
+    p.wait_peer_reachable("b", false, T);
+    let view_b = p.view("b");
 
     // Without --force: refused, the peer is unreachable.
     let e = refused(p.lab.b(), &p.failoverd("b", "promote"));
@@ -560,32 +587,79 @@ fn a_forced_promote_after_the_live_host_dies_keeps_every_shipped_block_and_the_o
     // With --force, while a still answers ARP for the address: refused, naming a's MAC.
     let e = refused(p.lab.b(), &p.failoverd("b", "promote --force"));
     assert!(
-        e.to_lowercase().contains(&p.lab.a().mac().to_lowercase()),
-        "the refusal names the holder's MAC {}: {e}",
-        p.lab.a().mac()
+        e.to_lowercase().contains(&mac_a),
+        "the refusal names the holder's MAC {mac_a}: {e}"
     );
-    assert_eq!(p.status("b").str_at(&["role"]), "standby");
-
     // Now a is gone for good: a power cut takes its address with it.
     ok(p.lab.a(), &format!("ip addr del {}/24 dev eth0", p.vip));
+    p.wait_holders(&[]);
+    // An impostor: another host (the client) has the address, added by hand (untagged,
+    // as an operator's mistake would): refused, naming the impostor's MAC.
+    ok(
+        p.lab.client(),
+        &format!("ip addr add {}/24 dev eth0", p.vip),
+    );
+    p.wait_holders(&["c"]);
+    let e = refused(p.lab.b(), &p.failoverd("b", "promote --force"));
+    assert!(
+        e.to_lowercase().contains(&mac_c),
+        "the refusal names the impostor's MAC {mac_c}: {e}"
+    );
+    // The refusals changed nothing: no epoch persisted, no address.
+    assert_eq!(p.view("b"), view_b);
+    ok(
+        p.lab.client(),
+        &format!("ip addr del {}/24 dev eth0", p.vip),
+    );
+    p.wait_holders(&[]);
+
+    // The client has not talked to the VIP since a died: its entry still names a.
+    let before = p.vip_neighbour("c");
+    assert_eq!(
+        before.as_ref().map(|n| n.0.as_str()),
+        Some(mac_a.as_str()),
+        "the client's stale entry for the VIP: {before:?}"
+    );
     let out = ok(p.lab.b(), &p.failoverd("b", "promote --force"));
     assert!(out.contains("live under epoch"), "{out}");
     p.wait_holders(&["b"]);
+    // b's gratuitous ARP moves the client's entry to b's MAC at once, with no traffic
+    // from the client, instead of after the entry's expiry (a stale entry is kept until
+    // used, then probed for 5 s and more).
+    wait(
+        "the client's entry for the VIP names b",
+        Duration::from_secs(1),
+        || p.vip_neighbour("c").is_some_and(|n| n.0 == mac_b),
+    );
 
     // The old host comes back (rebooted: no address) and starts failoverd: it stays
     // standby and does not take the address back.
     p.spawn_failoverd("a");
-    wait("a hears b's epoch", Duration::from_secs(10), || {
-        p.status("a")
-            .at(&["peer", "live"])
-            .and_then(|v| v.as_bool())
-            == Some(true)
-    });
+    p.wait_peer_live("a");
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(p.status("a").str_at(&["role"]), "standby");
     assert_eq!(p.watch.holders(), vec![p.ns("b")]);
     // Every block shipped before the death is served by b, to a client on a.
     p.assert_all_blocks("a");
+    // And it receives snapshots from the new live host: b's next generation arrives,
+    // verified, on a.
+    let newest_a = |p: &Pair| {
+        p.status("a")
+            .at(&["newest_generation"])
+            .and_then(|v| v.as_u64())
+    };
+    let had = newest_a(&p);
+    p.grow("c", 2);
+    ok(p.lab.b(), &p.failoverd("b", "snapshot"));
+    let shipped = p
+        .status("b")
+        .at(&["generation"])
+        .and_then(|v| v.as_u64())
+        .expect("b shipped a generation");
+    assert!(had < Some(shipped), "{had:?} then {shipped}");
+    wait("a holds b's new generation", T, || {
+        newest_a(&p) == Some(shipped)
+    });
     p.grow("a", 2);
     p.assert_no_overlap();
 }
