@@ -701,7 +701,43 @@ fn a_leftover_address_is_removed_at_start_unless_the_peer_confirms_it() {
     assert_eq!(p.status("a").str_at(&["role"]), "standby");
     p.lab.link_up();
     p.wait_holders(&["b"]);
-    assert!(p.log("a").contains("leftover"), "{}", p.log("a"));
+    assert!(
+        p.log("a").contains("removing the leftover address"),
+        "{}",
+        p.log("a")
+    );
+
+    // The other half: the live host b's failoverd dies and starts again with the address
+    // in place; the standby a confirms that b holds the current epoch, and b keeps the
+    // address (it is never removed), under the same epoch, and is live again.
+    p.wait_peer_live("a");
+    let epoch_b = p.epoch("b");
+    let since = |p: &Pair| p.watch.intervals()[&p.ns("b")].last().copied();
+    let held = since(&p).expect("b holds the address");
+    assert_eq!(held.to, None);
+    if let Some(f) = p.failoverd.borrow_mut()[1].take() {
+        f.kill();
+    }
+    p.spawn_failoverd("b");
+    wait(
+        "b keeps its leftover, live",
+        Duration::from_secs(15),
+        || p.status("b").str_at(&["role"]) == "live",
+    );
+    assert!(
+        p.log("b").contains("keeping the leftover address"),
+        "{}",
+        p.log("b")
+    );
+    assert_eq!(
+        p.view("b"),
+        ("live".into(), epoch_b, Some(true), Some(epoch_b))
+    );
+    assert_eq!(p.view("a").0, "standby");
+    assert_eq!(since(&p), Some(held), "b held the address throughout");
+    // Its conode serves the chain through the address, and takes new blocks.
+    p.assert_all_blocks("a");
+    p.grow("a", 1);
     p.assert_no_overlap();
 }
 
