@@ -748,12 +748,20 @@ fn a_message_with_a_stale_epoch_is_refused_and_changes_nothing() {
     // A handover under epoch 0, sent by a host that has b's pinned key (a itself),
     // while b has seen epoch 1: refused, b stays standby.
     let stale = r#"{"epoch":0,"live":false,"may_hold":false,"newest_generation":null,"body":{"kind":"handover","generation":1}}"#;
-    wait("b hears epoch 1", Duration::from_secs(10), || {
-        p.status("b")
-            .at(&["peer", "epoch"])
-            .and_then(|v| v.as_u64())
-            == Some(1)
+    p.wait_holders(&["a"]);
+    // b heard epoch 1 and persisted it as its own; a heard b's.
+    p.wait_peer_live("b");
+    wait("a hears b's epoch 1", Duration::from_secs(10), || {
+        p.view("a").3 == Some(1)
     });
+    let before = (p.view("a"), p.view("b"));
+    assert_eq!(
+        before,
+        (
+            ("live".into(), 1, Some(true), Some(1)),
+            ("standby".into(), 1, Some(false), Some(1))
+        )
+    );
     let conf =
         failoverd::config::Config::load(std::path::Path::new(&p.p("a/failoverd.toml"))).unwrap();
     let key = failoverd::config::load_key(&conf.key_file).unwrap();
@@ -782,16 +790,107 @@ fn a_message_with_a_stale_epoch_is_refused_and_changes_nothing() {
     let answer = post(stale.as_bytes().to_vec());
     assert!(answer.is_ok(), "the message is delivered: {answer:?}");
     std::thread::sleep(Duration::from_secs(1));
-    let b = p.status("b");
-    assert_eq!(b.str_at(&["role"]), "standby");
     assert!(
         p.log("b").contains("stale epoch"),
         "b logs the refusal:\n{}",
         p.log("b")
     );
-    // Garbage is refused at the door.
+    // Nothing changed, on either host: roles, epochs, the address, each one's view of
+    // the other's epoch.
+    assert_eq!((p.view("a"), p.view("b")), before);
+    p.wait_holders(&["a"]);
+    // Garbage is refused at the door, and changes nothing either.
     let garbage = post(b"{\"epoch\":\"x\"}".to_vec());
     assert!(garbage.is_err(), "{garbage:?}");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!((p.view("a"), p.view("b")), before);
+    p.assert_no_overlap();
+}
+
+/// `h`'s verdict of health check `check` in its status: (passing, reason).
+fn verdict(p: &Pair, h: &str, check: &str) -> Option<(bool, String)> {
+    let st = p.status(h);
+    st.at(&["health"])?
+        .as_array()?
+        .iter()
+        .find(|v| v["check"] == check)
+        .map(|v| {
+            (
+                v["ok"] == true,
+                v["reason"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+}
+
+/// The live host's conode dies (killed; failoverd does not restart it): the live host's
+/// check of its own conode and the standby's check of the live conode through the
+/// address fail, each with its reason, in `status` (JSON and text) and the log; the
+/// standby still hears the live failoverd. Alerts only: nobody is promoted.
+#[test]
+fn health_verdicts_fail_with_their_reasons_in_status_when_the_live_conode_dies() {
+    let p = Pair::start("health");
+    ok(p.lab.a(), &p.failoverd("a", "promote"));
+    p.wait_holders(&["a"]);
+    p.grow("b", 1);
+    wait("every check passes", T, || {
+        verdict(&p, "a", "own_conode").is_some_and(|v| v.0)
+            && verdict(&p, "b", "live_conode").is_some_and(|v| v.0)
+            && verdict(&p, "b", "live_peer").is_some_and(|v| v.0)
+    });
+    let conode_a = p.conode_pid("a").expect("a's conode runs");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(conode_a as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait("a's check of its own conode fails", T, || {
+        verdict(&p, "a", "own_conode").is_some_and(|v| !v.0)
+    });
+    wait("b's check of the live conode fails", T, || {
+        verdict(&p, "b", "live_conode").is_some_and(|v| !v.0)
+    });
+    let (_, reason) = verdict(&p, "a", "own_conode").unwrap_or_default();
+    assert!(
+        reason.starts_with("the conode exited (signal: 9")
+            || reason == "its admin socket does not answer",
+        "{reason}"
+    );
+    // The first failing verdict says why: the conode exited.
+    assert!(
+        p.log("a")
+            .contains("health OwnConode: failing (the conode exited (signal: 9"),
+        "{}",
+        p.log("a")
+    );
+    let (_, reason) = verdict(&p, "b", "live_conode").unwrap_or_default();
+    assert!(
+        reason.starts_with(&format!("Status at {}:7000: ", p.vip)) && reason.len() > 25,
+        "{reason}"
+    );
+    assert!(
+        p.log("b").contains("health LiveConode: failing (Status at"),
+        "{}",
+        p.log("b")
+    );
+    assert_eq!(verdict(&p, "b", "live_peer").map(|v| v.0), Some(true));
+    // The text form shows them too.
+    let text = ok(p.lab.b(), &p.failoverd("b", "status"));
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("health:") && l.contains("live_conode FAILING: Status at")),
+        "{text}"
+    );
+    let text = ok(p.lab.a(), &p.failoverd("a", "status"));
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("health:") && l.contains("own_conode FAILING: ")),
+        "{text}"
+    );
+    // They alert; they do not promote or demote.
+    assert_eq!(p.view("a").0, "live");
+    assert_eq!(p.view("b").0, "standby");
+    p.wait_holders(&["a"]);
+    p.assert_no_overlap();
 }
 
 /// Start follower conode `name` on the client host (port `port`, as nobody); returns
