@@ -16,6 +16,8 @@ use system_tests::netns::{Host, Lab, Spawned};
 use system_tests::{bin, conode_bin, Json};
 
 const T: Duration = Duration::from_secs(60);
+/// The notify hooks' timeout in the operations test: far above the switchover's bound.
+const HOOK_TIMEOUT: Duration = Duration::from_secs(15);
 
 pub(crate) fn fo() -> String {
     bin("failoverd").display().to_string()
@@ -1134,11 +1136,13 @@ fn hook_runs(
 }
 
 /// Production operations on a running pair: systemd's notify protocol (READY, watchdog
-/// pings, STOPPING) against a socket the test owns; notify hooks with their facts, one
-/// of them hanging and killed at its timeout while a switchover completes in time;
-/// metrics of both programs on both hosts, read by the reference Prometheus parser,
-/// moving with the switchover; a stop of the live failoverd releasing the address and
-/// the conode; `release-vip` after a kill -9.
+/// pings, STOPPING) against a socket the test owns; notify hooks with their facts, the
+/// role hooks of both hosts hanging (15 s timeout) while a switchover completes in under
+/// 5 s, then killed at their timeout; metrics of both programs on both hosts, read by
+/// the reference Prometheus parser, moving with the switchover (the conode's: the old
+/// live host's port gone, the new one's counters and chain height growing with the
+/// blocks appended through the address); a stop of the live failoverd releasing the
+/// address and the conode; `release-vip` after a kill -9.
 #[test]
 fn notify_hooks_metrics_and_release_on_a_running_pair() {
     let p = Pair::start("operations");
@@ -1146,6 +1150,9 @@ fn notify_hooks_metrics_and_release_on_a_running_pair() {
     std::fs::create_dir_all(&hooks).unwrap();
     // Both standby: stop them (nothing is held), add the hooks, start them again under
     // notify sockets with a 1 s watchdog, and with the conode's metrics turned on.
+    // While this file exists the role hooks hang (until killed at their timeout).
+    let hang = hooks.join("hang");
+    std::fs::write(&hang, "").unwrap();
     for h in ["a", "b"] {
         p.stop_failoverd(h);
         let cfg = p.dir.path().join(format!("{h}/failoverd.toml"));
@@ -1154,16 +1161,20 @@ fn notify_hooks_metrics_and_release_on_a_running_pair() {
         let text = text
             .replace(
                 "on_role_change = \"\"",
-                // Records its facts, then hangs: killed at the timeout.
+                // Records its facts, then hangs while the flag is there.
                 &format!(
-                    "on_role_change = \"/usr/bin/env > {hd}/{h}-role.$$; exec /bin/sleep 60\""
+                    "on_role_change = \"/usr/bin/env > {hd}/{h}-role.$$; if [ -e {} ]; then exec /bin/sleep 60; fi\"",
+                    hang.display()
                 ),
             )
             .replace(
                 "on_health_change = \"\"",
                 &format!("on_health_change = \"/usr/bin/env > {hd}/{h}-health.$$\""),
             )
-            .replace("timeout = \"10s\"", "timeout = \"1s\"");
+            .replace(
+                "timeout = \"10s\"",
+                &format!("timeout = \"{}s\"", HOOK_TIMEOUT.as_secs()),
+            );
         std::fs::write(&cfg, text).unwrap();
     }
     let notify = [
@@ -1190,18 +1201,14 @@ fn notify_hooks_metrics_and_release_on_a_running_pair() {
     let in_2s = notify[0].count("WATCHDOG=1") - pings;
     assert!((4..=20).contains(&in_2s), "{in_2s} watchdog pings in 2 s");
 
-    // a becomes live: its role hook runs with the facts, hangs, and is killed.
+    // a becomes live: its role hook runs with the facts, and hangs.
+    let promoted = Instant::now();
     ok(p.lab.a(), &p.failoverd("a", "promote"));
     p.wait_holders(&["a"]);
     p.grow("b", 3);
-    let epoch_a = p
-        .status("a")
-        .at(&["epoch"])
-        .and_then(|v| v.as_u64())
-        .unwrap();
-    wait("a's role hook killed at its timeout", T, || {
-        p.log("a")
-            .contains("hook on_role_change still running after its timeout")
+    let epoch_a = p.epoch("a");
+    wait("a's role hook ran", T, || {
+        !hook_runs(&hooks, "a-role.").is_empty()
     });
     let runs = hook_runs(&hooks, "a-role.");
     assert_eq!(runs.len(), 1, "{runs:?}");
@@ -1228,13 +1235,6 @@ fn notify_hooks_metrics_and_release_on_a_running_pair() {
         sample(&fa, "failoverd_failovers_total{cause=\"promote\"}"),
         1.0
     );
-    assert_eq!(
-        sample(
-            &fa,
-            "failoverd_hook_runs_total{hook=\"role_change\",result=\"timeout\"}"
-        ),
-        1.0
-    );
     wait("a times its own conode's health check", T, || {
         scrape(p.lab.a(), 7781)
             .get("failoverd_health_check_seconds_count{check=\"own_conode\"}")
@@ -1246,28 +1246,49 @@ fn notify_hooks_metrics_and_release_on_a_running_pair() {
         let k = format!("failoverd_health{{check=\"{stale}\"}}");
         assert!(!fa.contains_key(&k), "{k} on the live host: {fa:?}");
     }
+    // a's conode counted what it did as the chain's leader: the chain created, two
+    // blocks appended, the chain 3 blocks high (the DB gauges are read every 2 s).
+    let chain = p.chain.borrow().clone();
+    let height = format!("conode_chain_height{{chain=\"{chain}\"}}");
+    let stores = "conode_requests_total{method=\"StoreSkipBlock\",service=\"Skipchain\"}";
+    wait("a's conode shows the chain 3 blocks high", T, || {
+        scrape(p.lab.a(), 7782).get(&height) == Some(&3.0)
+    });
     let ca = scrape(p.lab.a(), 7782);
-    assert!(!ca.is_empty(), "the conode on a serves metrics");
+    assert_eq!(sample(&ca, "conode_chains_created_total"), 1.0, "{ca:?}");
+    assert_eq!(sample(&ca, "conode_blocks_appended_total"), 2.0, "{ca:?}");
+    assert_eq!(sample(&ca, "conode_append_seconds_count"), 2.0, "{ca:?}");
+    assert!(sample(&ca, stores) >= 3.0, "{ca:?}");
     let fb = scrape(p.lab.b(), 7781);
     assert_eq!(sample(&fb, "failoverd_role{role=\"standby\"}"), 1.0);
     assert_eq!(sample(&fb, "failoverd_health{check=\"live_conode\"}"), 1.0);
 
-    // The switchover completes in time although both hosts' role hooks hang.
+    // The switchover completes (b live, a standby, b's conode taking blocks through the
+    // address) well within the hooks' timeout, while a's role hook from the promote
+    // still hangs and b's hangs from the moment b is live.
     p.wait_peer_live("b");
-    let t = Instant::now();
-    let out = ok(p.lab.b(), &p.failoverd("b", "switchover"));
-    let took = t.elapsed();
-    assert!(out.contains("live under epoch"), "{out}");
     assert!(
-        took < Duration::from_secs(10),
-        "a switchover with hanging hooks took {took:?}"
+        !p.log("a").contains("still running after its timeout"),
+        "a's role hook hangs still"
     );
+    let switched = Instant::now();
+    let out = ok(p.lab.b(), &p.failoverd("b", "switchover"));
+    assert!(out.contains("live under epoch"), "{out}");
     p.wait_holders(&["b"]);
-    let epoch_b = p
-        .status("b")
-        .at(&["epoch"])
-        .and_then(|v| v.as_u64())
-        .unwrap();
+    assert_eq!(p.view("a").0, "standby");
+    assert_eq!(p.view("b").0, "live");
+    p.grow("a", 1);
+    let took = switched.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "a switchover with hanging hooks took {took:?} (hook timeout {HOOK_TIMEOUT:?})"
+    );
+    assert!(
+        !p.log("a").contains("still running after its timeout"),
+        "the switchover completed while a's role hook still hung: {}",
+        p.log("a")
+    );
+    let epoch_b = p.epoch("b");
     wait("b's role hook ran", T, || {
         !hook_runs(&hooks, "b-role.").is_empty()
     });
@@ -1277,6 +1298,65 @@ fn notify_hooks_metrics_and_release_on_a_running_pair() {
         Some("switchover")
     );
     assert_eq!(rb.get("FAILOVERD_EPOCH"), Some(&epoch_b.to_string()));
+    // From here on the role hooks return at once.
+    std::fs::remove_file(&hang).unwrap();
+
+    // The conode's metrics moved with the switchover: a's conode stopped (its metrics
+    // port is gone), b's counts the block appended through the address, and moves with
+    // the next ones.
+    assert!(p.conode_pid("a").is_none(), "a's conode is stopped");
+    assert!(
+        p.lab
+            .a()
+            .sh("curl -sf http://127.0.0.1:7782/metrics", T)
+            .code
+            != Some(0),
+        "a's conode metrics port is gone"
+    );
+    wait("b's conode shows the chain 4 blocks high", T, || {
+        scrape(p.lab.b(), 7782).get(&height) == Some(&4.0)
+    });
+    let cb = scrape(p.lab.b(), 7782);
+    assert_eq!(sample(&cb, "conode_blocks_appended_total"), 1.0, "{cb:?}");
+    assert_eq!(sample(&cb, "conode_chains_led"), 1.0, "{cb:?}");
+    p.grow("a", 2);
+    p.assert_all_blocks("a");
+    wait("b's conode shows the chain 6 blocks high", T, || {
+        scrape(p.lab.b(), 7782).get(&height) == Some(&6.0)
+    });
+    let cb2 = scrape(p.lab.b(), 7782);
+    assert_eq!(sample(&cb2, "conode_blocks_appended_total"), 3.0, "{cb2:?}");
+    assert_eq!(sample(&cb2, "conode_append_seconds_count"), 3.0, "{cb2:?}");
+    assert!(
+        sample(&cb2, stores) >= sample(&cb, stores) + 2.0,
+        "{cb:?} then {cb2:?}"
+    );
+    assert!(
+        sample(&cb2, "conode_db_bytes") >= sample(&cb, "conode_db_bytes"),
+        "{cb:?} then {cb2:?}"
+    );
+
+    // The hanging hooks were killed at their timeout: a's, started by the promote, and
+    // b's, started by the switchover (not earlier: they hung through it).
+    wait("a's role hook killed at its timeout", T, || {
+        p.log("a")
+            .contains("hook on_role_change still running after its timeout")
+    });
+    let at = promoted.elapsed();
+    assert!(
+        at >= HOOK_TIMEOUT && at < HOOK_TIMEOUT + Duration::from_secs(10),
+        "a's hook killed {at:?} after the promote"
+    );
+    wait("b's role hook killed at its timeout", T, || {
+        p.log("b")
+            .contains("hook on_role_change still running after its timeout")
+    });
+    let at = switched.elapsed();
+    assert!(
+        at >= HOOK_TIMEOUT && at < HOOK_TIMEOUT + Duration::from_secs(10),
+        "b's hook killed {at:?} after the switchover"
+    );
+    // a's second role hook (one at a time: it waited for the first) saw the handover.
     wait("a's second role hook ran", T, || {
         hook_runs(&hooks, "a-role.").len() == 2
     });
@@ -1290,7 +1370,7 @@ fn notify_hooks_metrics_and_release_on_a_running_pair() {
         Some("handed_over")
     );
 
-    // The metrics moved with it.
+    // The metrics of both failoverds moved with it.
     wait("b's metrics show it live", T, || {
         let fb = scrape(p.lab.b(), 7781);
         fb.get("failoverd_role{role=\"live\"}") == Some(&1.0)
@@ -1301,7 +1381,20 @@ fn notify_hooks_metrics_and_release_on_a_running_pair() {
         1.0
     );
     assert_eq!(sample(&fb, "failoverd_epoch"), epoch_b as f64);
+    assert_eq!(
+        sample(
+            &fb,
+            "failoverd_hook_runs_total{hook=\"role_change\",result=\"timeout\"}"
+        ),
+        1.0
+    );
+    let role_timeouts = "failoverd_hook_runs_total{hook=\"role_change\",result=\"timeout\"}";
+    wait("a counts its second role hook", T, || {
+        scrape(p.lab.a(), 7781).get("failoverd_hook_runs_total{hook=\"role_change\",result=\"ok\"}")
+            == Some(&1.0)
+    });
     let fa = scrape(p.lab.a(), 7781);
+    assert_eq!(sample(&fa, role_timeouts), 1.0);
     assert_eq!(sample(&fa, "failoverd_role{role=\"live\"}"), 0.0);
     assert_eq!(
         sample(
@@ -1310,18 +1403,6 @@ fn notify_hooks_metrics_and_release_on_a_running_pair() {
         ),
         1.0
     );
-    let cb = scrape(p.lab.b(), 7782);
-    assert!(!cb.is_empty(), "the conode on b serves metrics");
-    assert!(
-        p.lab
-            .a()
-            .sh("curl -sf http://127.0.0.1:7782/metrics", T)
-            .code
-            != Some(0),
-        "a's conode is stopped"
-    );
-    p.grow("a", 2);
-    p.assert_all_blocks("a");
 
     // Stopping the live failoverd releases the address and stops the conode.
     p.stop_failoverd("b");
