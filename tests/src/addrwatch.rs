@@ -43,8 +43,9 @@
 //! every event before the call is then in.
 //!
 //! It must never change anything in a namespace (it only listens and dumps), and never
-//! outlive its lab (it borrows the hosts; dropping it stops and joins its threads
-//! within [`RECV_TICK`]).
+//! outlive its lab (it borrows the hosts, or, from [`AddrWatch::start_owned`], is
+//! dropped by its owner before the lab; dropping it stops and joins its threads within
+//! [`RECV_TICK`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
@@ -163,13 +164,29 @@ impl<'lab> AddrWatch<'lab> {
         hosts: &[&'lab Host],
         counting: Counting,
     ) -> AddrWatch<'lab> {
+        let names: Vec<&str> = hosts.iter().map(|h| h.ns()).collect();
+        AddrWatch::start_named(vip, &names, counting)
+    }
+
+    /// [`AddrWatch::start`] for an owner that keeps the watch beside the lab it watches
+    /// (`Pair` in `tests/failover_netns.rs` owns both, so that the watch runs from before
+    /// its first failoverd starts to its drop): the namespaces by name, nothing borrowed.
+    /// The owner must drop the watch before the lab (declare its field before the lab's:
+    /// fields drop in order); a watch that outlived its lab would keep the namespaces
+    /// alive in its threads until it is dropped.
+    pub fn start_owned(vip: IpAddr, hosts: &[&Host]) -> AddrWatch<'static> {
+        let names: Vec<&str> = hosts.iter().map(|h| h.ns()).collect();
+        AddrWatch::start_named(vip, &names, Counting::Reachable)
+    }
+
+    fn start_named(vip: IpAddr, hosts: &[&str], counting: Counting) -> AddrWatch<'lab> {
         let start = Instant::now();
         let shared = Arc::new(Shared {
             state: Mutex::new(
                 hosts
                     .iter()
                     .map(|h| NsState {
-                        ns: h.ns().to_string(),
+                        ns: h.to_string(),
                         links: HashMap::new(),
                         copies: HashMap::new(),
                         held_since: None,
@@ -194,7 +211,7 @@ impl<'lab> AddrWatch<'lab> {
             _lab: std::marker::PhantomData,
         };
         for (i, h) in hosts.iter().enumerate() {
-            let (shared, ns) = (Arc::clone(&shared), h.ns().to_string());
+            let (shared, ns) = (Arc::clone(&shared), h.to_string());
             let t = std::thread::Builder::new()
                 .name(format!("addrwatch-{i}"))
                 .spawn(move || {
@@ -358,10 +375,19 @@ impl<'lab> AddrWatch<'lab> {
     /// Fail (panic) if two namespaces held the VIP at any instant, or if the watch lost
     /// events; the message has every interval and every event seen.
     pub fn assert_no_overlap(&self) {
+        if let Err(msg) = self.verdict() {
+            panic!("{msg}");
+        }
+    }
+
+    /// What [`AddrWatch::assert_no_overlap`] judges, as a value: `Err` with every
+    /// interval and event seen if two namespaces held the VIP at any instant, or if the
+    /// watch lost events (for a `Drop` that reports before it panics).
+    pub fn verdict(&self) -> Result<(), String> {
         let overlaps = self.overlaps();
         let faults = self.faults();
         if overlaps.is_empty() && faults.is_empty() {
-            return;
+            return Ok(());
         }
         let mut msg = format!("at most one holder of {} ({:?}): ", self.vip, self.counting);
         if !faults.is_empty() {
@@ -378,7 +404,7 @@ impl<'lab> AddrWatch<'lab> {
             );
         }
         msg.push_str(&self.report());
-        panic!("{msg}");
+        Err(msg)
     }
 
     /// Every namespace's intervals and event log, one per line (ms since the start).

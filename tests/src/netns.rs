@@ -306,6 +306,11 @@ impl Lab {
         }
     }
 
+    /// The client of [`Lab::with_client`], if this lab has one.
+    pub fn client_if_any(&self) -> Option<&Host> {
+        self.client.as_ref()
+    }
+
     /// The name given to [`Lab::new`].
     pub fn name(&self) -> &str {
         &self.name
