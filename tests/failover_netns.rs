@@ -740,6 +740,31 @@ fn a_leftover_address_is_removed_at_start_unless_the_peer_confirms_it() {
     // Its conode serves the chain through the address, and takes new blocks.
     p.assert_all_blocks("a");
     p.grow("a", 1);
+    // The restarted failoverd stops the conode its killed predecessor started: a
+    // switchover (asked on a) moves the service, every block with it.
+    let conode_b = p.conode_pid("b").expect("b's conode runs");
+    p.wait_peer_live("a");
+    let out = ok(p.lab.a(), &p.failoverd("a", "switchover"));
+    assert!(out.contains("live under epoch"), "{out}");
+    p.wait_holders(&["a"]);
+    assert!(
+        !std::path::Path::new(&format!("/proc/{conode_b}")).exists()
+            || std::fs::read_to_string(format!("/proc/{conode_b}/stat")).is_ok_and(|s| s
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')),
+        "b's conode (pid {conode_b}) still runs"
+    );
+    assert!(
+        p.log("b").contains(&format!(
+            "stopping the conode (pid {conode_b}) an earlier failoverd started"
+        )),
+        "{}",
+        p.log("b")
+    );
+    p.assert_all_blocks("b");
     p.assert_no_overlap();
 }
 

@@ -819,12 +819,10 @@ fn setup_and_check_name_what_is_wrong() {
     let (code, out) = run(&["check"]);
     assert_eq!(code, Some(1));
     assert!(out.contains("f.toml:") && out.contains("bogus"), "{out}");
+    // Every other command: a configuration error is exit status 2.
     let (code, out) = run(&["status"]);
-    assert_eq!(code, Some(1));
-    assert!(
-        out.contains("bogus") || out.contains("not running"),
-        "{out}"
-    );
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("bogus"), "{out}");
 }
 
 /// Strangers holding half-open connections against the standby's peer port (40 from one
