@@ -769,7 +769,7 @@ fn a_leftover_address_is_removed_at_start_unless_the_peer_confirms_it() {
 }
 
 #[test]
-fn a_message_with_a_stale_epoch_is_refused_and_changes_nothing() {
+fn a_message_with_a_stale_or_future_epoch_is_refused_and_changes_nothing() {
     let p = Pair::start("stale");
     ok(p.lab.a(), &p.failoverd("a", "promote"));
     // A handover under epoch 0, sent by a host that has b's pinned key (a itself),
@@ -826,11 +826,30 @@ fn a_message_with_a_stale_epoch_is_refused_and_changes_nothing() {
     // the other's epoch.
     assert_eq!((p.view("a"), p.view("b")), before);
     p.wait_holders(&["a"]);
+    // A future epoch (far beyond anything a pair claims: a corrupt epoch file, a bug),
+    // from the pinned key: refused whole, and nothing changes either; the next claim
+    // is still the next epoch.
+    for epoch in [1u64 << 40, u64::MAX] {
+        let future = stale.replace("\"epoch\":0", &format!("\"epoch\":{epoch}"));
+        let answer = post(future.into_bytes());
+        assert!(answer.is_ok(), "the message is delivered: {answer:?}");
+        std::thread::sleep(Duration::from_secs(1));
+        assert!(
+            p.log("b").contains(&format!("future epoch {epoch}")),
+            "b logs the refusal of {epoch}:\n{}",
+            p.log("b")
+        );
+        assert_eq!((p.view("a"), p.view("b")), before);
+    }
     // Garbage is refused at the door, and changes nothing either.
     let garbage = post(b"{\"epoch\":\"x\"}".to_vec());
     assert!(garbage.is_err(), "{garbage:?}");
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!((p.view("a"), p.view("b")), before);
+    // The next claim is epoch 2: a switchover to b.
+    let out = ok(p.lab.b(), &p.failoverd("b", "switchover"));
+    assert!(out.contains("live under epoch 2"), "{out}");
+    p.wait_holders(&["b"]);
     p.assert_no_overlap();
 }
 
