@@ -1389,7 +1389,10 @@ mod tests {
         let db = Db::open(&dir.path().join("x.db"), &[1; 32]).unwrap();
         let free = db.free_bytes().unwrap();
         // 200 MiB above the floor (other writers on this disk move it by less meanwhile).
-        db.set_free_floor(free - (200 << 20));
+        let floor = free
+            .checked_sub(200 << 20)
+            .expect("the test needs 200 MiB free in the temporary directory");
+        db.set_free_floor(floor);
         db.begin_write(10 << 20).unwrap().abort().unwrap();
         let e = db.begin_write(150 << 20).err().unwrap();
         assert!(
@@ -1550,17 +1553,18 @@ mod tests {
         full.store(true, Ordering::SeqCst);
         assert!(!db.figures().contains_key("LastIoError"));
         let stop = Arc::new(AtomicBool::new(false));
+        let served = Arc::new(std::sync::atomic::AtomicU32::new(0));
         let reader = {
-            let (db, stop) = (db.clone(), stop.clone());
+            let (db, stop, served) = (db.clone(), stop.clone(), served.clone());
             std::thread::spawn(move || {
-                let (mut served, mut refused) = (0u32, 0u32);
+                let mut refused = 0u32;
                 while !stop.load(Ordering::SeqCst) {
                     let r = crate::skipchain::store::View::new(&db.db())
                         .and_then(|v| v.block_bare(&[1; 32]));
                     match r {
                         Ok(Some(b)) => {
                             assert_eq!(b.index, 1);
-                            served += 1;
+                            served.fetch_add(1, Ordering::SeqCst);
                         }
                         Ok(None) => panic!("an acknowledged block read as missing"),
                         Err(e) => {
@@ -1569,9 +1573,18 @@ mod tests {
                         }
                     }
                 }
-                (served, refused)
+                refused
             })
         };
+        // `served` went past `n` (the reader reads, loaded machine or not).
+        let served_past = |n: u32| {
+            let t = Instant::now();
+            while served.load(Ordering::SeqCst) <= n {
+                assert!(t.elapsed() < Duration::from_secs(10), "the reader reads");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        served_past(0);
         let e = put(2).err().unwrap();
         assert!(e.contains("No space left on device"), "{e}");
         let f = db.figures();
@@ -1596,10 +1609,14 @@ mod tests {
             f["LastIoErrorCleared"], "false",
             "until a block commits: {f:?}"
         );
+        served_past(served.load(Ordering::SeqCst));
         put(3).unwrap();
         stop.store(true, Ordering::SeqCst);
-        let (served, refused) = reader.join().unwrap();
-        assert!(served > 0, "{served} served, {refused} refused");
+        let refused = reader.join().unwrap();
+        eprintln!(
+            "{} reads served, {refused} refused",
+            served.load(Ordering::SeqCst)
+        );
         let f = db.figures();
         assert_eq!(f["LastIoErrorCleared"], "true", "{f:?}");
         let v = crate::skipchain::store::View::new(&db.db()).unwrap();
