@@ -254,6 +254,11 @@ fn a_full_disk_is_refused_early_and_survived() {
         "the appends after the first are counted: {dbst:?}"
     );
     assert_eq!(dbst["LastIoErrorCleared"], "false", "{dbst:?}");
+    assert_eq!(dbst["Open"], "true", "{dbst:?}");
+    assert!(
+        dbst["Writes"].starts_with("refused: disk full: no room for this write"),
+        "{dbst:?}"
+    );
     let log = node.log_text();
     let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
     assert_eq!(

@@ -397,15 +397,24 @@ impl Db {
     }
 
     /// Why new blocks are refused now, or `None` if they are accepted: `broken` (the
-    /// database's I/O error, if any), free space (`free` bytes) below the floor, or a
-    /// freeze. Reads no table and reopens nothing.
+    /// database's I/O error, if any), free space (`free` bytes) below the floor, a
+    /// freeze, or no room for a page after an I/O error. Reads no table and reopens
+    /// nothing.
     pub fn writes_refused(&self, broken: Option<&str>, free: Option<u64>) -> Option<String> {
         match (broken, self.floor_error(free, 0)) {
             (Some(e), _) => Some(e.to_string()),
             (None, Err(e)) => Some(e),
             (None, Ok(())) if self.is_frozen() => Some(FROZEN.to_string()),
-            (None, Ok(())) => None,
+            (None, Ok(())) => self.no_room_for_a_page(free),
         }
+    }
+
+    /// After an I/O error, until a block commits again: the refusal of the smallest
+    /// write (one page) if `free` bytes cannot hold it ([`Shared::refuse_without_room`]).
+    fn no_room_for_a_page(&self, free: Option<u64>) -> Option<String> {
+        let h = self.shared.health();
+        let ep = h.last.as_ref().filter(|ep| ep.cleared.is_none())?;
+        self.shared.no_room(ep, free?, crate::dirty::PAGE)
     }
 
     /// Free bytes on the data directory's filesystem (for unprivileged users).
@@ -657,12 +666,21 @@ impl Shared {
     /// with the floor off. It would fail as the last one did and close the database for
     /// another reopen (reads are refused meanwhile).
     fn refuse_without_room(&self, free: Option<u64>, need: u64) -> Option<String> {
-        let take = need.saturating_mul(WRITE_FACTOR);
-        let free = free.filter(|&f| f < take)?;
         let mut h = self.health();
         let ep = h.last.as_mut().filter(|ep| ep.cleared.is_none())?;
+        let e = self.no_room(ep, free?, need)?;
         ep.repeats += 1;
         self.count_line(ep, "open, the disk full");
+        Some(e)
+    }
+
+    /// Whether `free` bytes cannot hold a write of about `need` bytes, in the I/O error
+    /// episode `ep` (see [`Shared::refuse_without_room`]): the refusal.
+    fn no_room(&self, ep: &Episode, free: u64, need: u64) -> Option<String> {
+        let take = need.saturating_mul(WRITE_FACTOR);
+        if free >= take {
+            return None;
+        }
         // What matters first: a WebSocket close reason keeps only 123 bytes.
         Some(format!(
             "disk full: no room for this write since the I/O error ({} KiB free, up to {} KiB needed); new blocks are refused until space is freed on the filesystem of {} (the last write failed with: {})",
