@@ -151,18 +151,12 @@ impl<T: Clone + Send + 'static> Refreshed<T> {
 }
 
 pub struct Db {
-    /// The open database; replaced when it is reopened after an I/O error
-    /// ([`Db::recover`]). Use [`Db::db`].
-    handle: std::sync::RwLock<std::sync::Arc<Database>>,
-    /// Set when the database failed with an I/O error (a full disk): redb then refuses
-    /// every operation until the database is reopened. The error, and when a reopen was
-    /// last tried.
-    broken: Mutex<Option<(String, Option<Instant>)>>,
-    /// New blocks are refused while the data directory's filesystem has less free space
-    /// than this ([`Db::set_free_floor`]).
+    /// What the thread that reopens the database after an I/O error shares with the
+    /// requests.
+    shared: std::sync::Arc<Shared>,
+    /// New blocks are refused while the data directory's filesystem would have less free
+    /// space than this after them ([`Db::set_free_floor`]).
     free_floor: std::sync::atomic::AtomicU64,
-    /// Pages written since each recent page image (see [`crate::dirty`]).
-    dirty: std::sync::Arc<crate::dirty::DirtyLog>,
     pub path: PathBuf,
     stats: Mutex<Option<(Instant, BTreeMap<String, String>)>>,
     figures: Refreshed<BTreeMap<String, String>>,
@@ -170,6 +164,52 @@ pub struct Db {
     /// switchover ships that image as the last word of this host); cleared by
     /// [`Db::thaw`] or a restart.
     frozen: std::sync::atomic::AtomicBool,
+}
+
+/// The part of [`Db`] that a reopen after an I/O error needs. The reopen runs on a
+/// thread of its own ([`Shared::start_reopener`]), never on a request's path; the thread
+/// holds this only while it tries, so a conode that stops is not kept open by it.
+struct Shared {
+    /// The database in service: the file's, or while it is closed for a reopen an empty
+    /// stand-in in memory, which has no `meta` table: every read of it is refused
+    /// ([`crate::skipchain::store::View::new`], [`owner_key`]), never answered as if the
+    /// database were empty. Use [`Shared::db`].
+    handle: std::sync::RwLock<std::sync::Arc<Database>>,
+    health: Mutex<Health>,
+    /// Pages written since each recent page image (see [`crate::dirty`]).
+    dirty: std::sync::Arc<crate::dirty::DirtyLog>,
+    path: PathBuf,
+}
+
+/// What the I/O errors did to the database.
+#[derive(Default)]
+struct Health {
+    /// Set when redb latched an I/O error (a full disk): it then refuses every operation
+    /// until the database is reopened. Cleared once the file is open again.
+    broken: Option<String>,
+    /// Whether a thread that reopens the database runs.
+    reopener: bool,
+    /// The last I/O error and what followed it, kept until the conode stops (Status
+    /// shows it).
+    last: Option<Episode>,
+}
+
+/// One I/O error and what followed it, until a block commits again: logged at `error`
+/// when it happens, then in one `warn` line with a count at most every [`COUNT_EVERY`],
+/// and once more when a block commits again.
+struct Episode {
+    error: String,
+    at: Instant,
+    /// Writes that failed again or were refused because of it, since it happened.
+    repeats: u64,
+    /// `repeats` at the last line that logged them, and when that line was (the error
+    /// line at first).
+    logged: (u64, Instant),
+    /// Whether a reopen succeeded, and whether one failed (each logged once).
+    reopened: bool,
+    reopen_failed: bool,
+    /// When a block committed again: the database has recovered.
+    cleared: Option<Instant>,
 }
 
 /// Open the redb file at `path` with the page-tracking backend.
@@ -221,8 +261,21 @@ pub fn free_floor_from_env() -> Result<u64, String> {
     }
 }
 
-/// How often a database broken by an I/O error is tried again (at most).
+/// How long the thread that reopens a database broken by an I/O error waits after a failed
+/// attempt.
 pub const RECOVER_EVERY: Duration = Duration::from_secs(2);
+/// How long it waits while a request still holds the broken database (it cannot be closed
+/// until then).
+const REOPEN_BUSY: Duration = Duration::from_millis(50);
+/// At most one line with the count of writes failed or refused after an I/O error per
+/// this interval.
+pub const COUNT_EVERY: Duration = Duration::from_secs(30);
+/// What a reader gets while the database is closed for a reopen after an I/O error.
+pub const REOPENING: &str = "the database is being reopened after an I/O error (a full disk?): reads are refused until it is open again, in a moment; try again";
+/// redb may round a write up to twice its size on disk (its allocations are powers of two
+/// pages), so a write of `n` bytes is counted as `WRITE_FACTOR * n` against the
+/// free-space floor.
+pub const WRITE_FACTOR: u64 = 2;
 
 /// What a writer gets from a frozen database.
 pub const FROZEN: &str = "this conode is handing over to its standby (frozen by failoverd for a switchover): no new block is accepted here; try again in a moment";
@@ -265,10 +318,13 @@ impl Db {
         }
         txn.commit().map_err(|e| e.to_string())?;
         Ok(Db {
-            handle: std::sync::RwLock::new(std::sync::Arc::new(db)),
-            broken: Mutex::new(None),
+            shared: std::sync::Arc::new(Shared {
+                handle: std::sync::RwLock::new(std::sync::Arc::new(db)),
+                health: Mutex::new(Health::default()),
+                dirty,
+                path: path.to_path_buf(),
+            }),
             free_floor: std::sync::atomic::AtomicU64::new(DEFAULT_FREE_FLOOR),
-            dirty,
             path: path.to_path_buf(),
             stats: Mutex::new(None),
             figures: Refreshed::new("db-figures", FIGURES_TTL),
@@ -276,30 +332,32 @@ impl Db {
         })
     }
 
-    /// The open database (the one in service now: it is replaced when the database is
-    /// reopened after an I/O error).
+    /// The database in service now: the file's, or while it is closed for a reopen after
+    /// an I/O error a stand-in whose reads are refused ([`REOPENING`]).
     pub fn db(&self) -> std::sync::Arc<Database> {
-        self.handle
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.shared.db()
     }
 
-    /// A write transaction, unless the database is frozen ([`FROZEN`]). The check comes
-    /// after the transaction began: a writer that waited for the writers' lock held by a
-    /// final image sees the freeze that image set.
+    /// A write transaction for a write of about `need` bytes, unless the database is
+    /// frozen ([`FROZEN`]). The check comes after the transaction began: a writer that
+    /// waited for the writers' lock held by a final image sees the freeze that image set.
     ///
-    /// Also refused: while the database is broken by an I/O error (it is reopened here,
-    /// at most every [`RECOVER_EVERY`]), and while the
-    /// filesystem's free space is below the floor ([`Db::set_free_floor`]): a full disk is
-    /// never reached by new blocks.
-    pub fn begin_write(&self) -> Result<redb::WriteTransaction, String> {
-        if let Some(e) = self.broken_error() {
-            if !self.recover() {
-                return Err(format!("new blocks are refused until the database is reopened (by itself, in a moment): {e}"));
-            }
+    /// Also refused: while the database is broken by an I/O error (a thread of its own
+    /// reopens it); when the write would take the filesystem's free space below the
+    /// floor ([`Db::set_free_floor`]): a full disk is never reached by new blocks; and
+    /// after an I/O error, until a block commits again, when the free space cannot hold
+    /// the write, also with the floor off.
+    pub fn begin_write(&self, need: u64) -> Result<redb::WriteTransaction, String> {
+        if let Some(e) = self.shared.refuse_while_broken() {
+            return Err(format!(
+                "new blocks are refused until the database is reopened (by itself, in a moment): {e}"
+            ));
         }
-        self.check_free()?;
+        let free = self.free_bytes();
+        self.floor_error(free, need)?;
+        if let Some(e) = self.shared.refuse_without_room(free, need) {
+            return Err(e);
+        }
         let txn = self.db().begin_write().map_err(|e| {
             self.check_io(&e.to_string());
             e.to_string()
@@ -311,13 +369,20 @@ impl Db {
         Ok(txn)
     }
 
-    /// Commit `txn`; an I/O error (a full disk) marks the database broken ([`Db::check_io`]).
+    /// Commit `txn`; an I/O error (a full disk) marks the database broken
+    /// ([`Db::check_io`]), and the first commit after one ends it.
     pub fn commit(&self, txn: redb::WriteTransaction) -> Result<(), String> {
-        txn.commit().map_err(|e| {
-            let e = e.to_string();
-            self.check_io(&e);
-            e
-        })
+        match txn.commit() {
+            Ok(()) => {
+                self.shared.committed();
+                Ok(())
+            }
+            Err(e) => {
+                let e = e.to_string();
+                self.check_io(&e);
+                Err(e)
+            }
+        }
     }
 
     /// Set the free-space floor, in bytes (0: none).
@@ -332,15 +397,24 @@ impl Db {
     }
 
     /// Why new blocks are refused now, or `None` if they are accepted: `broken` (the
-    /// database's I/O error, if any), free space (`free` bytes) below the floor, or a
-    /// freeze. Reads no table and reopens nothing.
+    /// database's I/O error, if any), free space (`free` bytes) below the floor, a
+    /// freeze, or no room for a page after an I/O error. Reads no table and reopens
+    /// nothing.
     pub fn writes_refused(&self, broken: Option<&str>, free: Option<u64>) -> Option<String> {
-        match (broken, self.floor_error(free)) {
+        match (broken, self.floor_error(free, 0)) {
             (Some(e), _) => Some(e.to_string()),
             (None, Err(e)) => Some(e),
             (None, Ok(())) if self.is_frozen() => Some(FROZEN.to_string()),
-            (None, Ok(())) => None,
+            (None, Ok(())) => self.no_room_for_a_page(free),
         }
+    }
+
+    /// After an I/O error, until a block commits again: the refusal of the smallest
+    /// write (one page) if `free` bytes cannot hold it ([`Shared::refuse_without_room`]).
+    fn no_room_for_a_page(&self, free: Option<u64>) -> Option<String> {
+        let h = self.shared.health();
+        let ep = h.last.as_ref().filter(|ep| ep.cleared.is_none())?;
+        self.shared.no_room(ep, free?, crate::dirty::PAGE)
     }
 
     /// Free bytes on the data directory's filesystem (for unprivileged users).
@@ -350,117 +424,47 @@ impl Db {
         Some(v.blocks_available() as u64 * v.fragment_size() as u64)
     }
 
-    fn check_free(&self) -> Result<(), String> {
-        self.floor_error(self.free_bytes())
-    }
-
-    /// The refusal of new blocks when `free` bytes are below the floor.
-    fn floor_error(&self, free: Option<u64>) -> Result<(), String> {
-        let floor = self.free_floor.load(std::sync::atomic::Ordering::SeqCst);
+    /// The refusal of a write of about `need` bytes when `free` bytes minus what it may
+    /// take on disk ([`WRITE_FACTOR`]) are below the floor. A floor of 0 refuses nothing.
+    fn floor_error(&self, free: Option<u64>, need: u64) -> Result<(), String> {
+        let floor = self.free_floor();
+        let take = need.saturating_mul(WRITE_FACTOR);
         match free {
-            Some(free) if free < floor => Err(format!(
-                "disk nearly full: {} MiB free, below the floor of {} MiB (CONODE_MIN_FREE_MB): new blocks are refused until space is freed on the filesystem of {}",
-                free >> 20,
-                floor >> 20,
-                self.path.display()
-            )),
+            Some(free) if floor > 0 && free < floor.saturating_add(take) => Err(if take == 0 {
+                format!(
+                    "disk nearly full: {} MiB free, below the floor of {} MiB (CONODE_MIN_FREE_MB): new blocks are refused until space is freed on the filesystem of {}",
+                    free >> 20,
+                    floor >> 20,
+                    self.path.display()
+                )
+            } else {
+                // The floor first: a WebSocket close reason keeps only 123 bytes.
+                format!(
+                    "disk nearly full: this write would take the free space below the floor of {} MiB (CONODE_MIN_FREE_MB): {} KiB free, the write {} KiB (up to {} KiB on disk); new blocks are refused until space is freed on the filesystem of {}",
+                    floor >> 20,
+                    free >> 10,
+                    need.div_ceil(1 << 10),
+                    take.div_ceil(1 << 10),
+                    self.path.display()
+                )
+            }),
             _ => Ok(()),
         }
     }
 
-    /// The I/O error that broke the database, if it is broken.
+    /// The I/O error that broke the database, while it is broken (until it is open
+    /// again).
     pub fn broken_error(&self) -> Option<String> {
-        self.broken
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(|(e, _)| e.clone())
+        self.shared.health().broken.clone()
     }
 
     /// After a failed write (`what` its error): whether redb now refuses every operation
     /// (it latches an I/O error until the database is reopened). If so the database is
-    /// marked broken and the failure logged at `error`, once.
+    /// marked broken, a thread of its own reopens it, and the failure is logged at
+    /// `error` once: later failures until a block commits again are counted
+    /// ([`COUNT_EVERY`]).
     pub fn check_io(&self, what: &str) {
-        let latched = match self.db().try_begin_write() {
-            Err(redb::TransactionError::Storage(
-                redb::StorageError::Io(_) | redb::StorageError::PreviousIo,
-            )) => true,
-            Ok(t) => {
-                let _ = t.abort();
-                false
-            }
-            Err(_) => what.contains("I/O") || what.contains("No space"),
-        };
-        if !latched {
-            return;
-        }
-        let mut b = self.broken.lock().unwrap_or_else(|p| p.into_inner());
-        if b.is_none() {
-            tracing::error!(
-                "database {}: a write failed ({what}); the database refuses every operation until it is reopened, which the conode does by itself (new blocks stay refused while free space is below the floor, CONODE_MIN_FREE_MB); acknowledged blocks are safe in the file",
-                self.path.display()
-            );
-            *b = Some((
-                format!("the database failed with an I/O error ({what})"),
-                None,
-            ));
-        }
-    }
-
-    /// Reopen a broken database (at most every [`RECOVER_EVERY`], and only while nothing
-    /// else holds the broken one): it is closed, then opened again from its file, which
-    /// redb repairs from its last commit (every acknowledged block is in it). Also on a
-    /// disk still full: reads are served again, and the floor keeps refusing writes.
-    /// Returns whether the database is in service (not broken) now.
-    pub fn recover(&self) -> bool {
-        {
-            let mut b = self.broken.lock().unwrap_or_else(|p| p.into_inner());
-            let Some((_, tried)) = b.as_mut() else {
-                return true;
-            };
-            if tried.is_some_and(|t| t.elapsed() < RECOVER_EVERY) {
-                return false;
-            }
-            *tried = Some(Instant::now());
-        }
-        let mut handle = self.handle.write().unwrap_or_else(|p| p.into_inner());
-        if std::sync::Arc::strong_count(&handle) > 1 {
-            return false;
-        }
-        // Until the file is open again, an empty database in memory stands in (the broken
-        // one refused every read and write too; writes stay refused: it is still broken).
-        let stand_in = match redb::Builder::new()
-            .create_with_backend(redb::backends::InMemoryBackend::new())
-        {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::warn!("database {}: cannot reopen: {e}", self.path.display());
-                return false;
-            }
-        };
-        drop(std::mem::replace(
-            &mut *handle,
-            std::sync::Arc::new(stand_in),
-        ));
-        match open_file(&self.path, &self.dirty) {
-            Ok(db) => {
-                *handle = std::sync::Arc::new(db);
-                *self.broken.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                self.figures.clear();
-                tracing::warn!(
-                    "database {}: reopened after the I/O error; writes are accepted again",
-                    self.path.display()
-                );
-                true
-            }
-            Err(e) => {
-                tracing::warn!(
-                    "database {}: cannot reopen yet ({e}); trying again in {RECOVER_EVERY:?}",
-                    self.path.display()
-                );
-                false
-            }
-        }
+        self.shared.check_io(what)
     }
 
     /// Whether a final image froze the database.
@@ -474,16 +478,30 @@ impl Db {
         self.frozen.swap(false, std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// The `Db` section of Status. Never waits for a walk of the database: the figures
-    /// that read every table (entries, redb's allocator statistics) are those of the last
-    /// walk, which a thread of its own makes again once they are [`FIGURES_TTL`] old (the
-    /// first call starts the first walk: a conode just started answers its first Status
-    /// at once, without them).
+    /// The `Db` section of Status. Never waits for a walk of the database, nor for a
+    /// reopen: the figures that read every table (entries, redb's allocator statistics)
+    /// are those of the last walk, which a thread of its own makes again once they are
+    /// [`FIGURES_TTL`] old (the first call starts the first walk: a conode just started
+    /// answers its first Status at once, without them).
     pub fn figures(self: &std::sync::Arc<Self>) -> BTreeMap<String, String> {
         use std::sync::atomic::Ordering;
         let mut f = BTreeMap::new();
-        // Status drives the reopen of a broken database too (failoverd asks every 2 s).
-        let broken = self.broken_error().filter(|_| !self.recover());
+        let broken = {
+            let h = self.shared.health();
+            if let Some(ep) = &h.last {
+                f.insert("LastIoError".into(), ep.error.clone());
+                f.insert(
+                    "LastIoErrorAge".into(),
+                    crate::status::go_duration(ep.at.elapsed()),
+                );
+                f.insert("LastIoErrorRepeats".into(), ep.repeats.to_string());
+                f.insert(
+                    "LastIoErrorCleared".into(),
+                    ep.cleared.is_some().to_string(),
+                );
+            }
+            h.broken.clone()
+        };
         f.insert("Open".into(), broken.is_none().to_string());
         if let Some(e) = &broken {
             f.insert("Error".into(), e.clone());
@@ -508,7 +526,7 @@ impl Db {
         let me = std::sync::Arc::downgrade(self);
         if let Some(v) = self
             .figures
-            .get(move || me.upgrade().map(|db| db.read_figures()))
+            .get(move || me.upgrade().and_then(|db| db.read_figures()))
         {
             f.extend(v);
         }
@@ -516,10 +534,15 @@ impl Db {
         f
     }
 
-    /// The figures that walk the tables (see [`Db::figures`]).
-    fn read_figures(&self) -> BTreeMap<String, String> {
+    /// The figures that walk the tables (see [`Db::figures`]); `None` while the
+    /// database is broken or being reopened (the last figures stay).
+    fn read_figures(&self) -> Option<BTreeMap<String, String>> {
+        if self.broken_error().is_some() {
+            return None;
+        }
         let mut f = BTreeMap::new();
         if let Ok(r) = self.db().begin_read() {
+            owner_key(&r).ok()?;
             if let Ok(tables) = r.list_tables() {
                 let mut n = 0u64;
                 let mut entries = 0u64;
@@ -534,7 +557,7 @@ impl Db {
             }
         }
         f.extend(self.allocator_figures());
-        f
+        Some(f)
     }
 
     fn allocator_figures(&self) -> BTreeMap<String, String> {
@@ -569,6 +592,237 @@ impl Db {
     }
 }
 
+impl Shared {
+    fn db(&self) -> std::sync::Arc<Database> {
+        self.handle
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn health(&self) -> std::sync::MutexGuard<'_, Health> {
+        self.health.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// See [`Db::check_io`].
+    fn check_io(self: &std::sync::Arc<Self>, what: &str) {
+        let latched = match self.db().try_begin_write() {
+            Err(redb::TransactionError::Storage(
+                redb::StorageError::Io(_) | redb::StorageError::PreviousIo,
+            )) => true,
+            Ok(t) => {
+                let _ = t.abort();
+                false
+            }
+            Err(_) => what.contains("I/O") || what.contains("No space"),
+        };
+        if !latched {
+            return;
+        }
+        let mut h = self.health();
+        if h.broken.is_none() {
+            h.broken = Some(format!("the database failed with an I/O error ({what})"));
+        }
+        match h.last.as_mut() {
+            Some(ep) if ep.cleared.is_none() => {
+                ep.repeats += 1;
+                self.count_line(ep, "failing");
+            }
+            _ => {
+                tracing::error!(
+                    "database {}: a write failed ({what}); redb refuses every operation until the database is reopened, which the conode does by itself at once (reads are served again then; new blocks are refused while there is no room for them or they would go below the free-space floor, CONODE_MIN_FREE_MB); acknowledged blocks are safe in the file; later failures are counted, not logged each",
+                    self.path.display()
+                );
+                let now = Instant::now();
+                h.last = Some(Episode {
+                    error: format!("{what} (in the database {})", self.path.display()),
+                    at: now,
+                    repeats: 0,
+                    logged: (0, now),
+                    reopened: false,
+                    reopen_failed: false,
+                    cleared: None,
+                });
+            }
+        }
+        self.start_reopener(&mut h);
+    }
+
+    /// While the database is broken: the error, with the refusal counted (and the
+    /// reopen started if it does not run).
+    fn refuse_while_broken(self: &std::sync::Arc<Self>) -> Option<String> {
+        let mut h = self.health();
+        let e = h.broken.clone()?;
+        if let Some(ep) = h.last.as_mut().filter(|ep| ep.cleared.is_none()) {
+            ep.repeats += 1;
+            self.count_line(ep, "still broken");
+        }
+        self.start_reopener(&mut h);
+        Some(e)
+    }
+
+    /// After an I/O error, until a block commits again: the refusal (counted) of a write
+    /// of about `need` bytes that the `free` bytes cannot hold ([`WRITE_FACTOR`]), also
+    /// with the floor off. It would fail as the last one did and close the database for
+    /// another reopen (reads are refused meanwhile).
+    fn refuse_without_room(&self, free: Option<u64>, need: u64) -> Option<String> {
+        let mut h = self.health();
+        let ep = h.last.as_mut().filter(|ep| ep.cleared.is_none())?;
+        let e = self.no_room(ep, free?, need)?;
+        ep.repeats += 1;
+        self.count_line(ep, "open, the disk full");
+        Some(e)
+    }
+
+    /// Whether `free` bytes cannot hold a write of about `need` bytes, in the I/O error
+    /// episode `ep` (see [`Shared::refuse_without_room`]): the refusal.
+    fn no_room(&self, ep: &Episode, free: u64, need: u64) -> Option<String> {
+        let take = need.saturating_mul(WRITE_FACTOR);
+        if free >= take {
+            return None;
+        }
+        // What matters first: a WebSocket close reason keeps only 123 bytes.
+        Some(format!(
+            "disk full: no room for this write since the I/O error ({} KiB free, up to {} KiB needed); new blocks are refused until space is freed on the filesystem of {} (the last write failed with: {})",
+            free >> 10,
+            take.div_ceil(1 << 10),
+            self.path.display(),
+            ep.error
+        ))
+    }
+
+    /// The line with the count of writes failed or refused since the I/O error, when the
+    /// last such line (or the error's) is [`COUNT_EVERY`] old.
+    fn count_line(&self, ep: &mut Episode, state: &str) {
+        if ep.logged.1.elapsed() < COUNT_EVERY {
+            return;
+        }
+        tracing::warn!(
+            "database {}: {} more write(s) failed or were refused since the I/O error {} ago ({} in all; the database is {state}; one line per {COUNT_EVERY:?} at most)",
+            self.path.display(),
+            ep.repeats - ep.logged.0,
+            crate::status::go_duration(ep.at.elapsed()),
+            ep.repeats
+        );
+        ep.logged = (ep.repeats, Instant::now());
+    }
+
+    /// A block committed: the end of the I/O error's episode, if one is open (logged).
+    fn committed(&self) {
+        let mut h = self.health();
+        if let Some(ep) = h.last.as_mut().filter(|ep| ep.cleared.is_none()) {
+            ep.cleared = Some(Instant::now());
+            tracing::info!(
+                "database {}: a block committed again {} after the I/O error: writes are accepted again ({} write(s) failed or were refused meanwhile)",
+                self.path.display(),
+                crate::status::go_duration(ep.at.elapsed()),
+                ep.repeats
+            );
+        }
+    }
+
+    /// Start the thread that reopens the broken database, unless it runs or the database
+    /// is not broken. `h` is the health, locked.
+    fn start_reopener(self: &std::sync::Arc<Self>, h: &mut Health) {
+        if h.reopener || h.broken.is_none() {
+            return;
+        }
+        let me = std::sync::Arc::downgrade(self);
+        let started = std::thread::Builder::new()
+            .name("db-reopen".into())
+            .spawn(move || {
+                let mut stand_in = false;
+                loop {
+                    let Some(shared) = me.upgrade() else {
+                        return;
+                    };
+                    let Some(wait) = shared.try_reopen(&mut stand_in) else {
+                        return;
+                    };
+                    drop(shared);
+                    std::thread::sleep(wait);
+                }
+            });
+        match started {
+            Ok(_) => h.reopener = true,
+            Err(e) => tracing::warn!(
+                "database {}: cannot start the thread that reopens it: {e}; trying again at the next write",
+                self.path.display()
+            ),
+        }
+    }
+
+    /// One attempt to reopen the broken database: `None` once it is open again (or was
+    /// not broken; the reopener then ends), else how long to wait before the next.
+    ///
+    /// The broken database is closed (only once no request holds it: until then its
+    /// cached pages still answer reads, the others fail with redb's I/O error), an empty
+    /// stand-in whose reads are refused takes its place (`stand_in` says it did), and the
+    /// file is opened again, which redb repairs from its last commit (every acknowledged
+    /// block is in it), also on a disk still full. Requests wait for none of it: they
+    /// take the handle's lock only to clone it, and this takes it only to swap it.
+    fn try_reopen(&self, stand_in: &mut bool) -> Option<Duration> {
+        {
+            let mut h = self.health();
+            if h.broken.is_none() {
+                h.reopener = false;
+                return None;
+            }
+        }
+        if !*stand_in {
+            let fresh = match redb::Builder::new()
+                .create_with_backend(redb::backends::InMemoryBackend::new())
+            {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!("database {}: cannot reopen: {e}", self.path.display());
+                    return Some(RECOVER_EVERY);
+                }
+            };
+            let broken = {
+                let mut handle = self.handle.write().unwrap_or_else(|p| p.into_inner());
+                if std::sync::Arc::strong_count(&handle) > 1 {
+                    return Some(REOPEN_BUSY);
+                }
+                std::mem::replace(&mut *handle, std::sync::Arc::new(fresh))
+            };
+            *stand_in = true;
+            // The last reference: this closes it (redb leaves the file to the next open).
+            drop(broken);
+        }
+        match open_file(&self.path, &self.dirty) {
+            Ok(db) => {
+                let db = std::sync::Arc::new(db);
+                *self.handle.write().unwrap_or_else(|p| p.into_inner()) = db;
+                *stand_in = false;
+                let mut h = self.health();
+                h.broken = None;
+                h.reopener = false;
+                if let Some(ep) = h.last.as_mut().filter(|ep| !ep.reopened) {
+                    ep.reopened = true;
+                    tracing::info!(
+                        "database {}: reopened {} after the I/O error: reads are served again; writes resume once there is room (logged when a block commits)",
+                        self.path.display(),
+                        crate::status::go_duration(ep.at.elapsed())
+                    );
+                }
+                None
+            }
+            Err(e) => {
+                let mut h = self.health();
+                if let Some(ep) = h.last.as_mut().filter(|ep| !ep.reopen_failed) {
+                    ep.reopen_failed = true;
+                    tracing::warn!(
+                        "database {}: cannot reopen yet ({e}); trying again every {RECOVER_EVERY:?} (logged once; reads are refused until then)",
+                        self.path.display()
+                    );
+                }
+                Some(RECOVER_EVERY)
+            }
+        }
+    }
+}
+
 /// Where one chain stands: its genesis hash, and the index and hash of its latest block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ChainPosition {
@@ -579,6 +833,11 @@ pub struct ChainPosition {
 
 /// The 32-byte owner key in `meta`, as seen by `read`.
 pub fn owner_key(read: &redb::ReadTransaction) -> Result<[u8; 32], String> {
+    if let Err(redb::TableError::TableDoesNotExist(_)) = read.open_table(META) {
+        return Err(format!(
+            "the database has no meta table: not a conode's database, or {REOPENING}"
+        ));
+    }
     read.open_table(META)
         .and_then(|t| Ok(t.get(META_PUBLIC)?.map(|v| v.value().to_vec())))
         .map_err(|e| format!("cannot read the owner key: {e}"))?
@@ -641,6 +900,8 @@ impl Db {
             .db()
             .begin_read()
             .map_err(|e| ctx("cannot begin a read transaction", &e))?;
+        // A stand-in (the database being reopened after an I/O error) is refused here.
+        owner_key(&read).map_err(|e| ctx("refusing", &e))?;
         let taken_unix_ms = unix_ms();
         let positions = chain_positions(&read)?;
         if let Some(t) = read
@@ -786,6 +1047,9 @@ impl Db {
         let ctx = |what: &str, e: &dyn std::fmt::Display| {
             format!("page image of {}: {what}: {e}", self.path.display())
         };
+        if let Some(e) = self.broken_error() {
+            return Err(ctx("refused until the database is reopened", &e));
+        }
         let file = std::fs::File::open(&self.path).map_err(|e| ctx("cannot open", &e))?;
         // First a commit that records the allocator state (redb's quick repair): the image
         // is a crash image, and a conode opening it (a standby taking over) then loads
@@ -798,7 +1062,7 @@ impl Db {
         if freeze {
             self.frozen.store(true, std::sync::atomic::Ordering::SeqCst);
         }
-        if self.dirty.written_since_newest() {
+        if self.shared.dirty.written_since_newest() {
             record.set_quick_repair(true);
             record
                 .commit()
@@ -820,7 +1084,7 @@ impl Db {
         let bytes = file.metadata().map_err(|e| ctx("cannot stat", &e))?.len();
         let positions = chain_positions(&read)?;
         let public = owner_key(&read).map_err(|e| ctx("refusing", &e))?;
-        let (token, changed) = self.dirty.rotate(since);
+        let (token, changed) = self.shared.dirty.rotate(since);
         let changed = changed.map(|mut pages| {
             pages.retain(|p| p * crate::dirty::PAGE < bytes);
             pages
@@ -1132,6 +1396,254 @@ mod tests {
         f.read_exact_at(&mut b, at).unwrap();
         f.write_all_at(&[b[0] ^ 0x40], at).unwrap();
         assert!(verify_snapshot(&sparse, &[7; 32]).is_err());
+    }
+
+    /// The floor counts the write: refused when free space minus what the write may
+    /// take would go below it, whatever the free space before; a floor of 0 refuses
+    /// nothing.
+    #[test]
+    fn the_free_space_floor_counts_the_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("x.db"), &[1; 32]).unwrap();
+        let free = db.free_bytes().unwrap();
+        // 200 MiB above the floor (other writers on this disk move it by less meanwhile).
+        let floor = free
+            .checked_sub(200 << 20)
+            .expect("the test needs 200 MiB free in the temporary directory");
+        db.set_free_floor(floor);
+        db.begin_write(10 << 20).unwrap().abort().unwrap();
+        let e = db.begin_write(150 << 20).err().unwrap();
+        assert!(
+            e.contains("would take the free space below the floor")
+                && e.contains("the write 153600 KiB (up to 307200 KiB on disk)"),
+            "{e}"
+        );
+        assert!(db.writes_refused(None, db.free_bytes()).is_none());
+        db.set_free_floor(0);
+        db.begin_write(u64::MAX / 4).unwrap().abort().unwrap();
+    }
+
+    /// Nothing on this database is the stand-in's: a view of it is served; a view of a
+    /// database without `meta` (the stand-in during a reopen) is refused.
+    #[test]
+    fn a_view_of_the_stand_in_is_refused_not_read_as_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("x.db"), &[1; 32]).unwrap();
+        let v = crate::skipchain::store::View::new(&db.db()).unwrap();
+        assert_eq!(v.block_bare(&[9; 32]).unwrap(), None);
+        let stand_in = redb::Builder::new()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .unwrap();
+        let e = crate::skipchain::store::View::new(&stand_in).err().unwrap();
+        assert!(e.contains(REOPENING), "{e}");
+        let r = stand_in.begin_read().unwrap();
+        let e = owner_key(&r).err().unwrap();
+        assert!(e.contains(REOPENING), "{e}");
+    }
+
+    /// redb's file backend whose writes fail with "No space left on device" while `full`
+    /// is set: a disk filled by another writer.
+    #[derive(Debug)]
+    struct Full {
+        inner: crate::dirty::Tracked,
+        full: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl redb::StorageBackend for Full {
+        fn len(&self) -> Result<u64, std::io::Error> {
+            self.inner.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+            self.inner.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+            self.inner.set_len(len)
+        }
+        fn sync_data(&self) -> Result<(), std::io::Error> {
+            self.inner.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+            if self.full.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(std::io::Error::from_raw_os_error(nix::libc::ENOSPC));
+            }
+            self.inner.write(offset, data)
+        }
+        fn close(&self) -> Result<(), std::io::Error> {
+            self.inner.close()
+        }
+        fn try_lock_range(
+            &self,
+            start: std::ops::Bound<u64>,
+            end: std::ops::Bound<u64>,
+        ) -> Result<bool, redb::BackendError> {
+            self.inner.try_lock_range(start, end)
+        }
+        fn try_lock_shared_range(
+            &self,
+            start: std::ops::Bound<u64>,
+            end: std::ops::Bound<u64>,
+        ) -> Result<bool, redb::BackendError> {
+            self.inner.try_lock_shared_range(start, end)
+        }
+        fn lock_range(
+            &self,
+            start: std::ops::Bound<u64>,
+            end: std::ops::Bound<u64>,
+        ) -> Result<(), redb::BackendError> {
+            self.inner.lock_range(start, end)
+        }
+        fn lock_shared_range(
+            &self,
+            start: std::ops::Bound<u64>,
+            end: std::ops::Bound<u64>,
+        ) -> Result<(), redb::BackendError> {
+            self.inner.lock_shared_range(start, end)
+        }
+        fn unlock_range(
+            &self,
+            start: std::ops::Bound<u64>,
+            end: std::ops::Bound<u64>,
+        ) -> Result<(), redb::BackendError> {
+            self.inner.unlock_range(start, end)
+        }
+        fn query_lock_range(
+            &self,
+            start: std::ops::Bound<u64>,
+            end: std::ops::Bound<u64>,
+        ) -> Result<bool, redb::BackendError> {
+            self.inner.query_lock_range(start, end)
+        }
+    }
+
+    /// A write failing with an I/O error shows in Status (also once the database is
+    /// open again, until a block commits), the database is reopened by a thread of its
+    /// own (the reopen opens the file with redb's plain backend, whose writes succeed),
+    /// and a reader hammering it meanwhile gets the block or a clear error, never "no
+    /// such block".
+    #[test]
+    fn an_io_error_shows_in_status_and_the_database_reopens_by_itself() {
+        use crate::skipchain::block::SkipBlock;
+        use prost::Message;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.db");
+        let db = Arc::new(Db::open(&p, &[3; 32]).unwrap());
+        db.set_free_floor(0);
+        let put = |k: u8| -> Result<(), String> {
+            let w = db.begin_write(200)?;
+            {
+                let mut t = w.open_table(SKIPCHAIN_BLOCKS).map_err(|e| e.to_string())?;
+                let b = SkipBlock {
+                    index: k as i32,
+                    data: vec![k; 100],
+                    ..Default::default()
+                };
+                t.insert(&[k; 32][..], &b.encode_to_vec()[..])
+                    .map_err(|e| e.to_string())?;
+            }
+            db.commit(w)
+        };
+        put(1).unwrap();
+        // The file, served from now on through a backend whose writes fail.
+        let full = Arc::new(AtomicBool::new(false));
+        {
+            let mut h = db.shared.handle.write().unwrap();
+            let tmp = redb::Builder::new()
+                .create_with_backend(redb::backends::InMemoryBackend::new())
+                .unwrap();
+            drop(std::mem::replace(&mut *h, Arc::new(tmp)));
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&p)
+                .unwrap();
+            let inner = crate::dirty::Tracked::new(
+                redb::backends::FileBackend::new(file).unwrap(),
+                db.shared.dirty.clone(),
+            );
+            let b = Full {
+                inner,
+                full: full.clone(),
+            };
+            *h = Arc::new(redb::Builder::new().create_with_backend(b).unwrap());
+        }
+        full.store(true, Ordering::SeqCst);
+        assert!(!db.figures().contains_key("LastIoError"));
+        let stop = Arc::new(AtomicBool::new(false));
+        let served = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let reader = {
+            let (db, stop, served) = (db.clone(), stop.clone(), served.clone());
+            std::thread::spawn(move || {
+                let mut refused = 0u32;
+                while !stop.load(Ordering::SeqCst) {
+                    let r = crate::skipchain::store::View::new(&db.db())
+                        .and_then(|v| v.block_bare(&[1; 32]));
+                    match r {
+                        Ok(Some(b)) => {
+                            assert_eq!(b.index, 1);
+                            served.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Ok(None) => panic!("an acknowledged block read as missing"),
+                        Err(e) => {
+                            assert!(e.contains("I/O error") || e.contains("closed"), "{e}");
+                            refused += 1;
+                        }
+                    }
+                }
+                refused
+            })
+        };
+        // `served` went past `n` (the reader reads, loaded machine or not).
+        let served_past = |n: u32| {
+            let t = Instant::now();
+            while served.load(Ordering::SeqCst) <= n {
+                assert!(t.elapsed() < Duration::from_secs(10), "the reader reads");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        served_past(0);
+        let e = put(2).err().unwrap();
+        assert!(e.contains("No space left on device"), "{e}");
+        let f = db.figures();
+        assert!(
+            f["LastIoError"].contains("No space left on device"),
+            "{f:?}"
+        );
+        assert_eq!(f["LastIoErrorCleared"], "false", "{f:?}");
+        // Open again by itself.
+        let t = Instant::now();
+        while db.broken_error().is_some() {
+            assert!(t.elapsed() < Duration::from_secs(10), "never reopened");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let f = db.figures();
+        assert_eq!(f["Open"], "true", "{f:?}");
+        assert!(
+            f["LastIoError"].contains("No space left on device"),
+            "{f:?}"
+        );
+        assert_eq!(
+            f["LastIoErrorCleared"], "false",
+            "until a block commits: {f:?}"
+        );
+        served_past(served.load(Ordering::SeqCst));
+        put(3).unwrap();
+        stop.store(true, Ordering::SeqCst);
+        let refused = reader.join().unwrap();
+        eprintln!(
+            "{} reads served, {refused} refused",
+            served.load(Ordering::SeqCst)
+        );
+        let f = db.figures();
+        assert_eq!(f["LastIoErrorCleared"], "true", "{f:?}");
+        let v = crate::skipchain::store::View::new(&db.db()).unwrap();
+        assert!(v.block_bare(&[1; 32]).unwrap().is_some());
+        assert!(
+            v.block_bare(&[2; 32]).unwrap().is_none(),
+            "never acknowledged"
+        );
+        assert!(v.block_bare(&[3; 32]).unwrap().is_some());
     }
 
     #[test]

@@ -10,8 +10,8 @@ use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, ReadableT
 
 use super::block::{self, ForwardLink, SkipBlock};
 use crate::db::{
-    decode_position, encode_position, SKIPCHAIN_BLOCKS, SKIPCHAIN_CHAINS, SKIPCHAIN_INDEX,
-    SKIPCHAIN_LINKS,
+    decode_position, encode_position, META, REOPENING, SKIPCHAIN_BLOCKS, SKIPCHAIN_CHAINS,
+    SKIPCHAIN_INDEX, SKIPCHAIN_LINKS,
 };
 
 fn e(x: impl std::fmt::Display) -> String {
@@ -34,10 +34,18 @@ macro_rules! open_or_none {
 }
 
 impl View {
+    /// A view of `db`'s committed state. Refused for the stand-in that serves while the
+    /// database is reopened after an I/O error (it has no `meta` table, which every
+    /// conode's database has): a read must never answer "no such block" for a block the
+    /// file holds.
     pub fn new(db: &Database) -> Result<View, String> {
-        Ok(View {
-            txn: db.begin_read().map_err(e)?,
-        })
+        let txn = db.begin_read().map_err(e)?;
+        let meta = txn.open_table(META).map(|_| ());
+        match meta {
+            Ok(()) => Ok(View { txn }),
+            Err(redb::TableError::TableDoesNotExist(_)) => Err(e(REOPENING)),
+            Err(x) => Err(e(x)),
+        }
     }
 
     /// The stored block (without forward links).
@@ -172,7 +180,17 @@ pub enum Put {
 /// again here so that two racing writers cannot interleave). Links replace nothing: an
 /// existing link at the same place is kept.
 pub fn commit(db: &crate::db::Db, puts: &[Put]) -> Result<(), String> {
-    let txn = db.begin_write()?;
+    // What the write adds, about (values and keys): the free-space floor counts it
+    // before the write starts.
+    let need: usize = puts
+        .iter()
+        .map(|p| match p {
+            // The block under its hash, its index entry, its chain's position.
+            Put::Block(b) => b.encoded_len() + 32 + (36 + 32) + (32 + 36),
+            Put::Link { link, .. } => link.encoded_len() + 33,
+        })
+        .sum();
+    let txn = db.begin_write(need as u64)?;
     // A write can fail with an I/O error before the commit (a page flushed early).
     let written = (|| {
         let mut blocks = txn.open_table(SKIPCHAIN_BLOCKS).map_err(e)?;
@@ -221,6 +239,8 @@ pub fn commit(db: &crate::db::Db, puts: &[Put]) -> Result<(), String> {
         Ok::<_, String>(())
     })();
     if let Err(err) = written {
+        // Closed first: the check tries a write transaction of its own.
+        drop(txn);
         db.check_io(&err);
         return Err(err);
     }
