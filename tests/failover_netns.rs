@@ -769,7 +769,7 @@ fn a_leftover_address_is_removed_at_start_unless_the_peer_confirms_it() {
 }
 
 #[test]
-fn a_message_with_a_stale_or_future_epoch_is_refused_and_changes_nothing() {
+fn a_message_with_a_stale_or_future_epoch_or_an_unpinned_key_is_refused_and_changes_nothing() {
     let p = Pair::start("stale");
     ok(p.lab.a(), &p.failoverd("a", "promote"));
     // A handover under epoch 0, sent by a host that has b's pinned key (a itself),
@@ -841,6 +841,38 @@ fn a_message_with_a_stale_or_future_epoch_is_refused_and_changes_nothing() {
         );
         assert_eq!((p.view("a"), p.view("b")), before);
     }
+    // A handover under a new epoch from a key that is not pinned (a stranger that even
+    // pins b's real key): refused at the TLS handshake, and nothing changes.
+    let stranger = conode::keys::KeyPair::generate().unwrap();
+    let forged = stale.replace("\"epoch\":0", "\"epoch\":2");
+    let answer = p.lab.a().in_ns(|| {
+        rt.block_on(async {
+            let tls = conode::peer::PeerTls::new(&stranger).unwrap();
+            failoverd::peer::PeerClient::new(
+                &tls,
+                &conf.peer.address,
+                conf.peer.public_key,
+                &conf.timeouts,
+            )
+            .unwrap()
+            .request(
+                reqwest::Method::POST,
+                "/v1/core",
+                forged.into_bytes(),
+                "core message",
+            )
+            .await
+        })
+    });
+    assert!(
+        matches!(
+            answer,
+            Err(failoverd::error::PeerError::Unauthenticated { .. })
+        ),
+        "a stranger's message was not refused as unauthenticated: {answer:?}"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!((p.view("a"), p.view("b")), before);
     // Garbage is refused at the door, and changes nothing either.
     let garbage = post(b"{\"epoch\":\"x\"}".to_vec());
     assert!(garbage.is_err(), "{garbage:?}");
