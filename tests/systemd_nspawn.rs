@@ -1043,6 +1043,9 @@ fn fo_status(c: &Container) -> system_tests::Json {
 
 /// `failoverd setup` as docs/packaging.md has it, with the virtual IP on `eth0` and the
 /// peer at `peer`; the key pinned later. The public key it printed.
+/// The role hook of the pair test (it records its capabilities).
+const ROLE_HOOK: &str = "/etc/failoverd/role-hook";
+
 fn setup_failoverd(c: &Container, peer: &str, vip: &str) -> String {
     let out = c.ok(&[
         "failoverd",
@@ -1177,6 +1180,17 @@ fn a_switchover_between_two_packaged_hosts_under_systemd() {
         assert!(toml.contains("control = \"systemd\""), "{toml}");
         let pinned = toml.replace("public_key = \"\"", &format!("public_key = \"{peer_key}\""));
         assert!(pinned != toml, "no empty public_key in {FO_TOML}:\n{toml}");
+        // A role hook that records the capabilities it runs with.
+        c.write(
+            ROLE_HOOK,
+            b"#!/bin/sh\ngrep -E '^Cap(Eff|Amb)' /proc/self/status > /var/lib/failoverd/hook-caps\n",
+        );
+        c.ok(&["chmod", "0755", ROLE_HOOK]);
+        let pinned = pinned.replace(
+            "on_role_change = \"\"",
+            &format!("on_role_change = \"{ROLE_HOOK}\""),
+        );
+        assert!(pinned.contains(ROLE_HOOK), "no on_role_change in {FO_TOML}");
         c.write(FO_TOML, pinned.as_bytes());
         assert_eq!(
             c.ok(&[
@@ -1227,6 +1241,19 @@ fn a_switchover_between_two_packaged_hosts_under_systemd() {
     // Promote a: the address on a's eth0, conode.service started by failoverd.
     let out = ca.ok(&["failoverd", "-c", FO_TOML, "promote"]);
     assert!(out.contains("live under epoch"), "promote on a:\n{out}");
+    // failoverd has CAP_NET_ADMIN and CAP_NET_RAW (bits 12, 13) as ambient capabilities;
+    // the hook it ran has none at all.
+    let main = ca.prop("failoverd.service", "MainPID");
+    let own = ca.ok(&["grep", "^CapAmb", &format!("/proc/{main}/status")]);
+    assert_eq!(own.trim(), "CapAmb:\t0000000000003000", "failoverd's own");
+    system_tests::wait_until("a's role hook ran", Duration::from_secs(10), || {
+        ca.run(&["test", "-s", "/var/lib/failoverd/hook-caps"]).code == Some(0)
+    });
+    assert_eq!(
+        ca.ok(&["cat", "/var/lib/failoverd/hook-caps"]),
+        "CapEff:\t0000000000000000\nCapAmb:\t0000000000000000\n",
+        "the role hook's capabilities"
+    );
     assert!(
         watch.wait_holders(&[lab.a().ns()], Duration::from_secs(10)),
         "a does not hold the address:\n{}",

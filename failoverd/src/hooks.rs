@@ -264,6 +264,7 @@ pub async fn run(
     }
     // Its own process group, so that a timeout kills what it started too.
     cmd.as_std_mut().process_group(0);
+    without_network_capabilities(cmd.as_std_mut());
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -333,6 +334,36 @@ pub async fn run(
             );
             RunResult::TimedOut
         }
+    }
+}
+
+/// Run `cmd` without failoverd's ambient capabilities (`CAP_NET_ADMIN` and `CAP_NET_RAW`
+/// under failoverd.service): a hook, rsync or scp has no business with the host's
+/// addresses. Its inheritable set is not in a file's, so with the ambient set cleared it
+/// starts with no capabilities at all (as root it keeps root's, as any root program).
+pub fn without_network_capabilities(cmd: &mut std::process::Command) {
+    // SAFETY: the closure runs in the child between fork and exec, where only
+    // async-signal-safe calls are allowed: it makes one prctl system call (no allocation,
+    // no lock, no memory shared with the parent) and reads errno through the libc
+    // accessor. Clearing the ambient set never fails on kernels that have one (4.3 and
+    // later); on older ones there is nothing to clear, so EINVAL is not an error.
+    unsafe {
+        cmd.pre_exec(|| {
+            let r = libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+                0 as libc::c_ulong,
+                0 as libc::c_ulong,
+                0 as libc::c_ulong,
+            );
+            if r == -1 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EINVAL) {
+                    return Err(e);
+                }
+            }
+            Ok(())
+        });
     }
 }
 

@@ -697,6 +697,7 @@ impl Shipper {
             reason,
         };
         cmd.kill_on_drop(true).stdin(std::process::Stdio::null());
+        crate::hooks::without_network_capabilities(cmd.as_std_mut());
         let out = tokio::time::timeout(ssh.timeout, cmd.output())
             .await
             .map_err(|_| {
