@@ -1,7 +1,7 @@
 //! Clients that attack the conode's client port, against the real `conode server`
 //! process: its resident memory is read from /proc while they run.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,8 +10,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Flooders at once (each also holds a descriptor in this process and in the conode).
 const FLOODERS: usize = 1000;
-/// Bytes of pings the flooders sent.
-static SENT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 /// How long 1,000 flooders flood at most (the conode closes them before: they make it
 /// read some 100 MB, a ping at a time, which takes a while in a debug build on a loaded
 /// machine: 120 s once with 8 processes on 2 cores).
@@ -44,6 +42,7 @@ async fn flooder(
     port: u16,
     go: tokio::sync::watch::Receiver<bool>,
     ready: Arc<AtomicUsize>,
+    sent: Arc<AtomicU64>,
     reads: Reads,
     max: Duration,
 ) -> bool {
@@ -105,7 +104,7 @@ async fn flooder(
     while Instant::now() < until && !read_closed.load(Ordering::SeqCst) {
         match tokio::time::timeout(Duration::from_millis(200), w.write_all(&burst)).await {
             Ok(Ok(())) => {
-                SENT.fetch_add(burst.len() as u64, Ordering::Relaxed);
+                sent.fetch_add(burst.len() as u64, Ordering::Relaxed);
                 if reads == Reads::Trickle {
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
@@ -127,7 +126,7 @@ async fn flooder(
 /// Start `n` flooders, wait until all are upgraded, measure the conode's resident memory,
 /// let them flood (until the conode closed them all, or `max`) while a well-behaved
 /// client asks Status every 100 ms. Returns (baseline, peak, closed by the conode,
-/// Status answers).
+/// Status answers, bytes of pings sent).
 fn flood(
     rt: &tokio::runtime::Runtime,
     pid: u32,
@@ -136,11 +135,21 @@ fn flood(
     n: usize,
     reads: Reads,
     max: Duration,
-) -> (u64, u64, usize, usize) {
+) -> (u64, u64, usize, usize, u64) {
     let (go_tx, go_rx) = tokio::sync::watch::channel(false);
     let ready = Arc::new(AtomicUsize::new(0));
+    let sent = Arc::new(AtomicU64::new(0));
     let tasks: Vec<_> = (0..n)
-        .map(|_| rt.spawn(flooder(port, go_rx.clone(), ready.clone(), reads, max)))
+        .map(|_| {
+            rt.spawn(flooder(
+                port,
+                go_rx.clone(),
+                ready.clone(),
+                sent.clone(),
+                reads,
+                max,
+            ))
+        })
         .collect();
     rt.block_on(async {
         let t = Instant::now();
@@ -179,7 +188,7 @@ fn flood(
         }
         closed
     });
-    (baseline, peak, closed, served)
+    (baseline, peak, closed, served, sent.load(Ordering::SeqCst))
 }
 
 /// Pings without reading the pongs used to take the conode from 8 MB to 998 MB resident in
@@ -204,8 +213,7 @@ fn a_ping_flood_that_never_reads_keeps_the_conode_memory_bounded() {
     let port = files.ws_port();
 
     // The attack as found: one connection.
-    SENT.store(0, Ordering::SeqCst);
-    let (baseline, peak, closed, served) = flood(
+    let (baseline, peak, closed, served, sent) = flood(
         &rt,
         pid,
         port,
@@ -221,7 +229,7 @@ fn a_ping_flood_that_never_reads_keeps_the_conode_memory_bounded() {
         peak >> 20,
         grown >> 10,
         closed == 1,
-        SENT.load(Ordering::SeqCst) >> 20
+        sent >> 20
     );
     assert_eq!(closed, 1, "the conode closed the flooder");
     assert!(
@@ -232,8 +240,7 @@ fn a_ping_flood_that_never_reads_keeps_the_conode_memory_bounded() {
     assert!(served > 0, "no Status answered during the flood");
 
     // 1,000 at once.
-    SENT.store(0, Ordering::SeqCst);
-    let (baseline, peak, closed, served) =
+    let (baseline, peak, closed, served, sent) =
         flood(&rt, pid, port, &server, FLOODERS, Reads::Nothing, FLOOD);
     let grown = peak.saturating_sub(baseline);
     eprintln!(
@@ -241,7 +248,7 @@ fn a_ping_flood_that_never_reads_keeps_the_conode_memory_bounded() {
         baseline >> 20,
         peak >> 20,
         grown >> 20,
-        SENT.load(Ordering::SeqCst) >> 20
+        sent >> 20
     );
     let bound = FLOODERS as u64 * (conode::ws::UNREAD_BUDGET + (64 << 10));
     assert!(
@@ -281,8 +288,7 @@ fn a_ping_flood_that_reads_a_trickle_is_closed_and_keeps_the_memory_bounded() {
     for n in [1, 10] {
         // One is closed; 10 at once may not be behind at all (when the conode, loaded,
         // cannot make pongs faster than they read them): what they may not do is grow it.
-        SENT.store(0, Ordering::SeqCst);
-        let (baseline, peak, closed, served) = flood(
+        let (baseline, peak, closed, served, sent) = flood(
             &rt,
             pid,
             port,
@@ -297,7 +303,7 @@ fn a_ping_flood_that_reads_a_trickle_is_closed_and_keeps_the_memory_bounded() {
             baseline >> 20,
             peak >> 20,
             grown >> 10,
-            SENT.load(Ordering::SeqCst) >> 20
+            sent >> 20
         );
         if n == 1 {
             assert_eq!(closed, 1, "the conode closed the trickle reader");
