@@ -773,6 +773,47 @@ impl Cluster {
     }
 }
 
+type Authenticated = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+/// A connection from `from` to member `i`'s conode port that completed TLS and the hello
+/// with `tls`'s key (one of a stranger's making), or why not.
+async fn authenticate(
+    tls: &conode::peer::PeerTls,
+    from: std::net::Ipv4Addr,
+    c: &Cluster,
+    i: usize,
+) -> Result<Authenticated, String> {
+    let sock = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
+    sock.bind((from, 0).into()).map_err(|e| e.to_string())?;
+    let tcp = sock
+        .connect(c.peer_socket(i))
+        .await
+        .map_err(|e| e.to_string())?;
+    let connector = tokio_rustls::TlsConnector::from(tls.client_config(c.server(i).public)?);
+    let name = rustls::pki_types::ServerName::try_from("conode").map_err(|e| e.to_string())?;
+    let mut stream = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let counters = conode::peer::Counters::default();
+    let hello = conode::peer::PeerHello {
+        public: tls.public().to_vec(),
+        address: format!("tls://{from}:1"),
+    };
+    conode::peer::write_frame(&mut stream, &hello.encode_to_vec(), &counters)
+        .await
+        .map_err(|e| e.to_string())?;
+    let welcome = conode::peer::read_frame(&mut stream, &counters)
+        .await
+        .map_err(|e| e.to_string())?;
+    let welcome = conode::peer::PeerWelcome::decode(&welcome[..]).map_err(|e| e.to_string())?;
+    if welcome.error.is_empty() {
+        Ok(stream)
+    } else {
+        Err(welcome.error)
+    }
+}
+
 /// `n` loopback addresses from 127.0.0.`first` on (the members are 127.0.0.2 to 5).
 fn stranger_addresses(first: u8, n: u8) -> Vec<std::net::Ipv4Addr> {
     (0..n)
@@ -846,29 +887,10 @@ async fn a_stranger_with_a_key_of_its_own_gets_no_member_slots() {
     let stranger_keys = conode::keys::KeyPair::generate().unwrap();
     let tls = conode::peer::PeerTls::new(&stranger_keys).unwrap();
     for i in [1, 2] {
-        let member = c.server(i);
-        let sock = tokio::net::TcpSocket::new_v4().unwrap();
-        sock.bind(([127, 0, 0, 100], 0).into()).unwrap();
-        let tcp = sock.connect(c.peer_socket(i)).await.unwrap();
-        let connector = tokio_rustls::TlsConnector::from(tls.client_config(member.public).unwrap());
-        let name = rustls::pki_types::ServerName::try_from("conode").unwrap();
-        let mut stream = connector
-            .connect(name, tcp)
+        let mut stream = authenticate(&tls, [127, 0, 0, 100].into(), &c, i)
             .await
-            .expect("a stranger's own key passes TLS");
+            .expect("a stranger's own key authenticates");
         let counters = conode::peer::Counters::default();
-        let hello = conode::peer::PeerHello {
-            public: stranger_keys.public_bytes().to_vec(),
-            address: "tls://127.0.0.100:1".into(),
-        };
-        conode::peer::write_frame(&mut stream, &hello.encode_to_vec(), &counters)
-            .await
-            .unwrap();
-        let welcome = conode::peer::read_frame(&mut stream, &counters)
-            .await
-            .unwrap();
-        let welcome = conode::peer::PeerWelcome::decode(&welcome[..]).unwrap();
-        assert_eq!(welcome.error, "", "welcomed");
         let ping = conode::peer::PeerRequest {
             service: "Peer".into(),
             method: "Ping".into(),
@@ -894,4 +916,31 @@ async fn a_stranger_with_a_key_of_its_own_gets_no_member_slots() {
     c.restart(0).await;
     c.append_n(&g, 5).await;
     captured.assert_bounded(strangers.stop());
+}
+
+/// Strangers that complete the handshake with a key of their own (1,100 connections per
+/// follower, from 20 addresses, held open) take only the slots of keys that are no
+/// member's (`MAX_OTHER_PEER_CONNECTIONS`): the restarted leader's connections still get
+/// the members'. Before, every authenticated connection took one of the same 1,024, and
+/// the strangers took them all.
+#[tokio::test]
+async fn strangers_authenticated_with_their_own_keys_cannot_take_the_members_slots() {
+    let captured = Captured::default();
+    let _log = captured.install();
+    let mut c = Cluster::start(4).await;
+    let g = c.create(b"genesis").await;
+    let tls = conode::peer::PeerTls::new(&conode::keys::KeyPair::generate().unwrap()).unwrap();
+    let from = stranger_addresses(100, 20);
+    let mut held = Vec::new();
+    for n in 0..2200 {
+        if let Ok(s) = authenticate(&tls, from[n % from.len()], &c, 1 + n % 2).await {
+            held.push(s);
+        }
+    }
+    // Each completed its handshake (a follower closes those past the slots after it).
+    assert_eq!(held.len(), 2200);
+    c.restart(0).await;
+    c.append_n(&g, 5).await;
+    drop(held);
+    captured.assert_bounded(2200);
 }
