@@ -20,6 +20,7 @@
 //! another host is transparent to peers. We do not speak the Go conode's onet protocol on
 //! this port.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,7 +33,7 @@ use rustls::server::ParsedCertificate;
 use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureAlgorithm, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
@@ -46,9 +47,13 @@ pub const MAX_FRAME: usize = 10 << 20;
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 /// TLS handshake plus hello must finish within this.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Inbound peer connections at most; more are closed at accept (a roster has tens of
-/// members, each needing a few connections).
+/// Authenticated inbound connections from roster members at most; more are closed (a
+/// roster has tens of members, each needing a few connections).
 pub const MAX_PEER_CONNECTIONS: usize = 1024;
+/// Authenticated inbound connections with keys that are no member's at most (the leader
+/// of a chain not held here yet sends its genesis with one): apart from the members', so
+/// made-up keys cannot take theirs.
+pub const MAX_OTHER_PEER_CONNECTIONS: usize = 128;
 /// A request waits this long for its reply; an idle inbound connection is closed after it.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -476,6 +481,33 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
 // ---------------------------------------------------------------------------------------
 // Dialing
 
+/// Connect to `to` from our own roster address (`ours`, resolved) when it is one of this
+/// host's addresses, of `to`'s family and scope (loopback to loopback): the members we
+/// dial then know our connections by their source address before any handshake, and give
+/// them the known addresses' slots ([`crate::gate`]), also right after they restarted.
+/// Otherwise (the address is not here: behind NAT, a moved virtual address) the system
+/// chooses, as before.
+async fn connect_from(to: SocketAddr, ours: &[IpAddr]) -> std::io::Result<TcpStream> {
+    let from = ours.iter().find(|ip| {
+        ip.is_ipv4() == to.is_ipv4()
+            && ip.is_loopback() == to.ip().is_loopback()
+            && !ip.is_unspecified()
+    });
+    if let Some(ip) = from {
+        let sock = if to.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }?;
+        if sock.bind(SocketAddr::new(*ip, 0)).is_ok() {
+            if let Ok(s) = sock.connect(to).await {
+                return Ok(s);
+            }
+        }
+    }
+    TcpStream::connect(to).await
+}
+
 /// An authenticated connection to one peer.
 pub struct PeerConn {
     stream: tokio_rustls::client::TlsStream<TcpStream>,
@@ -500,10 +532,19 @@ impl PeerConn {
                 source,
             })?
             .collect();
+        let ours = match tokio::time::timeout(
+            DIAL_TIMEOUT,
+            tokio::net::lookup_host(our_address.host_port()),
+        )
+        .await
+        {
+            Ok(Ok(a)) => a.map(|a| a.ip()).collect(),
+            _ => Vec::new(),
+        };
         let mut last = String::from("no addresses");
         let mut tcp = None;
         for t in targets {
-            match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(t)).await {
+            match tokio::time::timeout(DIAL_TIMEOUT, connect_from(t, &ours)).await {
                 Ok(Ok(s)) => {
                     tcp = Some(s);
                     break;
@@ -595,6 +636,81 @@ pub trait PeerHandler: Send + Sync + 'static {
         method: &'a str,
         payload: &'a [u8],
     ) -> BoxFuture<'a, Result<Vec<u8>, String>>;
+
+    /// The roster members this handler knows (the skipchain service: the members of the
+    /// chains it holds): their keys get a member's slots on this port, and their
+    /// addresses the known handshake slots ([`crate::gate`]). A handler that wraps
+    /// another passes its answer on.
+    fn members(&self) -> Option<Arc<Members>> {
+        None
+    }
+}
+
+/// Roster members (key and address) of the chains a conode holds, shared by the service
+/// that stores rosters and the port that gives their members priority. Rosters cannot
+/// change, so members are only ever added.
+#[derive(Default)]
+pub struct Members {
+    keys: std::sync::Mutex<std::collections::HashMap<[u8; 32], std::collections::BTreeSet<String>>>,
+    changed: tokio::sync::Notify,
+}
+
+impl Members {
+    /// Add members (key, address); the port resolves new addresses at once.
+    pub fn add(&self, members: impl IntoIterator<Item = ([u8; 32], Address)>) {
+        let mut new = false;
+        {
+            let mut k = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+            for (key, addr) in members {
+                new |= k.entry(key).or_default().insert(addr.host_port());
+            }
+        }
+        if new {
+            self.changed.notify_one();
+        }
+    }
+
+    /// Whether `key` is a member's.
+    pub fn contains(&self, key: &[u8; 32]) -> bool {
+        self.keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(key)
+    }
+
+    /// Every member address, `host:port`.
+    pub fn host_ports(&self) -> std::collections::BTreeSet<String> {
+        let k = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        k.values().flatten().cloned().collect()
+    }
+}
+
+/// How often the members' addresses are resolved again (names may move).
+pub const MEMBERS_REFRESH: Duration = Duration::from_secs(60);
+
+/// Keep `gate`'s member addresses those of `members`, resolved now, at every change and
+/// every [`MEMBERS_REFRESH`], until shutdown.
+async fn resolve_members(
+    members: Arc<Members>,
+    gate: Arc<crate::gate::Gate>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let mut ips = std::collections::HashSet::new();
+        for hp in members.host_ports() {
+            match tokio::time::timeout(DIAL_TIMEOUT, tokio::net::lookup_host(&hp)).await {
+                Ok(Ok(a)) => ips.extend(a.map(|a| a.ip())),
+                Ok(Err(e)) => tracing::debug!("conode port: cannot resolve member {hp}: {e}"),
+                Err(_) => tracing::debug!("conode port: resolving member {hp} timed out"),
+            }
+        }
+        gate.set_members(ips);
+        tokio::select! {
+            _ = members.changed.notified() => {}
+            _ = tokio::time::sleep(MEMBERS_REFRESH) => {}
+            _ = crate::ws::stopped(&mut shutdown) => return,
+        }
+    }
 }
 
 /// The built-in `Peer/Ping`, and a place for services to plug in later.
@@ -644,6 +760,10 @@ impl PeerHandler for PeerRouter {
             None => Box::pin(async move { Err(format!("no handler for {service}/{method}")) }),
         }
     }
+
+    fn members(&self) -> Option<Arc<Members>> {
+        self.0.values().find_map(|h| h.members())
+    }
 }
 
 /// Accept peers until shutdown.
@@ -658,9 +778,16 @@ pub async fn serve(
 ) {
     let acceptor = TlsAcceptor::from(tls.server.clone());
     // Connections in their handshake take the gate's slots; only an authenticated one
-    // (a conode proving the key it claims) takes one of these.
+    // (a conode proving the key it claims) takes one of these: a roster member's key
+    // one of the members' slots, any other key one of the others'.
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_PEER_CONNECTIONS));
+    let other_slots = Arc::new(tokio::sync::Semaphore::new(MAX_OTHER_PEER_CONNECTIONS));
     let gate = crate::gate::Gate::new(PEER_GATE, []);
+    let members = handler.members();
+    if let Some(m) = &members {
+        tokio::spawn(resolve_members(m.clone(), gate.clone(), shutdown.clone()));
+    }
+    let closes = Arc::new(crate::gate::Throttled::new(PEER_GATE.log_every));
     let mut backoff = Duration::from_millis(10);
     loop {
         let (tcp, from) = tokio::select! {
@@ -685,7 +812,8 @@ pub async fn serve(
         let counters = counters.clone();
         let shutdown = shutdown.clone();
         let tracker = tracker.clone();
-        let (gate, slots) = (gate.clone(), slots.clone());
+        let (gate, slots, other_slots) = (gate.clone(), slots.clone(), other_slots.clone());
+        let (members, closes) = (members.clone(), closes.clone());
         tokio::spawn(async move {
             let _tracker = tracker;
             let _open = open;
@@ -699,23 +827,37 @@ pub async fn serve(
                 }
             };
             drop(handshake);
-            gate.authenticated(from.ip());
+            // Only a roster member's key makes its address known: anybody can make a
+            // key and authenticate with it.
+            let member = members.as_ref().is_some_and(|m| m.contains(&key));
+            let (slots, max, whose) = if member {
+                gate.authenticated(from.ip());
+                (slots, MAX_PEER_CONNECTIONS, "roster members'")
+            } else {
+                (other_slots, MAX_OTHER_PEER_CONNECTIONS, "non-members'")
+            };
             let Ok(_permit) = slots.try_acquire_owned() else {
                 gate.refuse(
                     from.ip(),
-                    &format!("{MAX_PEER_CONNECTIONS} authenticated peer connections already open"),
+                    &format!("{max} authenticated connections with {whose} keys already open"),
                 );
                 return;
             };
             if let Err(e) = serve_one(stream, key, handler, counters, shutdown).await {
-                tracing::warn!("conode port: closed connection from {from}: {e}");
+                if let Some(n) = closes.note() {
+                    tracing::warn!(
+                        "conode port: closed {n} connection(s) on an error since the last such line, the latest from {from}: {e} (one line per {:?} at most)",
+                        PEER_GATE.log_every
+                    );
+                }
             }
         });
     }
 }
 
-/// The conode port's handshake slots (see [`crate::gate`]): addresses that authenticated
-/// before (roster members) have their own.
+/// The conode port's handshake slots (see [`crate::gate`]): the addresses of the roster
+/// members of the chains held here, and those a member's key authenticated from, have
+/// their own; at most 8 handshakes from one address, a member's included.
 pub const PEER_GATE: crate::gate::Limits = crate::gate::Limits {
     name: "conode port",
     known: 64,

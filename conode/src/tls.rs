@@ -80,8 +80,13 @@ enum Seen {
     Unreadable(String),
 }
 
+/// The largest certificate or key file read (a chain of a few certificates is some KiB;
+/// the files are read again every second, so one that is not a PEM file must not make
+/// the conode read without end: `/dev/zero`, a log by mistake).
+pub const MAX_PEM_BYTES: u64 = 1 << 20;
+
 fn read(p: &Path) -> Result<Vec<u8>, String> {
-    std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+    crate::config::read_capped(p, MAX_PEM_BYTES).map_err(|e| format!("{}: {e}", p.display()))
 }
 
 impl CertReloader {
@@ -234,5 +239,31 @@ mod tests {
         std::fs::write(&cp, &c2).unwrap();
         r.poll_once().unwrap().unwrap();
         assert_ne!(r.current.read().unwrap().cert[0], first);
+    }
+
+    /// A certificate or key path that names an endless file (read again every second)
+    /// is refused after `MAX_PEM_BYTES`, at start and at a reload, with a clear error;
+    /// the pair in use is kept.
+    #[test]
+    fn endless_certificate_or_key_files_are_refused() {
+        install_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let (c1, k1) = pair("one.test");
+        let cp = dir.path().join("fullchain.pem");
+        let kp = dir.path().join("privkey.pem");
+        std::fs::write(&cp, &c1).unwrap();
+        std::fs::write(&kp, &k1).unwrap();
+        let zero = PathBuf::from("/dev/zero");
+        for (c, k) in [(zero.clone(), kp.clone()), (cp.clone(), zero.clone())] {
+            let e = CertReloader::new(c, k).unwrap_err();
+            assert!(e.contains("/dev/zero: longer than 1 MiB"), "{e}");
+        }
+        let r = CertReloader::new(cp.clone(), kp.clone()).unwrap();
+        let first = r.current.read().unwrap().cert[0].clone();
+        std::fs::remove_file(&kp).unwrap();
+        std::os::unix::fs::symlink(&zero, &kp).unwrap();
+        let e = r.poll_once().unwrap().unwrap_err();
+        assert!(e.contains("longer than 1 MiB"), "{e}");
+        assert_eq!(r.current.read().unwrap().cert[0], first);
     }
 }

@@ -48,6 +48,14 @@ pub const MAX_HEAD: usize = 16 * 1024;
 pub const READ_BUFFER: usize = 4 * 1024;
 /// A WebSocket with no message for this long is closed (1001).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Connections refused past [`MAX_CONNECTIONS`] are logged at most once per this, with
+/// their count.
+pub const REFUSALS_LOG_EVERY: Duration = Duration::from_secs(10);
+/// What tungstenite may hold to write to one connection at most: one message of
+/// [`MAX_MESSAGE`] and its header, beside the 128 KiB it gathers before writing. A reply that
+/// does not fit fails the connection; a pong that does not fit replaces the pong waiting
+/// before it. The tighter bound for a client that does not read is [`UNREAD_BUDGET`].
+pub const MAX_WRITE_BUFFER: usize = MAX_MESSAGE + (256 << 10);
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -103,6 +111,7 @@ pub async fn serve(
     metrics: Arc<Metrics>,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let refused = crate::gate::Throttled::new(REFUSALS_LOG_EVERY);
     let mut backoff = Duration::from_millis(10);
     loop {
         let accepted = tokio::select! {
@@ -123,9 +132,11 @@ pub async fn serve(
             }
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(
-                "client port: refusing {peer}: {MAX_CONNECTIONS} connections already open"
-            );
+            if let Some(n) = refused.note() {
+                tracing::warn!(
+                    "client port: refused {n} connection(s) since the last such line, the latest from {peer}: {MAX_CONNECTIONS} connections already open (one line per {REFUSALS_LOG_EVERY:?} at most)"
+                );
+            }
             continue;
         };
         let services = services.clone();
@@ -305,7 +316,8 @@ where
     let config = WebSocketConfig::default()
         .max_message_size(Some(MAX_MESSAGE))
         .max_frame_size(Some(MAX_MESSAGE))
-        .read_buffer_size(READ_BUFFER);
+        .read_buffer_size(READ_BUFFER)
+        .max_write_buffer_size(MAX_WRITE_BUFFER);
     let stream = Prefixed {
         prefix: buf[len..].to_vec(),
         inner: s,
@@ -401,23 +413,27 @@ where
     .await;
 }
 
-/// Bytes a client may send while what the conode writes to it does not move (it does
-/// not read): past this the connection is closed. tungstenite answers every ping with a
-/// pong and keeps what it cannot write in memory; a ping costs its sender at least as many
-/// bytes as its pong takes there, so this bounds that memory per connection. A client
-/// that reads its answers never comes near it: the conode reads the next request only
-/// once its answer to the last one was written.
+/// Bytes a client may send while what the conode has to write to it is not all written
+/// (it does not read, or reads slower than it makes the conode write): past this the
+/// connection is closed. tungstenite answers every ping with a pong and keeps what it
+/// cannot write in memory; a ping costs its sender at least as many bytes as its pong
+/// takes there, so this bounds that memory per connection. The count starts when a write
+/// finds the socket unable to take everything, and is reset only once everything queued
+/// was written and flushed: a client that reads a little now and then does not reset it.
+/// A client that reads its answers never comes near it: the conode reads the next
+/// request only once its answer to the last one was written.
 pub const UNREAD_BUDGET: u64 = 64 << 10;
 
 /// A stream that first yields bytes already read past the HTTP head, and that fails the
 /// connection once the client sent [`UNREAD_BUDGET`] bytes while the writes to it were
-/// stuck.
+/// behind.
 struct Prefixed<S> {
     prefix: Vec<u8>,
     inner: S,
     /// Bytes read so far.
     read: u64,
-    /// `read` when a write last found the socket full; `None` once a write moved.
+    /// `read` when a write first could not take all it was given; `None` once a flush
+    /// completed (tungstenite flushes only once its queue is written).
     blocked_at: Option<u64>,
 }
 
@@ -456,18 +472,19 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        match &r {
-            Poll::Pending => {
-                let read = self.read;
-                self.blocked_at.get_or_insert(read);
-            }
-            Poll::Ready(Ok(n)) if *n > 0 => self.blocked_at = None,
-            Poll::Ready(_) => {}
+        // Part of what tungstenite has queued stays queued: count from here.
+        if !matches!(r, Poll::Ready(Ok(n)) if n == buf.len()) {
+            let read = self.read;
+            self.blocked_at.get_or_insert(read);
         }
         r
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let r = Pin::new(&mut self.inner).poll_flush(cx);
+        if matches!(r, Poll::Ready(Ok(()))) {
+            self.blocked_at = None;
+        }
+        r
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
@@ -489,6 +506,86 @@ pub async fn bind(addr: &str, what: &str) -> Result<TcpListener, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    struct Echo;
+
+    impl Service for Echo {
+        fn name(&self) -> &'static str {
+            "Echo"
+        }
+        fn call<'a>(
+            &'a self,
+            _method: &'a str,
+            body: &'a [u8],
+        ) -> BoxFuture<'a, Result<Vec<u8>, String>> {
+            Box::pin(async move { Ok(body.to_vec()) })
+        }
+    }
+
+    /// A client that reads a trickle (1 KiB per ms) of what it is sent while it sends
+    /// pings twice as fast: the conode's writes to it move every ms, never all. The
+    /// budget used to start again at every write that moved, so such a client was never
+    /// closed and its pongs piled up; now it counts until everything queued is written.
+    /// The real connection handler and tungstenite, over an in-memory pipe whose 4 KiB
+    /// buffers make the writes move exactly as the client reads.
+    #[tokio::test]
+    async fn a_client_that_reads_a_trickle_while_it_pings_is_closed() {
+        let (client, server) = tokio::io::duplex(4096);
+        let mut services = Services::default();
+        services.add(Arc::new(Echo));
+        let (_stop, stop_rx) = watch::channel(false);
+        let conn = tokio::spawn(async move {
+            let metrics = Metrics::new();
+            handle(server, &services, stop_rx, &metrics).await
+        });
+        let (mut r, mut w) = tokio::io::split(client);
+        w.write_all(
+            b"GET /Echo/Echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
+              Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+              Sec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            r.read_exact(&mut b).await.unwrap();
+            head.push(b[0]);
+        }
+        assert!(head.starts_with(b"HTTP/1.1 101"));
+        let reader = tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            while matches!(r.read(&mut buf).await, Ok(n) if n > 0) {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        });
+        // 32 masked pings of 125 bytes each (header 2, mask 4, payload 125).
+        let mut burst = Vec::new();
+        for _ in 0..32 {
+            burst.extend_from_slice(&[0x89, 0x80 | 125, 1, 2, 3, 4]);
+            burst.extend(std::iter::repeat_n(0x55u8, 125));
+        }
+        let started = std::time::Instant::now();
+        let mut sent = 0u64;
+        while !conn.is_finished() && started.elapsed() < Duration::from_secs(10) {
+            if w.write_all(&burst).await.is_err() {
+                break;
+            }
+            sent += burst.len() as u64;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let closed = tokio::time::timeout(Duration::from_secs(5), conn)
+            .await
+            .expect("the conode closed the connection")
+            .unwrap()
+            .unwrap_err();
+        reader.abort();
+        assert!(closed.contains("without reading"), "{closed}");
+        assert!(
+            sent < UNREAD_BUDGET + (64 << 10),
+            "closed only after {sent} bytes"
+        );
+    }
 
     #[test]
     fn truncates_on_utf8_boundary() {

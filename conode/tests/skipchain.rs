@@ -45,6 +45,10 @@ impl PeerHandler for Gated {
         }
         self.inner.call(from, service, method, payload)
     }
+
+    fn members(&self) -> Option<Arc<conode::peer::Members>> {
+        self.inner.members()
+    }
 }
 
 struct Cluster {
@@ -627,149 +631,316 @@ impl std::io::Write for Captured {
     }
 }
 
+impl Captured {
+    /// Capture what this thread logs until the guard is dropped.
+    fn install(&self) -> tracing::subscriber::DefaultGuard {
+        let writer = self.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::set_default(subscriber)
+    }
+
+    /// The log is bounded (not a line per connection), and says that it refused some.
+    fn assert_bounded(&self, opened: usize) {
+        let log = String::from_utf8_lossy(&self.0.lock().unwrap()).to_string();
+        let refused = log
+            .lines()
+            .filter(|l| l.contains("conode port: refused"))
+            .count();
+        let all = log.lines().count();
+        eprintln!(
+            "{opened} stranger connections opened; {refused} refusal lines, {all} log lines in all"
+        );
+        assert!(refused >= 1, "the refusals are logged");
+        assert!(
+            all < 400,
+            "{all} log lines: not bounded\n{}",
+            &log[..log.len().min(4000)]
+        );
+    }
+}
+
+/// Strangers holding half-open connections (TCP, never a TLS byte) against `targets`
+/// from their own loopback addresses, reopened as they are closed (at most 100 new ones
+/// per 100 ms, about the attack's pace), until stopped.
+struct Strangers {
+    stop: Arc<AtomicBool>,
+    opened: Arc<std::sync::atomic::AtomicUsize>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Strangers {
+    /// `n` connections, connection `i` from `from[i % from.len()]` to
+    /// `targets[i % targets.len()]`.
+    fn start(
+        targets: Vec<std::net::SocketAddr>,
+        from: Vec<std::net::Ipv4Addr>,
+        n: usize,
+    ) -> Strangers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let opened = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (s2, o2) = (stop.clone(), opened.clone());
+        let thread = std::thread::spawn(move || {
+            use std::net::{SocketAddr, TcpStream};
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let connect = |i: usize, to: SocketAddr| -> Option<TcpStream> {
+                let s = tokio::net::TcpSocket::new_v4().ok()?;
+                s.bind((from[i % from.len()], 0).into()).ok()?;
+                rt.block_on(async {
+                    tokio::time::timeout(Duration::from_secs(1), s.connect(to))
+                        .await
+                        .ok()?
+                        .ok()?
+                        .into_std()
+                        .ok()
+                })
+            };
+            let mut held: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
+            let deadline = Instant::now() + Duration::from_secs(180);
+            while !s2.load(Ordering::SeqCst) && Instant::now() < deadline {
+                let mut reopened = 0;
+                for (i, slot) in held.iter_mut().enumerate() {
+                    let alive = slot.as_ref().is_some_and(|c| {
+                        c.set_nonblocking(true).is_ok()
+                            && matches!(c.peek(&mut [0u8; 1]), Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock)
+                    });
+                    if !alive && reopened < 100 {
+                        reopened += 1;
+                        *slot = connect(i, targets[i % targets.len()]);
+                        if slot.is_some() {
+                            o2.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        Strangers {
+            stop,
+            opened,
+            thread: Some(thread),
+        }
+    }
+
+    /// Wait until `n` connections were opened in all (at most 60 s).
+    async fn opened_at_least(&self, n: usize) {
+        let t = Instant::now();
+        while self.opened.load(Ordering::SeqCst) < n {
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "only {} stranger connections opened",
+                self.opened.load(Ordering::SeqCst)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Stop; connections opened in all.
+    fn stop(mut self) -> usize {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+        self.opened.load(Ordering::SeqCst)
+    }
+}
+
+impl Cluster {
+    /// Member `i`'s conode port.
+    fn peer_socket(&self, i: usize) -> std::net::SocketAddr {
+        let a = &self.server(i).address;
+        format!("{}:{}", a.host, a.port).parse().unwrap()
+    }
+
+    /// `n` appends through the leader, each answered and successful within 30 s.
+    async fn append_n(&self, genesis: &SkipBlock, n: usize) {
+        let mut target = genesis.hash.clone();
+        for i in 1..=n {
+            let r = tokio::time::timeout(
+                Duration::from_secs(30),
+                client::append(self.server(0), &target, format!("block {i}").into_bytes()),
+            )
+            .await
+            .expect("an append answers")
+            .expect("an append succeeds while strangers hold connections");
+            target = r.latest.unwrap().hash;
+        }
+    }
+}
+
+type Authenticated = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+/// A connection from `from` to member `i`'s conode port that completed TLS and the hello
+/// with `tls`'s key (one of a stranger's making), or why not.
+async fn authenticate(
+    tls: &conode::peer::PeerTls,
+    from: std::net::Ipv4Addr,
+    c: &Cluster,
+    i: usize,
+) -> Result<Authenticated, String> {
+    let sock = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
+    sock.bind((from, 0).into()).map_err(|e| e.to_string())?;
+    let tcp = sock
+        .connect(c.peer_socket(i))
+        .await
+        .map_err(|e| e.to_string())?;
+    let connector = tokio_rustls::TlsConnector::from(tls.client_config(c.server(i).public)?);
+    let name = rustls::pki_types::ServerName::try_from("conode").map_err(|e| e.to_string())?;
+    let mut stream = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let counters = conode::peer::Counters::default();
+    let hello = conode::peer::PeerHello {
+        public: tls.public().to_vec(),
+        address: format!("tls://{from}:1"),
+    };
+    conode::peer::write_frame(&mut stream, &hello.encode_to_vec(), &counters)
+        .await
+        .map_err(|e| e.to_string())?;
+    let welcome = conode::peer::read_frame(&mut stream, &counters)
+        .await
+        .map_err(|e| e.to_string())?;
+    let welcome = conode::peer::PeerWelcome::decode(&welcome[..]).map_err(|e| e.to_string())?;
+    if welcome.error.is_empty() {
+        Ok(stream)
+    } else {
+        Err(welcome.error)
+    }
+}
+
+/// `n` loopback addresses from 127.0.0.`first` on (the members are 127.0.0.2 to 5).
+fn stranger_addresses(first: u8, n: u8) -> Vec<std::net::Ipv4Addr> {
+    (0..n)
+        .map(|i| std::net::Ipv4Addr::new(127, 0, 0, first + i))
+        .collect()
+}
+
 /// Half-open connections from strangers against two followers' conode ports (1,100 each,
 /// from 20 addresses, reopened as they are closed, as an attacker would) no longer make
-/// appends fail: handshakes take slots apart from authenticated connections, addresses
-/// that authenticated before (the roster's) have their own, one address has few, and the
-/// refusals are logged once per interval with their count (each follower used to log 1.4
-/// million identical lines while appends failed with "only 2 of 4 members signed").
-/// The leader restarts once the strangers are in place, so it needs new connections.
+/// appends fail: handshakes take slots apart from authenticated connections, the roster
+/// members' addresses have their own, one address has few, and the refusals are logged
+/// once per interval with their count (each follower used to log 1.4 million identical
+/// lines while appends failed with "only 2 of 4 members signed"). The leader restarts
+/// once the strangers are in place, so it needs new connections.
 #[tokio::test]
 async fn appends_go_on_while_strangers_hold_half_open_connections_to_the_followers() {
     let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
-    let _log = tracing::subscriber::set_default(subscriber);
+    let _log = captured.install();
     let mut c = Cluster::start(4).await;
     let g = c.create(b"genesis").await;
-    let targets: Vec<std::net::SocketAddr> = [1, 2]
-        .iter()
-        .map(|&i| {
-            let a = &c.server(i).address;
-            format!("{}:{}", a.host, a.port).parse().unwrap()
-        })
-        .collect();
-    let stop = Arc::new(AtomicBool::new(false));
-    let opened = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let (s2, o2) = (stop.clone(), opened.clone());
-    let strangers = std::thread::spawn(move || {
-        use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let connect = |i: usize, to: SocketAddr| -> Option<TcpStream> {
-            let from = Ipv4Addr::new(127, 0, 0, 100 + (i % 20) as u8);
-            let s = tokio::net::TcpSocket::new_v4().ok()?;
-            s.bind((from, 0).into()).ok()?;
-            rt.block_on(async {
-                tokio::time::timeout(Duration::from_secs(1), s.connect(to))
-                    .await
-                    .ok()?
-                    .ok()?
-                    .into_std()
-                    .ok()
-            })
-        };
-        let mut held: Vec<Option<TcpStream>> = (0..2200).map(|_| None).collect();
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while !s2.load(Ordering::SeqCst) && Instant::now() < deadline {
-            let mut reopened = 0;
-            for (i, slot) in held.iter_mut().enumerate() {
-                let alive = slot.as_ref().is_some_and(|c| {
-                    c.set_nonblocking(true).is_ok()
-                        && matches!(c.peek(&mut [0u8; 1]), Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock)
-                });
-                // About the attack's pace: at most 100 new connections per 100 ms.
-                if !alive && reopened < 100 {
-                    reopened += 1;
-                    *slot = connect(i, targets[i % 2]);
-                    if slot.is_some() {
-                        o2.fetch_add(1, Ordering::SeqCst);
-                    }
-                }
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    });
-    // The strangers in place (2,200 connections opened at least), then the leader
-    // restarts and appends.
-    let t = Instant::now();
-    while opened.load(Ordering::SeqCst) < 2200 && t.elapsed() < Duration::from_secs(60) {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let strangers = Strangers::start(
+        vec![c.peer_socket(1), c.peer_socket(2)],
+        stranger_addresses(100, 20),
+        2200,
+    );
+    strangers.opened_at_least(2200).await;
     c.restart(0).await;
-    let mut target = g.hash.clone();
-    for i in 1..=5 {
-        let r = tokio::time::timeout(
-            Duration::from_secs(30),
-            client::append(c.server(0), &target, format!("block {i}").into_bytes()),
-        )
-        .await
-        .expect("an append answers")
-        .expect("an append succeeds while strangers hold connections");
-        target = r.latest.unwrap().hash;
-    }
-    stop.store(true, Ordering::SeqCst);
-    strangers.join().unwrap();
-    let log = String::from_utf8_lossy(&captured.0.lock().unwrap()).to_string();
-    let refused = log
-        .lines()
-        .filter(|l| l.contains("conode port: refused"))
-        .count();
-    let all = log.lines().count();
-    eprintln!(
-        "{} stranger connections opened; {refused} refusal lines, {all} log lines in all",
-        opened.load(Ordering::SeqCst)
-    );
-    assert!(refused >= 1, "the refusals are logged");
-    assert!(
-        all < 400,
-        "{all} log lines: not bounded\n{}",
-        &log[..log.len().min(4000)]
-    );
+    c.append_n(&g, 5).await;
+    captured.assert_bounded(strangers.stop());
 }
 
-/// A member rebuilt from an empty database (its disk replaced) holds no chain until the
-/// leader's next block: then it fetches the whole chain from the leader, verifies it
-/// link by link, and holds every block (the operator's guide, section 3, says so).
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_member_rebuilt_from_an_empty_database_gets_the_chain_with_the_next_block() {
+/// A follower restarted while strangers hold half-open connections against it knows the
+/// roster members' addresses at once (from the rosters it stores), so the leader's new
+/// connections get the members' handshake slots: appends go on. Before, the known
+/// addresses were only those that authenticated since the start, none after a restart:
+/// the leader competed with the strangers for their slots, and lost.
+#[tokio::test]
+async fn restarted_followers_know_the_members_while_strangers_hold_half_open_connections() {
+    let captured = Captured::default();
+    let _log = captured.install();
     let mut c = Cluster::start(4).await;
     let g = c.create(b"genesis").await;
-    let mut target = g.hash.clone();
-    for i in 1..=5u8 {
-        let r = client::append(c.server(0), &target, vec![i; 64])
-            .await
-            .expect("append");
-        target = r.latest.unwrap().hash;
-    }
-    c.wait_for(3, &g.hash, 5).await;
-    c.stop(3).await;
-    std::fs::remove_file(c.nodes[3].db_path()).expect("member 3's database removed");
-    c.restart(3).await;
-    let e = client::get_by_index(c.server(3), &g.hash, 0)
-        .await
-        .unwrap_err();
-    assert!(e.contains("no such chain"), "{e}");
-
-    let r = client::append(c.server(0), &target, b"after the rebuild".to_vec())
-        .await
-        .expect("append with a member rebuilt");
-    assert_eq!(r.latest.as_ref().unwrap().index, 6);
-    for i in 0..=6 {
-        let h = c.wait_for(3, &g.hash, i).await;
-        let leader = client::get_by_index(c.server(0), &g.hash, i).await.unwrap();
-        assert_eq!(h, leader.hash, "member 3 block {i}");
-    }
-    assert!(
-        c.held(3, &g.hash, 6).is_some(),
-        "in member 3's own database"
+    let strangers = Strangers::start(
+        vec![c.peer_socket(1), c.peer_socket(2)],
+        stranger_addresses(100, 20),
+        2200,
     );
-    for i in 0..4 {
-        c.stop(i).await;
+    strangers.opened_at_least(2200).await;
+    c.restart(1).await;
+    c.restart(2).await;
+    // The strangers are back against the restarted followers before the appends.
+    let opened = strangers.opened.load(Ordering::SeqCst);
+    strangers.opened_at_least(opened + 1000).await;
+    c.append_n(&g, 5).await;
+    captured.assert_bounded(strangers.stop());
+}
+
+/// A stranger that completes a handshake with a key of its own making (anybody can) is
+/// not a roster member: its address gets no member's slots. Before, any authenticated
+/// address became "known", and known addresses had no per-address limit: such a
+/// stranger then held every known handshake slot from that one address and the leader,
+/// restarted, could not reach the followers.
+#[tokio::test]
+async fn a_stranger_with_a_key_of_its_own_gets_no_member_slots() {
+    let captured = Captured::default();
+    let _log = captured.install();
+    let mut c = Cluster::start(4).await;
+    let g = c.create(b"genesis").await;
+    // The stranger authenticates to both followers from its address, with its own key,
+    // and is served.
+    let stranger_keys = conode::keys::KeyPair::generate().unwrap();
+    let tls = conode::peer::PeerTls::new(&stranger_keys).unwrap();
+    for i in [1, 2] {
+        let mut stream = authenticate(&tls, [127, 0, 0, 100].into(), &c, i)
+            .await
+            .expect("a stranger's own key authenticates");
+        let counters = conode::peer::Counters::default();
+        let ping = conode::peer::PeerRequest {
+            service: "Peer".into(),
+            method: "Ping".into(),
+            payload: conode::peer::Ping { nonce: vec![7] }.encode_to_vec(),
+        };
+        conode::peer::write_frame(&mut stream, &ping.encode_to_vec(), &counters)
+            .await
+            .unwrap();
+        let reply = conode::peer::read_frame(&mut stream, &counters)
+            .await
+            .unwrap();
+        let reply = conode::peer::PeerReply::decode(&reply[..]).unwrap();
+        let pong = conode::peer::Pong::decode(&reply.payload[..]).unwrap();
+        assert_eq!(pong.caller, stranger_keys.public_bytes(), "{}", reply.error);
     }
+    // Then it holds many half-open connections from that one address.
+    let strangers = Strangers::start(
+        vec![c.peer_socket(1), c.peer_socket(2)],
+        stranger_addresses(100, 1),
+        300,
+    );
+    strangers.opened_at_least(600).await;
+    c.restart(0).await;
+    c.append_n(&g, 5).await;
+    captured.assert_bounded(strangers.stop());
+}
+
+/// Strangers that complete the handshake with a key of their own (1,100 connections per
+/// follower, from 20 addresses, held open) take only the slots of keys that are no
+/// member's (`MAX_OTHER_PEER_CONNECTIONS`): the restarted leader's connections still get
+/// the members'. Before, every authenticated connection took one of the same 1,024, and
+/// the strangers took them all.
+#[tokio::test]
+async fn strangers_authenticated_with_their_own_keys_cannot_take_the_members_slots() {
+    let captured = Captured::default();
+    let _log = captured.install();
+    let mut c = Cluster::start(4).await;
+    let g = c.create(b"genesis").await;
+    let tls = conode::peer::PeerTls::new(&conode::keys::KeyPair::generate().unwrap()).unwrap();
+    let from = stranger_addresses(100, 20);
+    let mut held = Vec::new();
+    for n in 0..2200 {
+        if let Ok(s) = authenticate(&tls, from[n % from.len()], &c, 1 + n % 2).await {
+            held.push(s);
+        }
+    }
+    // Each completed its handshake (a follower closes those past the slots after it).
+    assert_eq!(held.len(), 2200);
+    c.restart(0).await;
+    c.append_n(&g, 5).await;
+    drop(held);
+    captured.assert_bounded(2200);
 }

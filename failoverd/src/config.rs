@@ -1061,8 +1061,15 @@ pub fn load_key(path: &Path) -> Result<KeyPair, String> {
         private: String,
         public: String,
     }
-    let text =
-        std::fs::read_to_string(path).map_err(|e| format!("key_file {}: {e}", path.display()))?;
+    // Bounded as a configuration file is: a key file is some 150 bytes.
+    let text = read_bounded(path).map_err(|e| match e {
+        ConfigError::TooLarge { .. } => format!(
+            "key_file {}: over {MAX_CONFIG_BYTES} bytes: not a failoverd key file",
+            path.display()
+        ),
+        ConfigError::Read { source, .. } => format!("key_file {}: {source}", path.display()),
+        e => format!("key_file {}: {e}", path.display()),
+    })?;
     let k: KeyFile = toml::from_str(&text)
         .map_err(|e| format!("key_file {}: {}", path.display(), e.message()))?;
     KeyPair::from_go_hex(&k.private, &k.public)
@@ -1435,5 +1442,27 @@ mod tests {
         assert!(load_key(&p).unwrap_err().contains("chmod 600"));
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert_eq!(load_key(&p).unwrap().public_bytes(), k.public_bytes());
+    }
+
+    /// A key file is read up to the configuration files' cap, not to its end: a huge
+    /// file (sparse here, 64 MiB of zeros) is refused with a clear error instead of read
+    /// into memory. `/dev/zero` itself is refused before, by its mode.
+    #[test]
+    fn key_file_reads_are_capped() {
+        use std::os::unix::fs::PermissionsExt;
+        let e = load_key(Path::new("/dev/zero")).unwrap_err();
+        assert!(e.contains("chmod 600"), "{e}");
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("k");
+        let f = std::fs::File::create(&p).unwrap();
+        f.set_len(64 << 20).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let e = load_key(&p).unwrap_err();
+        assert!(
+            e.contains(&format!(
+                "over {MAX_CONFIG_BYTES} bytes: not a failoverd key file"
+            )),
+            "{e}"
+        );
     }
 }

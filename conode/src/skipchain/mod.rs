@@ -71,7 +71,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::Address;
 use crate::db::Db;
 use crate::keys::{self, KeyPair};
-use crate::peer::{Counters, PeerConn, PeerError, PeerHandler, PeerTls};
+use crate::peer::{Counters, Members, PeerConn, PeerError, PeerHandler, PeerTls};
 use crate::proto::untag_point;
 use crate::ws::{BoxFuture, Service};
 use block::{
@@ -298,6 +298,9 @@ pub struct Skipchain {
     bytes: crate::db::Refreshed<u64>,
     /// As a follower: the last block signed per chain, until it is stored.
     signed: Mutex<HashMap<[u8; 32], Signed>>,
+    /// The members of the rosters of the chains stored here, for the conode port's
+    /// priority ([`PeerHandler::members`]).
+    roster_members: Arc<Members>,
     /// Blocks acknowledged as leader, and how long each took.
     metrics: Arc<crate::metrics::Metrics>,
 }
@@ -356,6 +359,17 @@ impl Skipchain {
         counters: Arc<Counters>,
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Arc<Skipchain> {
+        let roster_members = Arc::new(Members::default());
+        match stored_rosters(&db) {
+            Ok(rosters) => {
+                for r in &rosters {
+                    roster_members.add(r.list.iter().filter_map(|s| member_addr(s).ok()));
+                }
+            }
+            Err(e) => tracing::warn!(
+                "skipchain: cannot read the stored rosters (their members get no priority on the conode port until their chains are stored again): {e}"
+            ),
+        }
         Arc::new(Skipchain {
             db,
             keys,
@@ -369,7 +383,16 @@ impl Skipchain {
             bytes: crate::db::Refreshed::new("chain-bytes", BYTES_TTL),
             signed: Mutex::new(HashMap::new()),
             metrics,
+            roster_members,
         })
+    }
+
+    /// The members of `roster`, a stored chain's, are members from now on.
+    fn note_roster(&self, roster: Option<&block::Roster>) {
+        if let Some(r) = roster {
+            self.roster_members
+                .add(r.list.iter().filter_map(|s| member_addr(s).ok()));
+        }
     }
 
     fn view(&self) -> Result<View, String> {
@@ -563,6 +586,7 @@ impl Skipchain {
         let guard = chain.lock.lock().await;
         self.blocking(move |db| store::commit(db, &[Put::Block(stored)]))
             .await?;
+        self.note_roster(Some(&roster));
         chain.synced.store(true, Ordering::Release);
         drop(guard);
         let msg = PeerStore {
@@ -1164,8 +1188,11 @@ impl Skipchain {
                 block::short(&genesis)
             ));
         }
+        let roster = g.roster.clone();
         self.blocking(move |db| store::commit(db, &[Put::Block(g)]))
-            .await
+            .await?;
+        self.note_roster(roster.as_ref());
+        Ok(())
     }
 
     async fn on_store(&self, from: [u8; 32], req: PeerStore) -> Result<(), String> {
@@ -1202,13 +1229,16 @@ impl Skipchain {
                 link: Some(l),
             })
             .collect();
+        let roster = b.roster.clone();
         let page = PeerBlocks {
             older_links: older,
             blocks: vec![b],
             latest_index: 0,
         };
         self.blocking(move |db| apply(db, &genesis, page).map(|_| ()))
-            .await
+            .await?;
+        self.note_roster(roster.as_ref());
+        Ok(())
     }
 
     /// `StoreSigned`: the block is the one kept from `Sign`, already checked against our
@@ -1427,7 +1457,11 @@ impl Skipchain {
                 return Ok(total);
             }
             let g = *genesis;
+            let roster = page.blocks[0].roster.clone();
             let (n, last) = self.blocking(move |db| apply(db, &g, page)).await?;
+            if n > 0 {
+                self.note_roster(roster.as_ref());
+            }
             total += n;
             if n == 0 || last >= more {
                 if total > 0 {
@@ -1463,6 +1497,19 @@ impl Skipchain {
             }
         }
     }
+}
+
+/// The rosters of the chains stored in `db` (those of their genesis blocks: rosters
+/// cannot change).
+fn stored_rosters(db: &Db) -> Result<Vec<block::Roster>, String> {
+    let view = View::new(&db.db())?;
+    let mut out = Vec::new();
+    for c in view.chains()? {
+        if let Some(r) = view.block_bare(&c.chain)?.and_then(|g| g.roster) {
+            out.push(r);
+        }
+    }
+    Ok(out)
 }
 
 /// Why block `index` (with `hash`) of `genesis` is not stored again, at or below our
@@ -1779,6 +1826,10 @@ impl Service for Skipchain {
 }
 
 impl PeerHandler for Skipchain {
+    fn members(&self) -> Option<Arc<Members>> {
+        Some(self.roster_members.clone())
+    }
+
     fn call<'a>(
         &'a self,
         from: [u8; 32],
