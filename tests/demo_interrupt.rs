@@ -25,6 +25,18 @@ fn processes_naming(needle: &str) -> Vec<String> {
         .collect()
 }
 
+/// `ip netns list`.
+fn netns_list() -> String {
+    String::from_utf8_lossy(
+        &Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .expect("ip netns list")
+            .stdout,
+    )
+    .into_owned()
+}
+
 #[test]
 fn an_interrupted_demo_removes_its_namespaces_and_processes() {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -78,14 +90,7 @@ fn an_interrupted_demo_removes_its_namespaces_and_processes() {
     }
     // Everything runs now: the demo's namespaces exist, and its processes.
     std::thread::sleep(Duration::from_secs(2));
-    let ns = String::from_utf8_lossy(
-        &Command::new("ip")
-            .args(["netns", "list"])
-            .output()
-            .expect("ip netns list")
-            .stdout,
-    )
-    .into_owned();
+    let ns = netns_list();
     assert!(
         ns.lines().filter(|l| l.starts_with(&prefix)).count() >= 6,
         "the demo's namespaces {prefix}* are not all there:\n{ns}"
@@ -114,14 +119,7 @@ fn an_interrupted_demo_removes_its_namespaces_and_processes() {
     };
     let _ = reader.join();
     assert_eq!(status.code(), Some(130), "{status}");
-    let ns = String::from_utf8_lossy(
-        &Command::new("ip")
-            .args(["netns", "list"])
-            .output()
-            .expect("ip netns list")
-            .stdout,
-    )
-    .into_owned();
+    let ns = netns_list();
     assert!(
         !ns.lines().any(|l| l.starts_with(&prefix)),
         "namespaces left behind:\n{ns}"

@@ -206,21 +206,7 @@ impl Drop for Pair6 {
 /// failoverd on each host as `nobody`.
 fn start(name: &str, hook: bool) -> Pair6 {
     let lab = Lab::with_client(name);
-    let o = lab.a().addr().octets();
-    let net = format!(
-        "fd{:02x}:{:x}:{:x}::",
-        o[1],
-        o[2],
-        std::process::id() & 0xffff
-    );
-    for (h, n) in [(lab.a(), 1), (lab.b(), 2), (lab.client(), 3)] {
-        ok(
-            h,
-            &format!(
-                "sysctl -qw net.ipv6.conf.eth0.disable_ipv6=0 && ip addr add {net}{n}/64 dev eth0 nodad"
-            ),
-        );
-    }
+    let net = lab.add_ipv6();
     let vip: Option<Ipv6Addr> = if hook {
         None
     } else {

@@ -93,25 +93,10 @@ fn vip4(lab: &Lab) -> Vip {
     Vip::parse("eth0", &format!("{addr}/24")).expect("the lab's VIP parses")
 }
 
-/// Give a and c an IPv6 address (`fdXX::1/64`, `fdXX::3/64`, no DAD: unique by
-/// construction), and return them with the VIP `fdXX::100/64`.
+/// Give the hosts an IPv6 address ([`Lab::add_ipv6`]), and return a's and c's with the
+/// VIP `fdXX::100/64`.
 fn vip6(lab: &Lab) -> (Vip, Ipv6Addr, Ipv6Addr) {
-    let o = lab.a().addr().octets();
-    let net = format!(
-        "fd{:02x}:{:x}:{:x}::",
-        o[1],
-        o[2],
-        std::process::id() & 0xffff
-    );
-    for (h, n) in [(lab.a(), 1), (lab.client(), 3)] {
-        sh(
-            h,
-            &format!(
-                "sysctl -qw net.ipv6.conf.eth0.disable_ipv6=0 && \
-                 ip addr add {net}{n}/64 dev eth0 nodad"
-            ),
-        );
-    }
+    let net = lab.add_ipv6();
     let addr = |n: u32| -> Ipv6Addr {
         format!("{net}{n}")
             .parse()

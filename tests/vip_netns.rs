@@ -36,22 +36,10 @@ fn vip4(lab: &Lab) -> Vip {
     Vip::parse("eth0", &format!("{addr}/24")).expect("the lab's VIP parses")
 }
 
-/// Give both hosts an IPv6 address on the cable (`fdXX::1/64`, `fdXX::2/64`, no DAD:
-/// they are unique by construction) and return the VIP `fdXX::100/64`.
+/// Give the hosts an IPv6 address on the cable ([`Lab::add_ipv6`]) and return the VIP
+/// `fdXX::100/64`.
 fn vip6(lab: &Lab) -> Vip {
-    let o = lab.a().addr().octets();
-    let net = format!(
-        "fd{:02x}:{:x}:{:x}::",
-        o[1],
-        o[2],
-        std::process::id() & 0xffff
-    );
-    for (h, n) in [(lab.a(), 1), (lab.b(), 2)] {
-        sh(
-            h,
-            &format!("sysctl -qw net.ipv6.conf.eth0.disable_ipv6=0 && ip addr add {net}{n}/64 dev eth0 nodad"),
-        );
-    }
+    let net = lab.add_ipv6();
     Vip::parse("eth0", &format!("{net}100/64")).expect("the lab's IPv6 VIP parses")
 }
 

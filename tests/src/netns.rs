@@ -311,6 +311,32 @@ impl Lab {
         self.client.as_ref()
     }
 
+    /// Give every host of the lab (a, b, and the client if there is one) an IPv6 address
+    /// on its cable, `fdXX:Y:Z::1`, `::2`, `::3` /64 like the IPv4 ones, without DAD
+    /// (unique by construction), and return the prefix `fdXX:Y:Z::` (its `::100` is
+    /// free for a virtual IP).
+    pub fn add_ipv6(&self) -> String {
+        let o = self.a.addr.octets();
+        let net = format!(
+            "fd{:02x}:{:x}:{:x}::",
+            o[1],
+            o[2],
+            std::process::id() & 0xffff
+        );
+        let hosts = [(&self.a, 1), (&self.b, 2)]
+            .into_iter()
+            .chain(self.client.as_ref().map(|c| (c, 3)));
+        for (h, n) in hosts {
+            let script = format!(
+                "sysctl -qw net.ipv6.conf.{IFACE}.disable_ipv6=0 && \
+                 ip addr add {net}{n}/64 dev {IFACE} nodad"
+            );
+            let r = h.sh(&script, Duration::from_secs(10));
+            assert_eq!(r.code, Some(0), "`{script}` in {}: {}", h.ns, r.stderr);
+        }
+        net
+    }
+
     /// The name given to [`Lab::new`].
     pub fn name(&self) -> &str {
         &self.name
