@@ -5,9 +5,13 @@
 //! `Pair` runs over all its hosts (the client's too) from before its first failoverd
 //! starts, asserting at each test's end and again when the pair is dropped that no two
 //! hosts held the address at the same instant.
+//!
+//! Beyond the IPv4 VIP ([`Serve`]): a pair whose conode's address is an IPv6 VIP (the
+//! kernel's DAD as the probe, unsolicited neighbour advertisements as the announcement),
+//! and a pair with no VIP at all (a DNS name moved by the role hook).
 
 use std::cell::{Cell, RefCell};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -55,6 +59,19 @@ pub(crate) use system_tests::wait_until as wait;
 /// their timing (two tests failed there).
 static ONE_PAIR: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// The address a pair's conode serves on (its public `Address`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Serve {
+    /// The IPv4 VIP `10.X.Y.100/24`.
+    Ipv4,
+    /// An IPv6 VIP `fdXX::100/64` ([`Lab::add_ipv6`] gives the hosts addresses).
+    Ipv6,
+    /// No `[vip] address` (a DNS name moved by a hook): the conode's address is
+    /// `localhost:7000`, and each host's `on_role_change` hook appends its facts to
+    /// `H/role-hook`.
+    NoVip,
+}
+
 pub(crate) struct Pair {
     _one: std::sync::MutexGuard<'static, ()>,
     /// The checker of record over a, b and the client (if any), from before the first
@@ -64,6 +81,8 @@ pub(crate) struct Pair {
     pub(crate) lab: Lab,
     pub(crate) dir: tempfile::TempDir,
     pub(crate) vip: Ipv4Addr,
+    /// The IPv6 VIP of a pair started with [`Serve::Ipv6`].
+    pub(crate) vip6: Option<Ipv6Addr>,
     pub(crate) failoverd: RefCell<[Option<Spawned>; 2]>,
     pub(crate) chain: RefCell<String>,
     pub(crate) index: Cell<u64>,
@@ -88,17 +107,32 @@ impl Pair {
 
     /// The pair in `lab` (a and b; a client host if the lab has one).
     pub(crate) fn start_in(lab: Lab) -> Pair {
+        Pair::start_serving(lab, Serve::Ipv4)
+    }
+
+    /// The pair in `lab`, its conode served as `serve` says.
+    pub(crate) fn start_serving(lab: Lab, serve: Serve) -> Pair {
         let one = ONE_PAIR.lock().unwrap_or_else(|e| e.into_inner());
         let dir = tempfile::tempdir().unwrap();
         let (a, b) = (lab.a(), lab.b());
         let o = a.addr().octets();
         let vip = Ipv4Addr::new(o[0], o[1], o[2], 100);
+        let vip6: Option<Ipv6Addr> = (serve == Serve::Ipv6).then(|| {
+            format!("{}100", lab.add_ipv6())
+                .parse()
+                .expect("the lab's IPv6 VIP")
+        });
+        let (host, listen, vip_flag) = match (serve, vip6) {
+            (Serve::Ipv6, Some(v6)) => (v6.to_string(), "::", format!(" --vip {v6}/64")),
+            (Serve::NoVip, _) => ("localhost".to_string(), "0.0.0.0", String::new()),
+            _ => (vip.to_string(), "0.0.0.0", format!(" --vip {vip}/24")),
+        };
         let d = |p: &str| dir.path().join(p).display().to_string();
         let conode = conode_bin().display().to_string();
         ok(
             a,
             &format!(
-                "{conode} -c {} setup --non-interactive --host {vip} --port 7000 --description failover-lab",
+                "{conode} -c {} setup --non-interactive --host {host} --port 7000 --description failover-lab",
                 d("a/co/private.toml")
             ),
         );
@@ -109,7 +143,7 @@ impl Pair {
             .filter(|l| !l.starts_with("ListenAddress"))
             .collect::<Vec<_>>()
             .join("\n");
-        let private = format!("ListenAddress = \"0.0.0.0\"\n{private}\n");
+        let private = format!("ListenAddress = \"{listen}\"\n{private}\n");
         for h in ["a", "b"] {
             std::fs::create_dir_all(dir.path().join(format!("{h}/co"))).unwrap();
             std::fs::write(dir.path().join(format!("{h}/co/private.toml")), &private).unwrap();
@@ -128,7 +162,7 @@ impl Pair {
         let mut keys = Vec::new();
         for (h, host, peer) in [("a", a, b), ("b", b, a)] {
             let out = ok(host, &format!(
-                "{fo} -c {cfg} setup --state-dir {state} --conode-config {co} --conode-data-dir {data} --peer {peer}:7780 --metrics 127.0.0.1:7781 --interface eth0 --vip {vip}/24",
+                "{fo} -c {cfg} setup --state-dir {state} --conode-config {co} --conode-data-dir {data} --peer {peer}:7780 --metrics 127.0.0.1:7781 --interface eth0{vip_flag}",
                 fo = fo(),
                 cfg = d(&format!("{h}/failoverd.toml")),
                 state = d(&format!("{h}/state")),
@@ -150,17 +184,40 @@ impl Pair {
                     &format!("binary = \"{}\"", conode_bin().display()),
                 )
                 .replace("# user = \"conode\"", "user = \"nobody\"");
+            let cfg = if serve == Serve::NoVip {
+                // A role hook (absolute path) that records the facts it gets.
+                let script = dir.path().join(format!("{h}/role-hook.sh"));
+                std::fs::write(
+                    &script,
+                    format!(
+                        "#!/bin/sh\necho \"$FAILOVERD_ROLE $FAILOVERD_PREVIOUS_ROLE $FAILOVERD_EPOCH $FAILOVERD_CAUSE vip=$FAILOVERD_VIP\" >> {}\n",
+                        d(&format!("{h}/role-hook"))
+                    ),
+                )
+                .unwrap();
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+                assert!(cfg.contains("on_role_change = \"\""), "{cfg}");
+                cfg.replace(
+                    "on_role_change = \"\"",
+                    &format!("on_role_change = \"{}\"", script.display()),
+                )
+            } else {
+                cfg
+            };
             std::fs::write(&p, cfg).unwrap();
         }
         let mut hosts = vec![a, b];
         hosts.extend(lab.client_if_any());
-        let watch = AddrWatch::start_owned(IpAddr::V4(vip), &hosts);
+        let watched = vip6.map_or(IpAddr::V4(vip), IpAddr::V6);
+        let watch = AddrWatch::start_owned(watched, &hosts);
         let p = Pair {
             _one: one,
             watch,
             lab,
             dir,
             vip,
+            vip6,
             failoverd: RefCell::new([None, None]),
             chain: RefCell::new(String::new()),
             index: Cell::new(0),
@@ -277,7 +334,10 @@ impl Pair {
     pub(crate) fn vip_neighbour(&self, h: &str) -> Option<(String, String)> {
         let out = ok(
             self.host(h),
-            &format!("ip -4 neigh show {} dev eth0", self.vip),
+            &format!(
+                "ip neigh show {} dev eth0",
+                self.vip6.map_or(IpAddr::V4(self.vip), IpAddr::V6)
+            ),
         );
         let words: Vec<&str> = out.split_whitespace().collect();
         let mac = words.iter().position(|w| *w == "lladdr")?;
@@ -1533,4 +1593,164 @@ fn the_pair_fails_a_test_in_which_two_hosts_held_the_address() {
         &format!("ip addr add {}/24 dev eth0", p.vip),
     );
     p.wait_holders(&["a", "c"]);
+}
+
+#[test]
+fn an_ipv6_address_moves_by_switchover_and_forced_promote_with_no_block_lost_and_never_two_holders()
+{
+    let p = Pair::start_serving(Lab::with_client("fo-v6"), Serve::Ipv6);
+    let vip6 = p.vip6.expect("an IPv6 pair");
+    assert!(p.watch.holders().is_empty(), "never claimed at start");
+    let (mac_a, mac_b) = (
+        p.lab.a().mac().to_lowercase(),
+        p.lab.b().mac().to_lowercase(),
+    );
+
+    let out = ok(p.lab.a(), &p.failoverd("a", "promote"));
+    assert!(out.contains("live under epoch 1"), "{out}");
+    p.wait_holders(&["a"]);
+    // The address is in service only once the kernel's DAD found no other holder.
+    let shown = ok(p.lab.a(), &format!("ip -6 addr show dev eth0 to {}", vip6));
+    assert!(
+        shown.contains(&vip6.to_string()) && !shown.contains("tentative"),
+        "{shown}"
+    );
+    p.grow("c", 5);
+    assert_eq!(
+        p.vip_neighbour("c").map(|(mac, _)| mac).as_deref(),
+        Some(mac_a.as_str())
+    );
+
+    // Switchover to b: the client's neighbour entry moves at once (unsolicited
+    // neighbour advertisement), every block is there, and it goes on appending.
+    p.wait_peer_live("b");
+    let t = std::time::Instant::now();
+    let out = ok(p.lab.b(), &p.failoverd("b", "switchover"));
+    assert!(out.contains("live under epoch"), "{out}");
+    eprintln!("IPv6 switchover a -> b answered in {:?}", t.elapsed());
+    p.wait_holders(&["b"]);
+    wait(
+        "the client's neighbour entry names b",
+        Duration::from_secs(2),
+        || p.vip_neighbour("c").map(|(mac, _)| mac).as_deref() == Some(mac_b.as_str()),
+    );
+    assert_eq!(p.status("a").str_at(&["role"]), "standby");
+    assert_eq!(p.status("b").str_at(&["role"]), "live");
+    p.assert_all_blocks("c");
+    p.grow("c", 3);
+
+    // And back to a.
+    p.wait_peer_live("a");
+    let out = ok(p.lab.a(), &p.failoverd("a", "switchover"));
+    assert!(out.contains("live under epoch"), "{out}");
+    p.wait_holders(&["a"]);
+    p.assert_all_blocks("c");
+    p.grow("c", 2);
+    ok(p.lab.a(), &p.failoverd("a", "snapshot"));
+
+    // a dies (failoverd and conode killed, its address gone with the power): b is
+    // promoted by force, and a client on the link goes on through the same address.
+    let conode_a = p.conode_pid("a").expect("a's conode runs");
+    if let Some(f) = p.failoverd.borrow_mut()[0].take() {
+        f.kill();
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(conode_a as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill a's conode");
+    ok(p.lab.a(), &format!("ip addr del {}/64 dev eth0", vip6));
+    wait("b counts a gone", T, || {
+        p.status("b")
+            .at(&["peer", "reachable"])
+            .and_then(|v| v.as_bool())
+            == Some(false)
+    });
+    let r = p.lab.b().sh(&p.failoverd("b", "promote"), T);
+    assert_eq!(r.code, Some(1), "a plain promote with the peer gone: {r:?}");
+    let t = std::time::Instant::now();
+    let out = ok(p.lab.b(), &p.failoverd("b", "promote --force"));
+    assert!(out.contains("live under epoch"), "{out}");
+    eprintln!("IPv6 promote --force answered in {:?}", t.elapsed());
+    p.wait_holders(&["b"]);
+    wait(
+        "the client's neighbour entry names b",
+        Duration::from_secs(2),
+        || p.vip_neighbour("c").map(|(mac, _)| mac).as_deref() == Some(mac_b.as_str()),
+    );
+    p.assert_all_blocks("c");
+    p.grow("c", 2);
+
+    // a comes back: it stays standby and never takes the address back.
+    p.spawn_failoverd("a");
+    p.wait_peer_live("a");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(p.status("a").str_at(&["role"]), "standby");
+    assert_eq!(p.watch.holders(), vec![p.ns("b")]);
+    p.assert_all_blocks("c");
+    p.assert_no_overlap();
+}
+
+/// Without `[vip] address` (a DNS name moved by a hook): the role, the epoch and the
+/// conode move with switchover and back, no address is added on any host, and each
+/// host's role hook gets what a DNS update needs (the new role, the previous one, the
+/// epoch, the cause; `FAILOVERD_VIP` empty).
+#[test]
+fn without_a_virtual_ip_the_role_hook_moves_the_service_name() {
+    let p = Pair::start_serving(Lab::with_client("fo-dns"), Serve::NoVip);
+    let addresses = |h: &str| ok(p.host(h), "ip -o addr show dev eth0 | wc -l");
+    let before = [addresses("a"), addresses("b")];
+    let hook = |h: &str| {
+        std::fs::read_to_string(p.dir.path().join(format!("{h}/role-hook"))).unwrap_or_default()
+    };
+    // Wait until `h`'s hook recorded a line starting with `want`.
+    let hook_ran = |h: &str, want: &str| {
+        let t = std::time::Instant::now();
+        while !hook(h).lines().any(|l| l.starts_with(want)) {
+            assert!(
+                t.elapsed() < T,
+                "{h}'s role hook never recorded {want:?}: {:?}",
+                hook(h)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let conode_answers = |h: &str| {
+        p.host(h)
+            .sh(
+                &format!(
+                    "{} -c {} check {}",
+                    conode_bin().display(),
+                    p.p(&format!("{h}/co/private.toml")),
+                    p.p("a/co/public.toml")
+                ),
+                T,
+            )
+            .code
+            == Some(0)
+    };
+
+    let out = ok(p.lab.a(), &p.failoverd("a", "promote"));
+    assert!(out.contains("live under epoch 1"), "{out}");
+    hook_ran("a", "live standby 1 promote vip=");
+    assert!(conode_answers("a"), "a's conode does not answer Status");
+
+    p.wait_peer_live("b");
+    let out = ok(p.lab.b(), &p.failoverd("b", "switchover"));
+    assert!(out.contains("live under epoch"), "{out}");
+    hook_ran("b", "live standby 2 switchover vip=");
+    // Handed over under the epoch it held (the new one is the peer's).
+    hook_ran("a", "standby live 1 handed_over vip=");
+    assert!(conode_answers("b"), "b's conode does not answer Status");
+    assert_eq!(p.status("a").str_at(&["role"]), "standby");
+    assert!(p.conode_pid("a").is_none(), "a's conode still runs");
+
+    p.wait_peer_live("a");
+    let out = ok(p.lab.a(), &p.failoverd("a", "switchover"));
+    assert!(out.contains("live under epoch 3"), "{out}");
+    hook_ran("a", "live standby 3 switchover vip=");
+    assert!(conode_answers("a"));
+    assert!(p.conode_pid("b").is_none(), "b's conode still runs");
+    // No address came or went on either host.
+    assert_eq!([addresses("a"), addresses("b")], before);
 }
