@@ -1474,24 +1474,17 @@ fn notify_hooks_metrics_and_release_on_a_running_pair() {
 
     // The hanging hooks were killed at their timeout: a's, started by the promote, and
     // b's, started by the switchover (not earlier: they hung through it).
-    wait("a's role hook killed at its timeout", T, || {
-        p.log("a")
-            .contains("hook on_role_change still running after its timeout")
-    });
-    let at = promoted.elapsed();
-    assert!(
-        at >= HOOK_TIMEOUT && at < HOOK_TIMEOUT + Duration::from_secs(10),
-        "a's hook killed {at:?} after the promote"
-    );
-    wait("b's role hook killed at its timeout", T, || {
-        p.log("b")
-            .contains("hook on_role_change still running after its timeout")
-    });
-    let at = switched.elapsed();
-    assert!(
-        at >= HOOK_TIMEOUT && at < HOOK_TIMEOUT + Duration::from_secs(10),
-        "b's hook killed {at:?} after the switchover"
-    );
+    for (h, since, what) in [("a", promoted, "promote"), ("b", switched, "switchover")] {
+        wait(&format!("{h}'s role hook killed at its timeout"), T, || {
+            p.log(h)
+                .contains("hook on_role_change still running after its timeout")
+        });
+        let at = since.elapsed();
+        assert!(
+            at >= HOOK_TIMEOUT && at < HOOK_TIMEOUT + Duration::from_secs(10),
+            "{h}'s hook killed {at:?} after the {what}"
+        );
+    }
     // a's second role hook (one at a time: it waited for the first) saw the handover.
     wait("a's second role hook ran", T, || {
         hook_runs(&hooks, "a-role.").len() == 2
